@@ -1,0 +1,374 @@
+"""The embedded local stack: a single-node Kafka broker in KRaft mode and an MLflow tracking
+server, both on loopback, each with a PID file and a log file under the data directory.
+
+``up`` is idempotent (a running part is left alone), ``down`` stops each part by its PID.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lambda_ml.config import PlatformConfig, TopicConfig
+from lambda_ml.jvm import KAFKA_BROKER, resolved_jars
+
+log = logging.getLogger(__name__)
+
+
+class StackError(RuntimeError):
+    """A stack component failed to start or to answer."""
+
+
+@dataclass(frozen=True)
+class ManagedProcess:
+    """A background process known by its PID file, logging to its own file."""
+
+    name: str
+    home: Path
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        """The PID if the process recorded in the PID file is alive, else None."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        if _is_zombie(pid):
+            return None
+        return pid
+
+    def start(self, command: list[str], env: dict[str, str] | None = None) -> int:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as out:
+            process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,  # its own process group: stopped as one by `down`
+                cwd=self.home,
+            )
+        self.pid_file.write_text(f"{process.pid}\n")
+        return process.pid
+
+    def stop(self, timeout_s: float = 30) -> bool:
+        """SIGTERM the process group, SIGKILL it after ``timeout_s``; True if it was running."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.pid() is not None:
+            time.sleep(0.2)
+        if self.pid() is not None:
+            log.warning("%s (pid %d) did not stop in %.0f s: killing it", self.name, pid, timeout_s)
+            _signal_group(pid, signal.SIGKILL)
+            while self.pid() is not None:
+                time.sleep(0.1)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(os.getpgid(pid), sig)
+    except ProcessLookupError:
+        return
+    # Reap it if it is our own child, so it does not linger as a zombie.
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return True
+    return False
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str, process: ManagedProcess) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.pid() is None:
+            raise StackError(f"{what} exited during start-up; last log lines of {process.log_file}:\n{process.tail()}")
+        if check():
+            return
+        time.sleep(0.5)
+    raise StackError(f"{what} did not become ready in {timeout_s:.0f} s; see {process.log_file}:\n{process.tail()}")
+
+
+# --------------------------------------------------------------------------- Kafka broker
+
+
+def broker_properties(cfg: PlatformConfig, log_dir: Path) -> str:
+    """The ``server.properties`` of the single-node KRaft broker (controller and broker)."""
+    k = cfg.kafka
+    return "\n".join(
+        [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@{k.host}:{k.controller_port}",
+            f"listeners=PLAINTEXT://{k.host}:{k.port},CONTROLLER://{k.host}:{k.controller_port}",
+            f"advertised.listeners=PLAINTEXT://{k.host}:{k.port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"log.dirs={log_dir}",
+            "num.partitions=1",
+            "offsets.topic.replication.factor=1",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "auto.create.topics.enable=false",
+            "",
+        ]
+    )
+
+
+_BROKER_LOG4J = """\
+rootLogger.level = INFO
+rootLogger.appenderRef.stdout.ref = STDOUT
+appender.stdout.type = Console
+appender.stdout.name = STDOUT
+appender.stdout.layout.type = PatternLayout
+appender.stdout.layout.pattern = [%d] %p %m (%c)%n
+logger.kafka.name = kafka
+logger.kafka.level = WARN
+logger.apache.name = org.apache.kafka
+logger.apache.level = WARN
+logger.server.name = kafka.server.KafkaRaftServer
+logger.server.level = INFO
+"""
+
+
+class KafkaBroker:
+    """A single-node KRaft broker run from the jars in ``.jvm/kafka-broker``."""
+
+    def __init__(self, cfg: PlatformConfig) -> None:
+        self.cfg = cfg
+        self.home = cfg.data_path / "kafka"
+        self.process = ManagedProcess("kafka", self.home)
+
+    def _classpath(self) -> str:
+        return os.pathsep.join(str(p) for p in resolved_jars(self.cfg, KAFKA_BROKER))
+
+    def _java(self, main: str, *args: str, heap: str = "256m") -> list[str]:
+        return [
+            "java", f"-Xmx{heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+            "-cp", self._classpath(), main, *args,
+        ]  # fmt: skip
+
+    def format_storage(self) -> None:
+        """Format the KRaft storage once; later starts reuse it (and its topics)."""
+        data = self.home / "data"
+        if (data / "meta.properties").exists():
+            return
+        self.home.mkdir(parents=True, exist_ok=True)
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        done = subprocess.run(
+            self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.home / "server.properties")),
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise StackError(f"formatting Kafka storage in {data} failed:\n{done.stdout}{done.stderr}")
+        log.info("formatted Kafka storage in %s (cluster id %s)", data, cluster_id)
+
+    def start(self) -> None:
+        if (pid := self.process.pid()) is not None:
+            log.info("Kafka broker already running (pid %d) on %s", pid, self.cfg.kafka.bootstrap_servers)
+            return
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "server.properties").write_text(broker_properties(self.cfg, self.home / "data"))
+        (self.home / "log4j2.properties").write_text(_BROKER_LOG4J)
+        self.format_storage()
+        pid = self.process.start(
+            self._java("kafka.Kafka", str(self.home / "server.properties"), heap=self.cfg.kafka.heap)
+        )
+        log.info("starting Kafka broker (pid %d) on %s:%d", pid, self.cfg.kafka.host, self.cfg.kafka.port)
+        wait_until(self.is_ready, self.cfg.kafka.start_timeout_s, "Kafka broker", self.process)
+        log.info("Kafka broker ready on %s", self.cfg.kafka.bootstrap_servers)
+
+    def is_ready(self) -> bool:
+        """True when a real client can fetch cluster metadata from the broker."""
+        from kafka import KafkaAdminClient
+        from kafka.errors import KafkaError
+
+        try:
+            admin = KafkaAdminClient(
+                bootstrap_servers=self.cfg.kafka.bootstrap_servers, request_timeout_ms=3000
+            )
+        except (KafkaError, OSError, ValueError):
+            return False
+        try:
+            admin.describe_cluster()
+            return True
+        except (KafkaError, OSError):
+            return False
+        finally:
+            admin.close()
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout_s=30)
+
+
+def topic_configs(topic: TopicConfig) -> dict[str, str]:
+    """Kafka topic-level configs for a configured topic.
+
+    >>> topic_configs(TopicConfig(name="m", compacted=True))
+    {'cleanup.policy': 'compact', 'retention.ms': '-1'}
+    """
+    return {"cleanup.policy": "compact" if topic.compacted else "delete", "retention.ms": str(topic.retention_ms)}
+
+
+def create_topics(cfg: PlatformConfig) -> list[str]:
+    """Create the configured topics that do not exist yet; return the names created."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    topics = cfg.kafka.topics
+    wanted = [topics.impressions, topics.clicks, topics.model_updates]
+    admin = KafkaAdminClient(bootstrap_servers=cfg.kafka.bootstrap_servers)
+    try:
+        existing = set(admin.list_topics())
+        new = [
+            NewTopic(t.name, num_partitions=t.partitions, replication_factor=1, topic_configs=topic_configs(t))
+            for t in wanted
+            if t.name not in existing
+        ]
+        if new:
+            admin.create_topics(new)
+        for topic in new:
+            log.info("created topic %s (%d partitions)", topic.name, topic.num_partitions)
+        return [t.name for t in new]
+    finally:
+        admin.close()
+
+
+# --------------------------------------------------------------------------- MLflow server
+
+
+class MlflowServer:
+    """``mlflow server`` with a sqlite backend and a local artifact store, one worker."""
+
+    def __init__(self, cfg: PlatformConfig) -> None:
+        self.cfg = cfg
+        self.home = cfg.data_path / "mlflow"
+        self.process = ManagedProcess("mlflow", self.home)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.mlflow.host}:{self.cfg.mlflow.port}"
+
+    def start(self) -> None:
+        if (pid := self.process.pid()) is not None:
+            log.info("MLflow server already running (pid %d) at %s", pid, self.url)
+            return
+        self.home.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", self.cfg.mlflow.host, "--port", str(self.cfg.mlflow.port),
+            "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
+            "--artifacts-destination", str(self.home / "artifacts"),
+            "--workers", "1",
+        ]  # fmt: skip
+        # The default server forks 4 workers and a job runner (~3.3 GB); this needs ~0.5 GB.
+        bin_dir = str(Path(sys.executable).parent)
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        pid = self.process.start(command, env=env)
+        log.info("starting MLflow server (pid %d) at %s", pid, self.url)
+        wait_until(self.is_ready, self.cfg.mlflow.start_timeout_s, "MLflow server", self.process)
+        log.info("MLflow server ready at %s", self.url)
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout_s=30)
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+def up(cfg: PlatformConfig) -> None:
+    """Start the broker and the MLflow server (those not running) and create the topics."""
+    KafkaBroker(cfg).start()
+    create_topics(cfg)
+    MlflowServer(cfg).start()
+
+
+def down(cfg: PlatformConfig) -> list[str]:
+    """Stop every running part by its PID; return the names of those stopped."""
+    stopped = []
+    for name, part in (("MLflow server", MlflowServer(cfg)), ("Kafka broker", KafkaBroker(cfg))):
+        if part.stop():
+            log.info("stopped %s", name)
+            stopped.append(name)
+    return stopped
+
+
+def status(cfg: PlatformConfig) -> dict[str, dict[str, object]]:
+    """Each part's PID, address, readiness and log file."""
+    broker, server = KafkaBroker(cfg), MlflowServer(cfg)
+    broker_pid, server_pid = broker.process.pid(), server.process.pid()
+    return {
+        "kafka": {
+            "pid": broker_pid,
+            "address": cfg.kafka.bootstrap_servers,
+            "ready": broker_pid is not None and broker.is_ready(),
+            "log": str(broker.process.log_file),
+        },
+        "mlflow": {
+            "pid": server_pid,
+            "address": server.url,
+            "ready": server_pid is not None and server.is_ready(),
+            "log": str(server.process.log_file),
+        },
+    }
