@@ -1,0 +1,69 @@
+"""Session fixtures: one real stack (Kafka broker in KRaft mode, MLflow server) on free
+loopback ports, one Spark session with Delta, all under a temporary directory, all stopped at
+the end. Nothing is skipped: if a component cannot start, the tests fail."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lambda_ml import jvm, stack
+from lambda_ml.config import PlatformConfig, load_config
+from lambda_ml.logs import setup_logging
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def cfg(tmp_path_factory: pytest.TempPathFactory) -> PlatformConfig:
+    """Platform config isolated under a temp dir, with free ports for every service."""
+    setup_logging()
+    root: Path = tmp_path_factory.mktemp("platform")
+    kafka_port, controller_port, mlflow_port, serving_port = (free_port() for _ in range(4))
+    config = load_config(
+        overrides={
+            "data_dir": str(root / "data"),
+            "kafka.port": kafka_port,
+            "kafka.controller_port": controller_port,
+            "kafka.bootstrap_servers": f"127.0.0.1:{kafka_port}",
+            "mlflow.port": mlflow_port,
+            "mlflow.tracking_uri": f"http://127.0.0.1:{mlflow_port}",
+            "serving.port": serving_port,
+            "lake.root": str(root / "lake"),
+            "lake.checkpoints": str(root / "checkpoints"),
+            "spark.master": "local[2]",
+        }
+    )
+    jvm.resolve_all(config)
+    return config
+
+
+@pytest.fixture(scope="session")
+def running_stack(cfg: PlatformConfig) -> Iterator[PlatformConfig]:
+    """The real broker and MLflow server, started once for the session and stopped after."""
+    try:
+        stack.up(cfg)
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.mlflow.tracking_uri
+        yield cfg
+    finally:
+        stack.down(cfg)
+
+
+@pytest.fixture(scope="session")
+def spark(cfg: PlatformConfig):  # type: ignore[no-untyped-def]
+    """One Spark session (local[2], Delta, the platform's jars) for the whole test session."""
+    from lambda_ml.spark import get_spark
+
+    session = get_spark(cfg, "tests")
+    try:
+        yield session
+    finally:
+        session.stop()
