@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 POM_DIR = PROJECT_ROOT / "conf" / "jvm"
 MAVEN_SETTINGS = POM_DIR / "maven-settings.xml"
 _MARKER = ".resolved"
-_VERSION_SUFFIX = re.compile(r"-\d[\w.\-]*\.jar$")
+_VERSION_SUFFIX = re.compile(r"-\d[^_]*\.jar$")  # versions never contain "_"
 
 
 class SetupError(RuntimeError):

@@ -1,0 +1,83 @@
+"""ONNX export of the Spark pipeline and the parity check that guards its registration.
+
+The graph's inputs are the contract's model inputs, one ``[None, 1]`` tensor each, named
+after the columns (float32 numerics, string device); its output
+``contract.ONNX_PROBABILITY_OUTPUT`` holds ``[P(no click), P(click)]`` per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+from onnxmltools import convert_sparkml
+from onnxmltools.convert.common.data_types import FloatTensorType, StringTensorType
+from pyspark.ml import PipelineModel
+from pyspark.sql import SparkSession
+
+from lambda_ml import contract
+
+log = logging.getLogger(__name__)
+
+
+class ParityError(AssertionError):
+    """ONNX and Spark disagree on the probabilities: the export must not be registered."""
+
+
+def initial_types() -> list[tuple[str, FloatTensorType | StringTensorType]]:
+    """The ONNX graph inputs, in ``contract.MODEL_INPUTS`` order."""
+    return [(name, FloatTensorType([None, 1])) for name in contract.NUMERIC_FEATURES] + [
+        (name, StringTensorType([None, 1])) for name in contract.CATEGORICAL_FEATURES
+    ]
+
+
+def export_onnx(model: PipelineModel, spark: SparkSession, name: str = "ctr") -> onnx.ModelProto:
+    """Convert the fitted pipeline; fail if the probability output is not where serving looks."""
+    # The LR converter pprints its coefficients to stdout; keep them out of the job's output.
+    with contextlib.redirect_stdout(io.StringIO()) as chatter:
+        onnx_model = convert_sparkml(model, name, initial_types(), spark_session=spark)
+    log.debug("convert_sparkml said: %s", chatter.getvalue())
+    outputs = [output.name for output in onnx_model.graph.output]
+    if contract.ONNX_PROBABILITY_OUTPUT not in outputs:
+        raise ParityError(
+            f"the ONNX graph has outputs {outputs}, not {contract.ONNX_PROBABILITY_OUTPUT!r} as the contract says"
+        )
+    onnx.checker.check_model(onnx_model)
+    return onnx_model
+
+
+def onnx_inputs(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The ONNX feed for rows holding the model input columns: one ``[n, 1]`` array per input."""
+    missing = [name for name in contract.MODEL_INPUTS if name not in rows.columns]
+    if missing:
+        raise ValueError(f"rows lack model inputs {missing}")
+    feed = {name: rows[name].to_numpy(dtype=np.float32).reshape(-1, 1) for name in contract.NUMERIC_FEATURES}
+    feed.update({name: rows[name].astype(str).to_numpy(dtype=object).reshape(-1, 1) for name in contract.CATEGORICAL_FEATURES})
+    return feed
+
+
+def onnx_click_probabilities(onnx_model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> np.ndarray:
+    """P(click) per row from onnxruntime."""
+    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (probabilities,) = session.run([contract.ONNX_PROBABILITY_OUTPUT], dict(feed))
+    return np.asarray(probabilities)[:, 1]
+
+
+def check_parity(spark_probabilities: np.ndarray, onnx_probabilities: np.ndarray, atol: float) -> float:
+    """The largest absolute difference; raise :class:`ParityError` if any exceeds ``atol``."""
+    if len(spark_probabilities) == 0:
+        raise ParityError("no rows to compare: parity cannot be shown on an empty holdout")
+    if spark_probabilities.shape != onnx_probabilities.shape:
+        raise ParityError(f"shape mismatch: Spark {spark_probabilities.shape}, ONNX {onnx_probabilities.shape}")
+    max_diff = float(np.max(np.abs(spark_probabilities - onnx_probabilities)))
+    try:
+        np.testing.assert_allclose(onnx_probabilities, spark_probabilities, rtol=0, atol=atol)
+    except AssertionError as exc:
+        raise ParityError(f"ONNX and Spark probabilities differ by up to {max_diff:.3g} (> {atol:g}):\n{exc}") from None
+    return max_diff

@@ -1,0 +1,160 @@
+"""``lambda-ml``: one command line for every part of the platform.
+
+    lambda-ml setup                      resolve the JVM jars from Maven Central
+    lambda-ml stack up|down|status       the embedded Kafka broker, MLflow server (and service)
+    lambda-ml generate                   send generated click-through events to Kafka
+    lambda-ml speed ingest               Kafka -> bronze Delta tables (streaming)
+    lambda-ml batch train                train, register and crown a model from bronze
+    lambda-ml serve                      the prediction service
+    lambda-ml submit SCRIPT [ARGS]       run a job with spark-submit and the platform's jars
+    lambda-ml demo                       all of the above, end to end, with a summary
+
+Layers are imported only inside the verbs that need them, so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from lambda_ml.config import ConfigError, PlatformConfig, load_config
+from lambda_ml.jvm import SetupError
+from lambda_ml.logs import setup_logging
+from lambda_ml.stack import StackError
+
+log = logging.getLogger("lambda_ml")
+
+
+def _setup(cfg: PlatformConfig, _args: argparse.Namespace) -> int:
+    from lambda_ml import jvm
+
+    for name, jars in jvm.resolve_all(cfg).items():
+        print(f"{name}: {len(jars)} jars in {jvm.jar_dir(cfg, next(s for s in jvm.JAR_SETS if s.name == name))}")
+    return 0
+
+
+def _stack(cfg: PlatformConfig, args: argparse.Namespace) -> int:
+    from lambda_ml import jvm, stack
+
+    if args.action == "up":
+        jvm.resolve_all(cfg)
+        stack.up(cfg)
+        print(f"Kafka broker: {cfg.kafka.bootstrap_servers}\nMLflow UI:    {cfg.mlflow.tracking_uri}")
+    elif args.action == "down":
+        stopped = stack.down(cfg)
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    else:
+        print(json.dumps(stack.status(cfg), indent=2))
+    return 0
+
+
+def _generate(cfg: PlatformConfig, args: argparse.Namespace) -> int:
+    from lambda_ml import generator
+
+    updates = {k: v for k, v in (("impressions", args.impressions), ("seed", args.seed)) if v is not None}
+    cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(update=updates)})
+    truth = generator.run(cfg)
+    print(
+        f"sent {truth.impressions} impressions, {truth.clicks_sent} clicks ({truth.distinct_clicks} distinct, "
+        f"{truth.positives} within the attribution window) and {truth.malformed_total} malformed records"
+    )
+    return 0
+
+
+def _speed(cfg: PlatformConfig, args: argparse.Namespace) -> int:
+    from speed_layer import ingest
+
+    ingest.run(cfg, available_now=args.available_now)
+    return 0
+
+
+def _batch(cfg: PlatformConfig, args: argparse.Namespace) -> int:
+    from batch_layer import train
+
+    train.main([*(["--config", cfg.source] if cfg.source != "<defaults>" else []), *args.job_args])
+    return 0
+
+
+def _serve(cfg: PlatformConfig, args: argparse.Namespace) -> int:
+    from serving_layer.app import serve
+
+    serve(cfg)
+    return 0
+
+
+def _submit(cfg: PlatformConfig, args: argparse.Namespace) -> int:
+    from lambda_ml import submit
+
+    command = submit.submit_command(cfg, args.script, args.job_args, args.master)
+    if args.print:
+        print(submit.printable(command))
+        return 0
+    return submit.run_submit(cfg, args.script, args.job_args, args.master)
+
+
+def _demo(cfg: PlatformConfig, args: argparse.Namespace) -> int:
+    from lambda_ml import demo
+
+    return demo.run(cfg, impressions=args.impressions)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lambda-ml", description="Lambda-architecture ML platform on Spark, Delta, Kafka and MLflow.")
+    parser.add_argument("--config", help="platform config file (default: $LAMBDA_ML_CONFIG or conf/platform.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, handler: Callable[[PlatformConfig, argparse.Namespace], int], text: str) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    verb("setup", _setup, "Resolve the Delta, Kafka-connector, Avro and Kafka-broker jars from Maven Central (idempotent).")
+    sub = verb("stack", _stack, "Start, stop or inspect the embedded Kafka broker and MLflow server.")
+    sub.add_argument("action", choices=("up", "down", "status"))
+    sub = verb("generate", _generate, "Send generated impressions and clicks (with a known ground truth) to Kafka.")
+    sub.add_argument("--impressions", type=int, help="impressions to generate (default: generator.impressions)")
+    sub.add_argument("--seed", type=int, help="random seed (default: generator.seed)")
+    sub = verb("speed", _speed, "Run the speed layer.")
+    speed = sub.add_subparsers(dest="job", required=True, metavar="JOB")
+    ingest = speed.add_parser("ingest", help="Kafka -> bronze Delta tables, exactly once; bad records -> quarantine.")
+    ingest.add_argument("--available-now", action="store_true", help="ingest what Kafka holds now, then stop")
+    sub = verb("batch", _batch, "Run a batch-layer job.")
+    batch = sub.add_subparsers(dest="job", required=True, metavar="JOB")
+    train = batch.add_parser("train", help="Train, check and register a model from a pinned bronze snapshot.")
+    train.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the job (see `... train -- --help`)")
+    verb("serve", _serve, "Run the prediction service in the foreground.")
+    sub = verb("submit", _submit, "Run a job script with spark-submit and the platform's jars and settings.")
+    sub.add_argument("--master", help="Spark master (default: spark.master from config)")
+    sub.add_argument("--print", action="store_true", help="print the spark-submit command instead of running it")
+    sub.add_argument("script", help="job script, e.g. batch_layer/train.py or speed_layer/ingest.py")
+    sub.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the job")
+    sub = verb("demo", _demo, "Stack up, generate, ingest, train, serve, and print a summary; the stack stays up.")
+    sub.add_argument("--impressions", type=int, help="impressions to generate (default: generator.impressions)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if getattr(args, "job_args", None) and args.job_args[0] == "--":
+        args.job_args = args.job_args[1:]
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        return int(args.handler(cfg, args))
+    except (SetupError, StackError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

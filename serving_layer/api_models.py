@@ -1,0 +1,204 @@
+"""Request and response bodies of the prediction service (they are its OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
+
+MAX_ID_LENGTH = 256
+MAX_DEVICE_LENGTH = 64
+# float32 holds every integer up to 2**24 exactly; positions are small anyway.
+MAX_POSITION = 1_000_000
+
+ROW_EXAMPLE = {"user_id": "u42", "item_id": "i7", "device": "mobile", "position": 1}
+BATCH_EXAMPLE = {"rows": [ROW_EXAMPLE, {"user_id": "u9", "item_id": "i3", "device": "desktop", "position": 4}]}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PredictRow(_Body):
+    """One impression to score: who sees which item, on what device, at which position."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [ROW_EXAMPLE]})
+
+    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, description="User id; unknown users count zero.")
+    item_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, description="Item id; unknown items count zero.")
+    device: str = Field(
+        min_length=1,
+        max_length=MAX_DEVICE_LENGTH,
+        description="Device, e.g. mobile, desktop or tablet; the model scores other values as an unknown device.",
+    )
+    position: int = Field(ge=1, le=MAX_POSITION, strict=True, description="Ad position on the page, 1 = top.")
+
+
+class PredictBatch(_Body):
+    """Several impressions scored in one call (at most ``serving.max_rows``)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [BATCH_EXAMPLE]})
+
+    rows: list[PredictRow] = Field(min_length=1, description="The rows to score, answered in the same order.")
+
+
+def request_kind(value: Any) -> str:
+    """Which body shape a request has: ``{"rows": [...]}`` is a batch, anything else one row.
+
+    >>> request_kind({"rows": []}), request_kind({"user_id": "u"}), request_kind([1])
+    ('batch', 'row', 'row')
+    """
+    if isinstance(value, dict) and "rows" in value:
+        return "batch"
+    if isinstance(value, PredictBatch):
+        return "batch"
+    return "row"
+
+
+REQUEST_KINDS = ("batch", "row")
+
+
+def predict_request_type(batch_type: type[PredictBatch]) -> Any:
+    """The /predict body: one row or a batch, told apart by the ``rows`` key (so an error names
+    the fields of the shape the client meant, not of both)."""
+    return Annotated[
+        Union[Annotated[batch_type, Tag("batch")], Annotated[PredictRow, Tag("row")]],
+        Discriminator(request_kind),
+    ]
+
+
+def batch_type_with_limit(max_rows: int) -> type[PredictBatch]:
+    """PredictBatch accepting at most ``max_rows`` rows (the limit shows in the OpenAPI schema)."""
+    limited: type[PredictBatch] = create_model(
+        "PredictBatch",
+        __base__=PredictBatch,
+        __doc__=f"Several impressions scored in one call (1 to {max_rows}).",
+        rows=(
+            list[PredictRow],
+            Field(min_length=1, max_length=max_rows, description="The rows to score, answered in the same order."),
+        ),
+    )
+    return limited
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class HorizonOut(_Body):
+    """Bronze Delta versions a batch run read; null where unknown."""
+
+    impressions: int | None = Field(description="Version of the bronze impressions table.")
+    clicks: int | None = Field(description="Version of the bronze clicks table.")
+
+
+class ModelOut(_Body):
+    """The registered model version that scored the request."""
+
+    name: str = Field(description="Registered model name in MLflow.")
+    version: int = Field(description="Registered model version number.")
+    alias: str = Field(description="Registry alias the service follows.")
+    run_id: str | None = Field(description="MLflow run that produced the version.")
+    horizon: HorizonOut = Field(description="Bronze versions the model was trained at.")
+
+
+class FeaturesOut(_Body):
+    """The feature values the row was scored with."""
+
+    user_impressions: int
+    user_clicks: int
+    item_impressions: int
+    item_clicks: int
+    position: int
+    device: str
+
+
+class Prediction(_Body):
+    user_id: str
+    item_id: str
+    click_probability: float = Field(ge=0, le=1, description="P(click) for this impression.")
+    features: FeaturesOut
+
+
+class ViewsOut(_Body):
+    """The batch views the features were read from."""
+
+    horizon: HorizonOut
+    users: int = Field(description="Users in the user view.")
+    items: int = Field(description="Items in the item view.")
+
+
+class PredictResponse(_Body):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {
+                        "name": "ctr",
+                        "version": 2,
+                        "alias": "champion",
+                        "run_id": "8f0c2d1e5a7b4c3d9e8f7a6b5c4d3e2f",
+                        "horizon": {"impressions": 12, "clicks": 11},
+                    },
+                    "views": {"horizon": {"impressions": 12, "clicks": 11}, "users": 500, "items": 100},
+                    "predictions": [
+                        {
+                            "user_id": "u42",
+                            "item_id": "i7",
+                            "click_probability": 0.0731,
+                            "features": {
+                                "user_impressions": 38,
+                                "user_clicks": 3,
+                                "item_impressions": 204,
+                                "item_clicks": 15,
+                                "position": 1,
+                                "device": "mobile",
+                            },
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    model: ModelOut
+    views: ViewsOut
+    predictions: list[Prediction] = Field(description="One per request row, in request order.")
+
+
+class HealthResponse(_Body):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"status": "ok", "ready": False, "model": None, "views": None,
+                 "problems": ["models:/ctr@champion could not be loaded: no version of registered model 'ctr' "
+                              "has alias 'champion' yet: run the batch layer first"]},
+            ]
+        }
+    )  # fmt: skip
+
+    status: Literal["ok"] = Field(description="The process is up and answering.")
+    ready: bool = Field(description="A model and the batch views are loaded: /predict can answer.")
+    model: ModelOut | None = Field(description="The model being served, if any.")
+    views: ViewsOut | None = Field(description="The batch views being served, if any.")
+    problems: list[str] = Field(description="Why the service is not ready (empty when ready).")
+
+
+class FieldError(_Body):
+    field: str = Field(description="Dotted path of the offending field, e.g. rows.0.position; 'body' for the whole body.")
+    message: str
+
+
+class ValidationErrorResponse(_Body):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"detail": [{"field": "rows.0.position", "message": "Input should be greater than or equal to 1"}]}]}
+    )
+
+    detail: list[FieldError]
+
+
+class ErrorResponse(_Body):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"detail": "no model to serve yet: models:/ctr@champion could not be loaded: ..."}]}
+    )
+
+    detail: str

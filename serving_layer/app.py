@@ -1,0 +1,250 @@
+"""The prediction service: ``POST /predict`` scores impressions with the champion ONNX model on
+features from the batch views; ``GET /health`` says whether it can.
+
+Bad requests get a 4xx naming the field (``{"detail": [{"field", "message"}]}``), never a
+5xx; with no model registered yet /predict answers 503 and /health still answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from lambda_ml.config import PlatformConfig
+from serving_layer.api_models import (
+    BATCH_EXAMPLE,
+    REQUEST_KINDS,
+    ROW_EXAMPLE,
+    ErrorResponse,
+    FeaturesOut,
+    HealthResponse,
+    HorizonOut,
+    ModelOut,
+    Prediction,
+    PredictBatch,
+    PredictResponse,
+    PredictRow,
+    ValidationErrorResponse,
+    ViewsOut,
+    batch_type_with_limit,
+    predict_request_type,
+)
+from serving_layer.features import build_model_inputs, lookup_features
+from serving_layer.model_store import CtrServingModel, ModelStore
+from serving_layer.reloadable import NotReadyError, Reloadable
+from serving_layer.views import BatchViews, Horizon, ViewStore
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 5
+
+
+def format_validation_errors(errors: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Pydantic/FastAPI validation errors as ``[{"field": "rows.0.position", "message": ...}]``.
+
+    The ``body`` prefix and the internal row/batch tag are dropped, so ``field`` is the path a
+    client wrote in its JSON.
+
+    >>> format_validation_errors([{"loc": ("body", "batch", "rows", 0, "position"), "type": "greater_than_equal",
+    ...                            "msg": "Input should be greater than or equal to 1"}])
+    [{'field': 'rows.0.position', 'message': 'Input should be greater than or equal to 1'}]
+    >>> format_validation_errors([{"loc": ("body", "row", "colour"), "type": "extra_forbidden", "msg": "x"}])
+    [{'field': 'colour', 'message': 'unknown field'}]
+    """
+    formatted = []
+    for error in errors:
+        loc = [str(p) for p in error.get("loc", ())]
+        kind = error.get("type", "")
+        if loc[:1] == ["body"]:
+            loc = loc[1:]
+            if loc[:1] and loc[0] in REQUEST_KINDS:
+                loc = loc[1:]
+        if kind == "json_invalid":
+            # FastAPI puts the character offset in loc; it belongs in the message.
+            reason = (error.get("ctx") or {}).get("error", "")
+            where = f" at character {loc[0]}" if loc else ""
+            formatted.append({"field": "body", "message": f"invalid JSON{where}: {reason}".rstrip(": ")})
+            continue
+        field = ".".join(loc) or "body"
+        if kind == "extra_forbidden":
+            message = "unknown field"
+        elif kind == "missing" and field == "body":
+            message = "a JSON body is required"
+        elif kind == "model_attributes_type" and field == "body":
+            message = 'expected a JSON object: one row, or {"rows": [...]}'
+        else:
+            message = str(error.get("msg", "invalid value"))
+        formatted.append({"field": field, "message": message})
+    return formatted
+
+
+def is_json_content_type(content_type: str) -> bool:
+    """``application/json`` or any ``+json`` type, parameters ignored.
+
+    >>> is_json_content_type("application/json; charset=utf-8"), is_json_content_type("text/plain")
+    (True, False)
+    """
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def model_out(model: CtrServingModel) -> ModelOut:
+    return ModelOut(
+        name=model.name, version=model.version, alias=model.alias, run_id=model.run_id, horizon=horizon_out(model.horizon)
+    )
+
+
+def horizon_out(horizon: Horizon) -> HorizonOut:
+    return HorizonOut(impressions=horizon.impressions, clicks=horizon.clicks)
+
+
+def views_out(views: BatchViews) -> ViewsOut:
+    return ViewsOut(horizon=horizon_out(views.horizon), users=len(views.users), items=len(views.items))
+
+
+def score_rows(rows: Sequence[PredictRow], model: CtrServingModel, views: BatchViews) -> PredictResponse:
+    """Look up the rows' features, run the model and shape the answer."""
+    features = lookup_features(rows, views)
+    probabilities = model.predict(build_model_inputs(features))
+    predictions = [
+        Prediction(
+            user_id=row.user_id,
+            item_id=row.item_id,
+            click_probability=float(p),
+            features=FeaturesOut(
+                user_impressions=f.user.impressions,
+                user_clicks=f.user.clicks,
+                item_impressions=f.item.impressions,
+                item_clicks=f.item.clicks,
+                position=f.position,
+                device=f.device,
+            ),
+        )
+        for row, f, p in zip(rows, features, probabilities, strict=True)
+    ]
+    return PredictResponse(model=model_out(model), views=views_out(views), predictions=predictions)
+
+
+def _unavailable(reason: str) -> HTTPException:
+    return HTTPException(status_code=503, detail=reason, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _try_load(slot: Reloadable[Any]) -> None:
+    try:
+        slot.reload()
+    except Exception:  # noqa: BLE001 - already logged by the slot; /predict retries later
+        pass
+
+
+def create_app(
+    cfg: PlatformConfig,
+    *,
+    models: Reloadable[CtrServingModel] | None = None,
+    views: Reloadable[BatchViews] | None = None,
+) -> FastAPI:
+    """The prediction service for ``cfg``. Tests pass their own ``models``/``views`` slots;
+    by default the model comes from the MLflow registry and the views from the lake."""
+    model_slot = models if models is not None else ModelStore.from_config(cfg)
+    view_slot = views if views is not None else ViewStore.from_config(cfg)
+    batch_type = batch_type_with_limit(cfg.serving.max_rows)
+    request_type = predict_request_type(batch_type)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        _try_load(view_slot)
+        _try_load(model_slot)
+        if (model := model_slot.current) is not None:
+            log.info("serving %s", model.describe())
+        else:
+            log.warning("no model to serve yet; /predict answers 503 until %s exists", model_slot.name)
+        if (loaded := view_slot.current) is not None:
+            log.info(
+                "batch views: %d users, %d items at horizon impressions@%s clicks@%s",
+                len(loaded.users), len(loaded.items), loaded.horizon.impressions, loaded.horizon.clicks,
+            )  # fmt: skip
+        yield
+
+    app = FastAPI(
+        title="lambda-ml prediction service",
+        summary="Click-through probabilities from the champion model and the batch views.",
+        version=_package_version(),
+        lifespan=lifespan,
+    )
+    app.state.cfg = cfg
+    app.state.models = model_slot
+    app.state.views = view_slot
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if content_type and not is_json_content_type(content_type):
+            message = f"the body must be JSON sent with Content-Type: application/json, not {content_type}"
+            return JSONResponse(status_code=415, content={"detail": [{"field": "body", "message": message}]})
+        return JSONResponse(status_code=422, content={"detail": format_validation_errors(exc.errors())})
+
+    def predict(request: PredictRow | PredictBatch) -> PredictResponse:
+        """Score each row with the model behind the configured registry alias, on the user's
+        and the item's counts from the batch views (zero for unknown ones)."""
+        rows: list[PredictRow] = list(request.rows) if isinstance(request, PredictBatch) else [request]
+        try:
+            views_now = view_slot.get()
+            model = model_slot.get()
+        except NotReadyError as exc:
+            raise _unavailable(f"not ready to predict: {exc}") from exc
+        return score_rows(rows, model, views_now)
+
+    # The body type depends on serving.max_rows, so it is set here rather than written in the
+    # signature (FastAPI reads annotations, and a string one could not see this closure).
+    predict.__annotations__["request"] = Annotated[
+        request_type,
+        Body(
+            openapi_examples={
+                "one row": {"summary": "One impression", "value": ROW_EXAMPLE},
+                "batch": {"summary": f"Up to {cfg.serving.max_rows} impressions", "value": BATCH_EXAMPLE},
+            }
+        ),
+    ]
+    predict.__annotations__["return"] = PredictResponse
+    app.post(
+        "/predict",
+        response_model=PredictResponse,
+        summary="Click probability of one impression or a batch",
+        responses={
+            415: {"model": ValidationErrorResponse, "description": "The body is not sent as JSON."},
+            422: {"model": ValidationErrorResponse, "description": "Invalid request; each error names its field."},
+            503: {"model": ErrorResponse, "description": "No model or no batch views to serve yet."},
+        },
+    )(predict)
+
+    @app.get("/health", response_model=HealthResponse, summary="Liveness, and whether /predict can answer")
+    def health() -> HealthResponse:
+        """Always 200 while the process is up; ``ready`` says whether a model and views are loaded."""
+        model, loaded = model_slot.current, view_slot.current
+        problems = []
+        if model is None:
+            problems.append(model_slot.last_error or f"{model_slot.name} is not loaded yet")
+        if loaded is None:
+            problems.append(view_slot.last_error or f"{view_slot.name} are not loaded yet")
+        return HealthResponse(
+            status="ok",
+            ready=model is not None and loaded is not None,
+            model=model_out(model) if model is not None else None,
+            views=views_out(loaded) if loaded is not None else None,
+            problems=problems,
+        )
+
+    return app
+
+
+def _package_version() -> str:
+    try:
+        return version("lambda-ml")
+    except PackageNotFoundError:
+        return "0.0.0"

@@ -1,0 +1,107 @@
+"""One slot holding the value the service currently serves (a model, the batch views), loaded
+by a function the slot is given and replaced atomically.
+
+Requests read ``slot.current`` once and use that object to the end, so a reload never mixes
+an old and a new value within one request. A failed load keeps the last good value.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class NotReadyError(RuntimeError):
+    """The slot has no value yet; the message says why (e.g. no champion registered)."""
+
+
+class Reloadable(Generic[T]):
+    """A value loaded by ``loader`` and swapped in whole.
+
+    ``get()`` returns the current value; when there is none it tries to load one, at most once
+    every ``retry_interval_s`` seconds, so a service started before the first batch run picks
+    up the first champion without a restart and without hammering the registry.
+
+    >>> slot = Reloadable("answer", lambda: 42)
+    >>> slot.current is None, slot.get(), slot.current
+    (True, 42, 42)
+    """
+
+    def __init__(
+        self,
+        name: str,
+        loader: Callable[[], T],
+        retry_interval_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self._loader = loader
+        self._retry_interval_s = retry_interval_s
+        self._clock = clock
+        self._current: T | None = None
+        self._last_error: str | None = None
+        self._last_attempt: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> T | None:
+        """The value being served, or None before the first successful load."""
+        return self._current
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last load failed, or None if it succeeded (or none was tried)."""
+        return self._last_error
+
+    def swap(self, value: T) -> T | None:
+        """Serve ``value`` from now on; return the value it replaces."""
+        previous, self._current = self._current, value
+        return previous
+
+    def reload(self) -> T:
+        """Load now and swap the new value in; on failure keep the old one and raise."""
+        with self._lock:
+            return self._load_locked()
+
+    def get(self) -> T:
+        """The current value, loading one first if there is none (throttled).
+
+        Raises NotReadyError with the reason when no value is available.
+        """
+        value = self._current
+        if value is not None:
+            return value
+        # Another thread is loading: answer at once rather than queue behind it.
+        if not self._lock.acquire(blocking=False):
+            raise NotReadyError(f"{self.name} is being loaded; retry shortly")
+        try:
+            if self._current is not None:
+                return self._current
+            now = self._clock()
+            if self._last_attempt is not None and now - self._last_attempt < self._retry_interval_s:
+                raise NotReadyError(self._last_error or f"{self.name} is not loaded")
+            try:
+                return self._load_locked()
+            except Exception as exc:  # noqa: BLE001 - the reason is reported to the caller
+                raise NotReadyError(self._last_error or str(exc)) from exc
+        finally:
+            self._lock.release()
+
+    def _load_locked(self) -> T:
+        self._last_attempt = self._clock()
+        try:
+            value = self._loader()
+        except Exception as exc:
+            self._last_error = f"{self.name} could not be loaded: {exc}"
+            log.warning("%s", self._last_error)
+            raise
+        self._last_error = None
+        self.swap(value)
+        return value

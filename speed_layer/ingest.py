@@ -1,0 +1,243 @@
+"""Speed layer ingest: Kafka -> bronze Delta tables, exactly once; bad records -> quarantine.
+
+The body of the streaming query is :func:`ingest_batch`, a plain function of a DataFrame with
+Kafka's columns (``key, value, topic, partition, offset, timestamp``), so tests call it on a
+static frame. Each micro-batch writes with Delta's idempotent ``txnAppId``/``txnVersion``: a
+batch replayed after a crash is skipped by Delta instead of appended twice.
+
+Run it with ``lambda-ml speed ingest`` or ``spark-submit speed_layer/ingest.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from types import FrameType
+
+from delta.tables import DeltaTable
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.streaming import StreamingQuery
+from pyspark.sql.types import StringType, StructField, StructType
+
+from lambda_ml.config import PlatformConfig, load_config
+from lambda_ml.logs import setup_logging
+from lambda_ml.schemas import EVENT_TYPES, KAFKA_COLUMNS, QUARANTINE_SCHEMA, EventField, EventType
+from lambda_ml.spark import get_spark
+
+log = logging.getLogger(__name__)
+
+QUARANTINE = "quarantine"
+_CORRUPT = "_corrupt_record"
+
+
+def bronze_path(cfg: PlatformConfig, event_type: str) -> str:
+    return cfg.lake.table("bronze", event_type)
+
+
+def quarantine_path(cfg: PlatformConfig) -> str:
+    return cfg.lake.table(QUARANTINE)
+
+
+def _typed(field: EventField, text: Column) -> Column:
+    if field.kind == "int":
+        # Integers only: "2" and 2 pass, "2.5", "top" and 2.5 do not.
+        return F.when(text.rlike(r"^-?\d{1,9}$"), text.cast("int"))
+    if field.kind == "timestamp":
+        return F.try_to_timestamp(text)
+    return F.when(F.length(F.trim(text)) > 0, text)
+
+
+def _reason(event: EventType, cfg: PlatformConfig) -> Column:
+    """The first thing wrong with a record, or null if it is a valid event."""
+    checks: list[Column] = [
+        F.when(F.col("raw_value").isNull() | (F.length("raw_value") == 0), F.lit("empty payload")),
+        F.when(F.col("_json").isNull() | F.col(f"_json.{_CORRUPT}").isNotNull(), F.lit("malformed JSON: not a JSON object")),
+    ]
+    for field in event.fields:
+        text = F.col(f"_json.{field.name}")
+        checks.append(F.when(text.isNull(), F.lit(f"missing field: {field.name}")))
+    for field in event.fields:
+        text = F.col(f"_json.{field.name}")
+        expected = {"int": "an integer", "timestamp": "an ISO-8601 timestamp", "string": "a non-empty string"}[field.kind]
+        checks.append(
+            F.when(F.col(field.name).isNull(), F.concat(F.lit(f"bad value for {field.name}: expected {expected}, got "), text))
+        )
+    min_time = F.to_timestamp(F.lit(cfg.speed.min_event_date))
+    max_time = F.coalesce(F.col("kafka_timestamp"), F.current_timestamp()) + F.make_interval(
+        days=F.lit(0), hours=F.lit(int(cfg.speed.max_future_days * 24))
+    )
+    checks.append(
+        F.when(F.col("event_time") < min_time, F.lit(f"event_time before {cfg.speed.min_event_date}: absurd timestamp"))
+    )
+    checks.append(
+        F.when(F.col("event_time") > max_time, F.lit(f"event_time more than {cfg.speed.max_future_days:g} days after the Kafka record time"))
+    )
+    return F.coalesce(*checks)
+
+
+def parse_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
+    """Split a frame of Kafka records into one valid-event frame per event type plus quarantine.
+
+    Returns ``{"impressions": df, "clicks": df, "quarantine": df}`` with the bronze and
+    quarantine schemas of :mod:`lambda_ml.schemas`.
+    """
+    records = raw.select(
+        F.col("topic").alias("kafka_topic"),
+        F.col("partition").alias("kafka_partition"),
+        F.col("offset").alias("kafka_offset"),
+        F.col("timestamp").alias("kafka_timestamp"),
+        F.col("value").alias("raw_value"),
+        F.current_timestamp().alias("ingested_at"),
+    )
+    topics = {topic.name: name for name, topic in cfg.kafka.topics.event_topics().items()}
+    out: dict[str, DataFrame] = {}
+    bad: list[DataFrame] = []
+    for topic_name, event_name in topics.items():
+        event = EVENT_TYPES[event_name]
+        # Every field is read as text first, so a wrong type is reported per field instead of
+        # turning the whole record into a parse failure.
+        text_schema = StructType([StructField(f.name, StringType()) for f in event.fields] + [StructField(_CORRUPT, StringType())])
+        parsed = records.where(F.col("kafka_topic") == topic_name).withColumn(
+            "_json",
+            F.from_json(F.col("raw_value").cast("string"), text_schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": _CORRUPT}),
+        )
+        typed = parsed.select("*", *[_typed(f, F.col(f"_json.{f.name}")).alias(f.name) for f in event.fields])
+        checked = typed.withColumn("reason", _reason(event, cfg))
+        out[event_name] = checked.where(F.col("reason").isNull()).select(
+            *event.field_names, *[c.name for c in KAFKA_COLUMNS.fields]
+        )
+        bad.append(checked.where(F.col("reason").isNotNull()).select(*[c.name for c in QUARANTINE_SCHEMA.fields]))
+    unknown = records.where(~F.col("kafka_topic").isin(list(topics))).withColumn(
+        "reason", F.concat(F.lit("unknown event topic: "), F.col("kafka_topic"))
+    )
+    bad.append(unknown.select(*[c.name for c in QUARANTINE_SCHEMA.fields]))
+    quarantine = bad[0]
+    for frame in bad[1:]:
+        quarantine = quarantine.unionByName(frame)
+    out[QUARANTINE] = quarantine
+    return out
+
+
+def table_paths(cfg: PlatformConfig) -> dict[str, str]:
+    paths = {name: bronze_path(cfg, name) for name in EVENT_TYPES}
+    paths[QUARANTINE] = quarantine_path(cfg)
+    return paths
+
+
+def ensure_tables(spark: SparkSession, cfg: PlatformConfig) -> None:
+    """Create the bronze and quarantine tables (empty) if they do not exist yet."""
+    schemas = {name: event.bronze_schema() for name, event in EVENT_TYPES.items()}
+    schemas[QUARANTINE] = QUARANTINE_SCHEMA
+    for name, path in table_paths(cfg).items():
+        DeltaTable.createIfNotExists(spark).location(path).addColumns(schemas[name]).execute()
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    batch_id: int
+    rows: dict[str, int]
+
+
+def ingest_batch(batch: DataFrame, batch_id: int, cfg: PlatformConfig, app_id: str = "ingest") -> BatchCounts:
+    """Write one micro-batch of Kafka records to bronze and quarantine, idempotently.
+
+    ``(app_id, batch_id)`` identifies the write: Delta skips it if it was already committed.
+    """
+    batch.persist()
+    try:
+        counts: dict[str, int] = {}
+        for name, frame in parse_events(batch, cfg).items():
+            frame = frame.persist()
+            counts[name] = frame.count()
+            if counts[name]:
+                (
+                    frame.write.format("delta")
+                    .mode("append")
+                    .option("txnAppId", f"{app_id}:{name}")
+                    .option("txnVersion", batch_id)
+                    .save(table_paths(cfg)[name])
+                )
+            frame.unpersist()
+    finally:
+        batch.unpersist()
+    log.info(
+        "micro-batch %d: %s",
+        batch_id,
+        ", ".join(f"{n} {name}" for name, n in counts.items()),
+    )
+    return BatchCounts(batch_id, counts)
+
+
+def kafka_source(spark: SparkSession, cfg: PlatformConfig) -> DataFrame:
+    topics = ",".join(t.name for t in cfg.kafka.topics.event_topics().values())
+    return (
+        spark.readStream.format("kafka")
+        .option("kafka.bootstrap.servers", cfg.kafka.bootstrap_servers)
+        .option("subscribe", topics)
+        .option("startingOffsets", "earliest")
+        .option("maxOffsetsPerTrigger", cfg.speed.max_offsets_per_trigger)
+        .load()
+    )
+
+
+def start_ingest(spark: SparkSession, cfg: PlatformConfig, available_now: bool = False) -> StreamingQuery:
+    """Start the checkpointed ingest query; ``available_now`` drains what is in Kafka and stops."""
+    ensure_tables(spark, cfg)
+    writer = (
+        kafka_source(spark, cfg)
+        .writeStream.queryName("ingest")
+        .option("checkpointLocation", f"{cfg.lake.checkpoints.rstrip('/')}/ingest")
+        .foreachBatch(lambda batch, batch_id: ingest_batch(batch, batch_id, cfg))
+    )
+    if available_now:
+        writer = writer.trigger(availableNow=True)
+    else:
+        writer = writer.trigger(processingTime=f"{cfg.speed.trigger_seconds:g} seconds")
+    query = writer.start()
+    log.info("ingest query started: %s -> %s", cfg.kafka.bootstrap_servers, cfg.lake.table("bronze"))
+    return query
+
+
+def run(cfg: PlatformConfig, available_now: bool = False) -> None:
+    """Run the ingest query until it drains (``available_now``) or until SIGTERM / Ctrl-C."""
+    spark = get_spark(cfg, "ingest")
+    query = start_ingest(spark, cfg, available_now)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping the ingest query", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while query.isActive and not stop.is_set():
+            query.awaitTermination(1)
+        if query.exception() is not None:
+            raise RuntimeError(f"ingest query failed: {query.exception()}")
+    finally:
+        if query.isActive:
+            query.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("ingest query stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="speed_layer/ingest.py",
+        description="Kafka -> bronze Delta tables, exactly once; malformed records -> quarantine.",
+    )
+    parser.add_argument("--config", help="platform config file (default: conf/platform.yaml)")
+    parser.add_argument("--available-now", action="store_true", help="ingest what Kafka holds now, then stop")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    run(load_config(args.config), available_now=args.available_now)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Unit tests of the shared package's pure functions: config, JVM set-up, stack, generator."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from lambda_ml import generator
+from lambda_ml.cli import build_parser
+from lambda_ml.config import DEFAULT_CONFIG, ConfigError, GeneratorConfig, load_config
+from lambda_ml.jvm import artifact_name
+from lambda_ml.stack import broker_properties
+
+
+def test_default_config_loads_with_every_section() -> None:
+    cfg = load_config(DEFAULT_CONFIG, env={})
+    assert cfg.kafka.topics.model_updates.compacted is True
+    assert cfg.kafka.bootstrap_servers == "127.0.0.1:9092"
+    assert cfg.lake.root.startswith("/")  # relative paths resolve under the project root
+
+
+def test_env_var_references_and_overrides(tmp_path: Path) -> None:
+    cfg = load_config(
+        DEFAULT_CONFIG,
+        env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1234", "LAMBDA_ML__KAFKA__PORT": "1234", "LAMBDA_ML__CTR__REG_PARAM": "0.5"},
+    )
+    assert cfg.kafka.bootstrap_servers == "127.0.0.1:1234"
+    assert cfg.kafka.port == 1234
+    assert cfg.ctr.reg_param == 0.5
+
+
+def test_unknown_key_is_named_with_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEFAULT_CONFIG.read_text().replace("  heap: 512m", "  heap: 512m\n  hepa: 1"))
+    with pytest.raises(ConfigError) as error:
+        load_config(bad, env={})
+    assert str(error.value) == f"{bad}: kafka.hepa: unknown key"
+
+
+def test_wrong_type_is_named_with_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(DEFAULT_CONFIG, env={"LAMBDA_ML__SERVING__PORT": "eighty"})
+    assert str(error.value).startswith(f"{DEFAULT_CONFIG}: serving.port: ")
+
+
+def test_missing_env_var_without_default_is_named(tmp_path: Path) -> None:
+    conf = tmp_path / "c.yaml"
+    conf.write_text("kafka:\n  bootstrap_servers: ${NO_SUCH_VAR}\n  topics: {}\n")
+    with pytest.raises(ConfigError, match=f"{conf}: environment variable NO_SUCH_VAR is not set"):
+        load_config(conf, env={})
+
+
+def test_artifact_name_strips_versions() -> None:
+    names = ["kafka-clients-3.9.2.jar", "spark-sql-kafka-0-10_2.13-4.2.0.jar", "log4j-slf4j2-impl-2.24.3.jar"]
+    assert [artifact_name(n) for n in names] == ["kafka-clients", "spark-sql-kafka-0-10_2.13", "log4j-slf4j2-impl"]
+
+
+def test_broker_properties_bind_loopback_ports() -> None:
+    cfg = load_config(DEFAULT_CONFIG, env={}, overrides={"kafka.port": 1111, "kafka.controller_port": 2222})
+    props = dict(line.split("=", 1) for line in broker_properties(cfg, Path("/d")).splitlines() if line)
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:1111,CONTROLLER://127.0.0.1:2222"
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:2222"
+    assert props["log.dirs"] == "/d"
+
+
+def test_generator_is_deterministic_and_its_ground_truth_matches_the_records() -> None:
+    gen = GeneratorConfig(impressions=2000, seed=3, duplicate_fraction=0.1, malformed_fraction=0.02)
+    window = timedelta(minutes=30)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    records, truth = generator.generate(gen, window, now)
+    again, _ = generator.generate(gen, window, now)
+    assert records == again
+
+    # Recount everything from the records themselves.
+    impressions, clicks, bad = {}, [], 0
+    for record in records:
+        try:
+            event = json.loads(record.value)
+        except ValueError:
+            bad += 1
+            continue
+        if not isinstance(event, dict) or str(event.get("event_id", "")).startswith("bad-"):
+            bad += 1
+        elif record.event_type == "impressions":
+            impressions[event["event_id"]] = event
+        else:
+            clicks.append(event)
+    assert len(impressions) == truth.impressions == 2000
+    assert len(clicks) == truth.clicks_sent
+    assert len({c["event_id"] for c in clicks}) == truth.distinct_clicks
+    assert bad == truth.malformed_total == 40
+    assert truth.clicks_sent > truth.distinct_clicks  # some duplicates were sent
+
+    def parse(text: str) -> datetime:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ")
+
+    positives = {
+        c["impression_id"]
+        for c in clicks
+        if timedelta(0) <= parse(c["event_time"]) - parse(impressions[c["impression_id"]]["event_time"]) <= window
+    }
+    assert len(positives) == truth.positives
+    assert 0.03 < truth.positives / truth.impressions < 0.3  # a realistic click-through rate
+    # Some clicks are sent out of event-time order.
+    times = [parse(json.loads(r.value)["event_time"]) for r in records if r.event_type == "clicks"]
+    assert any(later < earlier for earlier, later in zip(times, times[1:]))
+    assert Counter(truth.malformed) == Counter({kind: 40 // 7 + (i < 40 % 7) for i, kind in enumerate(generator.MALFORMED_KINDS)})
+
+
+def test_every_cli_verb_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for verb in (["setup"], ["stack"], ["generate"], ["speed", "ingest"], ["batch", "train"], ["serve"], ["submit"], ["demo"], []):
+        with pytest.raises(SystemExit) as done:
+            build_parser().parse_args([*verb, "--help"])
+        assert done.value.code == 0
+        assert "usage: lambda-ml" in capsys.readouterr().out
