@@ -260,3 +260,10 @@ def load_config(
         update={"root": _absolute_uri(config.lake.root), "checkpoints": _absolute_uri(config.lake.checkpoints)}
     )
     return config.model_copy(update={"lake": lake})
+
+
+def write_config(cfg: PlatformConfig, path: str | Path) -> Path:
+    """Write a resolved config as YAML, for child processes (spark-submit jobs, the service)."""
+    target = Path(path)
+    target.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return target

@@ -334,6 +334,43 @@ class MlflowServer:
         return self.process.stop(timeout_s=30)
 
 
+# --------------------------------------------------------------------------- prediction service
+
+
+class ServingProcess:
+    """The prediction service (``python -m serving_layer``) run in the background by the demo."""
+
+    def __init__(self, cfg: PlatformConfig) -> None:
+        self.cfg = cfg
+        self.process = ManagedProcess("serving", cfg.data_path / "serving")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.serving.host}:{self.cfg.serving.port}"
+
+    def start(self, config_file: str | None = None) -> None:
+        if (pid := self.process.pid()) is not None:
+            log.info("prediction service already running (pid %d) at %s: restarting it", pid, self.url)
+            self.stop()
+        command = [sys.executable, "-m", "serving_layer", "--host", self.cfg.serving.host, "--port", str(self.cfg.serving.port)]
+        if config_file:
+            command += ["--config", config_file]
+        pid = self.process.start(command)
+        log.info("starting prediction service (pid %d) at %s", pid, self.url)
+        wait_until(self.is_ready, 120, "prediction service", self.process)
+        log.info("prediction service ready at %s", self.url)
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout_s=15)
+
+
 # --------------------------------------------------------------------------- the stack
 
 
@@ -345,9 +382,14 @@ def up(cfg: PlatformConfig) -> None:
 
 
 def down(cfg: PlatformConfig) -> list[str]:
-    """Stop every running part by its PID; return the names of those stopped."""
+    """Stop every running part (service, MLflow, broker) by its PID; return those stopped."""
     stopped = []
-    for name, part in (("MLflow server", MlflowServer(cfg)), ("Kafka broker", KafkaBroker(cfg))):
+    parts: tuple[tuple[str, ServingProcess | MlflowServer | KafkaBroker], ...] = (
+        ("prediction service", ServingProcess(cfg)),
+        ("MLflow server", MlflowServer(cfg)),
+        ("Kafka broker", KafkaBroker(cfg)),
+    )
+    for name, part in parts:
         if part.stop():
             log.info("stopped %s", name)
             stopped.append(name)
@@ -356,8 +398,8 @@ def down(cfg: PlatformConfig) -> list[str]:
 
 def status(cfg: PlatformConfig) -> dict[str, dict[str, object]]:
     """Each part's PID, address, readiness and log file."""
-    broker, server = KafkaBroker(cfg), MlflowServer(cfg)
-    broker_pid, server_pid = broker.process.pid(), server.process.pid()
+    broker, server, service = KafkaBroker(cfg), MlflowServer(cfg), ServingProcess(cfg)
+    broker_pid, server_pid, service_pid = broker.process.pid(), server.process.pid(), service.process.pid()
     return {
         "kafka": {
             "pid": broker_pid,
@@ -370,5 +412,11 @@ def status(cfg: PlatformConfig) -> dict[str, dict[str, object]]:
             "address": server.url,
             "ready": server_pid is not None and server.is_ready(),
             "log": str(server.process.log_file),
+        },
+        "serving": {
+            "pid": service_pid,
+            "address": service.url,
+            "ready": service_pid is not None and service.is_ready(),
+            "log": str(service.process.log_file),
         },
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lambda_ml import jvm, stack
-from lambda_ml.config import PlatformConfig, load_config
+from lambda_ml.config import PlatformConfig, load_config, write_config
 from lambda_ml.logs import setup_logging
 
 
@@ -44,6 +44,12 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> PlatformConfig:
     )
     jvm.resolve_all(config)
     return config
+
+
+@pytest.fixture(scope="session")
+def config_file(cfg: PlatformConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test config written to a file, for child processes (spark-submit, the service)."""
+    return write_config(cfg, tmp_path_factory.mktemp("conf") / "platform.yaml")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - install, resolve the JVM jars, start the stack and run the platform end to end
+#   make test   - install, resolve the JVM jars and run the whole test suite
+# Both are idempotent: a second run reuses the virtualenv and the jars.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test stop status clean help
+
+help:
+	@echo "make demo    run the platform end to end on the embedded stack (left running)"
+	@echo "make test    run the test suite (starts and stops its own stack)"
+	@echo "make stop    stop the demo's stack (service, MLflow, Kafka)"
+	@echo "make status  show what is running"
+
+$(STAMP): pyproject.toml
+	@command -v java >/dev/null || { echo "java not found: install OpenJDK 17 (apt-get install openjdk-17-jdk-headless)"; exit 1; }
+	@command -v mvn >/dev/null || { echo "mvn not found: install Maven (apt-get install maven)"; exit 1; }
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "Python 3.11 is required (set PYTHON=python3.11)")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $@
+
+setup: $(STAMP)
+	$(VENV)/bin/lambda-ml setup
+
+demo: setup
+	$(VENV)/bin/lambda-ml demo
+
+test: setup
+	$(PY) -m pytest
+
+stop:
+	$(VENV)/bin/lambda-ml stack down
+
+status:
+	$(VENV)/bin/lambda-ml stack status
+
+clean: stop
+	rm -rf .data
