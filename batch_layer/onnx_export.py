@@ -26,6 +26,10 @@ from lambda_ml import contract
 log = logging.getLogger(__name__)
 
 
+class ExportError(RuntimeError):
+    """The ONNX graph does not have the inputs or outputs the contract promises."""
+
+
 class ParityError(AssertionError):
     """ONNX and Spark disagree on the probabilities: the export must not be registered."""
 
@@ -45,11 +49,35 @@ def export_onnx(model: PipelineModel, spark: SparkSession, name: str = "ctr") ->
     log.debug("convert_sparkml said: %s", chatter.getvalue())
     outputs = [output.name for output in onnx_model.graph.output]
     if contract.ONNX_PROBABILITY_OUTPUT not in outputs:
-        raise ParityError(
+        raise ExportError(
             f"the ONNX graph has outputs {outputs}, not {contract.ONNX_PROBABILITY_OUTPUT!r} as the contract says"
         )
+    _merge_default_domain(onnx_model)
+    inputs = [graph_input.name for graph_input in onnx_model.graph.input]
+    if inputs != list(contract.MODEL_INPUTS):
+        raise ExportError(f"the ONNX graph has inputs {inputs}, the contract says {list(contract.MODEL_INPUTS)}")
     onnx.checker.check_model(onnx_model)
     return onnx_model
+
+
+def _merge_default_domain(model: onnx.ModelProto) -> None:
+    """Fold the ``ai.onnx`` opset into the default ``""`` one (the same domain by the spec).
+
+    onnxmltools 1.16 emits Reshape under ``ai.onnx`` v13 next to ``""`` v8 for the other ops;
+    onnxruntime accepts that but ``onnx.checker`` (which ``mlflow.onnx.load_model`` runs)
+    rejects it. Every default-domain op the converter emits exists unchanged at the higher version.
+    """
+    versions: dict[str, int] = {}
+    for opset in model.opset_import:
+        versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
+    if "ai.onnx" not in versions:
+        return
+    versions[""] = max(versions.pop("ai.onnx"), versions.get("", 0))
+    for node in model.graph.node:
+        if node.domain == "ai.onnx":
+            node.domain = ""
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in versions.items())
 
 
 def onnx_inputs(rows: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -58,7 +86,8 @@ def onnx_inputs(rows: pd.DataFrame) -> dict[str, np.ndarray]:
     if missing:
         raise ValueError(f"rows lack model inputs {missing}")
     feed = {name: rows[name].to_numpy(dtype=np.float32).reshape(-1, 1) for name in contract.NUMERIC_FEATURES}
-    feed.update({name: rows[name].astype(str).to_numpy(dtype=object).reshape(-1, 1) for name in contract.CATEGORICAL_FEATURES})
+    for name in contract.CATEGORICAL_FEATURES:
+        feed[name] = rows[name].astype(str).to_numpy(dtype=object).reshape(-1, 1)
     return feed
 
 

@@ -118,7 +118,8 @@ def latest_event_time(*frames: DataFrame) -> datetime | None:
     """
     latest: int | None = None
     for frame in frames:
-        value = frame.agg(F.max(F.unix_micros("event_time"))).first()[0]  # type: ignore[index]
+        row = frame.agg(F.max(F.unix_micros("event_time"))).first()
+        value = None if row is None else row[0]
         if value is not None and (latest is None or value > latest):
             latest = int(value)
     if latest is None:
@@ -129,12 +130,12 @@ def latest_event_time(*frames: DataFrame) -> datetime | None:
 
 def count_increments(impressions: DataFrame, attributed: DataFrame) -> DataFrame:
     """The count increments of impressions (at their time) and attributed clicks (at theirs)."""
-    shown = impressions.select(
-        "user_id", "item_id", "event_time", F.lit(1).cast("long").alias("impressions"), F.lit(0).cast("long").alias("clicks")
-    )
-    clicked = attributed.select(
-        "user_id", "item_id", "event_time", F.lit(0).cast("long").alias("impressions"), F.lit(1).cast("long").alias("clicks")
-    )
+
+    def worth(shown: int, clicked: int) -> list[Column]:
+        return [F.lit(shown).cast("long").alias("impressions"), F.lit(clicked).cast("long").alias("clicks")]
+
+    shown = impressions.select("user_id", "item_id", "event_time", *worth(1, 0))
+    clicked = attributed.select("user_id", "item_id", "event_time", *worth(0, 1))
     return shown.unionByName(clicked)
 
 
@@ -164,9 +165,7 @@ def point_in_time_counts(targets: DataFrame, increments: DataFrame, entity: Enti
         F.lit(False).alias(_TARGET),
     )
     # A range frame ending one microsecond before the row: strictly earlier events only.
-    before = (
-        Window.partitionBy(entity.key).orderBy(F.col(_ORDER)).rangeBetween(Window.unboundedPreceding, -1)
-    )
+    before = Window.partitionBy(entity.key).orderBy(F.col(_ORDER)).rangeBetween(Window.unboundedPreceding, -1)
     combined = marked.unionByName(events, allowMissingColumns=True).withColumn(_ORDER, F.unix_micros("event_time"))
     counted = combined.withColumn(
         impressions_col, F.coalesce(F.sum("_inc_impressions").over(before), F.lit(0)).cast("long")

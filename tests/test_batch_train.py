@@ -1,0 +1,378 @@
+"""The batch training job: its pure steps on hand-built frames, then the whole job on small
+bronze Delta tables against the real MLflow server.
+
+The integration data come from a seeded generator below with a known click model
+(position, device, user and item effects), so a holdout AUC above 0.6 means the model learned
+something real. Expected views are counted with pandas, independently of the Spark code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.onnx
+import mlflow.pyfunc
+import mlflow.spark
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from pyspark.sql import DataFrame, SparkSession
+
+from batch_layer import train
+from batch_layer.onnx_export import ParityError, check_parity, onnx_click_probabilities, onnx_inputs
+from batch_layer.registry import CHAMPION_ALIAS
+from batch_layer.snapshot import Horizon, Snapshot, SnapshotError, read_snapshot
+from batch_layer.views import build_views
+from lambda_ml import contract
+from lambda_ml.config import PlatformConfig
+from lambda_ml.features import USER
+from lambda_ml.schemas import CLICK, DEVICES, IMPRESSION
+
+Row = tuple[Any, ...]  # one event's values, in schema order
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+WINDOW = timedelta(minutes=30)
+
+
+def isolated(cfg: PlatformConfig, model: str, lake_root: Path | None = None, **ctr: float) -> PlatformConfig:
+    """The session config with its own registered model and experiment (and lake, if given),
+    so that other tests sharing the MLflow server cannot interfere."""
+    lake = cfg.lake if lake_root is None else cfg.lake.model_copy(update={"root": str(lake_root)})
+    return cfg.model_copy(
+        update={
+            "lake": lake,
+            "mlflow": cfg.mlflow.model_copy(update={"registered_model": model, "experiment": f"{model}-experiment"}),
+            "ctr": cfg.ctr.model_copy(update=ctr),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- bronze rows
+
+
+def kafka_columns(topic: str, offset: int, event_time: datetime) -> Row:
+    return (topic, 0, offset, event_time, T0 + timedelta(days=30))
+
+
+def bronze_impressions(spark: SparkSession, rows: list[Row], first_offset: int = 0) -> DataFrame:
+    """(event_id, event_time, user_id, item_id, device, position) rows as bronze impressions."""
+    data = [(*row, *kafka_columns("impressions", first_offset + k, row[1])) for k, row in enumerate(rows)]
+    return spark.createDataFrame(data, IMPRESSION.bronze_schema())
+
+
+def bronze_clicks(spark: SparkSession, rows: list[Row], first_offset: int = 0) -> DataFrame:
+    """(event_id, impression_id, event_time) rows as bronze clicks."""
+    data = [(*row, *kafka_columns("clicks", first_offset + k, row[2])) for k, row in enumerate(rows)]
+    return spark.createDataFrame(data, CLICK.bronze_schema())
+
+
+def append(frame: DataFrame, path: str) -> None:
+    frame.write.format("delta").mode("append").save(path)
+
+
+# --------------------------------------------------------------------------- pure steps
+
+
+def test_training_set_dedups_labels_and_counts_before(spark: SparkSession, cfg: PlatformConfig) -> None:
+    def m(minutes: int) -> datetime:
+        return T0 + timedelta(minutes=minutes)
+
+    impressions = bronze_impressions(
+        spark,
+        [
+            ("a", m(0), "u1", "i1", "mobile", 1),
+            ("a", m(0), "u1", "i1", "mobile", 1),  # redelivered by Kafka
+            ("b", m(10), "u1", "i2", "desktop", 3),
+            ("c", m(20), "u2", "i1", "tablet", 2),
+            ("d", m(100), "u1", "i1", "mobile", 1),  # 100 + 30 > 110: window open, no label
+        ],
+    )
+    clicks = bronze_clicks(
+        spark,
+        [
+            ("k1", "a", m(29)),  # late but inside the window
+            ("k1", "a", m(29)),  # sent twice
+            ("k2", "b", m(41)),  # 31 minutes after b: outside
+            ("k3", "zz", m(15)),  # no impression
+            ("k4", "c", m(110)),  # long after c; also the latest event time
+        ],
+    )
+    snapshot = Snapshot(impressions, clicks, Horizon(0, 0))
+    imps, clks = train.clean_events(snapshot)
+    as_of = T0 + timedelta(minutes=110)
+    training = train.build_training_set(imps, clks, cfg, as_of)
+    assert training.columns == ["event_id", "event_time", "user_id", "item_id", *contract.MODEL_INPUTS, "label"]
+    got = sorted((r.event_id, *(r[name] for name in contract.MODEL_INPUTS), r.label) for r in training.collect())
+    assert got == [
+        ("a", 0.0, 0.0, 0.0, 0.0, 1.0, "mobile", 1.0),
+        ("b", 1.0, 0.0, 0.0, 0.0, 3.0, "desktop", 0.0),  # a's click at 29 is after b (10)
+        ("c", 0.0, 0.0, 1.0, 0.0, 2.0, "tablet", 0.0),  # i1 saw a; k1 at 29 is after c (20)
+    ]
+
+
+def test_split_by_time_holds_out_the_most_recent_rows(spark: SparkSession) -> None:
+    times = [T0 + timedelta(minutes=7 * k) for k in range(10)]
+    frame = spark.createDataFrame([(f"e{k}", t) for k, t in enumerate(times)], "event_id string, event_time timestamp")
+    train_part, holdout, cutoff = train.split_by_time(frame, 0.2)
+    assert sorted(r.event_id for r in holdout.collect()) == ["e8", "e9"]
+    assert sorted(r.event_id for r in train_part.collect()) == [f"e{k}" for k in range(8)]
+    assert cutoff == times[7]
+    with pytest.raises(ValueError, match="holdout fraction"):
+        train.split_by_time(frame, 1.0)
+
+
+def test_check_trainable_refuses_a_single_class_and_constant_features(spark: SparkSession) -> None:
+    columns = [*contract.NUMERIC_FEATURES, "label"]
+
+    def frame(rows: list[Row]) -> DataFrame:
+        return spark.createDataFrame(rows, columns)
+
+    good = frame([(1.0, 0.0, 2.0, 1.0, 1.0, 0.0), (2.0, 1.0, 3.0, 0.0, 2.0, 1.0)])
+    assert train.check_trainable(good, good) == {"train": 2, "train_positives": 1, "holdout": 2, "holdout_positives": 1}
+    no_clicks = frame([(1.0, 0.0, 2.0, 1.0, 1.0, 0.0), (2.0, 1.0, 3.0, 0.0, 2.0, 0.0)])
+    with pytest.raises(train.TrainingError, match="holdout set has 2 rows of which 0 clicked"):
+        train.check_trainable(good, no_clicks)
+    constant_position = frame([(1.0, 0.0, 2.0, 1.0, 1.0, 0.0), (2.0, 1.0, 3.0, 0.0, 1.0, 1.0)])
+    with pytest.raises(train.TrainingError, match=r"\['position'\] are constant"):
+        train.check_trainable(constant_position, good)
+
+
+def test_views_are_totals_stamped_with_the_horizon(spark: SparkSession) -> None:
+    increments = spark.createDataFrame(
+        [("u1", "i1", T0, 1, 0), ("u1", "i1", T0, 0, 1), ("u2", "i1", T0, 1, 0), ("u1", "i2", T0, 1, 0)],
+        "user_id string, item_id string, event_time timestamp, impressions long, clicks long",
+    )
+    views = build_views(increments, Horizon(impressions=4, clicks=2))
+    assert views[USER].columns == ["user_id", "impressions", "clicks", "horizon_impressions", "horizon_clicks"]
+    assert sorted(tuple(r) for r in views[USER].collect()) == [("u1", 2, 1, 4, 2), ("u2", 1, 0, 4, 2)]
+
+
+def test_parity_check_fails_beyond_the_tolerance() -> None:
+    spark_p = np.array([0.1, 0.2, 0.3])
+    assert check_parity(spark_p, spark_p + 1e-7, atol=1e-5) == pytest.approx(1e-7)
+    with pytest.raises(ParityError, match="differ by up to 0.001"):
+        check_parity(spark_p, spark_p + np.array([0.0, 1e-3, 0.0]), atol=1e-5)
+    with pytest.raises(ParityError, match="empty holdout"):
+        check_parity(np.array([]), np.array([]), atol=1e-5)
+
+
+def test_command_line_rejects_bad_versions(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--impressions-version", "-1"])
+    assert exit_info.value.code == 2
+    assert "a Delta version is 0 or more" in capsys.readouterr().err
+    args = train.parse_args(["--impressions-version", "3", "--clicks-version", "0"])
+    assert (args.impressions_version, args.clicks_version, args.config) == (3, 0, None)
+
+
+# --------------------------------------------------------------------------- generated bronze
+
+
+@dataclass(frozen=True)
+class Generated:
+    """Bronze rows in commits, and the pandas frames of the events they hold."""
+
+    impression_commits: list[list[Row]]
+    click_commits: list[list[Row]]
+
+    def events(self, impression_commits: int, click_commits: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+        imps = [row for commit in self.impression_commits[:impression_commits] for row in commit]
+        clks = [row for commit in self.click_commits[:click_commits] for row in commit]
+        return (
+            pd.DataFrame(imps, columns=IMPRESSION.field_names),
+            pd.DataFrame(clks, columns=CLICK.field_names),
+        )
+
+
+def generate(seed: int = 11, impressions: int = 3000, users: int = 60, items: int = 30) -> Generated:
+    """Impressions over 48 h, clicked with P = sigmoid(bias + user + item + device + position).
+
+    Most clicks come within minutes, some after the attribution window; some are sent twice,
+    some point at no impression, some impressions are redelivered. Two commits of each, then a
+    third commit of impressions and clicks the pinned horizon must not see.
+    """
+    rng = np.random.default_rng(seed)
+    user_effect, item_effect = rng.normal(0, 1.0, users), rng.normal(0, 0.7, items)
+    device_effect = {"mobile": 0.4, "desktop": 0.0, "tablet": -0.4}
+    starts = np.sort(rng.uniform(0, 48 * 3600, impressions + 300))
+    imps, clks = [], []
+    for k, seconds in enumerate(starts):
+        t = T0 + timedelta(seconds=float(seconds))
+        user, item, position = int(rng.integers(users)), int(rng.integers(items)), int(rng.integers(1, 6))
+        device = str(rng.choice(DEVICES))
+        logit = -1.4 + user_effect[user] + item_effect[item] + device_effect[device] - 0.6 * (position - 1)
+        imps.append((f"imp-{k}", t, f"u{user}", f"item{item}", device, position))
+        if rng.random() < 1 / (1 + math.exp(-logit)):
+            late = rng.random() < 0.1
+            delay = rng.uniform(31, 120) if late else rng.exponential(6)
+            click = (f"clk-{k}", f"imp-{k}", t + timedelta(minutes=float(delay)))
+            clks.extend([click] * (2 if rng.random() < 0.05 else 1))
+    past, future = imps[:impressions], imps[impressions:]
+    past += [past[k] for k in rng.choice(impressions, 30, replace=False)]  # redelivered impressions
+    clks += [(f"ghost-{k}", f"missing-{k}", T0 + timedelta(hours=float(rng.uniform(0, 48)))) for k in range(20)]
+    in_future = {row[0] for row in future}
+    past_clicks = [row for row in clks if row[1] not in in_future]
+    future_clicks = [row for row in clks if row[1] in in_future]
+    cut = len(past) * 3 // 5
+    half = len(past_clicks) // 2
+    return Generated([past[:cut], past[cut:], future], [past_clicks[:half], past_clicks[half:], future_clicks])
+
+
+def expected_counts(imps: pd.DataFrame, clks: pd.DataFrame, key: str) -> list[tuple[str, int, int]]:
+    """Per-entity impressions and attributed clicks, counted with pandas."""
+    imps = imps.drop_duplicates("event_id")
+    clks = clks.drop_duplicates("event_id")
+    joined = clks.merge(imps, left_on="impression_id", right_on="event_id", suffixes=("_click", ""))
+    delay = joined.event_time_click - joined.event_time
+    inside = joined[(delay >= timedelta(0)) & (delay <= WINDOW)]
+    shown = imps.groupby(key).size()
+    clicked = inside.groupby(key).size().reindex(shown.index, fill_value=0)
+    return sorted((str(k), int(shown[k]), int(clicked[k])) for k in shown.index)
+
+
+@pytest.fixture(scope="module")
+def generated() -> Generated:
+    return generate()
+
+
+@pytest.fixture(scope="module")
+def job_cfg(
+    running_stack: PlatformConfig, spark: SparkSession, generated: Generated, tmp_path_factory: pytest.TempPathFactory
+) -> PlatformConfig:
+    """Bronze Delta tables with three commits each (versions 0, 1, 2) in an isolated lake."""
+    job = isolated(running_stack, "ctr-batch-test", lake_root=tmp_path_factory.mktemp("batch") / "lake")
+    offset = 0
+    for commit in generated.impression_commits:
+        append(bronze_impressions(spark, commit, offset), job.lake.table("bronze", "impressions"))
+        offset += len(commit)
+    offset = 0
+    for commit in generated.click_commits:
+        append(bronze_clicks(spark, commit, offset), job.lake.table("bronze", "clicks"))
+        offset += len(commit)
+    return job
+
+
+@pytest.mark.integration
+def test_read_snapshot_pins_delta_versions(spark: SparkSession, job_cfg: PlatformConfig, generated: Generated) -> None:
+    latest = read_snapshot(spark, job_cfg)
+    assert latest.horizon == Horizon(impressions=2, clicks=2)
+    assert latest.impressions.count() == sum(len(c) for c in generated.impression_commits)
+    pinned = read_snapshot(spark, job_cfg, impressions_version=0, clicks_version=1)
+    assert pinned.horizon == Horizon(impressions=0, clicks=1)
+    assert pinned.impressions.count() == len(generated.impression_commits[0])
+    assert pinned.clicks.count() == len(generated.click_commits[0]) + len(generated.click_commits[1])
+    with pytest.raises(SnapshotError, match="versions 0..2; version 7 was requested"):
+        read_snapshot(spark, job_cfg, impressions_version=7)
+    empty_lake = isolated(job_cfg, "unused", lake_root=Path(job_cfg.lake.root).parent / "nothing-here")
+    with pytest.raises(SnapshotError, match="no Delta table at .*bronze/impressions"):
+        read_snapshot(spark, empty_lake)
+
+
+@pytest.fixture(scope="module")
+def trained(job_cfg: PlatformConfig, tmp_path_factory: pytest.TempPathFactory) -> train.TrainResult:
+    """The job run once through its command line, pinned at impressions v1 and clicks v1."""
+    config_file = tmp_path_factory.mktemp("conf") / "platform.yaml"
+    config_file.write_text(yaml.safe_dump(job_cfg.model_dump(mode="json")))
+    return train.main(["--config", str(config_file), "--impressions-version", "1", "--clicks-version", "1"])
+
+
+@pytest.mark.integration
+def test_job_registers_spark_and_onnx_versions_with_the_horizon(
+    job_cfg: PlatformConfig, trained: train.TrainResult
+) -> None:
+    name = job_cfg.mlflow.registered_model
+    client = mlflow.MlflowClient(job_cfg.mlflow.tracking_uri)
+    assert trained.horizon == Horizon(impressions=1, clicks=1)
+
+    versions = {v.version: v for v in client.search_model_versions(f"name='{name}'")}
+    assert sorted(versions) == sorted([trained.versions.spark, trained.versions.onnx])
+    spark_v, onnx_v = versions[trained.versions.spark], versions[trained.versions.onnx]
+    common = {"horizon.impressions": "1", "horizon.clicks": "1", "model_inputs": ",".join(contract.MODEL_INPUTS)}
+    assert spark_v.tags == {**common, "flavor": "spark"}
+    assert onnx_v.tags == {**common, "flavor": "onnx", "spark_model_version": trained.versions.spark}
+    assert client.get_model_version_by_alias(name, CHAMPION_ALIAS).version == trained.versions.onnx
+    assert spark_v.run_id == onnx_v.run_id == trained.run_id
+
+    run = client.get_run(trained.run_id)
+    assert run.info.status == "FINISHED"
+    assert {k: run.data.tags[k] for k in ("horizon.impressions", "horizon.clicks", "parity")} == {
+        "horizon.impressions": "1",
+        "horizon.clicks": "1",
+        "parity": "passed",
+    }
+    assert run.data.metrics["auc"] == pytest.approx(trained.auc)
+    assert run.data.metrics["auc"] > 0.6
+    assert 0 < run.data.metrics["log_loss"] < math.log(2)
+    assert run.data.metrics["parity_max_abs_diff"] <= job_cfg.ctr.parity_atol
+    assert run.data.metrics["rows_train"] + run.data.metrics["rows_holdout"] == run.data.metrics["rows_labelled"]
+
+
+@pytest.mark.integration
+def test_job_counts_exactly_the_pinned_snapshot(
+    spark: SparkSession, job_cfg: PlatformConfig, generated: Generated, trained: train.TrainResult
+) -> None:
+    imps, clks = generated.events(impression_commits=2, click_commits=2)
+    distinct = imps.drop_duplicates("event_id")
+    assert trained.rows["impressions"] == len(distinct)
+    assert trained.rows["clicks"] == clks.event_id.nunique()
+    as_of = max(distinct.event_time.max(), clks.event_time.max())
+    assert trained.rows["labelled"] == int((distinct.event_time + WINDOW <= as_of).sum())
+    assert trained.rows["holdout"] == pytest.approx(0.2 * trained.rows["labelled"], abs=2)
+
+    for key, view in (("user_id", contract.USER_VIEW), ("item_id", contract.ITEM_VIEW)):
+        table = spark.read.format("delta").load(job_cfg.lake.table(*view))
+        assert table.columns == [key, "impressions", "clicks", "horizon_impressions", "horizon_clicks"]
+        counts = sorted(tuple(r) for r in table.select(key, "impressions", "clicks").collect())
+        assert counts == expected_counts(imps, clks, key)
+        horizons = {tuple(r) for r in table.select("horizon_impressions", "horizon_clicks").distinct().collect()}
+        assert horizons == {(1, 1)}
+
+
+@pytest.mark.integration
+def test_registered_onnx_scores_equal_registered_spark(
+    spark: SparkSession, job_cfg: PlatformConfig, trained: train.TrainResult
+) -> None:
+    name = job_cfg.mlflow.registered_model
+    rng = np.random.default_rng(3)
+    rows = pd.DataFrame(
+        {
+            "user_impressions": rng.integers(0, 80, 50).astype(float),
+            "user_clicks": rng.integers(0, 20, 50).astype(float),
+            "item_impressions": rng.integers(0, 150, 50).astype(float),
+            "item_clicks": rng.integers(0, 40, 50).astype(float),
+            "position": rng.integers(1, 6, 50).astype(float),
+            "device": [*rng.choice(DEVICES, 49), "smart-tv"],  # one device never seen in training
+        }
+    )
+    spark_model = mlflow.spark.load_model(f"models:/{name}/{trained.versions.spark}")
+    scored = train.score(spark_model, spark.createDataFrame(rows)).select(train.CLICK_PROBABILITY)
+    spark_p = np.array([r[0] for r in scored.collect()])
+    onnx_model = mlflow.onnx.load_model(f"models:/{name}@{CHAMPION_ALIAS}")
+    onnx_p = onnx_click_probabilities(onnx_model, onnx_inputs(rows))
+    np.testing.assert_allclose(onnx_p, spark_p, rtol=0, atol=job_cfg.ctr.parity_atol)
+    assert spark_p.std() > 0.01  # the rows really get different scores
+
+    # Through MLflow's ONNX pyfunc too, which takes a dict of [n, 1] arrays.
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION_ALIAS}")
+    predicted = pyfunc.predict(onnx_inputs(rows))
+    pyfunc_p = predicted[contract.ONNX_PROBABILITY_OUTPUT][:, 1]
+    np.testing.assert_allclose(pyfunc_p, spark_p, rtol=0, atol=job_cfg.ctr.parity_atol)
+
+
+@pytest.mark.integration
+def test_failed_parity_registers_nothing(spark: SparkSession, job_cfg: PlatformConfig) -> None:
+    strict = isolated(job_cfg, "ctr-parity-test", parity_atol=1e-15)  # same bronze, its own model
+    with pytest.raises(ParityError, match="differ by up to"):
+        train.run(spark, strict, impressions_version=1, clicks_version=1)
+    client = mlflow.MlflowClient(strict.mlflow.tracking_uri)
+    assert client.search_model_versions(f"name='{strict.mlflow.registered_model}'") == []
+    experiment = client.get_experiment_by_name(strict.mlflow.experiment)
+    assert experiment is not None
+    (failed,) = client.search_runs([experiment.experiment_id])
+    assert (failed.info.status, failed.data.tags["parity"]) == ("FAILED", "failed")
