@@ -28,7 +28,7 @@ from lambda_ml import contract
 
 log = logging.getLogger(__name__)
 
-CHAMPION_ALIAS = "champion"
+CHAMPION_ALIAS = contract.CHAMPION_ALIAS
 SPARK_ARTIFACT = "spark-model"
 ONNX_ARTIFACT = "onnx-model"
 

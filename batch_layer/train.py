@@ -304,9 +304,9 @@ def log_and_register(
         try:
             max_diff = check_parity(spark_probabilities, onnx_probabilities, cfg.ctr.parity_atol)
         except ParityError:
-            mlflow.set_tag("parity", "failed")
+            mlflow.set_tag(contract.TAG_PARITY, "failed")
             raise
-        mlflow.set_tag("parity", "passed")
+        mlflow.set_tag(contract.TAG_PARITY, "passed")
         mlflow.log_metric("parity_max_abs_diff", max_diff)
         log.info("ONNX matches Spark on %d holdout rows (max difference %.2g)", len(spark_probabilities), max_diff)
         versions = register_models(model, onnx_model, cfg.mlflow.registered_model, horizon)

@@ -22,11 +22,15 @@ USER_VIEW = ("views", "user_counts")
 ITEM_VIEW = ("views", "item_counts")
 VIEW_COUNT_COLUMNS = ("impressions", "clicks")
 
+# Registry alias of the model serving answers with by default.
+CHAMPION_ALIAS = "champion"
+
 # Tags on the MLflow run and on every registered model version.
 TAG_FLAVOR = "flavor"  # "spark" | "onnx"
 TAG_HORIZON_IMPRESSIONS = "horizon.impressions"  # bronze impressions Delta version
 TAG_HORIZON_CLICKS = "horizon.clicks"  # bronze clicks Delta version
 TAG_SPARK_VERSION = "spark_model_version"  # on the ONNX version: its Spark twin
 TAG_MODEL_INPUTS = "model_inputs"  # comma-separated MODEL_INPUTS
+TAG_PARITY = "parity"  # "passed" | "failed": the ONNX-vs-Spark check of the run
 # Name of the ONNX output holding [P(no click), P(click)] per row.
 ONNX_PROBABILITY_OUTPUT = "probability"

@@ -7,6 +7,7 @@ server, both on loopback, each with a PID file and a log file under the data dir
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import signal
@@ -361,10 +362,11 @@ class ServingProcess:
         log.info("prediction service ready at %s", self.url)
 
     def is_ready(self) -> bool:
+        """True once the service has loaded a model and the views (its /health says ready)."""
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                return bool(response.status == 200)
-        except OSError:
+                return bool(json.loads(response.read()).get("ready"))
+        except (OSError, ValueError):
             return False
 
     def stop(self) -> bool:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, create_model
 
 MAX_ID_LENGTH = 256
 MAX_DEVICE_LENGTH = 64
 # float32 holds every integer up to 2**24 exactly; positions are small anyway.
 MAX_POSITION = 1_000_000
 
-ROW_EXAMPLE = {"user_id": "u42", "item_id": "i7", "device": "mobile", "position": 1}
-BATCH_EXAMPLE = {"rows": [ROW_EXAMPLE, {"user_id": "u9", "item_id": "i3", "device": "desktop", "position": 4}]}
+ROW_EXAMPLE: dict[str, JsonValue] = {"user_id": "u42", "item_id": "i7", "device": "mobile", "position": 1}
+BATCH_EXAMPLE: dict[str, JsonValue] = {
+    "rows": [ROW_EXAMPLE, {"user_id": "u9", "item_id": "i3", "device": "desktop", "position": 4}]
+}
 
 
 class _Body(BaseModel):
@@ -115,7 +117,7 @@ class FeaturesOut(_Body):
 class Prediction(_Body):
     user_id: str
     item_id: str
-    click_probability: float = Field(ge=0, le=1, description="P(click) for this impression.")
+    probability: float = Field(ge=0, le=1, description="Click probability, P(click), of this impression.")
     features: FeaturesOut
 
 
@@ -144,7 +146,7 @@ class PredictResponse(_Body):
                         {
                             "user_id": "u42",
                             "item_id": "i7",
-                            "click_probability": 0.0731,
+                            "probability": 0.0731,
                             "features": {
                                 "user_impressions": 38,
                                 "user_clicks": 3,

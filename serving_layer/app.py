@@ -1,5 +1,5 @@
 """The prediction service: ``POST /predict`` scores impressions with the champion ONNX model on
-features from the batch views; ``GET /health`` says whether it can.
+features from the batch views; ``GET /health`` says whether it can. ``serve(cfg)`` runs it.
 
 Bad requests get a 4xx naming the field (``{"detail": [{"field", "message"}]}``), never a
 5xx; with no model registered yet /predict answers 503 and /health still answers.
@@ -7,15 +7,18 @@ Bad requests get a 4xx naming the field (``{"detail": [{"field", "message"}]}``)
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lambda_ml.config import PlatformConfig
 from serving_layer.api_models import (
@@ -43,7 +46,22 @@ from serving_layer.views import BatchViews, Horizon, ViewStore
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 RETRY_AFTER_S = 5
+# Bytes of JSON allowed per row: a row at its longest ids is ~650 bytes; the rest is room
+# for pretty-printing. Bodies beyond max_rows rows of this are refused before parsing.
+BODY_BYTES_PER_ROW = 2048
+BODY_BYTES_BASE = 64 * 1024
+
+
+def max_body_bytes(max_rows: int) -> int:
+    """Largest request body read, so an oversized request costs no parsing.
+
+    >>> max_body_bytes(1000)
+    2113536
+    """
+    return BODY_BYTES_BASE + max_rows * BODY_BYTES_PER_ROW
 
 
 def format_validation_errors(errors: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
@@ -117,7 +135,7 @@ def score_rows(rows: Sequence[PredictRow], model: CtrServingModel, views: BatchV
         Prediction(
             user_id=row.user_id,
             item_id=row.item_id,
-            click_probability=float(p),
+            probability=float(p),
             features=FeaturesOut(
                 user_impressions=f.user.impressions,
                 user_clicks=f.user.clicks,
@@ -132,8 +150,39 @@ def score_rows(rows: Sequence[PredictRow], model: CtrServingModel, views: BatchV
     return PredictResponse(model=model_out(model), views=views_out(views), predictions=predictions)
 
 
+def _too_large_response(max_rows: int) -> JSONResponse:
+    message = f"the body is larger than {max_body_bytes(max_rows)} bytes; send at most {max_rows} rows per request"
+    return JSONResponse(status_code=413, content={"detail": [{"field": "body", "message": message}]})
+
+
+class ContentLengthLimit:
+    """ASGI middleware answering ``response`` to requests declaring a body over ``max_bytes``."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, response: Response) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.response = response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = Headers(scope=scope).get("content-length", "")
+            if length.isdigit() and int(length) > self.max_bytes:
+                await self.response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _unavailable(reason: str) -> HTTPException:
     return HTTPException(status_code=503, detail=reason, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _get(slot: Reloadable[T], problems: list[str]) -> T | None:
+    """The slot's value, or None with the reason appended to ``problems``."""
+    try:
+        return slot.get()
+    except NotReadyError as exc:
+        problems.append(str(exc))
+        return None
 
 
 def _try_load(slot: Reloadable[Any]) -> None:
@@ -165,10 +214,7 @@ def create_app(
         else:
             log.warning("no model to serve yet; /predict answers 503 until %s exists", model_slot.name)
         if (loaded := view_slot.current) is not None:
-            log.info(
-                "batch views: %d users, %d items at horizon impressions@%s clicks@%s",
-                len(loaded.users), len(loaded.items), loaded.horizon.impressions, loaded.horizon.clicks,
-            )  # fmt: skip
+            log.info("batch views: %d users, %d items, from %s", len(loaded.users), len(loaded.items), loaded.horizon)
         yield
 
     app = FastAPI(
@@ -180,6 +226,15 @@ def create_app(
     app.state.cfg = cfg
     app.state.models = model_slot
     app.state.views = view_slot
+
+    too_large = _too_large_response(cfg.serving.max_rows)
+    # A declared Content-Length is refused before reading; a chunked body is cut off by the
+    # route's max_body_size, which raises the 413 handled here.
+    app.add_middleware(ContentLengthLimit, max_bytes=max_body_bytes(cfg.serving.max_rows), response=too_large)
+
+    @app.exception_handler(413)
+    async def on_too_large(_: Request, __: Exception) -> JSONResponse:
+        return too_large
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -193,12 +248,18 @@ def create_app(
         """Score each row with the model behind the configured registry alias, on the user's
         and the item's counts from the batch views (zero for unknown ones)."""
         rows: list[PredictRow] = list(request.rows) if isinstance(request, PredictBatch) else [request]
+        problems: list[str] = []
+        views_now = _get(view_slot, problems)
+        model = _get(model_slot, problems)
+        if views_now is None or model is None:
+            raise _unavailable("not ready to predict: " + "; ".join(problems))
         try:
-            views_now = view_slot.get()
-            model = model_slot.get()
-        except NotReadyError as exc:
-            raise _unavailable(f"not ready to predict: {exc}") from exc
-        return score_rows(rows, model, views_now)
+            return score_rows(rows, model, views_now)
+        except Exception as exc:
+            # A request that passed validation should always score; if the graph still fails,
+            # say which version failed rather than answer a bare 500.
+            log.exception("%s failed to score %d row(s)", model.uri, len(rows))
+            raise HTTPException(status_code=500, detail=f"{model.uri} failed to score the request: {exc}") from exc
 
     # The body type depends on serving.max_rows, so it is set here rather than written in the
     # signature (FastAPI reads annotations, and a string one could not see this closure).
@@ -216,7 +277,9 @@ def create_app(
         "/predict",
         response_model=PredictResponse,
         summary="Click probability of one impression or a batch",
+        max_body_size=max_body_bytes(cfg.serving.max_rows),
         responses={
+            413: {"model": ValidationErrorResponse, "description": "The body is larger than max_rows rows."},
             415: {"model": ValidationErrorResponse, "description": "The body is not sent as JSON."},
             422: {"model": ValidationErrorResponse, "description": "Invalid request; each error names its field."},
             503: {"model": ErrorResponse, "description": "No model or no batch views to serve yet."},
@@ -241,6 +304,46 @@ def create_app(
         )
 
     return app
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("0.0.0.0")
+    (True, True, False)
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(cfg: PlatformConfig, host: str | None = None, port: int | None = None, access_log: bool = False) -> None:
+    """Serve ``create_app(cfg)`` with uvicorn until SIGINT/SIGTERM (blocks).
+
+    ``host``/``port`` default to ``cfg.serving``. Logs go through the root logger, so call
+    ``lambda_ml.logs.setup_logging()`` first.
+    """
+    import uvicorn
+
+    host = host or cfg.serving.host
+    port = port or cfg.serving.port
+    if not is_loopback(host):
+        log.warning("binding to %s: the service has no authentication; keep it behind a gateway", host)
+    log.info(
+        "prediction service for models:/%s@%s starting on http://%s:%d (OpenAPI at /docs)",
+        cfg.mlflow.registered_model, cfg.serving.model_alias, host, port,
+    )  # fmt: skip
+    uvicorn.run(
+        create_app(cfg),
+        host=host,
+        port=port,
+        log_config=None,  # keep the platform's logging set-up
+        access_log=access_log,
+        timeout_graceful_shutdown=10,
+    )
 
 
 def _package_version() -> str:

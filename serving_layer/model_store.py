@@ -45,7 +45,6 @@ class CtrServingModel:
     alias: str
     run_id: str | None
     horizon: Horizon
-    source: str
     session: ort.InferenceSession
 
     @property
@@ -58,11 +57,13 @@ class CtrServingModel:
         return np.asarray(probability, dtype=np.float64)[:, 1]
 
     def describe(self) -> str:
-        """One line for the logs, e.g. ``ctr version 3 (champion), horizon impressions@5 clicks@4``."""
-        return (
-            f"{self.name} version {self.version} ({self.alias}), horizon impressions@{self.horizon.impressions} "
-            f"clicks@{self.horizon.clicks}, run {self.run_id}"
-        )
+        """One line for the logs.
+
+        >>> from serving_layer.views import Horizon
+        >>> CtrServingModel("ctr", 3, "champion", "r1", Horizon(5, 4), None).describe()
+        'ctr version 3 (alias champion), trained on bronze impressions v5, clicks v4 in MLflow run r1'
+        """
+        return f"{self.name} version {self.version} (alias {self.alias}), trained on {self.horizon} in MLflow run {self.run_id}"
 
 
 def open_onnx_session(model: str | Path | bytes) -> ort.InferenceSession:
@@ -185,7 +186,6 @@ def load_registered_model(cfg: PlatformConfig) -> CtrServingModel:
         alias=alias,
         run_id=version.run_id,
         horizon=parse_horizon(tags),
-        source=what,
         session=session,
     )
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 # pyarrow must be imported before deltalake: importing deltalake first can abort the
 # interpreter at exit (and to_pandas() does so always); to_pyarrow_table() is safe.
-import pyarrow  # noqa: F401  isort: skip
+import pyarrow  # isort: skip
 from deltalake import DeltaTable  # isort: skip
+from deltalake.exceptions import DeltaError, TableNotFoundError  # isort: skip
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 from lambda_ml import contract
 from lambda_ml.config import PlatformConfig
@@ -44,6 +45,16 @@ class Horizon:
 
     impressions: int | None = None
     clicks: int | None = None
+
+    def __str__(self) -> str:
+        """
+        >>> str(Horizon(5, 4)), str(Horizon())
+        ('bronze impressions v5, clicks v4', 'bronze impressions v?, clicks v?')
+        """
+        def part(version: int | None) -> str:
+            return "?" if version is None else str(version)
+
+        return f"bronze impressions v{part(self.impressions)}, clicks v{part(self.clicks)}"
 
 
 @dataclass(frozen=True)
@@ -119,8 +130,10 @@ def read_count_view(path: str, key_column: str) -> CountView:
     """Read one view's Delta table at ``path`` (latest version)."""
     try:
         delta = DeltaTable(path)
-    except Exception as exc:  # deltalake raises TableNotFoundError and OSError alike
-        raise ViewLoadError(f"no Delta table at {path}: has the batch layer run yet? ({exc})") from exc
+    except TableNotFoundError as exc:
+        raise ViewLoadError(f"no Delta table at {path}: has the batch layer run yet?") from exc
+    except (DeltaError, OSError) as exc:
+        raise ViewLoadError(f"cannot read the Delta table at {path}: {exc}") from exc
     columns = [key_column, *contract.VIEW_COUNT_COLUMNS]
     schema_names = {f.name for f in delta.schema().fields}
     columns += [c for c in HORIZON_COLUMNS.values() if c in schema_names]

@@ -33,24 +33,12 @@ from lambda_ml import contract
 from lambda_ml.config import PlatformConfig
 from lambda_ml.features import USER
 from lambda_ml.schemas import CLICK, DEVICES, IMPRESSION
+from support import isolated
 
 Row = tuple[Any, ...]  # one event's values, in schema order
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 WINDOW = timedelta(minutes=30)
-
-
-def isolated(cfg: PlatformConfig, model: str, lake_root: Path | None = None, **ctr: float) -> PlatformConfig:
-    """The session config with its own registered model and experiment (and lake, if given),
-    so that other tests sharing the MLflow server cannot interfere."""
-    lake = cfg.lake if lake_root is None else cfg.lake.model_copy(update={"root": str(lake_root)})
-    return cfg.model_copy(
-        update={
-            "lake": lake,
-            "mlflow": cfg.mlflow.model_copy(update={"registered_model": model, "experiment": f"{model}-experiment"}),
-            "ctr": cfg.ctr.model_copy(update=ctr),
-        }
-    )
 
 
 # --------------------------------------------------------------------------- bronze rows

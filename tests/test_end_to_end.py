@@ -16,6 +16,7 @@ from pyspark.sql import SparkSession
 from lambda_ml import contract, generator, stack
 from lambda_ml.config import PlatformConfig, write_config
 from lambda_ml.submit import run_submit
+from support import isolated
 
 
 def _post(url: str, payload: object) -> tuple[int, dict]:  # type: ignore[type-arg]
@@ -32,22 +33,7 @@ def _post(url: str, payload: object) -> tuple[int, dict]:  # type: ignore[type-a
 def test_one_event_travels_the_whole_way(running_stack: PlatformConfig, spark: SparkSession, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    cfg = running_stack.model_copy(
-        update={
-            "lake": running_stack.lake.model_copy(update={"root": str(tmp_path / "lake"), "checkpoints": str(tmp_path / "ckpt")}),
-            "mlflow": running_stack.mlflow.model_copy(update={"registered_model": "ctr-e2e", "experiment": "ctr-e2e"}),
-            "kafka": running_stack.kafka.model_copy(
-                update={
-                    "topics": running_stack.kafka.topics.model_copy(
-                        update={
-                            "impressions": running_stack.kafka.topics.impressions.model_copy(update={"name": "e2e-impressions"}),
-                            "clicks": running_stack.kafka.topics.clicks.model_copy(update={"name": "e2e-clicks"}),
-                        }
-                    )
-                }
-            ),
-        }
-    )
+    cfg = isolated(running_stack, "ctr-e2e", lake_root=tmp_path / "lake", topic_prefix="e2e")
     config_file = str(write_config(cfg, tmp_path / "platform.yaml"))
     stack.create_topics(cfg)
     now = datetime.now(UTC) - timedelta(minutes=1)
