@@ -23,8 +23,8 @@ from mlflow.types.schema import ColSpec, Schema, TensorSpec
 from pyspark.ml import PipelineModel
 from pyspark.sql import SparkSession
 
-from batch_layer.snapshot import Horizon
 from lambda_ml import contract
+from lambda_ml.contract import Horizon
 
 log = logging.getLogger(__name__)
 

@@ -12,32 +12,13 @@ from dataclasses import dataclass
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 
-from lambda_ml import contract
+from lambda_ml.contract import Horizon
 from lambda_ml.config import PlatformConfig
 from lambda_ml.schemas import CLICK, IMPRESSION, EventType
 
 
 class SnapshotError(RuntimeError):
     """A bronze table is missing or the requested version does not exist."""
-
-
-@dataclass(frozen=True)
-class Horizon:
-    """The bronze Delta versions a batch run read."""
-
-    impressions: int
-    clicks: int
-
-    def tags(self) -> dict[str, str]:
-        """The horizon as MLflow tags (run and model versions).
-
-        >>> Horizon(impressions=3, clicks=5).tags()
-        {'horizon.impressions': '3', 'horizon.clicks': '5'}
-        """
-        return {contract.TAG_HORIZON_IMPRESSIONS: str(self.impressions), contract.TAG_HORIZON_CLICKS: str(self.clicks)}
-
-    def __str__(self) -> str:
-        return f"impressions v{self.impressions}, clicks v{self.clicks}"
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,11 @@ from pyspark.sql import functions as F
 
 from batch_layer.onnx_export import ParityError, check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
 from batch_layer.registry import RegisteredVersions, register_models
-from batch_layer.snapshot import Horizon, Snapshot, read_snapshot
+from batch_layer.snapshot import Snapshot, read_snapshot
 from batch_layer.views import build_views, write_views
 from lambda_ml import contract
 from lambda_ml.config import PlatformConfig, load_config
+from lambda_ml.contract import Horizon
 from lambda_ml.features import (
     LABEL,
     add_point_in_time_features,
@@ -94,7 +95,7 @@ class TrainResult:
 
     def summary(self) -> str:
         return (
-            f"trained on bronze {self.horizon}: {self.rows.get('train', 0)} training rows, "
+            f"trained on {self.horizon}: {self.rows.get('train', 0)} training rows, "
             f"{self.rows.get('holdout', 0)} holdout rows, AUC {self.auc:.3f}, log loss {self.log_loss:.4f}; "
             f"registered Spark version {self.versions.spark} and ONNX version {self.versions.onnx} "
             f"(now champion) in MLflow run {self.run_id}"
@@ -239,13 +240,13 @@ def run(
     """
     snapshot = read_snapshot(spark, cfg, impressions_version, clicks_version)
     horizon = snapshot.horizon
-    log.info("pinned bronze at %s", horizon)
+    log.info("pinned %s", horizon)
     impressions, clicks = (frame.cache() for frame in clean_events(snapshot))
     training = None
     try:
         as_of = latest_event_time(impressions, clicks)
         if as_of is None:
-            raise TrainingError(f"bronze at {horizon} holds no events")
+            raise TrainingError(f"{horizon} holds no events")
         window = cfg.ctr.attribution_window_minutes
         increments = count_increments(impressions, attribute_clicks(impressions, clicks, window))
         write_views(build_views(increments, horizon), cfg)

@@ -11,13 +11,13 @@ import logging
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from batch_layer.snapshot import Horizon
+from lambda_ml import contract
 from lambda_ml.config import PlatformConfig
+from lambda_ml.contract import Horizon
 from lambda_ml.features import ENTITIES, Entity, entity_counts
 
 log = logging.getLogger(__name__)
 
-HORIZON_COLUMNS = ("horizon_impressions", "horizon_clicks")
 
 
 def build_view(increments: DataFrame, entity: Entity, horizon: Horizon) -> DataFrame:
@@ -26,8 +26,8 @@ def build_view(increments: DataFrame, entity: Entity, horizon: Horizon) -> DataF
         entity.key,
         "impressions",
         "clicks",
-        F.lit(horizon.impressions).cast("long").alias(HORIZON_COLUMNS[0]),
-        F.lit(horizon.clicks).cast("long").alias(HORIZON_COLUMNS[1]),
+        F.lit(horizon.impressions).cast("long").alias(contract.VIEW_HORIZON_COLUMNS["impressions"]),
+        F.lit(horizon.clicks).cast("long").alias(contract.VIEW_HORIZON_COLUMNS["clicks"]),
     )
 
 

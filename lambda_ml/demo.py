@@ -84,7 +84,7 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
                 f"Spark twin version {result.versions.spark}",
                 f"holdout:                  AUC {result.auc:.4f}, log loss {result.log_loss:.4f} on "
                 f"{result.rows.get('holdout', 0)} impressions ({result.rows.get('train', 0)} trained on)",
-                f"horizon:                  bronze {result.horizon}",
+                f"horizon:                  {result.horizon}",
                 f"one prediction:           POST {service.url}/predict {json.dumps(example)}",
                 f"                          -> {json.dumps(answer)}",
                 f"MLflow UI:                {cfg.mlflow.tracking_uri}",

@@ -21,6 +21,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lambda_ml.config import PlatformConfig
+from lambda_ml.contract import Horizon
 from serving_layer.api_models import (
     BATCH_EXAMPLE,
     REQUEST_KINDS,
@@ -42,7 +43,7 @@ from serving_layer.api_models import (
 from serving_layer.features import build_model_inputs, lookup_features
 from serving_layer.model_store import CtrServingModel, ModelStore
 from serving_layer.reloadable import NotReadyError, Reloadable
-from serving_layer.views import BatchViews, Horizon, ViewStore
+from serving_layer.views import BatchViews, ViewStore
 
 log = logging.getLogger(__name__)
 

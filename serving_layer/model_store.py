@@ -21,8 +21,8 @@ import onnxruntime as ort
 
 from lambda_ml import contract
 from lambda_ml.config import PlatformConfig
+from lambda_ml.contract import Horizon
 from serving_layer.reloadable import Reloadable
-from serving_layer.views import Horizon
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class CtrServingModel:
     def describe(self) -> str:
         """One line for the logs.
 
-        >>> from serving_layer.views import Horizon
+        >>> from lambda_ml.contract import Horizon
         >>> CtrServingModel("ctr", 3, "champion", "r1", Horizon(5, 4), None).describe()
         'ctr version 3 (alias champion), trained on bronze impressions v5, clicks v4 in MLflow run r1'
         """
@@ -93,25 +93,6 @@ def check_session(session: ort.InferenceSession, what: str) -> None:
     outputs = [o.name for o in session.get_outputs()]
     if contract.ONNX_PROBABILITY_OUTPUT not in outputs:
         raise ModelLoadError(f"{what} has no output {contract.ONNX_PROBABILITY_OUTPUT!r}; its outputs are {outputs}")
-
-
-def parse_horizon(tags: dict[str, str]) -> Horizon:
-    """The bronze versions a model was trained at, from its registry tags.
-
-    >>> parse_horizon({"horizon.impressions": "5", "horizon.clicks": "4"})
-    Horizon(impressions=5, clicks=4)
-    >>> parse_horizon({})
-    Horizon(impressions=None, clicks=None)
-    """
-
-    def number(key: str) -> int | None:
-        value = tags.get(key)
-        try:
-            return int(value) if value is not None else None
-        except ValueError:
-            return None
-
-    return Horizon(number(contract.TAG_HORIZON_IMPRESSIONS), number(contract.TAG_HORIZON_CLICKS))
 
 
 def find_onnx_file(model_dir: Path) -> Path:
@@ -185,7 +166,7 @@ def load_registered_model(cfg: PlatformConfig) -> CtrServingModel:
         version=int(version.version),
         alias=alias,
         run_id=version.run_id,
-        horizon=parse_horizon(tags),
+        horizon=Horizon.from_tags(tags),
         session=session,
     )
 

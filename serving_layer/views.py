@@ -19,10 +19,8 @@ from types import MappingProxyType
 
 from lambda_ml import contract
 from lambda_ml.config import PlatformConfig
+from lambda_ml.contract import Horizon
 from serving_layer.reloadable import Reloadable
-
-HORIZON_COLUMNS = {"impressions": "horizon_impressions", "clicks": "horizon_clicks"}
-
 
 class ViewLoadError(RuntimeError):
     """A view table is missing or does not have the contract's columns."""
@@ -37,24 +35,6 @@ class EntityCounts:
 
 
 ZERO_COUNTS = EntityCounts()
-
-
-@dataclass(frozen=True)
-class Horizon:
-    """The bronze Delta versions a batch run read (None where unknown)."""
-
-    impressions: int | None = None
-    clicks: int | None = None
-
-    def __str__(self) -> str:
-        """
-        >>> str(Horizon(5, 4)), str(Horizon())
-        ('bronze impressions v5, clicks v4', 'bronze impressions v?, clicks v?')
-        """
-        def part(version: int | None) -> str:
-            return "?" if version is None else str(version)
-
-        return f"bronze impressions v{part(self.impressions)}, clicks v{part(self.clicks)}"
 
 
 @dataclass(frozen=True)
@@ -115,7 +95,7 @@ def count_view_from_arrow(path: str, table: pyarrow.Table, key_column: str) -> C
 
 def _horizon(path: str, table: pyarrow.Table) -> Horizon:
     found: dict[str, int | None] = {}
-    for name, column in HORIZON_COLUMNS.items():
+    for name, column in contract.VIEW_HORIZON_COLUMNS.items():
         if column not in table.column_names:
             found[name] = None
             continue
@@ -136,7 +116,7 @@ def read_count_view(path: str, key_column: str) -> CountView:
         raise ViewLoadError(f"cannot read the Delta table at {path}: {exc}") from exc
     columns = [key_column, *contract.VIEW_COUNT_COLUMNS]
     schema_names = {f.name for f in delta.schema().fields}
-    columns += [c for c in HORIZON_COLUMNS.values() if c in schema_names]
+    columns += [c for c in contract.VIEW_HORIZON_COLUMNS.values() if c in schema_names]
     missing = [c for c in columns if c not in schema_names]
     if missing:
         raise ViewLoadError(f"view {path} lacks column(s) {', '.join(missing)}")

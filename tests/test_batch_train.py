@@ -27,10 +27,11 @@ from pyspark.sql import DataFrame, SparkSession
 from batch_layer import train
 from batch_layer.onnx_export import ParityError, check_parity, onnx_click_probabilities, onnx_inputs
 from batch_layer.registry import CHAMPION_ALIAS
-from batch_layer.snapshot import Horizon, Snapshot, SnapshotError, read_snapshot
+from batch_layer.snapshot import Snapshot, SnapshotError, read_snapshot
 from batch_layer.views import build_views
 from lambda_ml import contract
 from lambda_ml.config import PlatformConfig
+from lambda_ml.contract import Horizon
 from lambda_ml.features import USER
 from lambda_ml.schemas import CLICK, DEVICES, IMPRESSION
 from support import isolated

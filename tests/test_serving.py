@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lambda_ml import contract
 from lambda_ml.config import DEFAULT_CONFIG, PROJECT_ROOT, PlatformConfig, load_config
+from lambda_ml.contract import Horizon
 from serving_layer.app import create_app, format_validation_errors, max_body_bytes
 from serving_layer.features import RowFeatures, build_model_inputs, lookup_features
 from serving_layer.model_store import (
@@ -47,7 +48,6 @@ from serving_layer.views import (
     BatchViews,
     CountView,
     EntityCounts,
-    Horizon,
     ViewLoadError,
     count_view_from_arrow,
     load_batch_views,
