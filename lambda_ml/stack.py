@@ -238,12 +238,16 @@ class KafkaBroker:
         from kafka import KafkaAdminClient
         from kafka.errors import KafkaError
 
+        # Refused connections are expected while the broker starts: keep them out of the log.
+        client_log = logging.getLogger("kafka")
+        level = client_log.level
+        client_log.setLevel(logging.CRITICAL)
         try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=self.cfg.kafka.bootstrap_servers, request_timeout_ms=3000
-            )
+            admin = KafkaAdminClient(bootstrap_servers=self.cfg.kafka.bootstrap_servers, request_timeout_ms=3000)
         except (KafkaError, OSError, ValueError):
             return False
+        finally:
+            client_log.setLevel(level)
         try:
             admin.describe_cluster()
             return True

@@ -1,0 +1,70 @@
+"""The embedded stack: topics as configured, status, process handling, set-up messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lambda_ml import jvm, stack
+from lambda_ml.config import PlatformConfig
+
+
+@pytest.mark.integration
+def test_topics_have_the_configured_partitions_retention_and_compaction(running_stack: PlatformConfig) -> None:
+    from kafka import KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    cfg = running_stack
+    wanted = [cfg.kafka.topics.impressions, cfg.kafka.topics.clicks, cfg.kafka.topics.model_updates]
+    admin = KafkaAdminClient(bootstrap_servers=cfg.kafka.bootstrap_servers)
+    try:
+        described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics([t.name for t in wanted])}
+        assert described == {t.name: t.partitions for t in wanted}
+        configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t.name) for t in wanted])["topic"]
+        found = {name: (c["cleanup.policy"]["value"], c["retention.ms"]["value"]) for name, c in configs.items()}
+    finally:
+        admin.close()
+    assert found == {
+        cfg.kafka.topics.impressions.name: ("delete", "604800000"),
+        cfg.kafka.topics.clicks.name: ("delete", "604800000"),
+        cfg.kafka.topics.model_updates.name: ("compact", "-1"),
+    }
+    assert stack.create_topics(cfg) == []  # a second `stack up` creates nothing
+
+
+@pytest.mark.integration
+def test_status_reports_pids_and_readiness(running_stack: PlatformConfig) -> None:
+    report = stack.status(running_stack)
+    assert report["kafka"]["ready"] is True and isinstance(report["kafka"]["pid"], int)
+    assert report["mlflow"]["ready"] is True and isinstance(report["mlflow"]["pid"], int)
+    assert report["serving"]["pid"] is None
+    stack.up(running_stack)  # idempotent: both already running, nothing restarted
+    assert stack.status(running_stack)["kafka"]["pid"] == report["kafka"]["pid"]
+
+
+def test_managed_process_stops_its_whole_group_by_pid(tmp_path: Path) -> None:
+    process = stack.ManagedProcess("sleeper", tmp_path)
+    # A parent that starts a child: stopping must end both.
+    pid = process.start([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"])
+    assert process.pid() == pid
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    assert process.stop(timeout_s=10) is True
+    assert process.pid() is None and not process.pid_file.exists()
+    for child in children:
+        assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    assert process.stop() is False  # stopping a stopped process is a no-op
+
+
+def test_setup_names_missing_java_and_maven(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: neither java nor mvn
+    with pytest.raises(jvm.SetupError, match=r"^java and mvn not found on PATH: install OpenJDK 17 and Maven"):
+        jvm.require_tools()
+
+
+def test_missing_jars_say_how_to_resolve_them(cfg: PlatformConfig, tmp_path: Path) -> None:
+    empty = cfg.model_copy(update={"jvm": cfg.jvm.model_copy(update={"dir": tmp_path / "jvm"})})
+    with pytest.raises(jvm.SetupError, match="run `lambda-ml setup`"):
+        jvm.resolved_jars(empty, jvm.SPARK_JARS)
