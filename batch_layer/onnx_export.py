@@ -1,8 +1,9 @@
 """ONNX export of the Spark pipeline and the parity check that guards its registration.
 
-The graph's inputs are the contract's model inputs, one ``[None, 1]`` tensor each, named
-after the columns (float32 numerics, string device); its output
-``contract.ONNX_PROBABILITY_OUTPUT`` holds ``[P(no click), P(click)]`` per row.
+The graph's inputs are the model inputs derived from the feature declarations
+(``contract.model_inputs``), one ``[None, 1]`` tensor each, named after the columns (float32
+numbers, strings for categorical fields); its output ``contract.ONNX_PROBABILITY_OUTPUT`` holds
+``[P(no click), P(click)]`` per row.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pyspark.ml import PipelineModel
 from pyspark.sql import SparkSession
 
 from lambda_ml import contract
+from lambda_ml.contract import ModelInputs
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +36,34 @@ class ParityError(AssertionError):
     """ONNX and Spark disagree on the probabilities: the export must not be registered."""
 
 
-def initial_types() -> list[tuple[str, FloatTensorType | StringTensorType]]:
-    """The ONNX graph inputs, in ``contract.MODEL_INPUTS`` order."""
-    return [(name, FloatTensorType([None, 1])) for name in contract.NUMERIC_FEATURES] + [
-        (name, StringTensorType([None, 1])) for name in contract.CATEGORICAL_FEATURES
+def initial_types(inputs: ModelInputs) -> list[tuple[str, FloatTensorType | StringTensorType]]:
+    """The ONNX graph inputs, in ``inputs`` order."""
+    return [(name, FloatTensorType([None, 1])) for name in inputs.numeric] + [
+        (name, StringTensorType([None, 1])) for name in inputs.categorical
     ]
 
 
-def export_onnx(model: PipelineModel, spark: SparkSession, name: str = "ctr") -> onnx.ModelProto:
+def graph_inputs(onnx_model: onnx.ModelProto) -> ModelInputs:
+    """The model inputs an ONNX graph takes: float tensors are numbers, string tensors categories."""
+    numeric, categorical, other = [], [], []
+    for graph_input in onnx_model.graph.input:
+        element = graph_input.type.tensor_type.elem_type
+        if element == onnx.TensorProto.FLOAT:
+            numeric.append(graph_input.name)
+        elif element == onnx.TensorProto.STRING:
+            categorical.append(graph_input.name)
+        else:
+            other.append(graph_input.name)
+    if other:
+        raise ExportError(f"the ONNX graph has inputs {other} that are neither float nor string tensors")
+    return ModelInputs(tuple(numeric), tuple(categorical))
+
+
+def export_onnx(model: PipelineModel, spark: SparkSession, inputs: ModelInputs, name: str = "ctr") -> onnx.ModelProto:
     """Convert the fitted pipeline; fail if the probability output is not where serving looks."""
     # The LR converter pprints its coefficients to stdout; keep them out of the job's output.
     with contextlib.redirect_stdout(io.StringIO()) as chatter:
-        onnx_model = convert_sparkml(model, name, initial_types(), spark_session=spark)
+        onnx_model = convert_sparkml(model, name, initial_types(inputs), spark_session=spark)
     log.debug("convert_sparkml said: %s", chatter.getvalue())
     outputs = [output.name for output in onnx_model.graph.output]
     if contract.ONNX_PROBABILITY_OUTPUT not in outputs:
@@ -53,9 +71,9 @@ def export_onnx(model: PipelineModel, spark: SparkSession, name: str = "ctr") ->
             f"the ONNX graph has outputs {outputs}, not {contract.ONNX_PROBABILITY_OUTPUT!r} as the contract says"
         )
     _merge_default_domain(onnx_model)
-    inputs = [graph_input.name for graph_input in onnx_model.graph.input]
-    if inputs != list(contract.MODEL_INPUTS):
-        raise ExportError(f"the ONNX graph has inputs {inputs}, the contract says {list(contract.MODEL_INPUTS)}")
+    found = [graph_input.name for graph_input in onnx_model.graph.input]
+    if found != list(inputs.names):
+        raise ExportError(f"the ONNX graph has inputs {found}, the declarations say {list(inputs.names)}")
     onnx.checker.check_model(onnx_model)
     return onnx_model
 
@@ -80,13 +98,13 @@ def _merge_default_domain(model: onnx.ModelProto) -> None:
     model.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in versions.items())
 
 
-def onnx_inputs(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+def onnx_inputs(rows: pd.DataFrame, inputs: ModelInputs) -> dict[str, np.ndarray]:
     """The ONNX feed for rows holding the model input columns: one ``[n, 1]`` array per input."""
-    missing = [name for name in contract.MODEL_INPUTS if name not in rows.columns]
+    missing = [name for name in inputs.names if name not in rows.columns]
     if missing:
         raise ValueError(f"rows lack model inputs {missing}")
-    feed = {name: rows[name].to_numpy(dtype=np.float32).reshape(-1, 1) for name in contract.NUMERIC_FEATURES}
-    for name in contract.CATEGORICAL_FEATURES:
+    feed = {name: rows[name].to_numpy(dtype=np.float32).reshape(-1, 1) for name in inputs.numeric}
+    for name in inputs.categorical:
         feed[name] = rows[name].astype(str).to_numpy(dtype=object).reshape(-1, 1)
     return feed
 

@@ -8,9 +8,11 @@ it came from, and the speed layer knows which increments the batch already cover
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from lambda_ml.contract import Horizon
 from lambda_ml.config import PlatformConfig
@@ -54,17 +56,47 @@ def read_version(spark: SparkSession, path: str, version: int | None) -> tuple[D
     return spark.read.format("delta").option("versionAsOf", version).load(path), version
 
 
+def version_as_of(spark: SparkSession, path: str, as_of: datetime) -> int:
+    """The version of the Delta table at ``path`` as of ``as_of``: the latest one committed at
+    or before that instant (what Delta's ``timestampAsOf`` reads).
+
+    A naive ``as_of`` is taken as UTC. An instant before the table's first commit, or in the
+    future (whose state is not known yet), is refused.
+    """
+    if as_of.tzinfo is None:
+        as_of = as_of.replace(tzinfo=UTC)
+    if as_of > datetime.now(UTC):
+        raise SnapshotError(f"as-of {as_of.isoformat()} is in the future: a snapshot can only be as of a past instant")
+    latest_version(spark, path)  # a clear error if there is no table
+    history = DeltaTable.forPath(spark, path).history().select("version", "timestamp")
+    row = history.where(F.col("timestamp") <= F.lit(as_of)).agg(F.max("version")).first()
+    if row is None or row[0] is None:
+        first = history.agg(F.min("timestamp")).first()
+        raise SnapshotError(
+            f"{path} has no version committed at or before {as_of.isoformat()}; "
+            f"its oldest recorded commit is at {None if first is None else first[0]}"
+        )
+    return int(row[0])
+
+
 def read_snapshot(
     spark: SparkSession,
     cfg: PlatformConfig,
     impressions_version: int | None = None,
     clicks_version: int | None = None,
+    as_of: datetime | None = None,
 ) -> Snapshot:
-    """Bronze impressions and clicks pinned at the given versions (default: the latest ones).
+    """Bronze impressions and clicks pinned at the given versions (default: the latest ones), or
+    at the versions each table had at the instant ``as_of`` (see :func:`version_as_of`).
 
     The versions are resolved once, here: a stream appending meanwhile does not change what
     this run reads.
     """
+    if as_of is not None:
+        if impressions_version is not None or clicks_version is not None:
+            raise ValueError("pin the snapshot either by versions or by an as-of time, not both")
+        impressions_version = version_as_of(spark, bronze_path(cfg, IMPRESSION), as_of)
+        clicks_version = version_as_of(spark, bronze_path(cfg, CLICK), as_of)
     impressions, imp_version = read_version(spark, bronze_path(cfg, IMPRESSION), impressions_version)
     clicks, click_version = read_version(spark, bronze_path(cfg, CLICK), clicks_version)
     return Snapshot(impressions, clicks, Horizon(impressions=imp_version, clicks=click_version))

@@ -1,11 +1,16 @@
 """Batch layer: train the click-through model from a pinned bronze snapshot.
 
 One run reads bronze impressions and clicks at fixed Delta versions (the horizon), writes the
-per-user and per-item batch views, builds a point-in-time training set, fits a Spark ML
-logistic regression on all but the most recent impressions, evaluates it on those, exports it
-to ONNX, checks that ONNX and Spark agree, and registers both in MLflow with the horizon.
+per-user and per-item batch views, builds a point-in-time training set, fits the configured
+model (``ctr.model``: logistic regression or gradient-boosted trees, parameters chosen on a
+validation split of the training rows) on all but the most recent impressions, evaluates it on
+those (AUC, log loss, calibration), exports it to ONNX, checks that ONNX and Spark agree, and
+registers both in MLflow with the horizon. The quality gate then makes the new version
+``champion`` or ``challenger`` (see :mod:`batch_layer.registry`). A second run for the same
+horizon, config and feature definitions registers nothing and reports the first run's versions.
 
     spark-submit batch_layer/train.py [--config conf/platform.yaml] [--impressions-version N]
+        [--clicks-version N | --as-of 2026-01-01T12:00:00Z]
 
 (``lambda-ml submit batch_layer/train.py`` adds the platform's jars and settings.) Every step
 but :func:`run` and :func:`main` is a function of DataFrames and config.
@@ -17,21 +22,28 @@ import argparse
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import mlflow
 import numpy as np
 import onnx
-from pyspark.ml import Pipeline, PipelineModel
-from pyspark.ml.classification import LogisticRegression
-from pyspark.ml.evaluation import BinaryClassificationEvaluator
-from pyspark.ml.feature import OneHotEncoder, StandardScaler, StringIndexer, VectorAssembler
-from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from batch_layer import registry
+from batch_layer.evaluation import (
+    CLICK_PROBABILITY,
+    Evaluation,
+    TrainingError,
+    auc,
+    calibration_figure,
+    evaluate,
+    score,
+    split_by_time,
+)
+from batch_layer.models import Selection, select_model
 from batch_layer.onnx_export import ParityError, check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
-from batch_layer.registry import RegisteredVersions, register_models
+from batch_layer.registry import ExistingVersions, Lineage, RegisteredVersions, register_models
 from batch_layer.snapshot import Snapshot, read_snapshot
 from batch_layer.views import build_views, write_views
 from lambda_ml import contract
@@ -39,11 +51,11 @@ from lambda_ml.config import PlatformConfig, load_config
 from lambda_ml.contract import Horizon
 from lambda_ml.features import (
     LABEL,
-    add_point_in_time_features,
+    add_window_features,
     attribute_clicks,
-    count_increments,
     dedup_events,
     definitions_hash,
+    feature_events,
     label_impressions,
     latest_event_time,
     model_input_columns,
@@ -53,38 +65,13 @@ from lambda_ml.spark import get_spark
 
 log = logging.getLogger(__name__)
 
-CLICK_PROBABILITY = "click_probability"
 # Rows of the holdout compared between ONNX and Spark: all of them up to this many.
 PARITY_MAX_ROWS = 100_000
-_EPSILON = 1e-15  # log loss clips probabilities away from 0 and 1
-
-
-class TrainingError(RuntimeError):
-    """The snapshot cannot yield a meaningful model (too little data, a single class...)."""
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Holdout metrics of a fitted model."""
-
-    auc: float
-    log_loss: float
-    rows: int
-    ctr: float  # observed click rate
-    mean_prediction: float  # mean P(click): calibration at a glance
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "auc": self.auc,
-            "log_loss": self.log_loss,
-            "holdout_ctr": self.ctr,
-            "holdout_mean_prediction": self.mean_prediction,
-        }
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a batch training run produced."""
+    """What a batch training run produced (or found already registered, ``reused``)."""
 
     run_id: str
     versions: RegisteredVersions
@@ -92,13 +79,23 @@ class TrainResult:
     auc: float
     log_loss: float
     rows: dict[str, int] = field(default_factory=dict)
+    decision: str = ""  # the gate's: "champion" or "challenger"
+    reason: str = ""
+    reused: bool = False
 
     def summary(self) -> str:
+        if self.reused:
+            return (
+                f"{self.horizon} was already trained with this config and these feature definitions: "
+                f"reusing Spark version {self.versions.spark} and ONNX version {self.versions.onnx} "
+                f"({self.decision or 'no gate decision recorded'}, AUC {self.auc:.3f}) of MLflow run {self.run_id}; "
+                "nothing trained or registered"
+            )
         return (
             f"trained on {self.horizon}: {self.rows.get('train', 0)} training rows, "
             f"{self.rows.get('holdout', 0)} holdout rows, AUC {self.auc:.3f}, log loss {self.log_loss:.4f}; "
             f"registered Spark version {self.versions.spark} and ONNX version {self.versions.onnx} "
-            f"(now champion) in MLflow run {self.run_id}"
+            f"as {self.decision} ({self.reason}) in MLflow run {self.run_id}"
         )
 
 
@@ -111,73 +108,32 @@ def clean_events(snapshot: Snapshot) -> tuple[DataFrame, DataFrame]:
 
 
 def build_training_set(impressions: DataFrame, clicks: DataFrame, cfg: PlatformConfig, as_of: datetime) -> DataFrame:
-    """Labelled impressions with point-in-time features.
+    """Labelled impressions with point-in-time window features.
 
-    Columns: ``event_id, event_time, user_id, item_id``, the contract's model inputs (numeric as
-    doubles) and ``label``. Inputs must be deduplicated; ``as_of`` is the latest event time in
-    the snapshot (impressions whose attribution window is still open then are left out).
+    Columns: ``event_id, event_time, user_id, item_id``, the model inputs declared in
+    ``cfg.features`` (numbers as doubles) and ``label``. A row's window features use only
+    events strictly before its event time. Inputs must be deduplicated; ``as_of`` is the latest
+    event time in the snapshot (impressions whose attribution window is still open then are
+    left out, but their events still count for later impressions).
     """
     window = cfg.ctr.attribution_window_minutes
     attributed = attribute_clicks(impressions, clicks, window)
     labelled = label_impressions(impressions, attributed, window, as_of)
-    with_features = add_point_in_time_features(labelled, count_increments(impressions, attributed))
-    return with_features.select(
-        "event_id", "event_time", "user_id", "item_id", *model_input_columns(with_features), F.col(LABEL)
-    )
-
-
-def split_by_time(df: DataFrame, holdout_fraction: float) -> tuple[DataFrame, DataFrame, datetime]:
-    """Train on the past, hold out the most recent ``holdout_fraction`` of rows by event time.
-
-    Returns ``(train, holdout, cutoff)``: the cutoff is the last training instant, holdout rows
-    have ``event_time > cutoff``. Rows tied on the cutoff all train, so the holdout may be a
-    few rows smaller than asked, and the model never sees a row from the holdout's instants.
-    """
-    if not 0 < holdout_fraction < 1:
-        raise ValueError(f"holdout fraction must be in (0, 1), got {holdout_fraction}")
-    micros = df.select(F.unix_micros("event_time").alias("micros"))
-    # Exact for small sets, within 1e-4 of the rank on large ones: either way a sound cutoff.
-    quantiles = micros.approxQuantile("micros", [1 - holdout_fraction], 1e-4)
-    if not quantiles:
-        raise TrainingError("no labelled impressions: nothing to split into train and holdout")
-    cutoff = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(quantiles[0]))
-    holdout_rows = F.col("event_time") > F.lit(cutoff)
-    return df.where(~holdout_rows), df.where(holdout_rows), cutoff
-
-
-def build_pipeline(cfg: PlatformConfig) -> Pipeline:
-    """Device one-hot + standardised numeric features -> logistic regression.
-
-    Unknown devices index as "unknown" and encode as all zeros (``handleInvalid="keep"`` with
-    ``dropLast``): the one setting whose ONNX export matches Spark for unseen values.
-    """
-    (device,) = contract.CATEGORICAL_FEATURES
-    return Pipeline(
-        stages=[
-            StringIndexer(inputCol=device, outputCol=f"{device}_index", handleInvalid="keep"),
-            OneHotEncoder(
-                inputCols=[f"{device}_index"], outputCols=[f"{device}_onehot"], handleInvalid="keep", dropLast=True
-            ),
-            VectorAssembler(inputCols=list(contract.NUMERIC_FEATURES), outputCol="numeric"),
-            StandardScaler(inputCol="numeric", outputCol="numeric_scaled", withMean=True, withStd=True),
-            VectorAssembler(inputCols=["numeric_scaled", f"{device}_onehot"], outputCol="features"),
-            LogisticRegression(
-                featuresCol="features",
-                labelCol=LABEL,
-                regParam=cfg.ctr.reg_param,
-                maxIter=cfg.ctr.max_iter,
-            ),
-        ]
-    )
+    events = feature_events(impressions, attributed, cfg.features)
+    with_features = add_window_features(labelled, events, cfg.features)
+    inputs = contract.model_inputs(cfg.features)
+    return with_features.select("event_id", "event_time", "user_id", "item_id", *model_input_columns(inputs), F.col(LABEL))
 
 
 def check_trainable(train: DataFrame, holdout: DataFrame) -> dict[str, int]:
     """Row and positive counts; fail with a plain reason if the split cannot train or evaluate.
 
     A numeric feature constant over the training rows is refused too: the model learns
-    nothing from it, and the ONNX scaler would divide by its zero spread.
+    nothing from it, and the ONNX scaler would divide by its zero spread. The numeric features
+    are the double columns other than the label (see :func:`build_training_set`).
     """
-    spreads = [F.stddev_pop(name).alias(name) for name in contract.NUMERIC_FEATURES]
+    numeric = [name for name, kind in train.dtypes if kind == "double" and name != LABEL]
+    spreads = [F.stddev_pop(name).alias(name) for name in numeric]
     stats = train.agg(F.count("*").alias("rows"), F.sum(LABEL).alias("positives"), *spreads).first()
     held = holdout.agg(F.count("*").alias("rows"), F.sum(LABEL).alias("positives")).first()
     assert stats is not None and held is not None  # a global aggregate always has one row
@@ -191,37 +147,10 @@ def check_trainable(train: DataFrame, holdout: DataFrame) -> dict[str, int]:
         rows, positives = counts[part], counts[f"{part}_positives"]
         if positives == 0 or positives == rows:
             raise TrainingError(f"the {part} set has {rows} rows of which {positives} clicked: both classes are needed")
-    constant = [name for name in contract.NUMERIC_FEATURES if not stats[name]]
+    constant = [name for name in numeric if not stats[name]]
     if constant:
         raise TrainingError(f"numeric features {constant} are constant over the {counts['train']} training rows")
     return counts
-
-
-def score(model: PipelineModel, df: DataFrame) -> DataFrame:
-    """``df`` scored: the model's columns plus ``click_probability`` (P(click) as a double)."""
-    return model.transform(df).withColumn(CLICK_PROBABILITY, vector_to_array("probability")[1])
-
-
-def evaluate(scored: DataFrame) -> Evaluation:
-    """AUC, log loss, click rate and mean prediction of scored rows (see :func:`score`)."""
-    auc = BinaryClassificationEvaluator(labelCol=LABEL, metricName="areaUnderROC").evaluate(scored)
-    p = F.least(F.greatest(F.col(CLICK_PROBABILITY), F.lit(_EPSILON)), F.lit(1 - _EPSILON))
-    row = scored.agg(
-        F.count("*").alias("rows"),
-        F.avg(-(F.col(LABEL) * F.log(p) + (1 - F.col(LABEL)) * F.log(1 - p))).alias("log_loss"),
-        F.avg(LABEL).alias("ctr"),
-        F.avg(CLICK_PROBABILITY).alias("mean_prediction"),
-    ).first()
-    assert row is not None
-    if not row["rows"]:
-        raise TrainingError("no rows to evaluate on")
-    return Evaluation(
-        auc=float(auc),
-        log_loss=float(row["log_loss"]),
-        rows=int(row["rows"]),
-        ctr=float(row["ctr"]),
-        mean_prediction=float(row["mean_prediction"]),
-    )
 
 
 # --------------------------------------------------------------------------- the job
@@ -232,15 +161,30 @@ def run(
     cfg: PlatformConfig,
     impressions_version: int | None = None,
     clicks_version: int | None = None,
+    snapshot_as_of: datetime | None = None,
 ) -> TrainResult:
-    """The whole batch run: snapshot -> views -> training set -> model -> ONNX -> MLflow.
+    """The whole batch run: snapshot -> views -> training set -> model -> ONNX -> MLflow -> gate.
 
-    Nothing is registered unless ONNX reproduces Spark's holdout probabilities within
-    ``ctr.parity_atol``; the MLflow run is then left FAILED with ``parity=failed``.
+    Bronze is pinned at the given versions, or at the versions each table had at
+    ``snapshot_as_of``, or at the latest ones. Nothing is registered unless ONNX reproduces
+    Spark's holdout probabilities within ``ctr.parity_atol``; the MLflow run is then left FAILED
+    with ``parity=failed``. If versions with the same lineage (horizon, config and feature
+    definitions) are already registered, nothing is trained and they are returned (``reused``).
     """
-    snapshot = read_snapshot(spark, cfg, impressions_version, clicks_version)
+    snapshot = read_snapshot(spark, cfg, impressions_version, clicks_version, as_of=snapshot_as_of)
     horizon = snapshot.horizon
     log.info("pinned %s", horizon)
+    lineage = Lineage(horizon, registry.training_config_hash(cfg), definitions_hash(cfg.features))
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    existing = registry.find_registered(client, cfg.mlflow.registered_model, lineage)
+    if existing is not None:
+        log.info(
+            "%s was already trained with this config and these feature definitions (MLflow run %s): "
+            "skipping training, no new model version",
+            horizon,
+            existing.run_id,
+        )
+        return reused_result(client, existing, horizon)
     impressions, clicks = (frame.cache() for frame in clean_events(snapshot))
     training = None
     try:
@@ -248,8 +192,8 @@ def run(
         if as_of is None:
             raise TrainingError(f"{horizon} holds no events")
         window = cfg.ctr.attribution_window_minutes
-        increments = count_increments(impressions, attribute_clicks(impressions, clicks, window))
-        write_views(build_views(increments, horizon), cfg)
+        events = feature_events(impressions, attribute_clicks(impressions, clicks, window), cfg.features)
+        write_views(build_views(events, cfg.features, horizon), cfg)
 
         training = build_training_set(impressions, clicks, cfg, as_of).cache()
         train, holdout, cutoff = split_by_time(training, cfg.ctr.holdout_fraction)
@@ -257,51 +201,90 @@ def run(
         rows["labelled"] = rows["train"] + rows["holdout"]
         log.info("labelled %d impressions up to %s; holdout after %s", rows["labelled"], as_of, cutoff)
 
-        model = build_pipeline(cfg).fit(train)
+        selection = select_model(train, cfg)
+        model = selection.model
         scored = score(model, holdout).cache()
-        evaluation = evaluate(scored)
-        log.info("holdout AUC %.4f, log loss %.4f over %d rows", evaluation.auc, evaluation.log_loss, evaluation.rows)
+        evaluation = evaluate(scored, cfg.ctr.calibration_bins)
+        log.info(
+            "holdout AUC %.4f, log loss %.4f, ECE %.4f over %d rows",
+            evaluation.auc,
+            evaluation.log_loss,
+            evaluation.ece,
+            evaluation.rows,
+        )
 
-        onnx_model = export_onnx(model, spark, name=cfg.mlflow.registered_model)
-        compared = scored.select(*contract.MODEL_INPUTS, CLICK_PROBABILITY).limit(PARITY_MAX_ROWS).toPandas()
+        inputs = contract.model_inputs(cfg.features)
+        onnx_model = export_onnx(model, spark, inputs, name=cfg.mlflow.registered_model)
+        compared = scored.select(*inputs.names, CLICK_PROBABILITY).limit(PARITY_MAX_ROWS).toPandas()
         scored.unpersist()
         spark_p = compared[CLICK_PROBABILITY].to_numpy(dtype=np.float64)
-        onnx_p = onnx_click_probabilities(onnx_model, onnx_inputs(compared))
+        onnx_p = onnx_click_probabilities(onnx_model, onnx_inputs(compared, inputs))
 
         params = {
-            **cfg.ctr.model_dump(),
+            **registry.flat_params(cfg.ctr.model_dump(mode="json")),
+            **registry.flat_params(selection.params, "chosen"),
             "labels_as_of": as_of.isoformat(),
             "holdout_after": cutoff.isoformat(),
-            "feature_definitions_sha256": definitions_hash(),
+            "validation_after": "" if selection.validation_after is None else selection.validation_after.isoformat(),
+            "feature_definitions_sha256": lineage.features_sha256,
+            "config_sha256": lineage.config_sha256,
         }
         metrics = {**evaluation.metrics(), **{f"rows_{k}": float(v) for k, v in rows.items()}}
-        run_id, versions = log_and_register(cfg, horizon, params, metrics, model, onnx_model, spark_p, onnx_p)
+        run_id, versions, gate = log_and_register(
+            cfg, lineage, params, metrics, selection, evaluation, onnx_model, spark_p, onnx_p, holdout
+        )
     finally:
         for frame in (impressions, clicks, training):
             if frame is not None:
                 frame.unpersist()
-    return TrainResult(run_id, versions, horizon, evaluation.auc, evaluation.log_loss, rows)
+    return TrainResult(
+        run_id, versions, horizon, evaluation.auc, evaluation.log_loss, rows, gate.decision, gate.reason
+    )
+
+
+def reused_result(client: mlflow.MlflowClient, existing: ExistingVersions, horizon: Horizon) -> TrainResult:
+    """The result of the earlier run that registered ``existing`` (what a re-run reports)."""
+    metrics = client.get_run(existing.run_id).data.metrics
+    rows = {key.removeprefix("rows_"): int(value) for key, value in metrics.items() if key.startswith("rows_")}
+    return TrainResult(
+        existing.run_id,
+        existing.versions,
+        horizon,
+        metrics["auc"],
+        metrics["log_loss"],
+        rows,
+        existing.decision or "",
+        reused=True,
+    )
 
 
 def log_and_register(
     cfg: PlatformConfig,
-    horizon: Horizon,
+    lineage: Lineage,
     params: dict[str, object],
     metrics: dict[str, float],
-    model: PipelineModel,
+    selection: Selection,
+    evaluation: Evaluation,
     onnx_model: onnx.ModelProto,
     spark_probabilities: np.ndarray,
     onnx_probabilities: np.ndarray,
-) -> tuple[str, RegisteredVersions]:
-    """One MLflow run with the horizon, params, metrics and config; both models registered
-    only if the parity check passes (else the run ends FAILED, tagged ``parity=failed``)."""
+    holdout: DataFrame,
+) -> tuple[str, RegisteredVersions, registry.GateDecision]:
+    """One MLflow run with the lineage, params, metrics, config, search and calibration; both
+    models registered only if the parity check passes (else the run ends FAILED, tagged
+    ``parity=failed``), then the gate: the champion is scored on the same ``holdout`` rows and
+    the new ONNX version becomes ``champion`` or ``challenger``."""
+    horizon, name = lineage.horizon, cfg.mlflow.registered_model
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_experiment(cfg.mlflow.experiment)
     with mlflow.start_run(run_name=f"train-{horizon.impressions}-{horizon.clicks}") as active:
-        mlflow.set_tags({**horizon.tags(), contract.TAG_MODEL_INPUTS: ",".join(contract.MODEL_INPUTS)})
+        mlflow.set_tags({**lineage.tags(), contract.TAG_MODEL_INPUTS: contract.model_inputs(cfg.features).tag()})
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
+        mlflow.log_dict(selection.report(), "search.json")
+        mlflow.log_dict(evaluation.calibration_table(), "calibration.json")
+        mlflow.log_figure(calibration_figure(evaluation, f"{name} {cfg.ctr.model}, {horizon}"), "calibration.png")
         try:
             max_diff = check_parity(spark_probabilities, onnx_probabilities, cfg.ctr.parity_atol)
         except ParityError:
@@ -310,8 +293,17 @@ def log_and_register(
         mlflow.set_tag(contract.TAG_PARITY, "passed")
         mlflow.log_metric("parity_max_abs_diff", max_diff)
         log.info("ONNX matches Spark on %d holdout rows (max difference %.2g)", len(spark_probabilities), max_diff)
-        versions = register_models(model, onnx_model, cfg.mlflow.registered_model, horizon)
-        return active.info.run_id, versions
+
+        client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+        champion = registry.score_champion(client, name, holdout.columns, lambda other: auc(score(other, holdout)))
+        gate = registry.decide(evaluation.auc, champion, cfg.ctr.min_auc_gain)
+        mlflow.set_tags(gate.tags())
+        if champion is not None and champion.auc is not None:
+            mlflow.log_metric("champion_auc", champion.auc)
+        log.info("quality gate: %s (%s)", gate.decision, gate.reason)
+        versions = register_models(selection.model, onnx_model, name, horizon, {**lineage.tags(), **gate.tags()})
+        registry.apply_decision(client, name, versions, gate)
+        return active.info.run_id, versions, gate
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -325,8 +317,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--impressions-version", type=_version, metavar="N", help="bronze impressions Delta version (default: latest)"
     )
     parser.add_argument("--clicks-version", type=_version, metavar="N", help="bronze clicks Delta version (default: latest)")
+    parser.add_argument(
+        "--as-of",
+        type=_timestamp,
+        metavar="TIMESTAMP",
+        help="pin each bronze table at its version as of this ISO 8601 time, e.g. 2026-01-01T12:00:00Z "
+        "(naive times are UTC); not with --impressions-version or --clicks-version",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.as_of is not None and (args.impressions_version is not None or args.clicks_version is not None):
+        parser.error("--as-of pins both tables: give it without --impressions-version and --clicks-version")
+    return args
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an as-of time is ISO 8601, e.g. 2026-01-01T12:00:00Z, not {text!r}") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _version(text: str) -> int:
@@ -348,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     owns_session = SparkSession.getActiveSession() is None
     spark = get_spark(cfg, "batch-train")
     try:
-        result = run(spark, cfg, args.impressions_version, args.clicks_version)
+        result = run(spark, cfg, args.impressions_version, args.clicks_version, args.as_of)
     finally:
         if owns_session:
             spark.stop()

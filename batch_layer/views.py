@@ -1,7 +1,9 @@
-"""The batch views: per-user and per-item totals of impressions and attributed clicks over a
-whole snapshot, stamped with its horizon, overwritten by each batch run.
+"""The batch views: one Delta table per declared entity with a row per (entity keys, event-time
+bucket) holding every declared aggregate, stamped with the horizon, overwritten by each run.
 
-The serving layer reads them; the speed layer adds its increments after the horizon on top.
+The serving layer reads them and reads windows off the buckets; the speed layer merges its
+increments after the horizon on top (the rows are monoids, see ``lambda_ml.features``).
+Writing the same horizon twice gives the same table.
 """
 
 from __future__ import annotations
@@ -12,36 +14,39 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from lambda_ml import contract
-from lambda_ml.config import PlatformConfig
+from lambda_ml.config import FeaturesConfig, PlatformConfig
 from lambda_ml.contract import Horizon
-from lambda_ml.features import ENTITIES, Entity, entity_counts
+from lambda_ml.features import BUCKET, bucket_increments
 
 log = logging.getLogger(__name__)
 
 
+def build_view(events: DataFrame, entity: str, features: FeaturesConfig, horizon: Horizon) -> DataFrame:
+    """``<keys>, bucket_start, <aggregates>, horizon_impressions, horizon_clicks`` for one entity.
 
-def build_view(increments: DataFrame, entity: Entity, horizon: Horizon) -> DataFrame:
-    """``<key>, impressions, clicks, horizon_impressions, horizon_clicks`` for one entity."""
-    return entity_counts(increments, entity).select(
-        entity.key,
-        "impressions",
-        "clicks",
+    ``events`` are the snapshot's feature events (``lambda_ml.features.feature_events``).
+    """
+    declared = features.entities[entity]
+    return bucket_increments(events, declared, features).select(
+        *declared.keys,
+        BUCKET,
+        *features.aggregates,
         F.lit(horizon.impressions).cast("long").alias(contract.VIEW_HORIZON_COLUMNS["impressions"]),
         F.lit(horizon.clicks).cast("long").alias(contract.VIEW_HORIZON_COLUMNS["clicks"]),
     )
 
 
-def build_views(increments: DataFrame, horizon: Horizon) -> dict[Entity, DataFrame]:
-    """Every entity's view from the snapshot's count increments."""
-    return {entity: build_view(increments, entity, horizon) for entity in ENTITIES}
+def build_views(events: DataFrame, features: FeaturesConfig, horizon: Horizon) -> dict[str, DataFrame]:
+    """Every declared entity's view, by entity name."""
+    return {entity: build_view(events, entity, features, horizon) for entity in features.entities}
 
 
-def write_views(views: dict[Entity, DataFrame], cfg: PlatformConfig) -> dict[str, str]:
-    """Overwrite each view's Delta table; return ``{entity key: path}``."""
+def write_views(views: dict[str, DataFrame], cfg: PlatformConfig) -> dict[str, str]:
+    """Overwrite each entity's view table (schema included); return ``{entity: path}``."""
     paths = {}
     for entity, view in views.items():
-        path = cfg.lake.table(*entity.view)
+        path = cfg.lake.table(*contract.view_table(entity))
         view.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(path)
-        log.info("wrote the %s view to %s", entity.key.removesuffix("_id"), path)
-        paths[entity.key] = path
+        log.info("wrote the %s view to %s", entity, path)
+        paths[entity] = path
     return paths

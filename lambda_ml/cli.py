@@ -2,9 +2,12 @@
 
     lambda-ml setup                      resolve the JVM jars from Maven Central
     lambda-ml stack up|down|status       the embedded Kafka broker, MLflow server (and service)
+    lambda-ml cluster up|down|status     a local Spark standalone cluster (master + one worker)
     lambda-ml generate                   send generated click-through events to Kafka
     lambda-ml speed ingest               Kafka -> bronze Delta tables (streaming)
-    lambda-ml batch train                train, register and crown a model from bronze
+    lambda-ml batch train                train, register and gate a model from bronze
+    lambda-ml batch rollback [--to V]    move the champion alias back (default: previous champion)
+    lambda-ml batch maintenance          OPTIMIZE and VACUUM the lake, keeping pinned horizons
     lambda-ml serve                      the prediction service
     lambda-ml submit SCRIPT [ARGS]       run a job with spark-submit and the platform's jars
     lambda-ml demo                       all of the above, end to end, with a summary
@@ -71,7 +74,46 @@ def _speed(cfg: PlatformConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster(cfg: PlatformConfig, args: argparse.Namespace) -> int:
+    from lambda_ml import cluster
+
+    running = cluster.StandaloneCluster.for_config(cfg)
+    if args.action == "up" and running.master.pid() is None:
+        spec = cluster.ClusterSpec(
+            port=args.port, webui_port=args.webui_port, worker_port=args.port + 1, worker_webui_port=args.webui_port + 1,
+            cores=args.cores or cluster.default_cores(), memory=args.memory,
+        )  # fmt: skip
+        started = cluster.StandaloneCluster.for_config(cfg, spec)
+        started.start()
+        print(f"Spark master: {started.master_url}\nSpark UI:     {spec.webui_url}")
+        print(f"run a job on it: lambda-ml submit --master {started.master_url} batch_layer/train.py")
+    elif args.action == "down":
+        stopped = running.stop()
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    else:
+        if args.action == "up":
+            print(f"already running at {running.master_url}; `lambda-ml cluster down` stops it")
+        print(json.dumps(running.status(), indent=2))
+    return 0
+
+
 def _batch(cfg: PlatformConfig, args: argparse.Namespace) -> int:
+    if args.job == "maintenance":
+        from batch_layer import maintenance
+
+        return maintenance.main([*(["--config", cfg.source] if cfg.source != "<defaults>" else []), *args.job_args])
+    if args.job == "rollback":
+        from mlflow import MlflowClient
+
+        from batch_layer import registry
+
+        try:
+            moved = registry.rollback(MlflowClient(cfg.mlflow.tracking_uri), cfg.mlflow.registered_model, args.to)
+        except registry.RollbackError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(moved.summary())
+        return 0
     from batch_layer import train
 
     train.main([*(["--config", cfg.source] if cfg.source != "<defaults>" else []), *args.job_args])
@@ -122,10 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     speed = sub.add_subparsers(dest="job", required=True, metavar="JOB")
     ingest = speed.add_parser("ingest", help="Kafka -> bronze Delta tables, exactly once; bad records -> quarantine.")
     ingest.add_argument("--available-now", action="store_true", help="ingest what Kafka holds now, then stop")
+    sub = verb("cluster", _cluster, "Start, stop or inspect a local Spark standalone cluster (one master, one worker).")
+    sub.add_argument("action", choices=("up", "down", "status"))
+    sub.add_argument("--port", type=int, default=7077, help="master port; the worker takes the next one (default: 7077)")
+    sub.add_argument("--webui-port", type=int, default=8080, help="master web UI port; the worker's is the next one (default: 8080)")
+    sub.add_argument("--cores", type=int, help="cores the worker offers (default: all of this machine's)")
+    sub.add_argument("--memory", default="2g", help="memory the worker offers to executors (default: 2g)")
     sub = verb("batch", _batch, "Run a batch-layer job.")
     batch = sub.add_subparsers(dest="job", required=True, metavar="JOB")
     train = batch.add_parser("train", help="Train, check and register a model from a pinned bronze snapshot.")
     train.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the job (see `... train -- --help`)")
+    rollback = batch.add_parser(
+        "rollback", help="Point the champion alias back at the previous champion (or at --to VERSION)."
+    )
+    rollback.add_argument("--to", metavar="VERSION", help="ONNX model version to make champion (default: previous-champion)")
+    maintain = batch.add_parser("maintenance", help="OPTIMIZE and VACUUM the lake's tables, keeping every horizon a model in use pins.")
+    maintain.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the job (see `... maintenance -- --help`)")
     verb("serve", _serve, "Run the prediction service in the foreground.")
     sub = verb("submit", _submit, "Run a job script with spark-submit and the platform's jars and settings.")
     sub.add_argument("--master", help="Spark master (default: spark.master from config)")

@@ -11,10 +11,20 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from datetime import timedelta
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "conf" / "platform.yaml"
@@ -88,12 +98,221 @@ class LakeConfig(_Model):
         return "/".join([self.root.rstrip("/"), *parts])
 
 
+class GbtConfig(_Model):
+    """Spark ``GBTClassifier`` parameters, used when ``ctr.model`` is ``gbt``."""
+
+    max_depth: int = Field(4, ge=1, le=30)
+    max_iter: int = Field(30, gt=0)
+    step_size: float = Field(0.1, gt=0, le=1)
+    subsampling_rate: float = Field(1.0, gt=0, le=1)
+    max_bins: int = Field(32, ge=2)
+    seed: int = 7
+
+
+class LrGridConfig(_Model):
+    """Values of the logistic regression's parameters to try; an empty list keeps ``ctr.<name>``."""
+
+    reg_param: tuple[Annotated[float, Field(ge=0)], ...] = (0.001, 0.01, 0.1)
+    elastic_net_param: tuple[Annotated[float, Field(ge=0, le=1)], ...] = (0.0,)
+
+
+class GbtGridConfig(_Model):
+    """Values of the trees' parameters to try; an empty list keeps ``ctr.gbt.<name>``."""
+
+    max_depth: tuple[Annotated[int, Field(ge=1, le=30)], ...] = (3, 5)
+    max_iter: tuple[Annotated[int, Field(gt=0)], ...] = ()
+
+
+class SearchConfig(_Model):
+    """The hyper-parameter search: every combination of the selected model's grid is fitted on
+    the older training rows and scored (AUC) on the most recent ``validation_fraction`` of them;
+    the best is refitted on all training rows. The holdout is never looked at."""
+
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    lr: LrGridConfig = LrGridConfig()
+    gbt: GbtGridConfig = GbtGridConfig()
+
+
 class CtrConfig(_Model):
     attribution_window_minutes: int = Field(30, gt=0)
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    model: Literal["lr", "gbt"] = "lr"
+    # Logistic regression (model: lr).
     reg_param: float = Field(0.01, ge=0)
+    elastic_net_param: float = Field(0.0, ge=0, le=1)
     max_iter: int = Field(50, gt=0)
+    gbt: GbtConfig = GbtConfig()
+    search: SearchConfig = SearchConfig()
+    calibration_bins: int = Field(10, ge=2, le=100)
+    min_auc_gain: float = Field(0.0, ge=0, lt=1)
     parity_atol: float = Field(1e-5, gt=0)
+
+
+_DURATION = re.compile(r"^([1-9][0-9]*)([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """A duration written as a whole number and a unit (``s``, ``m``, ``h`` or ``d``).
+
+    >>> parse_duration("90s"), parse_duration("7d")
+    (datetime.timedelta(seconds=90), datetime.timedelta(days=7))
+    """
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration such as 30m, 1h or 7d")
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def _check_duration(text: str) -> str:
+    parse_duration(text)
+    return text
+
+
+# A duration kept as written ("24h"): the text is part of the feature names of a window.
+Duration = Annotated[str, AfterValidator(_check_duration)]
+
+
+class FeatureEntityConfig(_Model):
+    """Something features are aggregated per: one or more impression columns."""
+
+    keys: tuple[str, ...] = Field(min_length=1)
+
+
+class AggregateConfig(_Model):
+    """One monoid aggregate per (entity, bucket): a count of events or a sum/min/max of a measure."""
+
+    events: Literal["impressions", "clicks"]
+    aggregation: Literal["count", "sum", "min", "max"]
+    measure: str | None = None
+    empty: float = 0.0  # the feature over a window without events (min and max; counts and sums are 0)
+
+    @model_validator(mode="after")
+    def _measure_fits_the_aggregation(self) -> AggregateConfig:
+        if self.aggregation == "count" and self.measure is not None:
+            raise ValueError("a count has no measure: drop measure, or use sum, min or max")
+        if self.aggregation != "count" and self.measure is None:
+            raise ValueError(f"a {self.aggregation} needs a measure, a numeric impression field such as position")
+        return self
+
+
+class RatioConfig(_Model):
+    """``(numerator + prior_alpha) / (denominator + prior_alpha + prior_beta)`` per entity and window:
+    the posterior mean of a Beta(alpha, beta) prior, so an entity with no history gets the prior."""
+
+    numerator: str
+    denominator: str
+    prior_alpha: float = Field(ge=0)
+    prior_beta: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _prior_is_proper(self) -> RatioConfig:
+        if self.prior_alpha + self.prior_beta <= 0:
+            raise ValueError("prior_alpha + prior_beta must be positive, or an empty window divides 0 by 0")
+        return self
+
+
+class ContextConfig(_Model):
+    """Impression fields fed to the model as they are (known when the impression is scored)."""
+
+    numeric: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+
+
+class FeaturesConfig(_Model):
+    """The feature declarations: aggregates per (entity, event-time bucket), read over windows.
+
+    Every window feature is named ``<entity>_<aggregate or ratio>_<window>``, e.g.
+    ``user_clicks_24h`` (see ``lambda_ml.contract.model_inputs``).
+    """
+
+    bucket: Duration
+    windows: tuple[Duration, ...] = Field(min_length=1)
+    entities: dict[str, FeatureEntityConfig] = Field(min_length=1)
+    aggregates: dict[str, AggregateConfig] = Field(min_length=1)
+    ratios: dict[str, RatioConfig] = {}
+    context: ContextConfig = ContextConfig()
+
+    @property
+    def bucket_width(self) -> timedelta:
+        return parse_duration(self.bucket)
+
+    @property
+    def measures(self) -> tuple[str, ...]:
+        """The impression fields the aggregates fold, each once, in declaration order."""
+        return tuple(dict.fromkeys(a.measure for a in self.aggregates.values() if a.measure is not None))
+
+    @property
+    def carried_fields(self) -> tuple[str, ...]:
+        """Impression fields a feature event carries: every entity key, then every measure."""
+        keys = [key for entity in self.entities.values() for key in entity.keys]
+        return tuple(dict.fromkeys([*keys, *self.measures]))
+
+    @field_validator("windows")
+    @classmethod
+    def _windows_are_whole_buckets(cls, windows: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        bucket = info.data.get("bucket")
+        if bucket is None:
+            return windows  # the bucket's own error is reported
+        width, seen = parse_duration(bucket), set()
+        for window in windows:
+            span = parse_duration(window)
+            if span % width:
+                raise ValueError(f"window {window} is not a whole number of {bucket} buckets")
+            if span in seen:
+                raise ValueError(f"window {window} repeats the length of another window")
+            seen.add(span)
+        return windows
+
+    @field_validator("entities", "aggregates", "ratios")
+    @classmethod
+    def _names_are_identifiers(cls, named: dict[str, Any]) -> dict[str, Any]:
+        for name in named:
+            if not _NAME.match(name):
+                raise ValueError(f"{name!r} is not a lower-case identifier (it names columns and features)")
+        return named
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_divide_declared_aggregates(cls, ratios: dict[str, RatioConfig], info: ValidationInfo) -> dict[str, RatioConfig]:
+        aggregates: dict[str, AggregateConfig] | None = info.data.get("aggregates")
+        if aggregates is None:
+            return ratios
+        for name, ratio in ratios.items():
+            for role, aggregate in (("numerator", ratio.numerator), ("denominator", ratio.denominator)):
+                if aggregate not in aggregates:
+                    raise ValueError(
+                        f"{name}.{role}: {aggregate!r} is not a declared aggregate (one of {', '.join(aggregates)})"
+                    )
+                if aggregates[aggregate].aggregation not in ("count", "sum"):
+                    raise ValueError(f"{name}.{role}: {aggregate!r} is a {aggregates[aggregate].aggregation}; ratios divide counts or sums")
+        return ratios
+
+    @model_validator(mode="after")
+    def _fields_exist_and_names_are_unique(self) -> FeaturesConfig:
+        # Imported here: the schemas need pyspark's types, which config users need not load.
+        from lambda_ml import contract
+        from lambda_ml.schemas import IMPRESSION
+
+        kinds = {f.name: f.kind for f in IMPRESSION.fields if f.name not in ("event_id", "event_time")}
+        strings = [name for name, kind in kinds.items() if kind == "string"]
+        numbers = [name for name, kind in kinds.items() if kind == "int"]
+        used = [(f"entities.{name}.keys", key, strings) for name, e in self.entities.items() for key in e.keys]
+        used += [(f"aggregates.{name}.measure", a.measure, numbers) for name, a in self.aggregates.items() if a.measure]
+        used += [("context.numeric", field, numbers) for field in self.context.numeric]
+        used += [("context.categorical", field, strings) for field in self.context.categorical]
+        for where, field, allowed in used:
+            if field not in allowed:
+                raise ValueError(f"{where}: {field!r} is not one of the impression fields {', '.join(allowed)}")
+        for name in self.aggregates:
+            if name in kinds or name == contract.VIEW_BUCKET_COLUMN or name in contract.VIEW_HORIZON_COLUMNS.values():
+                raise ValueError(f"aggregates.{name}: the name is taken by a column of the view tables")
+        names = list(contract.model_inputs(self).names)
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"feature names {repeated} are derived twice: rename an entity, aggregate or ratio")
+        return self
 
 
 class SpeedConfig(_Model):
@@ -122,6 +341,30 @@ class GeneratorConfig(_Model):
     compression: Literal["none", "gzip", "lz4", "zstd"] = "zstd"
 
 
+class MaintenanceConfig(_Model):
+    """The Delta maintenance job (``batch_layer/maintenance.py``): OPTIMIZE, then VACUUM."""
+
+    retention_hours: float = Field(168, ge=0)
+    safety_margin_minutes: float = Field(60, ge=0)
+    optimize: bool = True
+    tables: tuple[str, ...] = (
+        "bronze/impressions",
+        "bronze/clicks",
+        "quarantine",
+        "views/user_counts",
+        "views/item_counts",
+    )
+    registry_timeout_s: int = Field(30, gt=0)
+
+    @field_validator("tables")
+    @classmethod
+    def _relative_paths(cls, tables: tuple[str, ...]) -> tuple[str, ...]:
+        for table in tables:
+            if not table or table.startswith("/") or "://" in table or ".." in table.split("/"):
+                raise ValueError(f"{table!r} is not a table path relative to lake.root, e.g. bronze/impressions")
+        return tables
+
+
 class PlatformConfig(_Model):
     data_dir: Path = Path(".data")
     jvm: JvmConfig = JvmConfig()
@@ -130,9 +373,11 @@ class PlatformConfig(_Model):
     mlflow: MlflowConfig = MlflowConfig()
     lake: LakeConfig = LakeConfig()
     ctr: CtrConfig = CtrConfig()
+    features: FeaturesConfig
     speed: SpeedConfig = SpeedConfig()
     serving: ServingConfig = ServingConfig()
     generator: GeneratorConfig = GeneratorConfig()
+    maintenance: MaintenanceConfig = MaintenanceConfig()
     source: str = Field("<defaults>", exclude=True)
 
     @property

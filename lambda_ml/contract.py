@@ -1,31 +1,80 @@
 """What the batch layer publishes and the serving layer reads: model inputs, registry tags and
 view tables. The layers never import each other; they agree on these names only.
 
-Model inputs (in this order) are the ONNX graph's inputs, one ``[None, 1]`` tensor each:
-per-user and per-item counts of impressions and clicks strictly before the scoring time,
-the ad position (floats), and the device (string).
+Model inputs are derived from the feature declarations (``features:`` in ``conf/``) by
+:func:`model_inputs`: one window feature ``<entity>_<aggregate or ratio>_<window>`` per entity,
+aggregate or ratio and window, then the context fields. They are the ONNX graph's inputs, one
+``[None, 1]`` tensor each (float for numbers, string for categorical fields), and are recorded
+on every registered version in the ``model_inputs`` tag.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-# Numeric model inputs, float tensors of shape [None, 1].
-USER_COUNT_FEATURES = ("user_impressions", "user_clicks")
-ITEM_COUNT_FEATURES = ("item_impressions", "item_clicks")
-CONTEXT_NUMERIC_FEATURES = ("position",)
-NUMERIC_FEATURES = USER_COUNT_FEATURES + ITEM_COUNT_FEATURES + CONTEXT_NUMERIC_FEATURES
-# String model inputs, string tensors of shape [None, 1].
-CATEGORICAL_FEATURES = ("device",)
-MODEL_INPUTS = NUMERIC_FEATURES + CATEGORICAL_FEATURES
+if TYPE_CHECKING:
+    from lambda_ml.config import FeaturesConfig
 
-# Batch views (Delta tables under lake.root): entity key, impressions, clicks, horizon columns.
-USER_VIEW = ("views", "user_counts")
-ITEM_VIEW = ("views", "item_counts")
-VIEW_COUNT_COLUMNS = ("impressions", "clicks")
+
+def window_feature_name(entity: str, statistic: str, window: str) -> str:
+    """The name of one window feature (a model input and a training-set column).
+
+    >>> window_feature_name("item", "ctr", "7d")
+    'item_ctr_7d'
+    """
+    return f"{entity}_{statistic}_{window}"
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """A model's inputs, in graph order: float tensors, then string tensors."""
+
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.numeric + self.categorical
+
+    def tag(self) -> str:
+        """The value of the ``model_inputs`` registry tag.
+
+        >>> ModelInputs(("user_clicks_1h", "position"), ("device",)).tag()
+        'user_clicks_1h,position,device'
+        """
+        return ",".join(self.names)
+
+
+def model_inputs(features: FeaturesConfig) -> ModelInputs:
+    """The model inputs the declarations define: per entity, per aggregate then ratio, per window,
+    then the numeric and categorical context fields."""
+    statistics = [*features.aggregates, *features.ratios]
+    window_features = tuple(
+        window_feature_name(entity, statistic, window)
+        for entity in features.entities
+        for statistic in statistics
+        for window in features.windows
+    )
+    return ModelInputs(window_features + features.context.numeric, features.context.categorical)
+
+
+# Batch views (Delta tables under lake.root), one per declared entity: its key columns, the
+# bucket start, one column per declared aggregate, and the horizon columns.
+VIEW_BUCKET_COLUMN = "bucket_start"
 # Horizon part (bronze table) -> the view column holding its Delta version.
 VIEW_HORIZON_COLUMNS = {"impressions": "horizon_impressions", "clicks": "horizon_clicks"}
+
+
+def view_table(entity: str) -> tuple[str, ...]:
+    """Path parts, under ``lake.root``, of an entity's batch view.
+
+    >>> view_table("user_device")
+    ('views', 'user_device_buckets')
+    """
+    return ("views", f"{entity}_buckets")
+
 
 # Registry alias of the model serving answers with by default.
 CHAMPION_ALIAS = "champion"
@@ -35,7 +84,7 @@ TAG_FLAVOR = "flavor"  # "spark" | "onnx"
 TAG_HORIZON_IMPRESSIONS = "horizon.impressions"  # bronze impressions Delta version
 TAG_HORIZON_CLICKS = "horizon.clicks"  # bronze clicks Delta version
 TAG_SPARK_VERSION = "spark_model_version"  # on the ONNX version: its Spark twin
-TAG_MODEL_INPUTS = "model_inputs"  # comma-separated MODEL_INPUTS
+TAG_MODEL_INPUTS = "model_inputs"  # ModelInputs.tag(): comma-separated input names
 TAG_PARITY = "parity"  # "passed" | "failed": the ONNX-vs-Spark check of the run
 # Name of the ONNX output holding [P(no click), P(click)] per row.
 ONNX_PROBABILITY_OUTPUT = "probability"

@@ -80,8 +80,10 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
                 f"{truth.malformed_total} malformed",
                 f"bronze (all runs):        {counts['impressions']} impressions, {counts['clicks']} clicks",
                 f"quarantined (all runs):   {counts['quarantine']} records, each with its reason",
-                f"model:                    {cfg.mlflow.registered_model} version {result.versions.onnx} (ONNX, alias champion), "
+                f"model:                    {cfg.mlflow.registered_model} version {result.versions.onnx} (ONNX, "
+                f"{'already registered for this horizon' if result.reused else 'alias ' + result.decision}), "
                 f"Spark twin version {result.versions.spark}",
+                f"quality gate:             {result.reason or 'no decision recorded'}",
                 f"holdout:                  AUC {result.auc:.4f}, log loss {result.log_loss:.4f} on "
                 f"{result.rows.get('holdout', 0)} impressions ({result.rows.get('train', 0)} trained on)",
                 f"horizon:                  {result.horizon}",

@@ -1,7 +1,7 @@
-"""Feature and label definitions of the click-through application, written once for both
-engines: every function takes and returns Spark DataFrames (or Columns) and uses only
-operations that work on static frames (the batch layer) and on a micro-batch's static frame
-(the speed layer's ``foreachBatch``).
+"""Labels and features of the click-through application, in Spark, derived from the feature
+declarations (``features:`` in ``conf/``). :func:`feature_events` and :func:`bucket_increments`
+use only projections, unions and a grouped aggregation on event-time buckets, so the same
+code runs on a static DataFrame (the batch layer) and on a streaming one (the speed layer).
 
 The vocabulary:
 
@@ -10,47 +10,45 @@ The vocabulary:
   Clicks without an impression, or after the window, are not counted anywhere.
 - A **label** is 1.0 for an impression with at least one attributed click, 0.0 for one without,
   and only exists once the impression's window has closed (``impression time + window <= as_of``).
-- A **count increment** is one row ``(user_id, item_id, event_time, impressions, clicks)`` worth
-  ``(1, 0)`` per impression at its event time and ``(0, 1)`` per attributed click at the click's
-  event time. Entity counts are sums of increments, so they are monoids: counts over a snapshot
-  plus counts over the increments after it equal counts over both.
-- A **point-in-time count** of an impression sums the increments of its user (or item) strictly
-  before the impression's event time: its own click, events at the same instant and later events
-  never leak into its features.
+- A **feature event** is an impression at its event time, or an attributed click at the click's
+  event time carrying its impression's fields (user, item, device, position...).
+- A **bucket increment** is one row per (entity keys, event-time bucket) with every declared
+  aggregate of the feature events in that bucket. Aggregates are counts, sums, minima and
+  maxima, so bucket rows are monoids: the rows of a snapshot merged with the rows of the events
+  after it equal the rows of both (:func:`merge_buckets`).
+- A **window feature** of an impression at time ``t`` aggregates its entity's feature events
+  in ``[bucket_start(t) - window, t)``: strictly before ``t``, so its own click, events at the
+  same instant and later events never leak into its features (:func:`add_window_features`).
+  The serving layer computes the same value from stored buckets with ``lambda_ml.buckets``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame, Window, WindowSpec
 from pyspark.sql import functions as F
 
-from lambda_ml import contract
+from lambda_ml import buckets, contract
+from lambda_ml.config import AggregateConfig, FeaturesConfig, FeatureEntityConfig, parse_duration
+from lambda_ml.contract import ModelInputs
+from lambda_ml.schemas import IMPRESSION
 
-# Columns of count increments, in order.
-INCREMENT_COLUMNS = ("user_id", "item_id", "event_time", "impressions", "clicks")
 LABEL = "label"
+# Feature-event column telling impressions from attributed clicks (values: the aggregates' ``events``).
+KIND = "kind"
+IMPRESSIONS, CLICKS = "impressions", "clicks"
+BUCKET = contract.VIEW_BUCKET_COLUMN
+# Impression fields an attributed click carries along (everything but the impression's id and time).
+IMPRESSION_FIELDS = tuple(name for name in IMPRESSION.field_names if name not in ("event_id", "event_time"))
 _TARGET = "_pit_target"
-_ORDER = "_pit_micros"
-
-
-@dataclass(frozen=True)
-class Entity:
-    """An entity the platform counts impressions and clicks for."""
-
-    key: str  # id column in events and in its view
-    features: tuple[str, str]  # (impressions feature, clicks feature), names from the contract
-    view: tuple[str, ...]  # lake table of its batch view
-
-
-USER = Entity("user_id", contract.USER_COUNT_FEATURES, contract.USER_VIEW)
-ITEM = Entity("item_id", contract.ITEM_COUNT_FEATURES, contract.ITEM_VIEW)
-ENTITIES = (USER, ITEM)
+_MICROS = "_pit_micros"
+_INDEX = "_pit_bucket"
 
 
 def dedup_events(events: DataFrame) -> DataFrame:
@@ -75,23 +73,21 @@ def within_attribution_window(impression_time: Column, click_time: Column, windo
 
 
 def attribute_clicks(impressions: DataFrame, clicks: DataFrame, window_minutes: int) -> DataFrame:
-    """Attributed clicks with their impression's user and item.
+    """Attributed clicks with their impression's fields.
 
-    Returns ``click_id, impression_id, event_time`` (the click's), ``impression_time,
-    user_id, item_id``. Both inputs must already be deduplicated.
+    Returns ``click_id, impression_id, event_time`` (the click's), ``impression_time`` and the
+    impression's other fields (``user_id, item_id, device, position``). Both inputs must already
+    be deduplicated.
     """
     imp = impressions.select(
-        F.col("event_id").alias("_imp_event_id"),
-        F.col("event_time").alias("impression_time"),
-        "user_id",
-        "item_id",
+        F.col("event_id").alias("_imp_event_id"), F.col("event_time").alias("impression_time"), *IMPRESSION_FIELDS
     )
     clk = clicks.select(F.col("event_id").alias("click_id"), "impression_id", "event_time")
     condition = (clk["impression_id"] == imp["_imp_event_id"]) & within_attribution_window(
         imp["impression_time"], clk["event_time"], window_minutes
     )
     return clk.join(imp, condition, "inner").select(
-        "click_id", "impression_id", "event_time", "impression_time", "user_id", "item_id"
+        "click_id", "impression_id", "event_time", "impression_time", *IMPRESSION_FIELDS
     )
 
 
@@ -128,65 +124,177 @@ def latest_event_time(*frames: DataFrame) -> datetime | None:
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=latest)
 
 
-def count_increments(impressions: DataFrame, attributed: DataFrame) -> DataFrame:
-    """The count increments of impressions (at their time) and attributed clicks (at theirs)."""
+# --------------------------------------------------------------------------- bucket increments
 
-    def worth(shown: int, clicked: int) -> list[Column]:
-        return [F.lit(shown).cast("long").alias("impressions"), F.lit(clicked).cast("long").alias("clicks")]
 
-    shown = impressions.select("user_id", "item_id", "event_time", *worth(1, 0))
-    clicked = attributed.select("user_id", "item_id", "event_time", *worth(0, 1))
+def feature_events(impressions: DataFrame, attributed: DataFrame, features: FeaturesConfig) -> DataFrame:
+    """Impressions and attributed clicks in one shape: ``kind, event_id, event_time`` and the
+    impression fields the declarations use (entity keys, then measures).
+
+    ``event_id`` is the impression's or the click's own id, so that "the events after a
+    horizon" is an anti-join on ``(kind, event_id)``. Works on streaming frames too.
+    """
+    carried = list(features.carried_fields)
+    shown = impressions.select(F.lit(IMPRESSIONS).alias(KIND), "event_id", "event_time", *carried)
+    clicked = attributed.select(F.lit(CLICKS).alias(KIND), F.col("click_id").alias("event_id"), "event_time", *carried)
     return shown.unionByName(clicked)
 
 
-def entity_counts(increments: DataFrame, entity: Entity) -> DataFrame:
-    """Total ``impressions`` and ``clicks`` per entity key over the given increments."""
-    return increments.groupBy(entity.key).agg(
-        F.sum("impressions").cast("long").alias("impressions"),
-        F.sum("clicks").cast("long").alias("clicks"),
-    )
+def _value(aggregate: AggregateConfig) -> Column:
+    """What one feature event adds to an aggregate: 1 or its measure for events of the
+    aggregate's kind, null (ignored by every aggregation) for the others."""
+    value = F.lit(1) if aggregate.measure is None else F.col(aggregate.measure).cast("double")
+    return F.when(F.col(KIND) == aggregate.events, value)
 
 
-def point_in_time_counts(targets: DataFrame, increments: DataFrame, entity: Entity) -> DataFrame:
-    """``targets`` with the entity's impressions and clicks strictly before each row's ``event_time``.
+def _fold(aggregate: AggregateConfig, values: Column, over: WindowSpec | None = None) -> Column:
+    """Feature events -> one aggregate value (long for counts, double otherwise), per group or
+    over a window frame."""
+    fold = {"count": F.count, "sum": F.sum, "min": F.min, "max": F.max}[aggregate.aggregation]
+    folded = fold(values) if over is None else fold(values).over(over)
+    # The sum of no events is 0, the identity of sums (a min or max of nothing stays null).
+    return F.coalesce(folded, F.lit(0.0)) if aggregate.aggregation == "sum" else folded
 
-    ``targets`` needs the entity's key and ``event_time``; the two count columns are named by
-    ``entity.features`` (e.g. ``user_impressions, user_clicks``) and are 0 when nothing came
-    before. One sort per entity key, no self-join.
+
+def _merge(aggregate: AggregateConfig, partials: Column, over: WindowSpec | None = None) -> Column:
+    """Aggregate values -> their combination (the monoid operation), per group or over a frame.
+    Counts and sums add up, minima and maxima take the extreme."""
+    merge = {"count": F.sum, "sum": F.sum, "min": F.min, "max": F.max}[aggregate.aggregation]
+    merged = merge(partials) if over is None else merge(partials).over(over)
+    return merged.cast("long") if aggregate.aggregation == "count" else merged
+
+
+def _spark_duration(width: timedelta) -> str:
+    return f"{int(width.total_seconds())} seconds"
+
+
+def bucket_increments(events: DataFrame, entity: FeatureEntityConfig, features: FeaturesConfig) -> DataFrame:
+    """One row per (entity keys, bucket): ``<keys>, bucket_start`` and one column per aggregate.
+
+    ``events`` are :func:`feature_events`, static or streaming (with a watermark on
+    ``event_time`` for append mode). Buckets are Spark tumbling windows, aligned on the epoch.
     """
-    impressions_col, clicks_col = entity.features
-    marked = targets.withColumn(_TARGET, F.lit(True)).withColumn("_inc_impressions", F.lit(0).cast("long"))
-    marked = marked.withColumn("_inc_clicks", F.lit(0).cast("long"))
-    events = increments.select(
-        entity.key,
-        "event_time",
-        F.col("impressions").alias("_inc_impressions"),
-        F.col("clicks").alias("_inc_clicks"),
-        F.lit(False).alias(_TARGET),
+    bucket = F.window("event_time", _spark_duration(features.bucket_width))
+    folded = [_fold(a, _value(a)).alias(name) for name, a in features.aggregates.items()]
+    grouped = events.groupBy(*entity.keys, bucket.alias("_bucket")).agg(*folded)
+    return grouped.select(*entity.keys, F.col("_bucket.start").alias(BUCKET), *features.aggregates)
+
+
+def merge_buckets(frames: Iterable[DataFrame], entity: FeatureEntityConfig, features: FeaturesConfig) -> DataFrame:
+    """The ⊕ of bucket rows: rows of the same (keys, bucket) combined, each aggregate by its monoid.
+
+    ``merge_buckets([view at v, increments after v])`` equals the view recomputed later.
+    """
+    frames = list(frames)
+    if not frames:
+        raise ValueError("merge_buckets needs at least one frame")
+    columns = [*entity.keys, BUCKET, *features.aggregates]
+    union = frames[0].select(*columns)
+    for frame in frames[1:]:
+        union = union.unionByName(frame.select(*columns))
+    merged = [_merge(a, F.col(name)).alias(name) for name, a in features.aggregates.items()]
+    return union.groupBy(*entity.keys, BUCKET).agg(*merged)
+
+
+# --------------------------------------------------------------------------- point in time
+
+
+def _bucket_index(micros: Column, width: int) -> Column:
+    # Integer arithmetic (a double division could round across a bucket boundary).
+    return ((micros - F.pmod(micros, F.lit(width))) / F.lit(width)).cast("long")
+
+
+def _window_value(aggregate: AggregateConfig, whole: Column, partial: Column) -> Column:
+    """Whole buckets before the current one, combined with the current bucket's part before t."""
+    if aggregate.aggregation in ("count", "sum"):
+        value = F.coalesce(whole, F.lit(0)) + F.coalesce(partial, F.lit(0))
+    elif aggregate.aggregation == "min":
+        value = F.least(whole, partial)  # least and greatest skip nulls
+    else:
+        value = F.greatest(whole, partial)
+    return F.coalesce(value.cast("double"), F.lit(float(aggregate.empty)))
+
+
+def _entity_window_features(
+    targets: DataFrame, events: DataFrame, name: str, entity: FeatureEntityConfig, features: FeaturesConfig
+) -> DataFrame:
+    keys = list(entity.keys)
+    width = buckets.to_micros(features.bucket_width)
+    values = {agg: _value(a).alias(f"_v_{agg}") for agg, a in features.aggregates.items()}
+
+    # The current bucket's part: the entity's events in the target's bucket strictly before it
+    # (a range frame ending one microsecond before the row).
+    marked = targets.withColumn(_TARGET, F.lit(True))
+    points = events.select(*keys, "event_time", *values.values(), F.lit(False).alias(_TARGET))
+    combined = marked.unionByName(points, allowMissingColumns=True).withColumn(_MICROS, F.unix_micros("event_time"))
+    combined = combined.withColumn(_INDEX, _bucket_index(F.col(_MICROS), width))
+    before = Window.partitionBy(*keys, _INDEX).orderBy(_MICROS).rangeBetween(Window.unboundedPreceding, -1)
+    partial = combined
+    for agg, aggregate in features.aggregates.items():
+        partial = partial.withColumn(f"_part_{agg}", _fold(aggregate, F.col(f"_v_{agg}"), over=before))
+    partial = partial.where(F.col(_TARGET)).drop(_TARGET, _MICROS, *(f"_v_{agg}" for agg in values))
+
+    # Whole buckets: the bucket rows of the `n` buckets before the target's, per window.
+    rows = bucket_increments(events, entity, features).withColumn(
+        _INDEX, _bucket_index(F.unix_micros(BUCKET), width)
     )
-    # A range frame ending one microsecond before the row: strictly earlier events only.
-    before = Window.partitionBy(entity.key).orderBy(F.col(_ORDER)).rangeBetween(Window.unboundedPreceding, -1)
-    combined = marked.unionByName(events, allowMissingColumns=True).withColumn(_ORDER, F.unix_micros("event_time"))
-    counted = combined.withColumn(
-        impressions_col, F.coalesce(F.sum("_inc_impressions").over(before), F.lit(0)).cast("long")
-    ).withColumn(clicks_col, F.coalesce(F.sum("_inc_clicks").over(before), F.lit(0)).cast("long"))
-    return counted.where(F.col(_TARGET)).drop(_TARGET, _ORDER, "_inc_impressions", "_inc_clicks")
+    wanted = partial.select(*keys, _INDEX).distinct().withColumn(_TARGET, F.lit(True))
+    series = rows.drop(BUCKET).withColumn(_TARGET, F.lit(False)).unionByName(wanted, allowMissingColumns=True)
+    whole_columns = []
+    for window in features.windows:
+        n = buckets.to_micros(parse_duration(window)) // width
+        frame = Window.partitionBy(*keys).orderBy(_INDEX).rangeBetween(-n, -1)
+        whole_columns += [
+            _merge(aggregate, F.col(agg), over=frame).alias(f"_whole_{agg}_{window}")
+            for agg, aggregate in features.aggregates.items()
+        ]
+    # Window values first, then keep the targets' rows (a filter before would empty the frames).
+    whole = series.select(*keys, _INDEX, _TARGET, *whole_columns).where(F.col(_TARGET)).drop(_TARGET)
+
+    joined = partial.join(whole, [*keys, _INDEX], "left")
+    computed: dict[tuple[str, str], Column] = {}
+    for window in features.windows:
+        for agg, aggregate in features.aggregates.items():
+            computed[(agg, window)] = _window_value(aggregate, F.col(f"_whole_{agg}_{window}"), F.col(f"_part_{agg}"))
+    outputs = [
+        computed[(agg, window)].alias(contract.window_feature_name(name, agg, window))
+        for agg in features.aggregates
+        for window in features.windows
+    ]
+    for ratio_name, ratio in features.ratios.items():
+        for window in features.windows:
+            numerator, denominator = computed[(ratio.numerator, window)], computed[(ratio.denominator, window)]
+            value = (numerator + F.lit(float(ratio.prior_alpha))) / (
+                denominator + F.lit(float(ratio.prior_alpha)) + F.lit(float(ratio.prior_beta))
+            )
+            outputs.append(value.alias(contract.window_feature_name(name, ratio_name, window)))
+    helpers = [c for c in joined.columns if c.startswith(("_part_", "_whole_"))] + [_INDEX]
+    return joined.select("*", *outputs).drop(*helpers)
 
 
-def add_point_in_time_features(targets: DataFrame, increments: DataFrame) -> DataFrame:
-    """``targets`` with every entity's point-in-time counts (the contract's count features)."""
-    for entity in ENTITIES:
-        targets = point_in_time_counts(targets, increments, entity)
+def add_window_features(targets: DataFrame, events: DataFrame, features: FeaturesConfig) -> DataFrame:
+    """``targets`` with every declared window feature at its own ``event_time``.
+
+    ``targets`` need ``event_time`` and every entity's keys; ``events`` are
+    :func:`feature_events`. A target at ``t`` sees its entity's events in
+    ``[bucket_start(t) - window, t)``: whole buckets from the bucket rows, plus the current
+    bucket's events strictly before ``t``. Exact: no approximate window, no leakage.
+    """
+    for name, entity in features.entities.items():
+        targets = _entity_window_features(targets, events, name, entity, features)
     return targets
 
 
-def model_input_columns(df: DataFrame) -> list[Column]:
-    """The contract's model inputs as columns: numeric features as doubles, device as string."""
-    numeric = [F.col(name).cast("double").alias(name) for name in contract.NUMERIC_FEATURES]
-    categorical = [F.col(name).cast("string").alias(name) for name in contract.CATEGORICAL_FEATURES]
-    return numeric + categorical
+def model_input_columns(inputs: ModelInputs) -> list[Column]:
+    """The model inputs as columns, in graph order: numbers as doubles, categories as strings."""
+    numeric = [F.col(name).cast("double").alias(name) for name in inputs.numeric]
+    return numeric + [F.col(name).cast("string").alias(name) for name in inputs.categorical]
 
 
-def definitions_hash() -> str:
-    """SHA-256 of this module's source: logged with every model so a changed definition shows."""
-    return hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()
+def definitions_hash(features: FeaturesConfig) -> str:
+    """SHA-256 of the declarations and of the code computing them: logged with every model so
+    that a changed definition shows."""
+    digest = hashlib.sha256(json.dumps(features.model_dump(mode="json"), sort_keys=True).encode())
+    for module in (buckets, sys.modules[__name__]):
+        digest.update(inspect.getsource(module).encode())
+    return digest.hexdigest()

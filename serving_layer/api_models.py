@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, create_model
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, create_model
 
 MAX_ID_LENGTH = 256
 MAX_DEVICE_LENGTH = 64
@@ -34,6 +34,11 @@ class PredictRow(_Body):
         description="Device, e.g. mobile, desktop or tablet; the model scores other values as an unknown device.",
     )
     position: int = Field(ge=1, le=MAX_POSITION, strict=True, description="Ad position on the page, 1 = top.")
+    event_time: AwareDatetime | None = Field(
+        None,
+        description="When the impression is shown (ISO-8601 with a time zone); default: now. Window features "
+        "cover the events before it, so a time earlier than the views' latest events also sees later ones.",
+    )
 
 
 class PredictBatch(_Body):
@@ -103,30 +108,22 @@ class ModelOut(_Body):
     horizon: HorizonOut = Field(description="Bronze versions the model was trained at.")
 
 
-class FeaturesOut(_Body):
-    """The feature values the row was scored with."""
-
-    user_impressions: int
-    user_clicks: int
-    item_impressions: int
-    item_clicks: int
-    position: int
-    device: str
-
-
 class Prediction(_Body):
     user_id: str
     item_id: str
     probability: float = Field(ge=0, le=1, description="Click probability, P(click), of this impression.")
-    features: FeaturesOut
+    features: dict[str, int | float | str] = Field(
+        description="The model inputs the row was scored with, by name: window features such as "
+        "user_clicks_24h or item_ctr_7d (see features: in the platform config), then the context fields."
+    )
 
 
 class ViewsOut(_Body):
     """The batch views the features were read from."""
 
     horizon: HorizonOut
-    users: int = Field(description="Users in the user view.")
-    items: int = Field(description="Items in the item view.")
+    users: int = Field(description="Distinct users in the view of the entity named user (0 if none is declared).")
+    items: int = Field(description="Distinct items in the view of the entity named item (0 if none is declared).")
 
 
 class PredictResponse(_Body):
@@ -148,10 +145,10 @@ class PredictResponse(_Body):
                             "item_id": "i7",
                             "probability": 0.0731,
                             "features": {
-                                "user_impressions": 38,
-                                "user_clicks": 3,
-                                "item_impressions": 204,
-                                "item_clicks": 15,
+                                "user_impressions_24h": 38.0,
+                                "user_clicks_24h": 3.0,
+                                "user_ctr_24h": 0.0678,
+                                "item_ctr_7d": 0.0731,
                                 "position": 1,
                                 "device": "mobile",
                             },

@@ -1,5 +1,6 @@
 """The prediction service: ``POST /predict`` scores impressions with the champion ONNX model on
-features from the batch views; ``GET /health`` says whether it can. ``serve(cfg)`` runs it.
+window features read off the batch views at the time of the request (or the row's
+``event_time``); ``GET /health`` says whether it can. ``serve(cfg)`` runs it.
 
 Bad requests get a 4xx naming the field (``{"detail": [{"field", "message"}]}``), never a
 5xx; with no model registered yet /predict answers 503 and /health still answers.
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, TypeVar
 
@@ -20,14 +22,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lambda_ml.config import PlatformConfig
+from lambda_ml.config import FeaturesConfig, PlatformConfig
 from lambda_ml.contract import Horizon
 from serving_layer.api_models import (
     BATCH_EXAMPLE,
     REQUEST_KINDS,
     ROW_EXAMPLE,
     ErrorResponse,
-    FeaturesOut,
     HealthResponse,
     HorizonOut,
     ModelOut,
@@ -125,28 +126,24 @@ def horizon_out(horizon: Horizon) -> HorizonOut:
 
 
 def views_out(views: BatchViews) -> ViewsOut:
-    return ViewsOut(horizon=horizon_out(views.horizon), users=len(views.users), items=len(views.items))
+    return ViewsOut(horizon=horizon_out(views.horizon), users=views.size("user"), items=views.size("item"))
 
 
-def score_rows(rows: Sequence[PredictRow], model: CtrServingModel, views: BatchViews) -> PredictResponse:
-    """Look up the rows' features, run the model and shape the answer."""
-    features = lookup_features(rows, views)
-    probabilities = model.predict(build_model_inputs(features))
+def score_rows(
+    rows: Sequence[PredictRow], model: CtrServingModel, views: BatchViews, features: FeaturesConfig, now: datetime
+) -> PredictResponse:
+    """Compute the rows' features at ``now`` (or their own ``event_time``), run the model and
+    shape the answer with the inputs the model took."""
+    found = lookup_features(rows, views, features, now)
+    probabilities = model.predict(build_model_inputs(found, model.inputs))
     predictions = [
         Prediction(
             user_id=row.user_id,
             item_id=row.item_id,
             probability=float(p),
-            features=FeaturesOut(
-                user_impressions=f.user.impressions,
-                user_clicks=f.user.clicks,
-                item_impressions=f.item.impressions,
-                item_clicks=f.item.clicks,
-                position=f.position,
-                device=f.device,
-            ),
+            features={name: f[name] for name in model.inputs.names},
         )
-        for row, f, p in zip(rows, features, probabilities, strict=True)
+        for row, f, p in zip(rows, found, probabilities, strict=True)
     ]
     return PredictResponse(model=model_out(model), views=views_out(views), predictions=predictions)
 
@@ -198,9 +195,11 @@ def create_app(
     *,
     models: Reloadable[CtrServingModel] | None = None,
     views: Reloadable[BatchViews] | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> FastAPI:
-    """The prediction service for ``cfg``. Tests pass their own ``models``/``views`` slots;
-    by default the model comes from the MLflow registry and the views from the lake."""
+    """The prediction service for ``cfg``. Tests pass their own ``models``/``views`` slots and
+    clock; by default the model comes from the MLflow registry, the views from the lake and the
+    scoring time from the wall clock."""
     model_slot = models if models is not None else ModelStore.from_config(cfg)
     view_slot = views if views is not None else ViewStore.from_config(cfg)
     batch_type = batch_type_with_limit(cfg.serving.max_rows)
@@ -215,7 +214,7 @@ def create_app(
         else:
             log.warning("no model to serve yet; /predict answers 503 until %s exists", model_slot.name)
         if (loaded := view_slot.current) is not None:
-            log.info("batch views: %d users, %d items, from %s", len(loaded.users), len(loaded.items), loaded.horizon)
+            log.info("batch views: %d users, %d items, from %s", loaded.size("user"), loaded.size("item"), loaded.horizon)
         yield
 
     app = FastAPI(
@@ -246,8 +245,9 @@ def create_app(
         return JSONResponse(status_code=422, content={"detail": format_validation_errors(exc.errors())})
 
     def predict(request: PredictRow | PredictBatch) -> PredictResponse:
-        """Score each row with the model behind the configured registry alias, on the user's
-        and the item's counts from the batch views (zero for unknown ones)."""
+        """Score each row with the model behind the configured registry alias, on window
+        features (per user, item... as declared) read off the batch views at the row's
+        ``event_time`` or now; unknown users and items have empty windows."""
         rows: list[PredictRow] = list(request.rows) if isinstance(request, PredictBatch) else [request]
         problems: list[str] = []
         views_now = _get(view_slot, problems)
@@ -255,7 +255,7 @@ def create_app(
         if views_now is None or model is None:
             raise _unavailable("not ready to predict: " + "; ".join(problems))
         try:
-            return score_rows(rows, model, views_now)
+            return score_rows(rows, model, views_now, cfg.features, clock())
         except Exception as exc:
             # A request that passed validation should always score; if the graph still fails,
             # say which version failed rather than answer a bare 500.

@@ -1,19 +1,29 @@
-"""Request rows + batch views -> the model's input tensors, per ``lambda_ml.contract``."""
+"""Request rows + batch views -> feature values -> the model's input tensors.
+
+Window features are read off the entities' bucket rows with ``lambda_ml.buckets``, the same
+declarations and definitions the batch layer trains with: at scoring time ``t`` (the row's
+``event_time``, or now), a window ``W`` covers the buckets starting in
+``[bucket_start(t) - W, bucket_start(t)]``. Context features are the row's own fields.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Protocol
 
 import numpy as np
 
-from lambda_ml import contract
-from serving_layer.views import BatchViews, EntityCounts
+from lambda_ml.buckets import window_features
+from lambda_ml.config import FeaturesConfig
+from lambda_ml.contract import ModelInputs
+from serving_layer.views import BatchViews
+
+FeatureValue = float | int | str
 
 
 class ScoringRow(Protocol):
-    """What the service is asked to score: who, what, and the context."""
+    """What the service is asked to score: who, what, the context, and (optionally) when."""
 
     @property
     def user_id(self) -> str: ...
@@ -23,51 +33,48 @@ class ScoringRow(Protocol):
     def device(self) -> str: ...
     @property
     def position(self) -> int: ...
+    @property
+    def event_time(self) -> datetime | None: ...
 
 
-@dataclass(frozen=True)
-class RowFeatures:
-    """The feature values one row was scored with (returned to the caller, loggable)."""
-
-    user: EntityCounts
-    item: EntityCounts
-    position: int
-    device: str
-
-
-def lookup_features(rows: Sequence[ScoringRow], views: BatchViews) -> list[RowFeatures]:
-    """The view counts and context of every row; unknown users and items count zero."""
-    return [
-        RowFeatures(views.users.lookup(row.user_id), views.items.lookup(row.item_id), row.position, row.device)
-        for row in rows
-    ]
+def row_features(row: ScoringRow, views: BatchViews, features: FeaturesConfig, now: datetime) -> dict[str, FeatureValue]:
+    """Every declared feature of one row: each entity's window features, then the context."""
+    at = row.event_time or now
+    found: dict[str, FeatureValue] = {}
+    for name, entity in features.entities.items():
+        key = tuple(str(getattr(row, field)) for field in entity.keys)
+        found.update(window_features(features, name, views.lookup(name, key), at))
+    for field in features.context.numeric:
+        found[field] = getattr(row, field)
+    for field in features.context.categorical:
+        found[field] = str(getattr(row, field))
+    return found
 
 
-def build_model_inputs(features: Sequence[RowFeatures]) -> dict[str, np.ndarray]:
-    """One ``[n, 1]`` tensor per contract input: float32 counts and position, object device.
+def lookup_features(
+    rows: Sequence[ScoringRow], views: BatchViews, features: FeaturesConfig, now: datetime
+) -> list[dict[str, FeatureValue]]:
+    """:func:`row_features` of every row, all scored at ``now`` unless a row gives its time."""
+    return [row_features(row, views, features, now) for row in rows]
 
-    >>> from serving_layer.views import EntityCounts
-    >>> x = build_model_inputs([RowFeatures(EntityCounts(10, 2), EntityCounts(0, 0), 3, "mobile")])
-    >>> list(x) == list(contract.MODEL_INPUTS)
-    True
-    >>> x["user_impressions"].tolist(), x["position"].dtype.name, x["device"].tolist()
-    ([[10.0]], 'float32', [['mobile']])
+
+def build_model_inputs(rows: Sequence[Mapping[str, FeatureValue]], inputs: ModelInputs) -> dict[str, np.ndarray]:
+    """One ``[n, 1]`` tensor per model input, in graph order: float32 numbers, object strings.
+
+    >>> x = build_model_inputs([{"user_clicks_1h": 2.0, "position": 3, "device": "mobile", "unused": 1.0}],
+    ...                        ModelInputs(("user_clicks_1h", "position"), ("device",)))
+    >>> list(x), x["position"].dtype.name, x["device"].tolist()
+    (['user_clicks_1h', 'position', 'device'], 'float32', [['mobile']])
     """
-    if not features:
+    if not rows:
         raise ValueError("at least one row is needed to build model inputs")
-    columns: dict[str, list[float] | list[str]] = {
-        "user_impressions": [float(f.user.impressions) for f in features],
-        "user_clicks": [float(f.user.clicks) for f in features],
-        "item_impressions": [float(f.item.impressions) for f in features],
-        "item_clicks": [float(f.item.clicks) for f in features],
-        "position": [float(f.position) for f in features],
-        "device": [f.device for f in features],
-    }
-    if set(columns) != set(contract.MODEL_INPUTS):
-        # The contract changed without this function: fail loudly rather than feed a wrong graph.
-        raise RuntimeError(f"build_model_inputs knows {sorted(columns)}, the contract wants {contract.MODEL_INPUTS}")
-    inputs: dict[str, np.ndarray] = {}
-    for name in contract.MODEL_INPUTS:
-        dtype = object if name in contract.CATEGORICAL_FEATURES else np.float32
-        inputs[name] = np.asarray(columns[name], dtype=dtype).reshape(-1, 1)
-    return inputs
+    missing = [name for name in inputs.names if name not in rows[0]]
+    if missing:
+        # The model store refuses such a model at load; reaching this is a bug, not a bad request.
+        raise RuntimeError(f"the model needs inputs {missing} that the feature declarations do not define")
+    tensors: dict[str, np.ndarray] = {}
+    for name in inputs.numeric:
+        tensors[name] = np.asarray([float(row[name]) for row in rows], dtype=np.float32).reshape(-1, 1)
+    for name in inputs.categorical:
+        tensors[name] = np.asarray([str(row[name]) for row in rows], dtype=object).reshape(-1, 1)
+    return tensors

@@ -1,5 +1,7 @@
 """The model the service scores with: the ONNX version behind a registry alias
-(``models:/<registered_model>@<alias>``), opened in onnxruntime.
+(``models:/<registered_model>@<alias>``), opened in onnxruntime. Its inputs are read from the
+graph: float tensors are numeric features, string tensors categorical ones; each must be a
+feature the declarations in ``conf/`` define, so the service can compute it.
 
 Everything about one loaded version (session, version number, run, horizon) lives in one
 immutable ``CtrServingModel``; the ``ModelStore`` swaps that object whole, so hot-swapping
@@ -20,14 +22,14 @@ import numpy as np
 import onnxruntime as ort
 
 from lambda_ml import contract
-from lambda_ml.config import PlatformConfig
-from lambda_ml.contract import Horizon
+from lambda_ml.config import FeaturesConfig, PlatformConfig
+from lambda_ml.contract import Horizon, ModelInputs
 from serving_layer.reloadable import Reloadable
 
 log = logging.getLogger(__name__)
 
 ONNX_FLAVOR = "onnx"
-# ONNX element types of the contract's inputs.
+# ONNX element types of numeric and categorical model inputs.
 _NUMERIC_TYPE = "tensor(float)"
 _STRING_TYPE = "tensor(string)"
 
@@ -46,13 +48,14 @@ class CtrServingModel:
     run_id: str | None
     horizon: Horizon
     session: ort.InferenceSession
+    inputs: ModelInputs  # as the graph takes them
 
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
 
     def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """P(click) per row, as float64 of shape [n], for inputs built per the contract."""
+        """P(click) per row, as float64 of shape [n], for one ``[n, 1]`` tensor per input."""
         (probability,) = self.session.run([contract.ONNX_PROBABILITY_OUTPUT], inputs)
         return np.asarray(probability, dtype=np.float64)[:, 1]
 
@@ -60,7 +63,8 @@ class CtrServingModel:
         """One line for the logs.
 
         >>> from lambda_ml.contract import Horizon
-        >>> CtrServingModel("ctr", 3, "champion", "r1", Horizon(5, 4), None).describe()
+        >>> from lambda_ml.contract import ModelInputs
+        >>> CtrServingModel("ctr", 3, "champion", "r1", Horizon(5, 4), None, ModelInputs((), ())).describe()
         'ctr version 3 (alias champion), trained on bronze impressions v5, clicks v4 in MLflow run r1'
         """
         return f"{self.name} version {self.version} (alias {self.alias}), trained on {self.horizon} in MLflow run {self.run_id}"
@@ -75,24 +79,25 @@ def open_onnx_session(model: str | Path | bytes) -> ort.InferenceSession:
     return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def check_session(session: ort.InferenceSession, what: str) -> None:
-    """Fail unless the graph takes exactly the contract's inputs and gives its probability output."""
-    inputs = {i.name: i.type for i in session.get_inputs()}
-    if set(inputs) != set(contract.MODEL_INPUTS):
+def check_session(session: ort.InferenceSession, what: str, features: FeaturesConfig) -> ModelInputs:
+    """The graph's inputs; fail unless the declarations define each of them, with its type, and
+    the graph gives the contract's probability output."""
+    numeric = [i.name for i in session.get_inputs() if i.type == _NUMERIC_TYPE]
+    categorical = [i.name for i in session.get_inputs() if i.type == _STRING_TYPE]
+    other = [f"{i.name} ({i.type})" for i in session.get_inputs() if i.type not in (_NUMERIC_TYPE, _STRING_TYPE)]
+    if other:
+        raise ModelLoadError(f"{what} has inputs that are neither float nor string tensors: {', '.join(other)}")
+    declared = contract.model_inputs(features)
+    unknown = [n for n in numeric if n not in declared.numeric] + [n for n in categorical if n not in declared.categorical]
+    if unknown:
         raise ModelLoadError(
-            f"{what} takes inputs {sorted(inputs)}, but the contract's model inputs are {list(contract.MODEL_INPUTS)}"
+            f"{what} takes inputs {unknown} that the feature declarations do not define "
+            f"(they define {', '.join(declared.names)}): serve it with the configuration it was trained with"
         )
-    wrong = [
-        f"{name} is {inputs[name]}, expected {expected}"
-        for names, expected in ((contract.NUMERIC_FEATURES, _NUMERIC_TYPE), (contract.CATEGORICAL_FEATURES, _STRING_TYPE))
-        for name in names
-        if inputs[name] != expected
-    ]
-    if wrong:
-        raise ModelLoadError(f"{what} has inputs of the wrong type: {'; '.join(wrong)}")
     outputs = [o.name for o in session.get_outputs()]
     if contract.ONNX_PROBABILITY_OUTPUT not in outputs:
         raise ModelLoadError(f"{what} has no output {contract.ONNX_PROBABILITY_OUTPUT!r}; its outputs are {outputs}")
+    return ModelInputs(tuple(numeric), tuple(categorical))
 
 
 def find_onnx_file(model_dir: Path) -> Path:
@@ -160,7 +165,10 @@ def load_registered_model(cfg: PlatformConfig) -> CtrServingModel:
         # The session keeps the graph in memory; the downloaded file can go.
         session = open_onnx_session(onnx_file.read_bytes())
         log.debug("downloaded %s in %.1f s", what, time.monotonic() - started)
-    check_session(session, what)
+    inputs = check_session(session, what, cfg.features)
+    tagged = tags.get(contract.TAG_MODEL_INPUTS)
+    if tagged is not None and tagged.split(",") != list(inputs.names):
+        raise ModelLoadError(f"{what} is tagged with inputs {tagged!r} but its graph takes {inputs.tag()!r}")
     return CtrServingModel(
         name=name,
         version=int(version.version),
@@ -168,6 +176,7 @@ def load_registered_model(cfg: PlatformConfig) -> CtrServingModel:
         run_id=version.run_id,
         horizon=Horizon.from_tags(tags),
         session=session,
+        inputs=inputs,
     )
 
 

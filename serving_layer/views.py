@@ -1,8 +1,9 @@
-"""The batch views the service serves features from: per-user and per-item counts of
-impressions and clicks, read from the Delta tables the batch layer publishes (no Spark here).
+"""The batch views the service reads features from: for every declared entity, the bucket rows
+``(keys, bucket_start, aggregates)`` the batch layer publishes, read from Delta (no Spark here).
+Window features are read off them at request time (``serving_layer.features``).
 
-An entity the views have never seen has zero counts, which is exactly what the batch layer
-computed for it at training time (no events strictly before the scoring time).
+An entity the views have never seen has no buckets, so its counts are zero, exactly what the
+batch layer computed for it at training time (no events before the scoring time).
 """
 
 from __future__ import annotations
@@ -13,84 +14,106 @@ import pyarrow  # isort: skip
 from deltalake import DeltaTable  # isort: skip
 from deltalake.exceptions import DeltaError, TableNotFoundError  # isort: skip
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from lambda_ml import contract
+from lambda_ml.buckets import NO_BUCKETS, EntityBuckets
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import Horizon
 from serving_layer.reloadable import Reloadable
 
+BUCKET = contract.VIEW_BUCKET_COLUMN
+
+
 class ViewLoadError(RuntimeError):
-    """A view table is missing or does not have the contract's columns."""
+    """A view table is missing or does not have the columns the declarations need."""
 
 
 @dataclass(frozen=True)
-class EntityCounts:
-    """Counts of one entity in a batch view."""
+class BucketView:
+    """One entity's batch view: its key -> its bucket rows, and the horizon it was computed at."""
 
-    impressions: int = 0
-    clicks: int = 0
-
-
-ZERO_COUNTS = EntityCounts()
-
-
-@dataclass(frozen=True)
-class CountView:
-    """One batch view: entity id -> counts, and the horizon it was computed at."""
-
+    entity: str
+    keys: tuple[str, ...]
     path: str
-    counts: Mapping[str, EntityCounts] = field(default_factory=dict)
+    rows: Mapping[tuple[str, ...], EntityBuckets] = field(default_factory=dict)
     horizon: Horizon = Horizon()
 
-    def lookup(self, entity_id: str) -> EntityCounts:
-        """Counts of ``entity_id``; zero for an entity the view has never seen.
+    def lookup(self, key: tuple[str, ...]) -> EntityBuckets:
+        """The buckets of one entity; none for an entity the view has never seen.
 
-        >>> view = CountView("mem", {"u1": EntityCounts(3, 1)})
-        >>> view.lookup("u1"), view.lookup("nobody")
-        (EntityCounts(impressions=3, clicks=1), EntityCounts(impressions=0, clicks=0))
+        >>> view = BucketView("user", ("user_id",), "mem", {("u1",): EntityBuckets((0,), {"clicks": (2,)})})
+        >>> view.lookup(("u1",)).values["clicks"], view.lookup(("nobody",)).starts
+        ((2,), ())
         """
-        return self.counts.get(entity_id, ZERO_COUNTS)
+        return self.rows.get(key, NO_BUCKETS)
 
     def __len__(self) -> int:
-        return len(self.counts)
+        return len(self.rows)
 
 
 @dataclass(frozen=True)
 class BatchViews:
-    """The user and item views served together (swapped as one object)."""
+    """Every entity's view, served together (swapped as one object), from one batch run."""
 
-    users: CountView
-    items: CountView
+    views: Mapping[str, BucketView]
 
     @property
     def horizon(self) -> Horizon:
-        return self.users.horizon
+        return next(iter(self.views.values())).horizon if self.views else Horizon()
+
+    def lookup(self, entity: str, key: tuple[str, ...]) -> EntityBuckets:
+        return self.views[entity].lookup(key)
+
+    def size(self, entity: str) -> int:
+        """Distinct keys in the view of ``entity`` (0 when no such entity is declared)."""
+        view = self.views.get(entity)
+        return 0 if view is None else len(view)
 
 
-def count_view_from_arrow(path: str, table: pyarrow.Table, key_column: str) -> CountView:
-    """Turn a view table (key, impressions, clicks, horizon columns) into a CountView.
+def _epoch_micros(path: str, column: pyarrow.ChunkedArray) -> list[int]:
+    if not pyarrow.types.is_timestamp(column.type):
+        raise ViewLoadError(f"view {path}: {BUCKET} is {column.type}, not a timestamp")
+    micros = column.cast(pyarrow.timestamp("us", tz="UTC")).cast(pyarrow.int64())
+    return [int(v) for v in micros.to_pylist()]
 
-    >>> t = pyarrow.table({"user_id": ["a", "b"], "impressions": [5, 2], "clicks": [1, 0],
-    ...                    "horizon_impressions": [7, 7], "horizon_clicks": [4, 4]})
-    >>> view = count_view_from_arrow("mem", t, "user_id")
-    >>> view.lookup("a"), view.horizon
-    (EntityCounts(impressions=5, clicks=1), Horizon(impressions=7, clicks=4))
+
+def bucket_view_from_arrow(
+    path: str, table: pyarrow.Table, entity: str, keys: Sequence[str], aggregates: Sequence[str]
+) -> BucketView:
+    """Turn a view table (keys, bucket_start, aggregates, horizon columns) into a BucketView.
+
+    >>> from datetime import datetime, timezone
+    >>> hours = [datetime(1970, 1, 1, h, tzinfo=timezone.utc) for h in (2, 1, 1)]
+    >>> t = pyarrow.table({"user_id": ["a", "a", "b"], "bucket_start": hours, "clicks": [1, 0, 3],
+    ...                    "horizon_impressions": [7, 7, 7], "horizon_clicks": [4, 4, 4]})
+    >>> view = bucket_view_from_arrow("mem", t, "user", ["user_id"], ["clicks"])
+    >>> view.lookup(("a",)), view.horizon
+    (EntityBuckets(starts=(3600000000, 7200000000), values={'clicks': (0, 1)}), Horizon(impressions=7, clicks=4))
     """
-    wanted = [key_column, *contract.VIEW_COUNT_COLUMNS]
+    wanted = [*keys, BUCKET, *aggregates]
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise ViewLoadError(f"view {path} lacks column(s) {', '.join(missing)}; it has {', '.join(table.column_names)}")
-    keys = table.column(key_column).to_pylist()
-    impressions, clicks = (table.column(c).to_pylist() for c in contract.VIEW_COUNT_COLUMNS)
-    counts = {
-        key: EntityCounts(int(i or 0), int(c or 0)) for key, i, c in zip(keys, impressions, clicks) if key is not None
+    key_values = list(zip(*(table.column(k).to_pylist() for k in keys)))
+    starts = _epoch_micros(path, table.column(BUCKET))
+    values = {a: table.column(a).to_pylist() for a in aggregates}
+    order = sorted(range(table.num_rows), key=lambda i: (key_values[i], starts[i]))
+    grouped: dict[tuple[str, ...], list[int]] = {}
+    for i in order:
+        if any(part is None for part in key_values[i]):
+            raise ViewLoadError(f"view {path} has a row without its key {', '.join(keys)}")
+        rows = grouped.setdefault(key_values[i], [])
+        if rows and starts[rows[-1]] == starts[i]:
+            raise ViewLoadError(f"view {path} has more than one row for {key_values[i]} at bucket {starts[i]}")
+        rows.append(i)
+    by_key = {
+        key: EntityBuckets(tuple(starts[i] for i in rows), {a: tuple(values[a][i] for i in rows) for a in aggregates})
+        for key, rows in grouped.items()
     }
-    if len(counts) != sum(k is not None for k in keys):
-        raise ViewLoadError(f"view {path} has more than one row for some {key_column}")
-    return CountView(path, MappingProxyType(counts), _horizon(path, table))
+    return BucketView(entity, tuple(keys), path, MappingProxyType(by_key), _horizon(path, table))
 
 
 def _horizon(path: str, table: pyarrow.Table) -> Horizon:
@@ -106,32 +129,35 @@ def _horizon(path: str, table: pyarrow.Table) -> Horizon:
     return Horizon(**found)
 
 
-def read_count_view(path: str, key_column: str) -> CountView:
-    """Read one view's Delta table at ``path`` (latest version)."""
+def read_bucket_view(path: str, entity: str, keys: Sequence[str], aggregates: Sequence[str]) -> BucketView:
+    """Read one entity's view table at ``path`` (latest version)."""
     try:
         delta = DeltaTable(path)
     except TableNotFoundError as exc:
         raise ViewLoadError(f"no Delta table at {path}: has the batch layer run yet?") from exc
     except (DeltaError, OSError) as exc:
         raise ViewLoadError(f"cannot read the Delta table at {path}: {exc}") from exc
-    columns = [key_column, *contract.VIEW_COUNT_COLUMNS]
     schema_names = {f.name for f in delta.schema().fields}
-    columns += [c for c in contract.VIEW_HORIZON_COLUMNS.values() if c in schema_names]
+    columns = [*keys, BUCKET, *aggregates]
     missing = [c for c in columns if c not in schema_names]
     if missing:
-        raise ViewLoadError(f"view {path} lacks column(s) {', '.join(missing)}")
-    return count_view_from_arrow(path, delta.to_pyarrow_table(columns=columns), key_column)
+        raise ViewLoadError(f"view {path} lacks column(s) {', '.join(missing)}: was it written with other feature declarations?")
+    columns += [c for c in contract.VIEW_HORIZON_COLUMNS.values() if c in schema_names]
+    return bucket_view_from_arrow(path, delta.to_pyarrow_table(columns=columns), entity, keys, aggregates)
 
 
 def load_batch_views(cfg: PlatformConfig) -> BatchViews:
-    """Read the user and item views named by the contract under ``cfg.lake``."""
-    users = read_count_view(cfg.lake.table(*contract.USER_VIEW), "user_id")
-    items = read_count_view(cfg.lake.table(*contract.ITEM_VIEW), "item_id")
-    if users.horizon != items.horizon:
-        raise ViewLoadError(
-            f"the user and item views come from different batch runs: {users.horizon} vs {items.horizon}"
-        )
-    return BatchViews(users, items)
+    """Read the view of every declared entity under ``cfg.lake``; all must come from one run."""
+    aggregates = list(cfg.features.aggregates)
+    views = {
+        name: read_bucket_view(cfg.lake.table(*contract.view_table(name)), name, entity.keys, aggregates)
+        for name, entity in cfg.features.entities.items()
+    }
+    horizons = {name: view.horizon for name, view in views.items()}
+    if len(set(horizons.values())) > 1:
+        described = "; ".join(f"{name}: {horizon}" for name, horizon in horizons.items())
+        raise ViewLoadError(f"the views come from different batch runs: {described}")
+    return BatchViews(MappingProxyType(views))
 
 
 class ViewStore(Reloadable[BatchViews]):

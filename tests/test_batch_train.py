@@ -4,6 +4,8 @@ bronze Delta tables against the real MLflow server.
 The integration data come from a seeded generator below with a known click model
 (position, device, user and item effects), so a holdout AUC above 0.6 means the model learned
 something real. Expected views are counted with pandas, independently of the Spark code.
+(The views' own tests, monoid identity included, are in test_batch_views.py; the window
+features' in test_features.py.)
 """
 
 from __future__ import annotations
@@ -21,18 +23,16 @@ import mlflow.spark
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
-from batch_layer import train
+from batch_layer import registry, train
 from batch_layer.onnx_export import ParityError, check_parity, onnx_click_probabilities, onnx_inputs
 from batch_layer.registry import CHAMPION_ALIAS
 from batch_layer.snapshot import Snapshot, SnapshotError, read_snapshot
-from batch_layer.views import build_views
 from lambda_ml import contract
-from lambda_ml.config import PlatformConfig
+from lambda_ml.config import FeaturesConfig, LrGridConfig, PlatformConfig, SearchConfig, write_config
 from lambda_ml.contract import Horizon
-from lambda_ml.features import USER
 from lambda_ml.schemas import CLICK, DEVICES, IMPRESSION
 from support import isolated
 
@@ -68,6 +68,22 @@ def append(frame: DataFrame, path: str) -> None:
 # --------------------------------------------------------------------------- pure steps
 
 
+# One 1 h window over users and items, with a CTR whose prior is 1 click in 21 impressions.
+SMALL_FEATURES = FeaturesConfig.model_validate(
+    {
+        "bucket": "1h",
+        "windows": ["1h"],
+        "entities": {"user": {"keys": ["user_id"]}, "item": {"keys": ["item_id"]}},
+        "aggregates": {
+            "impressions": {"events": "impressions", "aggregation": "count"},
+            "clicks": {"events": "clicks", "aggregation": "count"},
+        },
+        "ratios": {"ctr": {"numerator": "clicks", "denominator": "impressions", "prior_alpha": 1, "prior_beta": 20}},
+        "context": {"numeric": ["position"], "categorical": ["device"]},
+    }
+)
+
+
 def test_training_set_dedups_labels_and_counts_before(spark: SparkSession, cfg: PlatformConfig) -> None:
     def m(minutes: int) -> datetime:
         return T0 + timedelta(minutes=minutes)
@@ -95,14 +111,20 @@ def test_training_set_dedups_labels_and_counts_before(spark: SparkSession, cfg: 
     snapshot = Snapshot(impressions, clicks, Horizon(0, 0))
     imps, clks = train.clean_events(snapshot)
     as_of = T0 + timedelta(minutes=110)
-    training = train.build_training_set(imps, clks, cfg, as_of)
-    assert training.columns == ["event_id", "event_time", "user_id", "item_id", *contract.MODEL_INPUTS, "label"]
-    got = sorted((r.event_id, *(r[name] for name in contract.MODEL_INPUTS), r.label) for r in training.collect())
+    training = train.build_training_set(imps, clks, cfg.model_copy(update={"features": SMALL_FEATURES}), as_of)
+    inputs = contract.model_inputs(SMALL_FEATURES).names
+    assert inputs == (
+        "user_impressions_1h", "user_clicks_1h", "user_ctr_1h", "item_impressions_1h", "item_clicks_1h", "item_ctr_1h",
+        "position", "device",
+    )  # fmt: skip
+    assert training.columns == ["event_id", "event_time", "user_id", "item_id", *inputs, "label"]
+    got = sorted((r.event_id, *(r[name] for name in inputs), r.label) for r in training.collect())
+    new = (0.0, 0.0, 1 / 21)  # nothing before: the prior CTR
     assert got == [
-        ("a", 0.0, 0.0, 0.0, 0.0, 1.0, "mobile", 1.0),
-        ("b", 1.0, 0.0, 0.0, 0.0, 3.0, "desktop", 0.0),  # a's click at 29 is after b (10)
-        ("c", 0.0, 0.0, 1.0, 0.0, 2.0, "tablet", 0.0),  # i1 saw a; k1 at 29 is after c (20)
-    ]
+        ("a", *new, *new, 1.0, "mobile", 1.0),
+        ("b", 1.0, 0.0, 1 / 22, *new, 3.0, "desktop", 0.0),  # u1 saw a; a's click at 29 is after b (10)
+        ("c", *new, 1.0, 0.0, 1 / 22, 2.0, "tablet", 0.0),  # i1 saw a; k1 at 29 is after c (20)
+    ]  # d (100) has no label yet, but counts for nothing here: it is after every labelled row
 
 
 def test_split_by_time_holds_out_the_most_recent_rows(spark: SparkSession) -> None:
@@ -117,7 +139,7 @@ def test_split_by_time_holds_out_the_most_recent_rows(spark: SparkSession) -> No
 
 
 def test_check_trainable_refuses_a_single_class_and_constant_features(spark: SparkSession) -> None:
-    columns = [*contract.NUMERIC_FEATURES, "label"]
+    columns = ["user_impressions_1h", "user_clicks_1h", "item_impressions_1h", "item_clicks_1h", "position", "label"]
 
     def frame(rows: list[Row]) -> DataFrame:
         return spark.createDataFrame(rows, columns)
@@ -130,16 +152,6 @@ def test_check_trainable_refuses_a_single_class_and_constant_features(spark: Spa
     constant_position = frame([(1.0, 0.0, 2.0, 1.0, 1.0, 0.0), (2.0, 1.0, 3.0, 0.0, 1.0, 1.0)])
     with pytest.raises(train.TrainingError, match=r"\['position'\] are constant"):
         train.check_trainable(constant_position, good)
-
-
-def test_views_are_totals_stamped_with_the_horizon(spark: SparkSession) -> None:
-    increments = spark.createDataFrame(
-        [("u1", "i1", T0, 1, 0), ("u1", "i1", T0, 0, 1), ("u2", "i1", T0, 1, 0), ("u1", "i2", T0, 1, 0)],
-        "user_id string, item_id string, event_time timestamp, impressions long, clicks long",
-    )
-    views = build_views(increments, Horizon(impressions=4, clicks=2))
-    assert views[USER].columns == ["user_id", "impressions", "clicks", "horizon_impressions", "horizon_clicks"]
-    assert sorted(tuple(r) for r in views[USER].collect()) == [("u1", 2, 1, 4, 2), ("u2", 1, 0, 4, 2)]
 
 
 def test_parity_check_fails_beyond_the_tolerance() -> None:
@@ -213,16 +225,27 @@ def generate(seed: int = 11, impressions: int = 3000, users: int = 60, items: in
     return Generated([past[:cut], past[cut:], future], [past_clicks[:half], past_clicks[half:], future_clicks])
 
 
-def expected_counts(imps: pd.DataFrame, clks: pd.DataFrame, key: str) -> list[tuple[str, int, int]]:
-    """Per-entity impressions and attributed clicks, counted with pandas."""
+def expected_buckets(imps: pd.DataFrame, clks: pd.DataFrame, keys: list[str]) -> list[tuple[Any, ...]]:
+    """Per (entity keys, hour) impressions, attributed clicks (in their own hour) and top
+    position (the shipped declarations), counted with pandas; the hour as epoch microseconds."""
     imps = imps.drop_duplicates("event_id")
     clks = clks.drop_duplicates("event_id")
     joined = clks.merge(imps, left_on="impression_id", right_on="event_id", suffixes=("_click", ""))
     delay = joined.event_time_click - joined.event_time
     inside = joined[(delay >= timedelta(0)) & (delay <= WINDOW)]
-    shown = imps.groupby(key).size()
-    clicked = inside.groupby(key).size().reindex(shown.index, fill_value=0)
-    return sorted((str(k), int(shown[k]), int(clicked[k])) for k in shown.index)
+
+    def hour_micros(times: pd.Series) -> pd.Series:
+        return (pd.to_datetime(times, utc=True).dt.floor("h") - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)
+
+    shown = imps.assign(hour=hour_micros(imps.event_time)).groupby([*keys, "hour"])
+    shown = shown.agg(impressions=("event_id", "size"), top_position=("position", "min"))
+    clicked = inside.assign(hour=hour_micros(inside.event_time_click)).groupby([*keys, "hour"]).size().rename("clicks")
+    both = shown.join(clicked, how="outer")
+    return sorted(
+        (*index, int(0 if pd.isna(r.impressions) else r.impressions), int(0 if pd.isna(r.clicks) else r.clicks),
+         None if pd.isna(r.top_position) else float(r.top_position))
+        for index, r in zip(both.index, both.itertuples())
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -267,8 +290,12 @@ def test_read_snapshot_pins_delta_versions(spark: SparkSession, job_cfg: Platfor
 def trained(job_cfg: PlatformConfig, tmp_path_factory: pytest.TempPathFactory) -> train.TrainResult:
     """The job run once through its command line, pinned at impressions v1 and clicks v1."""
     config_file = tmp_path_factory.mktemp("conf") / "platform.yaml"
-    config_file.write_text(yaml.safe_dump(job_cfg.model_dump(mode="json")))
+    write_config(job_cfg, config_file)  # keeps the order of the feature declarations, hence of the model inputs
     return train.main(["--config", str(config_file), "--impressions-version", "1", "--clicks-version", "1"])
+
+
+def run_params(client: mlflow.MlflowClient, run_id: str) -> dict[str, str]:
+    return dict(client.get_run(run_id).data.params)
 
 
 @pytest.mark.integration
@@ -282,7 +309,17 @@ def test_job_registers_spark_and_onnx_versions_with_the_horizon(
     versions = {v.version: v for v in client.search_model_versions(f"name='{name}'")}
     assert sorted(versions) == sorted([trained.versions.spark, trained.versions.onnx])
     spark_v, onnx_v = versions[trained.versions.spark], versions[trained.versions.onnx]
-    common = {"horizon.impressions": "1", "horizon.clicks": "1", "model_inputs": ",".join(contract.MODEL_INPUTS)}
+    common = {
+        "horizon.impressions": "1",
+        "horizon.clicks": "1",
+        "model_inputs": contract.model_inputs(job_cfg.features).tag(),
+        "config_sha256": registry.training_config_hash(job_cfg),
+        "feature_definitions_sha256": run_params(client, trained.run_id)["feature_definitions_sha256"],
+        # The first version of a registered model passes the gate: there is no champion to beat.
+        "gate.decision": "champion",
+        "gate.auc": repr(trained.auc),
+        "gate.reason": "there was no champion",
+    }
     assert spark_v.tags == {**common, "flavor": "spark"}
     assert onnx_v.tags == {**common, "flavor": "onnx", "spark_model_version": trained.versions.spark}
     assert client.get_model_version_by_alias(name, CHAMPION_ALIAS).version == trained.versions.onnx
@@ -314,11 +351,15 @@ def test_job_counts_exactly_the_pinned_snapshot(
     assert trained.rows["labelled"] == int((distinct.event_time + WINDOW <= as_of).sum())
     assert trained.rows["holdout"] == pytest.approx(0.2 * trained.rows["labelled"], abs=2)
 
-    for key, view in (("user_id", contract.USER_VIEW), ("item_id", contract.ITEM_VIEW)):
-        table = spark.read.format("delta").load(job_cfg.lake.table(*view))
-        assert table.columns == [key, "impressions", "clicks", "horizon_impressions", "horizon_clicks"]
-        counts = sorted(tuple(r) for r in table.select(key, "impressions", "clicks").collect())
-        assert counts == expected_counts(imps, clks, key)
+    aggregates = ["impressions", "clicks", "top_position"]
+    assert list(job_cfg.features.aggregates) == aggregates
+    for entity, declared in job_cfg.features.entities.items():
+        keys = list(declared.keys)
+        table = spark.read.format("delta").load(job_cfg.lake.table(*contract.view_table(entity)))
+        assert table.columns == [*keys, "bucket_start", *aggregates, "horizon_impressions", "horizon_clicks"]
+        counts = sorted(tuple(r) for r in table.select(*keys, F.unix_micros("bucket_start"), *aggregates).collect())
+        expected = expected_buckets(imps, clks, keys)
+        assert counts == expected and len(expected) > 50, entity
         horizons = {tuple(r) for r in table.select("horizon_impressions", "horizon_clicks").distinct().collect()}
         assert horizons == {(1, 1)}
 
@@ -329,34 +370,36 @@ def test_registered_onnx_scores_equal_registered_spark(
 ) -> None:
     name = job_cfg.mlflow.registered_model
     rng = np.random.default_rng(3)
+    inputs = contract.model_inputs(job_cfg.features)
+    # Plausible values: counts, CTRs in [0, 1), positions 1 to 5, minimum positions 0 to 5.
     rows = pd.DataFrame(
         {
-            "user_impressions": rng.integers(0, 80, 50).astype(float),
-            "user_clicks": rng.integers(0, 20, 50).astype(float),
-            "item_impressions": rng.integers(0, 150, 50).astype(float),
-            "item_clicks": rng.integers(0, 40, 50).astype(float),
-            "position": rng.integers(1, 6, 50).astype(float),
-            "device": [*rng.choice(DEVICES, 49), "smart-tv"],  # one device never seen in training
+            column: rng.uniform(0, 0.3, 50) if "_ctr_" in column else rng.integers(0, 6 if "position" in column else 60, 50).astype(float)
+            for column in inputs.numeric
         }
     )
+    rows["position"] = rng.integers(1, 6, 50).astype(float)
+    rows["device"] = [*rng.choice(DEVICES, 49), "smart-tv"]  # one device never seen in training
     spark_model = mlflow.spark.load_model(f"models:/{name}/{trained.versions.spark}")
     scored = train.score(spark_model, spark.createDataFrame(rows)).select(train.CLICK_PROBABILITY)
     spark_p = np.array([r[0] for r in scored.collect()])
     onnx_model = mlflow.onnx.load_model(f"models:/{name}@{CHAMPION_ALIAS}")
-    onnx_p = onnx_click_probabilities(onnx_model, onnx_inputs(rows))
+    onnx_p = onnx_click_probabilities(onnx_model, onnx_inputs(rows, inputs))
     np.testing.assert_allclose(onnx_p, spark_p, rtol=0, atol=job_cfg.ctr.parity_atol)
     assert spark_p.std() > 0.01  # the rows really get different scores
 
     # Through MLflow's ONNX pyfunc too, which takes a dict of [n, 1] arrays.
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION_ALIAS}")
-    predicted = pyfunc.predict(onnx_inputs(rows))
+    predicted = pyfunc.predict(onnx_inputs(rows, inputs))
     pyfunc_p = predicted[contract.ONNX_PROBABILITY_OUTPUT][:, 1]
     np.testing.assert_allclose(pyfunc_p, spark_p, rtol=0, atol=job_cfg.ctr.parity_atol)
 
 
 @pytest.mark.integration
 def test_failed_parity_registers_nothing(spark: SparkSession, job_cfg: PlatformConfig) -> None:
-    strict = isolated(job_cfg, "ctr-parity-test", parity_atol=1e-15)  # same bronze, its own model
+    # Same bronze, its own model; one candidate (no search): only the parity check matters here.
+    one_candidate = SearchConfig(lr=LrGridConfig(reg_param=(), elastic_net_param=()))
+    strict = isolated(job_cfg, "ctr-parity-test", parity_atol=1e-15, search=one_candidate)  # type: ignore[arg-type]
     with pytest.raises(ParityError, match="differ by up to"):
         train.run(spark, strict, impressions_version=1, clicks_version=1)
     client = mlflow.MlflowClient(strict.mlflow.tracking_uri)

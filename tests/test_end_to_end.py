@@ -78,6 +78,14 @@ def test_one_event_travels_the_whole_way(running_stack: PlatformConfig, spark: S
         # Lower slots are clicked less in the generator, and the model learned it.
         assert probabilities[0] > probabilities[1]
         assert str(body["model"]["version"]) == str(champion.version)
+        # Scored on the declared window features, read off the batch views at the time of the
+        # request: a user and an item the lake has never seen have empty windows.
+        inputs = contract.model_inputs(cfg.features)
+        assert [list(p["features"]) for p in body["predictions"]] == [list(inputs.names)] * 3
+        stranger = body["predictions"][2]["features"]
+        assert all(stranger[name] == 0 for name in inputs.numeric if "_impressions_" in name or "_clicks_" in name)
+        assert stranger["user_ctr_7d"] == stranger["item_ctr_7d"] == 1 / 21  # the prior
+        assert body["predictions"][0]["features"]["item_impressions_7d"] > 0  # i1 was shown in the generated data
 
         status, body = _post(f"{service.url}/predict", {"user_id": "u1", "item_id": "i1", "device": "mobile", "position": "top"})
         assert 400 <= status < 500

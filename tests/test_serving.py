@@ -16,7 +16,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,10 +30,11 @@ from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 
 from lambda_ml import contract
-from lambda_ml.config import DEFAULT_CONFIG, PROJECT_ROOT, PlatformConfig, load_config
-from lambda_ml.contract import Horizon
+from lambda_ml.buckets import EntityBuckets, to_micros
+from lambda_ml.config import DEFAULT_CONFIG, PROJECT_ROOT, PlatformConfig, load_config, parse_duration
+from lambda_ml.contract import Horizon, ModelInputs
 from serving_layer.app import create_app, format_validation_errors, max_body_bytes
-from serving_layer.features import RowFeatures, build_model_inputs, lookup_features
+from serving_layer.features import build_model_inputs, lookup_features
 from serving_layer.model_store import (
     CtrServingModel,
     ModelLoadError,
@@ -46,12 +46,11 @@ from serving_layer.model_store import (
 from serving_layer.reloadable import NotReadyError, Reloadable
 from serving_layer.views import (
     BatchViews,
-    CountView,
-    EntityCounts,
+    BucketView,
     ViewLoadError,
-    count_view_from_arrow,
+    bucket_view_from_arrow,
     load_batch_views,
-    read_count_view,
+    read_bucket_view,
 )
 from support import isolated
 
@@ -65,22 +64,24 @@ SERVING_MODULES = [
 ]
 
 # --------------------------------------------------------------------------- a toy model
-# A logistic model written directly in ONNX, with the contract's inputs and output, so the API
-# can be tested without MLflow and its answers checked against a formula.
+# A logistic model written directly in ONNX over a few of the declared features, so the API can
+# be tested without MLflow and its answers checked against a formula. The service computes
+# every declared feature; the model reads only the ones it was built with.
 
 TOY_WEIGHTS = {
-    "user_impressions": 0.01,
-    "user_clicks": 0.2,
-    "item_impressions": 0.002,
-    "item_clicks": 0.05,
+    "user_impressions_24h": 0.01,
+    "user_clicks_24h": 0.2,
+    "item_ctr_7d": 3.0,
+    "user_device_clicks_1h": 0.5,
     "position": -0.3,
 }
 TOY_DEVICE_WEIGHTS = {"mobile": 0.3, "desktop": -0.2, "tablet": 0.1}
 TOY_UNKNOWN_DEVICE = -0.5
 TOY_BIAS = -1.0
+TOY_INPUTS = ModelInputs(tuple(TOY_WEIGHTS), ("device",))
 
 
-def toy_onnx_bytes(input_names: tuple[str, ...] = contract.NUMERIC_FEATURES) -> bytes:
+def toy_onnx_bytes(input_names: tuple[str, ...] = TOY_INPUTS.numeric) -> bytes:
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, 1]) for n in input_names]
     inputs.append(helper.make_tensor_value_info("device", TensorProto.STRING, [None, 1]))
     weights = np.array([[TOY_WEIGHTS.get(n, 0.0)] for n in input_names], dtype=np.float32)
@@ -110,30 +111,87 @@ def toy_onnx_bytes(input_names: tuple[str, ...] = contract.NUMERIC_FEATURES) -> 
     return bytes(model.SerializeToString())
 
 
-def toy_probability(user: EntityCounts, item: EntityCounts, position: int, device: str) -> float:
-    z = (
-        TOY_BIAS
-        + TOY_WEIGHTS["user_impressions"] * user.impressions
-        + TOY_WEIGHTS["user_clicks"] * user.clicks
-        + TOY_WEIGHTS["item_impressions"] * item.impressions
-        + TOY_WEIGHTS["item_clicks"] * item.clicks
-        + TOY_WEIGHTS["position"] * position
-        + TOY_DEVICE_WEIGHTS.get(device, TOY_UNKNOWN_DEVICE)
+def int_input_onnx_bytes() -> bytes:
+    """A graph taking an int64 tensor, which no declared feature is."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["user_clicks_24h"], [contract.ONNX_PROBABILITY_OUTPUT], to=TensorProto.FLOAT)],
+        "int_input",
+        [helper.make_tensor_value_info("user_clicks_24h", TensorProto.INT64, [None, 1])],
+        [helper.make_tensor_value_info(contract.ONNX_PROBABILITY_OUTPUT, TensorProto.FLOAT, [None, 1])],
     )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def toy_probability(features: dict[str, Any]) -> float:
+    z = TOY_BIAS + sum(w * features[name] for name, w in TOY_WEIGHTS.items())
+    z += TOY_DEVICE_WEIGHTS.get(features["device"], TOY_UNKNOWN_DEVICE)
     return 1 / (1 + math.exp(-z))
 
 
+# Toy views at NOW (the shipped declarations: 1 h buckets; 1 h, 24 h and 7 d windows; CTR prior
+# 1 click in 21 impressions). A window W at NOW covers the buckets starting in [10:00 - W, 10:00].
+NOW = datetime(2026, 11, 22, 10, 30, tzinfo=UTC)
 HORIZON = Horizon(impressions=5, clicks=4)
-USERS = {"u1": EntityCounts(10, 2), "u2": EntityCounts(40, 1)}
-ITEMS = {"i1": EntityCounts(100, 5), "i2": EntityCounts(7, 0)}
+
+
+def hours_before(hours: int) -> int:
+    """Start of the bucket ``hours`` before NOW's, in epoch microseconds."""
+    return to_micros(datetime(2026, 11, 22, 10, tzinfo=UTC) - timedelta(hours=hours))
+
+
+# key -> [(bucket hours before NOW's, impressions, clicks, top position or None)]
+TOY_BUCKETS: dict[str, dict[tuple[str, ...], list[tuple[int, int, int, float | None]]]] = {
+    "user": {
+        ("u1",): [
+            (24 * 7 + 1, 100, 50, 1.0),  # before every window
+            (24 * 7, 4, 4, 1.0),  # the first bucket of the 7 d window
+            (25, 1, 0, 3.0),  # in 7 d only
+            (24, 7, 2, 1.0),  # the first bucket of the 24 h window
+            (1, 3, 0, 2.0),  # the first bucket of the 1 h window
+            (0, 2, 1, 1.0),  # the current bucket
+        ],
+        ("u2",): [(3, 40, 1, 3.0)],
+    },
+    "item": {("i1",): [(2, 100, 5, 1.0)], ("i2",): [(30, 7, 0, 4.0)]},
+    "user_device": {("u1", "mobile"): [(0, 1, 1, 1.0)], ("u1", "desktop"): [(0, 1, 0, 2.0)]},
+}
+KEYS = {"user": ("user_id",), "item": ("item_id",), "user_device": ("user_id", "device")}
+# The toy model's features of some (user, item, device), worked out by hand from TOY_BUCKETS.
+U1_I1_MOBILE = {
+    "user_impressions_24h": 12.0,  # 7 + 3 + 2
+    "user_clicks_24h": 3.0,  # 2 + 0 + 1
+    "item_ctr_7d": 6 / 121,  # (5 + 1) / (100 + 21)
+    "user_device_clicks_1h": 1.0,
+}
+U2_I2_DESKTOP = {"user_impressions_24h": 40.0, "user_clicks_24h": 1.0, "item_ctr_7d": 1 / 28, "user_device_clicks_1h": 0.0}
+STRANGER = {"user_impressions_24h": 0.0, "user_clicks_24h": 0.0, "item_ctr_7d": 1 / 21, "user_device_clicks_1h": 0.0}
+
+
+def entity_buckets(rows: list[tuple[int, int, int, float | None]]) -> EntityBuckets:
+    rows = sorted(rows, key=lambda r: -r[0])
+    return EntityBuckets(
+        tuple(hours_before(h) for h, *_ in rows),
+        {
+            "impressions": tuple(r[1] for r in rows),
+            "clicks": tuple(r[2] for r in rows),
+            "top_position": tuple(r[3] for r in rows),
+        },
+    )
 
 
 def toy_model() -> CtrServingModel:
-    return CtrServingModel("ctr", 3, "champion", "run-1", HORIZON, open_onnx_session(toy_onnx_bytes()))
+    return CtrServingModel("ctr", 3, "champion", "run-1", HORIZON, open_onnx_session(toy_onnx_bytes()), TOY_INPUTS)
 
 
 def toy_views() -> BatchViews:
-    return BatchViews(CountView("mem:users", USERS, HORIZON), CountView("mem:items", ITEMS, HORIZON))
+    return BatchViews(
+        {
+            entity: BucketView(entity, KEYS[entity], f"mem:{entity}", {k: entity_buckets(v) for k, v in by_key.items()}, HORIZON)
+            for entity, by_key in TOY_BUCKETS.items()
+        }
+    )
 
 
 def unit_cfg(**overrides: Any) -> PlatformConfig:
@@ -142,7 +200,9 @@ def unit_cfg(**overrides: Any) -> PlatformConfig:
 
 @pytest.fixture()
 def client() -> Iterator[TestClient]:
-    app = create_app(unit_cfg(), models=Reloadable("models:/ctr@champion", toy_model), views=Reloadable("views", toy_views))
+    app = create_app(
+        unit_cfg(), models=Reloadable("models:/ctr@champion", toy_model), views=Reloadable("views", toy_views), clock=lambda: NOW
+    )
     with TestClient(app) as test_client:
         yield test_client
 
@@ -151,121 +211,169 @@ def row(**changes: Any) -> dict[str, Any]:
     return {"user_id": "u1", "item_id": "i1", "device": "mobile", "position": 2, **changes}
 
 
+@dataclass
+class Row:
+    user_id: str
+    item_id: str
+    device: str
+    position: int
+    event_time: datetime | None = None
+
+
 # --------------------------------------------------------------------------- pure functions
 
 
-def test_model_inputs_follow_the_contract() -> None:
-    features = [
-        RowFeatures(EntityCounts(10, 2), EntityCounts(100, 5), 2, "mobile"),
-        RowFeatures(EntityCounts(0, 0), EntityCounts(7, 0), 9, "fridge"),
-    ]
-    inputs = build_model_inputs(features)
-    assert list(inputs) == list(contract.MODEL_INPUTS)
-    for name in contract.NUMERIC_FEATURES:
+def test_every_declared_feature_is_computed_from_the_buckets() -> None:
+    features = unit_cfg().features
+    (found,) = lookup_features([Row("u1", "i1", "mobile", 2)], toy_views(), features, NOW)
+    assert list(found) == list(contract.model_inputs(features).names)
+    prior = 1 / 21
+    assert {k: v for k, v in found.items() if k.startswith("user_") and not k.startswith("user_device_")} == {
+        "user_impressions_1h": 5.0, "user_impressions_24h": 12.0, "user_impressions_7d": 17.0,
+        "user_clicks_1h": 1.0, "user_clicks_24h": 3.0, "user_clicks_7d": 7.0,
+        "user_top_position_1h": 1.0, "user_top_position_24h": 1.0, "user_top_position_7d": 1.0,
+        "user_ctr_1h": 2 / 26, "user_ctr_24h": 4 / 33, "user_ctr_7d": 8 / 38,
+    }  # fmt: skip
+    assert [found[f"item_{s}_24h"] for s in ("impressions", "clicks", "top_position", "ctr")] == [100.0, 5.0, 1.0, 6 / 121]
+    assert [found[f"item_{s}_1h"] for s in ("impressions", "clicks", "top_position", "ctr")] == [0.0, 0.0, 0.0, prior]
+    assert [found[f"user_device_{s}_1h"] for s in ("impressions", "clicks", "ctr")] == [1.0, 1.0, 2 / 22]
+    assert (found["position"], found["device"]) == (2, "mobile")
+
+
+def test_unknown_users_and_items_have_empty_windows() -> None:
+    features = unit_cfg().features
+    (found,) = lookup_features([Row("nobody", "nothing", "tablet", 3)], toy_views(), features, NOW)
+    numeric = {k: v for k, v in found.items() if k not in ("position", "device")}
+    # Counts are 0, the top position is its "empty" value 0, every CTR is the prior.
+    assert numeric == {k: (1 / 21 if "_ctr_" in k else 0.0) for k in numeric}
+    assert len(numeric) == 36
+
+
+def test_a_row_can_be_scored_at_its_own_event_time() -> None:
+    """At 10:30 yesterday the 24 h window covers the buckets from 10:00 the day before to 10:00
+    yesterday: u1's 25 h and 24 h buckets, not today's."""
+    features = unit_cfg().features
+    yesterday = Row("u1", "i1", "mobile", 1, event_time=NOW - timedelta(days=1))
+    (found,) = lookup_features([yesterday], toy_views(), features, NOW)
+    assert (found["user_impressions_24h"], found["user_clicks_24h"], found["user_impressions_1h"]) == (8.0, 2.0, 8.0)
+    assert found["item_impressions_7d"] == 0.0  # i1's only bucket is 2 h before NOW
+
+
+def test_model_inputs_are_the_models_in_graph_order() -> None:
+    rows = lookup_features([Row("u1", "i1", "mobile", 2), Row("u2", "i2", "fridge", 9)], toy_views(), unit_cfg().features, NOW)
+    inputs = build_model_inputs(rows, TOY_INPUTS)
+    assert list(inputs) == list(TOY_INPUTS.names)
+    for name in TOY_INPUTS.numeric:
         assert inputs[name].dtype == np.float32 and inputs[name].shape == (2, 1), name
-    assert inputs["device"].dtype == object and inputs["device"].shape == (2, 1)
-    assert inputs["user_impressions"].ravel().tolist() == [10.0, 0.0]
-    assert inputs["user_clicks"].ravel().tolist() == [2.0, 0.0]
-    assert inputs["item_impressions"].ravel().tolist() == [100.0, 7.0]
-    assert inputs["item_clicks"].ravel().tolist() == [5.0, 0.0]
-    assert inputs["position"].ravel().tolist() == [2.0, 9.0]
-    assert inputs["device"].ravel().tolist() == ["mobile", "fridge"]
+    assert inputs["device"].dtype == object and inputs["device"].ravel().tolist() == ["mobile", "fridge"]
+    expected = {**{k: [U1_I1_MOBILE[k], U2_I2_DESKTOP[k]] for k in U1_I1_MOBILE}, "position": [2.0, 9.0]}
+    assert {k: inputs[k].ravel().tolist() for k in TOY_INPUTS.numeric} == {
+        k: np.asarray(v, dtype=np.float32).tolist() for k, v in expected.items()
+    }
 
 
-def test_model_inputs_need_a_row() -> None:
+def test_model_inputs_need_a_row_and_declared_features() -> None:
     with pytest.raises(ValueError, match="at least one row"):
-        build_model_inputs([])
-
-
-def test_unknown_users_and_items_count_zero() -> None:
-    @dataclass
-    class Row:
-        user_id: str
-        item_id: str
-        device: str
-        position: int
-
-    found = lookup_features([Row("u2", "nothing", "tablet", 1), Row("nobody", "i2", "mobile", 3)], toy_views())
-    assert found == [
-        RowFeatures(EntityCounts(40, 1), EntityCounts(0, 0), 1, "tablet"),
-        RowFeatures(EntityCounts(0, 0), EntityCounts(7, 0), 3, "mobile"),
-    ]
+        build_model_inputs([], TOY_INPUTS)
+    with pytest.raises(RuntimeError, match=r"needs inputs \['user_age'\]"):
+        build_model_inputs([{"position": 1, "device": "mobile"}], ModelInputs(("user_age", "position"), ("device",)))
 
 
 def test_toy_model_scores_like_its_formula() -> None:
-    features = [RowFeatures(USERS["u1"], ITEMS["i1"], 2, "mobile"), RowFeatures(EntityCounts(), ITEMS["i2"], 1, "tv")]
-    expected = [toy_probability(f.user, f.item, f.position, f.device) for f in features]
-    np.testing.assert_allclose(toy_model().predict(build_model_inputs(features)), expected, atol=1e-6)
+    features = [{**U1_I1_MOBILE, "position": 2, "device": "mobile"}, {**STRANGER, "position": 1, "device": "tv"}]
+    expected = [toy_probability(f) for f in features]
+    np.testing.assert_allclose(toy_model().predict(build_model_inputs(features, TOY_INPUTS)), expected, atol=1e-6)
 
 
-def test_view_from_arrow_keeps_counts_and_horizon() -> None:
-    table = pa.table(
-        {
-            "item_id": ["i1", "i2", "i3"],
-            "impressions": pa.array([5, 2, 0], pa.int64()),
-            "clicks": pa.array([1, 0, 0], pa.int64()),
-            "horizon_impressions": pa.array([7, 7, 7], pa.int64()),
-            "horizon_clicks": pa.array([3, 3, 3], pa.int64()),
-        }
+def _view_table(key_columns: dict[str, list[str]], hours: list[int], **columns: list[Any]) -> pa.Table:
+    starts = pa.array([hours_before(h) for h in hours], pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    return pa.table({**key_columns, "bucket_start": starts, **columns})
+
+
+def test_view_from_arrow_groups_buckets_per_key_with_the_horizon() -> None:
+    table = _view_table(
+        {"user_id": ["a", "b", "a"], "device": ["mobile", "mobile", "mobile"]},
+        [0, 3, 5],
+        impressions=pa.array([2, 1, 4], pa.int64()),
+        clicks=pa.array([1, 0, 0], pa.int64()),
+        top_position=pa.array([1.0, None, 3.0]),
+        horizon_impressions=pa.array([7, 7, 7], pa.int64()),
+        horizon_clicks=pa.array([3, 3, 3], pa.int64()),
     )
-    view = count_view_from_arrow("mem", table, "item_id")
-    assert sorted(view.counts.items()) == [("i1", EntityCounts(5, 1)), ("i2", EntityCounts(2, 0)), ("i3", EntityCounts(0, 0))]
-    assert view.horizon == Horizon(7, 3)
-    assert view.lookup("missing") == EntityCounts(0, 0)
+    view = bucket_view_from_arrow("mem", table, "user_device", ["user_id", "device"], ["impressions", "clicks", "top_position"])
+    assert view.horizon == Horizon(7, 3) and len(view) == 2
+    a = view.lookup(("a", "mobile"))
+    assert a.starts == (hours_before(5), hours_before(0))  # ascending, whatever the table order
+    assert a.values == {"impressions": (4, 2), "clicks": (0, 1), "top_position": (3.0, 1.0)}
+    assert view.lookup(("b", "mobile")).values["top_position"] == (None,)
+    assert view.lookup(("a", "desktop")).starts == ()
 
 
 @pytest.mark.parametrize(
-    ("columns", "message"),
+    ("hours", "columns", "message"),
     [
-        ({"user_id": ["a", "a"], "impressions": [1, 2], "clicks": [0, 0]}, "more than one row"),
-        ({"user_id": ["a"], "impressions": [1]}, "lacks column"),
+        ([1, 1], {"impressions": [1, 2], "clicks": [0, 0], "top_position": [1.0, 1.0]}, "more than one row for"),
+        ([1], {"impressions": [1], "top_position": [1.0]}, "lacks column"),
         (
-            {"user_id": ["a", "b"], "impressions": [1, 1], "clicks": [0, 0], "horizon_impressions": [1, 2]},
+            [1, 2],
+            {"impressions": [1, 1], "clicks": [0, 0], "top_position": [1.0, 1.0], "horizon_impressions": [1, 2]},
             "mixes horizons",
         ),
     ],
 )
-def test_bad_view_tables_are_refused(columns: dict[str, list[Any]], message: str) -> None:
+def test_bad_view_tables_are_refused(hours: list[int], columns: dict[str, list[Any]], message: str) -> None:
+    table = _view_table({"user_id": ["a"] * len(hours)}, hours, **columns)
     with pytest.raises(ViewLoadError, match=message):
-        count_view_from_arrow("mem", pa.table(columns), "user_id")
+        bucket_view_from_arrow("mem", table, "user", ["user_id"], ["impressions", "clicks", "top_position"])
 
 
-def _write_view(path: str, key: str, counts: dict[str, tuple[int, int]], horizon: tuple[int, int]) -> None:
-    keys = sorted(counts)
-    table = pa.table(
-        {
-            key: keys,
-            "impressions": pa.array([counts[k][0] for k in keys], pa.int64()),
-            "clicks": pa.array([counts[k][1] for k in keys], pa.int64()),
-            "horizon_impressions": pa.array([horizon[0]] * len(keys), pa.int64()),
-            "horizon_clicks": pa.array([horizon[1]] * len(keys), pa.int64()),
-        }
-    )
-    write_deltalake(path, table, mode="overwrite")
+def _write_views(cfg: PlatformConfig, horizons: dict[str, tuple[int, int]]) -> None:
+    for entity, by_key in TOY_BUCKETS.items():
+        flat = [(key, bucket) for key, buckets in by_key.items() for bucket in buckets]
+        keys = {name: [key[i] for key, _ in flat] for i, name in enumerate(KEYS[entity])}
+        table = _view_table(
+            keys,
+            [b[0] for _, b in flat],
+            impressions=pa.array([b[1] for _, b in flat], pa.int64()),
+            clicks=pa.array([b[2] for _, b in flat], pa.int64()),
+            top_position=pa.array([b[3] for _, b in flat], pa.float64()),
+            horizon_impressions=pa.array([horizons[entity][0]] * len(flat), pa.int64()),
+            horizon_clicks=pa.array([horizons[entity][1]] * len(flat), pa.int64()),
+        )
+        write_deltalake(cfg.lake.table(*contract.view_table(entity)), table, mode="overwrite")
 
 
 def test_views_are_read_from_delta_tables(tmp_path: Path) -> None:
     cfg = unit_cfg(**{"lake.root": str(tmp_path / "lake")})
-    _write_view(cfg.lake.table(*contract.USER_VIEW), "user_id", {"u1": (3, 1), "u2": (1, 0)}, (4, 2))
-    _write_view(cfg.lake.table(*contract.ITEM_VIEW), "item_id", {"i9": (4, 1)}, (4, 2))
+    _write_views(cfg, {entity: (5, 4) for entity in TOY_BUCKETS})
     views = load_batch_views(cfg)
-    assert sorted(views.users.counts.items()) == [("u1", EntityCounts(3, 1)), ("u2", EntityCounts(1, 0))]
-    assert sorted(views.items.counts.items()) == [("i9", EntityCounts(4, 1))]
-    assert views.horizon == Horizon(4, 2)
+    assert views.horizon == HORIZON
+    assert (views.size("user"), views.size("item"), views.size("user_device"), views.size("nothing")) == (2, 2, 2, 0)
+    # Every bucket of every key, as written.
+    assert {e: dict(v.rows) for e, v in views.views.items()} == {e: dict(v.rows) for e, v in toy_views().views.items()}
+    (found,) = lookup_features([Row("u1", "i1", "mobile", 2)], views, cfg.features, NOW)
+    assert {k: found[k] for k in U1_I1_MOBILE} == U1_I1_MOBILE
 
 
 def test_views_from_two_batch_runs_are_refused(tmp_path: Path) -> None:
     cfg = unit_cfg(**{"lake.root": str(tmp_path / "lake")})
-    _write_view(cfg.lake.table(*contract.USER_VIEW), "user_id", {"u1": (3, 1)}, (4, 2))
-    _write_view(cfg.lake.table(*contract.ITEM_VIEW), "item_id", {"i9": (4, 1)}, (5, 2))
-    with pytest.raises(ViewLoadError, match="different batch runs"):
+    _write_views(cfg, {"user": (4, 2), "item": (5, 2), "user_device": (4, 2)})
+    with pytest.raises(ViewLoadError, match="different batch runs: user: bronze impressions v4, clicks v2; item: bronze impressions v5"):
         load_batch_views(cfg)
 
 
 def test_a_missing_view_names_its_path(tmp_path: Path) -> None:
-    path = str(tmp_path / "lake" / "views" / "user_counts")
-    with pytest.raises(ViewLoadError, match="no Delta table at .*user_counts: has the batch layer run yet"):
-        read_count_view(path, "user_id")
+    path = str(tmp_path / "lake" / "views" / "user_buckets")
+    with pytest.raises(ViewLoadError, match="no Delta table at .*user_buckets: has the batch layer run yet"):
+        read_bucket_view(path, "user", ["user_id"], ["impressions"])
+
+
+def test_a_view_written_with_other_declarations_is_refused(tmp_path: Path) -> None:
+    cfg = unit_cfg(**{"lake.root": str(tmp_path / "lake")})
+    _write_views(cfg, {entity: (5, 4) for entity in TOY_BUCKETS})
+    path = cfg.lake.table(*contract.view_table("user"))
+    with pytest.raises(ViewLoadError, match="lacks column.* best_position: was it written with other feature declarations"):
+        read_bucket_view(path, "user", ["user_id"], ["impressions", "best_position"])
 
 
 @pytest.mark.parametrize(
@@ -317,11 +425,25 @@ def test_a_failed_load_keeps_the_last_good_value_and_retries_are_throttled() -> 
     assert calls == [0.0, 6.0, 6.0, 6.0]
 
 
-def test_a_graph_with_other_inputs_is_refused() -> None:
-    session = open_onnx_session(toy_onnx_bytes(input_names=("user_impressions", "position")))
-    with pytest.raises(ModelLoadError, match="takes inputs .* but the contract's model inputs are"):
-        check_session(session, "models:/ctr/9")
-    check_session(open_onnx_session(toy_onnx_bytes()), "models:/ctr/3")  # the contract's graph passes
+def test_the_model_inputs_come_from_the_graph() -> None:
+    features = unit_cfg().features
+    # Any subset of the declared features, in the graph's order.
+    assert check_session(open_onnx_session(toy_onnx_bytes()), "models:/ctr/3", features) == TOY_INPUTS
+    reordered = ("position", "item_ctr_7d")
+    assert check_session(open_onnx_session(toy_onnx_bytes(reordered)), "models:/ctr/4", features).numeric == reordered
+
+
+@pytest.mark.parametrize(
+    ("graph", "message"),
+    [
+        (toy_onnx_bytes(("user_impressions", "position")), r"takes inputs \['user_impressions'\] that the feature declarations do not define"),
+        (toy_onnx_bytes(("user_clicks_24h", "device_clicks_1h")), r"\['device_clicks_1h'\] that the feature declarations do not define"),
+        (int_input_onnx_bytes(), r"neither float nor string tensors: user_clicks_24h \(tensor\(int64\)\)"),
+    ],
+)
+def test_a_graph_the_declarations_cannot_feed_is_refused(graph: bytes, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        check_session(open_onnx_session(graph), "models:/ctr/9", unit_cfg().features)
 
 
 def test_the_onnx_file_is_found_through_the_mlmodel_file(tmp_path: Path) -> None:
@@ -331,7 +453,7 @@ def test_the_onnx_file_is_found_through_the_mlmodel_file(tmp_path: Path) -> None
     mlflow.onnx.save_model(onnx.load_from_string(toy_onnx_bytes()), str(tmp_path / "model"))
     found = find_onnx_file(tmp_path / "model")
     assert found.suffix == ".onnx" and found.is_file()
-    check_session(open_onnx_session(found), str(found))
+    assert check_session(open_onnx_session(found), str(found), unit_cfg().features) == TOY_INPUTS
 
 
 def test_an_unreachable_registry_fails_fast() -> None:
@@ -355,7 +477,7 @@ def test_docstring_examples_exist() -> None:
 # --------------------------------------------------------------------------- the HTTP API
 
 
-def test_one_row_is_scored_with_its_view_counts(client: TestClient) -> None:
+def test_one_row_is_scored_with_its_window_features(client: TestClient) -> None:
     response = client.post("/predict", json=row())
     assert response.status_code == 200, response.text
     body = response.json()
@@ -368,10 +490,20 @@ def test_one_row_is_scored_with_its_view_counts(client: TestClient) -> None:
     }
     assert body["views"] == {"horizon": {"impressions": 5, "clicks": 4}, "users": 2, "items": 2}
     (prediction,) = body["predictions"]
-    assert prediction["features"] == {
-        "user_impressions": 10, "user_clicks": 2, "item_impressions": 100, "item_clicks": 5, "position": 2, "device": "mobile",
-    }  # fmt: skip
-    assert prediction["probability"] == pytest.approx(toy_probability(USERS["u1"], ITEMS["i1"], 2, "mobile"), abs=1e-6)
+    # The model's own inputs, in its order, computed at the service's clock (NOW).
+    assert prediction["features"] == {**U1_I1_MOBILE, "position": 2, "device": "mobile"}
+    assert list(prediction["features"]) == list(TOY_INPUTS.names)
+    assert prediction["probability"] == pytest.approx(toy_probability(prediction["features"]), abs=1e-6)
+
+
+def test_a_row_with_an_event_time_is_scored_at_that_time(client: TestClient) -> None:
+    yesterday = (NOW - timedelta(days=1)).isoformat()
+    response = client.post("/predict", json=row(event_time=yesterday))
+    assert response.status_code == 200, response.text
+    features = response.json()["predictions"][0]["features"]
+    # u1's buckets 25 h and 24 h before NOW; i1's only bucket (2 h before NOW) is in the future.
+    assert features == {**U1_I1_MOBILE, "user_impressions_24h": 8.0, "user_clicks_24h": 2.0, "item_ctr_7d": 1 / 21,
+                        "user_device_clicks_1h": 0.0, "position": 2, "device": "mobile"}  # fmt: skip
 
 
 def test_a_batch_is_answered_in_order_and_matches_single_rows(client: TestClient) -> None:
@@ -384,11 +516,12 @@ def test_a_batch_is_answered_in_order_and_matches_single_rows(client: TestClient
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
     assert [(p["user_id"], p["item_id"]) for p in predictions] == [(r["user_id"], r["item_id"]) for r in rows]
-    assert predictions[2]["features"]["user_impressions"] == 0 and predictions[2]["features"]["item_clicks"] == 0
-    expected = [
-        toy_probability(USERS.get(r["user_id"], EntityCounts()), ITEMS.get(r["item_id"], EntityCounts()), r["position"], r["device"])
-        for r in rows
+    expected_features = [
+        {**features, "position": r["position"], "device": r["device"]}
+        for features, r in zip((U1_I1_MOBILE, U2_I2_DESKTOP, STRANGER), rows, strict=True)
     ]
+    assert [p["features"] for p in predictions] == expected_features
+    expected = [toy_probability(f) for f in expected_features]
     np.testing.assert_allclose([p["probability"] for p in predictions], expected, atol=1e-6)
     singles = [client.post("/predict", json=r).json()["predictions"][0]["probability"] for r in rows]
     np.testing.assert_allclose(singles, [p["probability"] for p in predictions], rtol=1e-5)
@@ -406,6 +539,8 @@ def test_a_batch_is_answered_in_order_and_matches_single_rows(client: TestClient
         (row(device=""), "device"),
         (row(user_id="u" * 300), "user_id"),
         (row(colour="red"), "colour"),
+        (row(event_time="2026-11-22T10:00:00"), "event_time"),  # no time zone
+        (row(event_time="yesterday"), "event_time"),
         ({"rows": [row(), row(position=-1)]}, "rows.1.position"),
         ({"rows": [row(), {k: v for k, v in row().items() if k != "device"}]}, "rows.1.device"),
         ({"rows": []}, "rows"),
@@ -463,7 +598,7 @@ def test_without_a_champion_predict_is_503_and_health_still_answers() -> None:
         return champion[0]
 
     models = Reloadable("models:/ctr@champion", load_model, retry_interval_s=5, clock=lambda: now[0])
-    app = create_app(unit_cfg(), models=models, views=Reloadable("views", toy_views))
+    app = create_app(unit_cfg(), models=models, views=Reloadable("views", toy_views), clock=lambda: NOW)
     with TestClient(app) as client:
         health = client.get("/health")
         assert health.status_code == 200
@@ -536,13 +671,35 @@ IMPRESSION_BATCHES, CLICK_BATCHES = 2, 3
 
 
 @dataclass(frozen=True)
+class FeatureEvent:
+    kind: str  # "impressions" or "clicks"
+    user_id: str
+    item_id: str
+    device: str
+    position: int
+    time: datetime
+
+
+@dataclass(frozen=True)
 class SeededBronze:
-    """Bronze rows as the speed layer would land them, and the counts they imply."""
+    """Bronze rows as the speed layer would land them, and the feature events they imply."""
 
     impressions: list[tuple[Any, ...]]
     clicks: list[tuple[Any, ...]]
-    user_counts: dict[str, EntityCounts]
-    item_counts: dict[str, EntityCounts]
+    events: list[FeatureEvent]
+
+    @property
+    def users(self) -> list[str]:
+        return sorted({e.user_id for e in self.events})
+
+    @property
+    def items(self) -> list[str]:
+        return sorted({e.item_id for e in self.events})
+
+
+# Every served row is scored at this time: after the last event (clicks come up to 90 minutes
+# after the 48 h of impressions), so the views hold exactly the events before it.
+SCORING_TIME = datetime(2026, 11, 3, 1, 40, 17, tzinfo=UTC)
 
 
 def seeded_bronze() -> SeededBronze:
@@ -556,7 +713,7 @@ def seeded_bronze() -> SeededBronze:
     item_effect = {f"i{n}": rng.gauss(0, 0.6) for n in range(N_ITEMS)}
     impressions: list[tuple[Any, ...]] = []
     clicks: list[tuple[Any, ...]] = []
-    shown: dict[str, tuple[str, str, datetime]] = {}  # impression id -> user, item, time
+    shown: dict[str, tuple[str, str, str, int, datetime]] = {}  # impression id -> user, item, device, position, time
     click_events: list[tuple[str, str, datetime]] = []  # click id, impression id, time
 
     def land_impression(event: tuple[Any, ...]) -> None:
@@ -574,7 +731,7 @@ def seeded_bronze() -> SeededBronze:
         land_impression(event)
         if rng.random() < 0.03:
             land_impression(event)  # resent by the producer: counts once
-        shown[event_id] = (user, item, time_)
+        shown[event_id] = (user, item, device, position, time_)
         z = -1.2 + user_effect[user] + item_effect[item] - 0.35 * (position - 1) + DEVICE_EFFECT[device]
         if rng.random() < 1 / (1 + math.exp(-z)):
             late = rng.random() < 0.08
@@ -593,26 +750,39 @@ def seeded_bronze() -> SeededBronze:
         land_click(orphan)
         click_events.append(orphan)
 
-    # The counts, by the platform's definitions, from the events themselves (no Spark).
-    user_counts: Counter[tuple[str, str]] = Counter()
-    item_counts: Counter[tuple[str, str]] = Counter()
-    for user, item, _ in shown.values():
-        user_counts[(user, "impressions")] += 1
-        item_counts[(item, "impressions")] += 1
-    for click_id, impression_id, click_time in {c[0]: c for c in click_events}.values():
+    # The feature events, by the platform's definitions, from the events themselves (no Spark):
+    # every distinct impression at its time, every distinct attributed click at the click's.
+    events: list[FeatureEvent] = [FeatureEvent("impressions", *shown[e]) for e in shown]
+    for _, impression_id, click_time in {c[0]: c for c in click_events}.values():
         if impression_id in shown:
-            user, item, shown_at = shown[impression_id]
+            user, item, device, position, shown_at = shown[impression_id]
             if shown_at <= click_time <= shown_at + WINDOW:
-                user_counts[(user, "clicks")] += 1
-                item_counts[(item, "clicks")] += 1
-    users = {u for u, _ in user_counts}
-    items = {i for i, _ in item_counts}
-    return SeededBronze(
-        impressions=impressions,
-        clicks=clicks,
-        user_counts={u: EntityCounts(user_counts[(u, "impressions")], user_counts[(u, "clicks")]) for u in users},
-        item_counts={i: EntityCounts(item_counts[(i, "impressions")], item_counts[(i, "clicks")]) for i in items},
-    )
+                events.append(FeatureEvent("clicks", user, item, device, position, click_time))
+    return SeededBronze(impressions=impressions, clicks=clicks, events=events)
+
+
+def reference_features(bronze: SeededBronze, declared: Any, row: dict[str, Any], at: datetime) -> dict[str, float]:
+    """The declared window features of a request row at ``at``, straight from the definition:
+    per entity and window, the row's entity's events in [start of at's hour - window, at)."""
+    hour = at.replace(minute=0, second=0, microsecond=0)
+    assert declared.bucket == "1h"
+    found: dict[str, float] = {}
+    for entity, spec in declared.entities.items():
+        for window in declared.windows:
+            start = hour - parse_duration(window)
+            mine = [e for e in bronze.events if all(getattr(e, k) == row[k] for k in spec.keys) and start <= e.time < at]
+            totals = {}
+            for name, aggregate in declared.aggregates.items():
+                values = [1 if aggregate.measure is None else getattr(e, aggregate.measure) for e in mine if e.kind == aggregate.events]
+                if aggregate.aggregation in ("count", "sum"):
+                    totals[name] = float(sum(values))
+                else:
+                    totals[name] = float((min if aggregate.aggregation == "min" else max)(values)) if values else aggregate.empty
+                found[f"{entity}_{name}_{window}"] = totals[name]
+            for name, ratio in declared.ratios.items():
+                denominator = totals[ratio.denominator] + ratio.prior_alpha + ratio.prior_beta
+                found[f"{entity}_{name}_{window}"] = (totals[ratio.numerator] + ratio.prior_alpha) / denominator
+    return found
 
 
 def write_bronze(spark: Any, cfg: PlatformConfig, bronze: SeededBronze) -> None:
@@ -713,16 +883,10 @@ def _champion(cfg: PlatformConfig) -> Any:
     return MlflowClient(cfg.mlflow.tracking_uri).get_model_version_by_alias(cfg.mlflow.registered_model, "champion")
 
 
-def _views_read_with_spark(spark: Any, cfg: PlatformConfig) -> tuple[dict[str, EntityCounts], dict[str, EntityCounts]]:
-    def read(view: tuple[str, ...], key: str) -> dict[str, EntityCounts]:
-        rows = spark.read.format("delta").load(cfg.lake.table(*view)).collect()
-        return {r[key]: EntityCounts(r["impressions"], r["clicks"]) for r in rows}
-
-    return read(contract.USER_VIEW, "user_id"), read(contract.ITEM_VIEW, "item_id")
-
-
 def _rows_covering_every_entity(bronze: SeededBronze) -> list[dict[str, Any]]:
-    users, items = sorted(bronze.user_counts), sorted(bronze.item_counts)
+    """Every user and every item at least once, unknown ones, and a pair at positions 1 and 5;
+    all scored at SCORING_TIME."""
+    users, items = bronze.users, bronze.items
     devices = [*DEVICE_EFFECT, "smart-tv"]  # the last one the model never saw
     rows = [
         {"user_id": u, "item_id": items[n % len(items)], "device": devices[n % len(devices)], "position": 1 + n % 5}
@@ -735,7 +899,7 @@ def _rows_covering_every_entity(bronze: SeededBronze) -> list[dict[str, Any]]:
         {"user_id": users[2], "item_id": items[2], "device": "mobile", "position": 1},
         {"user_id": users[2], "item_id": items[2], "device": "mobile", "position": 5},
     ]
-    return rows
+    return [{**r, "event_time": SCORING_TIME.isoformat()} for r in rows]
 
 
 @pytest.mark.integration
@@ -744,6 +908,7 @@ def test_the_service_serves_the_champion_with_its_horizon(trained: Trained, serv
     champion = _champion(trained.cfg)
     assert champion.version == trained.result.versions.onnx
     assert champion.tags[contract.TAG_FLAVOR] == "onnx"
+    assert champion.tags[contract.TAG_MODEL_INPUTS] == contract.model_inputs(trained.cfg.features).tag()
     status, health = _get_json(f"{service.url}/health")
     assert status == 200 and health["ready"] is True and health["problems"] == []
     horizon = {"impressions": IMPRESSION_BATCHES - 1, "clicks": CLICK_BATCHES - 1}
@@ -754,25 +919,47 @@ def test_the_service_serves_the_champion_with_its_horizon(trained: Trained, serv
         "run_id": trained.result.run_id,
         "horizon": horizon,
     }
-    assert health["views"] == {
-        "horizon": horizon,
-        "users": len(trained.bronze.user_counts),
-        "items": len(trained.bronze.item_counts),
-    }
+    users, items = len(trained.bronze.users), len(trained.bronze.items)
+    assert health["views"] == {"horizon": horizon, "users": users, "items": items}
     log_text = service.log_file.read_text()
     assert (
         f"serving {REGISTERED_MODEL} version {champion.version} (alias champion), "
         f"trained on bronze impressions v1, clicks v2 in MLflow run {trained.result.run_id}"
     ) in log_text
-    users, items = len(trained.bronze.user_counts), len(trained.bronze.item_counts)
     assert f"batch views: {users} users, {items} items, from bronze impressions v1, clicks v2" in log_text
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_predictions_equal_onnxruntime_on_the_registered_model(
-    trained: Trained, service: Service, spark: Any, tmp_path: Path
-) -> None:
+def test_served_features_match_the_bronze_data(trained: Trained, service: Service) -> None:
+    """Every served feature equals the definition computed from the raw events in plain Python:
+    the batch views, their reading and the window arithmetic of the service are exact."""
+    declared = trained.cfg.features
+    inputs = contract.model_inputs(declared)
+    rows = _rows_covering_every_entity(trained.bronze)
+    status, body = _post_json(f"{service.url}/predict", {"rows": rows})
+    assert status == 200, body
+    for r, p in zip(rows, body["predictions"], strict=True):
+        expected = reference_features(trained.bronze, declared, r, SCORING_TIME)
+        assert p["features"] == {**expected, "position": r["position"], "device": r["device"]}, r
+        assert list(p["features"]) == list(inputs.names)
+    by_user = {r["user_id"]: p["features"] for r, p in zip(rows, body["predictions"], strict=True)}
+    by_item = {r["item_id"]: p["features"] for r, p in zip(rows, body["predictions"], strict=True)}
+    assert by_user.pop("new-user")["user_impressions_7d"] == 0 and by_item.pop("new-item")["item_clicks_7d"] == 0
+    # The dataset exercises what the counts must skip (resent events, late and orphan clicks),
+    # and the windows tell recent from old: 7 d holds all 48 h, 24 h about half, 1 h little.
+    impressions_7d = sum(f["user_impressions_7d"] for f in by_user.values())
+    assert impressions_7d == sum(f["item_impressions_7d"] for f in by_item.values()) == N_IMPRESSIONS
+    assert N_IMPRESSIONS < len(trained.bronze.impressions)
+    assert 0 < sum(f["user_clicks_7d"] for f in by_user.values()) < len(trained.bronze.clicks)
+    impressions_24h = sum(f["user_impressions_24h"] for f in by_user.values())
+    assert 0.3 * N_IMPRESSIONS < impressions_24h < 0.7 * N_IMPRESSIONS
+    assert sum(f["user_impressions_1h"] for f in by_user.values()) < impressions_24h
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_predictions_equal_onnxruntime_on_the_registered_model(trained: Trained, service: Service, tmp_path: Path) -> None:
     import mlflow.artifacts
     import onnxruntime as ort
 
@@ -784,24 +971,21 @@ def test_predictions_equal_onnxruntime_on_the_registered_model(
     assert body["model"]["name"] == REGISTERED_MODEL and body["model"]["version"] == int(champion.version)
     served = np.array([p["probability"] for p in body["predictions"]])
 
-    # The same rows scored here: inputs built from the view tables (read with Spark), the
-    # champion's ONNX file downloaded from the registry and run in onnxruntime directly.
-    users, items = _views_read_with_spark(spark, cfg)
-    zero = EntityCounts(0, 0)
-    columns = {
-        "user_impressions": [users.get(r["user_id"], zero).impressions for r in rows],
-        "user_clicks": [users.get(r["user_id"], zero).clicks for r in rows],
-        "item_impressions": [items.get(r["item_id"], zero).impressions for r in rows],
-        "item_clicks": [items.get(r["item_id"], zero).clicks for r in rows],
-        "position": [r["position"] for r in rows],
-    }
-    inputs = {name: np.array(values, dtype=np.float32).reshape(-1, 1) for name, values in columns.items()}
-    inputs["device"] = np.array([r["device"] for r in rows], dtype=object).reshape(-1, 1)
+    # The same rows scored here: inputs from the raw events in plain Python, the champion's
+    # ONNX file downloaded from the registry and run in onnxruntime directly, fed by the names
+    # and types its graph declares.
     local = mlflow.artifacts.download_artifacts(
         f"models:/{REGISTERED_MODEL}/{champion.version}", dst_path=str(tmp_path), tracking_uri=cfg.mlflow.tracking_uri
     )
     (onnx_file,) = Path(local).rglob("*.onnx")
-    (probability,) = ort.InferenceSession(str(onnx_file)).run([contract.ONNX_PROBABILITY_OUTPUT], inputs)
+    session = ort.InferenceSession(str(onnx_file))
+    features = [{**reference_features(trained.bronze, cfg.features, r, SCORING_TIME), **r} for r in rows]
+    inputs = {}
+    for graph_input in session.get_inputs():
+        kind = np.float32 if graph_input.type == "tensor(float)" else object
+        inputs[graph_input.name] = np.array([f[graph_input.name] for f in features], dtype=kind).reshape(-1, 1)
+    assert len(inputs) == len(contract.model_inputs(cfg.features).names) == 38
+    (probability,) = session.run([contract.ONNX_PROBABILITY_OUTPUT], inputs)
     np.testing.assert_allclose(served, probability[:, 1], rtol=1e-5, atol=1e-7)
 
     assert len(served) == len(rows) and np.all((served > 0) & (served < 1))
@@ -817,24 +1001,15 @@ def test_predictions_equal_onnxruntime_on_the_registered_model(
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_served_counts_match_the_bronze_data(trained: Trained, service: Service) -> None:
-    rows = _rows_covering_every_entity(trained.bronze)
-    status, body = _post_json(f"{service.url}/predict", {"rows": rows})
+def test_without_an_event_time_rows_are_scored_now(trained: Trained, service: Service) -> None:
+    """The service's clock is the wall clock: weeks after the seeded data, every window is empty."""
+    row_now = {k: v for k, v in _rows_covering_every_entity(trained.bronze)[0].items() if k != "event_time"}
+    assert datetime.now(UTC) - SCORING_TIME > timedelta(days=8)
+    status, body = _post_json(f"{service.url}/predict", row_now)
     assert status == 200, body
-    served_users: dict[str, EntityCounts] = {}
-    served_items: dict[str, EntityCounts] = {}
-    for r, p in zip(rows, body["predictions"], strict=True):
-        f = p["features"]
-        served_users[r["user_id"]] = EntityCounts(f["user_impressions"], f["user_clicks"])
-        served_items[r["item_id"]] = EntityCounts(f["item_impressions"], f["item_clicks"])
-        assert (f["position"], f["device"]) == (r["position"], r["device"])
-    assert served_users.pop("new-user") == EntityCounts(0, 0)
-    assert served_items.pop("new-item") == EntityCounts(0, 0)
-    assert served_users == trained.bronze.user_counts
-    assert served_items == trained.bronze.item_counts
-    # The dataset exercises what the counts must skip: resent events, late and orphan clicks.
-    assert sum(c.impressions for c in served_users.values()) == N_IMPRESSIONS < len(trained.bronze.impressions)
-    assert 0 < sum(c.clicks for c in served_users.values()) < len(trained.bronze.clicks)
+    features = body["predictions"][0]["features"]
+    numeric = {k: v for k, v in features.items() if k not in ("position", "device")}
+    assert numeric == {k: (1 / 21 if "_ctr_" in k else 0.0) for k in numeric}
 
 
 @pytest.mark.integration
@@ -857,6 +1032,7 @@ def test_the_model_store_reads_the_registry(trained: Trained) -> None:
     from serving_layer.model_store import load_registered_model
 
     model = load_registered_model(trained.cfg)
+    assert model.inputs == contract.model_inputs(trained.cfg.features)
     assert model.version == int(trained.result.versions.onnx)
     assert model.run_id == trained.result.run_id
     assert model.horizon == Horizon(trained.result.horizon.impressions, trained.result.horizon.clicks)

@@ -1,0 +1,190 @@
+"""The click model: a Spark ML pipeline for ``ctr.model`` (``lr`` or ``gbt``), and the small
+hyper-parameter search that chooses its parameters.
+
+The search compares the candidates of ``ctr.search.<model>`` on a time-based validation split
+carved from the *training* rows (their most recent ``validation_fraction``), then refits the
+winner on all training rows. The holdout is not an argument of anything here: it cannot leak
+into the choice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pyspark.ml import Estimator, Pipeline, PipelineModel
+from pyspark.ml.classification import GBTClassifier, LogisticRegression
+from pyspark.ml.feature import OneHotEncoder, StandardScaler, StringIndexer, VectorAssembler
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from batch_layer.evaluation import TrainingError, auc, score, split_by_time
+from lambda_ml import contract
+from lambda_ml.config import CtrConfig, PlatformConfig
+from lambda_ml.features import LABEL
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, Any]  # one model's parameters, named as in ``ctr`` (snake_case)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """How one ``ctr.model`` value is built: its classifier, and whether numbers are standardised."""
+
+    classifier: Callable[[Params], Estimator]
+    scales_numbers: bool  # linear models need comparable scales; trees split on raw values
+
+
+def _logistic_regression(params: Params) -> Estimator:
+    return LogisticRegression(
+        featuresCol="features",
+        labelCol=LABEL,
+        regParam=params["reg_param"],
+        elasticNetParam=params["elastic_net_param"],
+        maxIter=params["max_iter"],
+    )
+
+
+def _gradient_boosted_trees(params: Params) -> Estimator:
+    return GBTClassifier(
+        featuresCol="features",
+        labelCol=LABEL,
+        maxDepth=params["max_depth"],
+        maxIter=params["max_iter"],
+        stepSize=params["step_size"],
+        subsamplingRate=params["subsampling_rate"],
+        maxBins=params["max_bins"],
+        seed=params["seed"],
+    )
+
+
+# ``ctr.model`` -> how to build it; the config's Literal and this table must list the same names.
+MODEL_KINDS: dict[str, ModelKind] = {
+    "lr": ModelKind(_logistic_regression, scales_numbers=True),
+    "gbt": ModelKind(_gradient_boosted_trees, scales_numbers=False),
+}
+
+
+def base_params(ctr: CtrConfig) -> Params:
+    """The selected model's parameters as configured, before any search.
+
+    >>> base_params(CtrConfig(reg_param=0.5))
+    {'reg_param': 0.5, 'elastic_net_param': 0.0, 'max_iter': 50}
+    """
+    if ctr.model == "lr":
+        return {"reg_param": ctr.reg_param, "elastic_net_param": ctr.elastic_net_param, "max_iter": ctr.max_iter}
+    return ctr.gbt.model_dump()
+
+
+def param_grid(ctr: CtrConfig) -> list[Params]:
+    """Every combination of the selected model's grid values, over its base parameters.
+
+    >>> from lambda_ml.config import LrGridConfig, SearchConfig
+    >>> grid = LrGridConfig(reg_param=(0.1, 1.0), elastic_net_param=())
+    >>> [p["reg_param"] for p in param_grid(CtrConfig(search=SearchConfig(lr=grid)))]
+    [0.1, 1.0]
+    """
+    base = base_params(ctr)
+    grid = getattr(ctr.search, ctr.model).model_dump()
+    axes = [(name, values) for name, values in grid.items() if values]
+    names = [name for name, _ in axes]
+    return [{**base, **dict(zip(names, combination))} for combination in itertools.product(*(v for _, v in axes))]
+
+
+def build_pipeline(cfg: PlatformConfig, params: Params | None = None) -> Pipeline:
+    """Categorical inputs one-hot encoded, numbers assembled (standardised for ``lr``), then the
+    classifier of ``cfg.ctr.model`` with ``params`` (default: :func:`base_params`).
+
+    Unknown categories index as "unknown" and encode as all zeros (``handleInvalid="keep"`` with
+    ``dropLast``): the one setting whose ONNX export matches Spark for unseen values.
+    """
+    kind = MODEL_KINDS[cfg.ctr.model]
+    inputs = contract.model_inputs(cfg.features)
+    indexed = [f"{name}_index" for name in inputs.categorical]
+    encoded = [f"{name}_onehot" for name in inputs.categorical]
+    stages: list[Any] = []
+    if inputs.categorical:
+        stages += [
+            StringIndexer(inputCols=list(inputs.categorical), outputCols=indexed, handleInvalid="keep"),
+            OneHotEncoder(inputCols=indexed, outputCols=encoded, handleInvalid="keep", dropLast=True),
+        ]
+    stages.append(VectorAssembler(inputCols=list(inputs.numeric), outputCol="numeric"))
+    numbers = "numeric"
+    if kind.scales_numbers:
+        stages.append(StandardScaler(inputCol="numeric", outputCol="numeric_scaled", withMean=True, withStd=True))
+        numbers = "numeric_scaled"
+    stages.append(VectorAssembler(inputCols=[numbers, *encoded], outputCol="features"))
+    stages.append(kind.classifier(base_params(cfg.ctr) if params is None else params))
+    return Pipeline(stages=stages)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the grid and its validation AUC (None when there was nothing to choose)."""
+
+    params: Params
+    validation_auc: float | None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen parameters, the model refitted with them on all training rows, and the search."""
+
+    model: PipelineModel
+    params: Params
+    candidates: tuple[Candidate, ...]
+    validation_after: datetime | None  # the validation rows' lower bound; None without a search
+
+    def report(self) -> dict[str, Any]:
+        """The search as JSON (logged with the run)."""
+        return {
+            "chosen": self.params,
+            "validation_after": None if self.validation_after is None else self.validation_after.isoformat(),
+            "candidates": [{"params": c.params, "validation_auc": c.validation_auc} for c in self.candidates],
+        }
+
+
+def _class_counts(df: DataFrame) -> tuple[int, int]:
+    row = df.agg(F.count("*"), F.sum(LABEL)).first()
+    assert row is not None  # a global aggregate always has one row
+    return int(row[0]), int(row[1] or 0)
+
+
+def select_model(train: DataFrame, cfg: PlatformConfig) -> Selection:
+    """Fit the model of ``cfg.ctr.model``, choosing its parameters on a validation split.
+
+    With a single candidate there is nothing to compare: it is fitted on ``train`` directly.
+    Otherwise each candidate is fitted on the training rows up to the validation cutoff and
+    scored on the rows after it; the best AUC wins (the first in grid order on a tie).
+    """
+    grid = param_grid(cfg.ctr)
+    if len(grid) == 1:
+        (params,) = grid
+        return Selection(build_pipeline(cfg, params).fit(train), params, (Candidate(params, None),), None)
+
+    fit_part, validation, cutoff = split_by_time(train, cfg.ctr.search.validation_fraction)
+    fit_part, validation = fit_part.cache(), validation.cache()
+    try:
+        for name, part in (("fitting", fit_part), ("validation", validation)):
+            rows, positives = _class_counts(part)
+            if positives in (0, rows):
+                raise TrainingError(
+                    f"the {name} part of the search has {rows} rows of which {positives} clicked: both classes "
+                    "are needed (lower ctr.search.validation_fraction, or leave one value per grid list)"
+                )
+        candidates = []
+        for params in grid:
+            validation_auc = auc(score(build_pipeline(cfg, params).fit(fit_part), validation))
+            log.info("%s %s: validation AUC %.4f", cfg.ctr.model, params, validation_auc)
+            candidates.append(Candidate(params, validation_auc))
+    finally:
+        fit_part.unpersist()
+        validation.unpersist()
+    best = max(candidates, key=lambda c: c.validation_auc or 0.0)  # max keeps the first of ties
+    log.info("chose %s %s of %d candidates (validation after %s)", cfg.ctr.model, best.params, len(grid), cutoff)
+    return Selection(build_pipeline(cfg, best.params).fit(train), best.params, tuple(candidates), cutoff)

@@ -1,0 +1,136 @@
+"""Event-time buckets and the window features read from them, in plain Python (no Spark).
+
+The serving layer computes a request's features here, from the view rows it loaded;
+``lambda_ml.features`` computes the same declarations with Spark for training. Both follow one
+definition: at scoring time ``t``, window ``W`` covers the events in ``[bucket_start(t) - W, t)``.
+At serving time those are the stored buckets starting in ``[bucket_start(t) - W, bucket_start(t)]``,
+since the current bucket only holds events before now.
+
+Buckets combine as monoids: counts and sums add (0 when empty), min and max take the smallest
+or largest value present (None when empty).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from lambda_ml import contract
+from lambda_ml.config import FeaturesConfig, parse_duration
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_micros(value: datetime | timedelta) -> int:
+    """A UTC instant as epoch microseconds, or a duration in microseconds, exactly.
+
+    >>> to_micros(datetime(1970, 1, 1, 0, 0, 1, 5, tzinfo=UTC)), to_micros(timedelta(hours=1))
+    (1000005, 3600000000)
+    """
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"{value} has no time zone; event times are UTC instants")
+        value = value - _EPOCH
+    return (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
+
+
+def from_micros(micros: int) -> datetime:
+    """Epoch microseconds as a UTC datetime."""
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+def bucket_start(at: datetime, width: timedelta) -> datetime:
+    """Start of the bucket holding ``at``; buckets are aligned on the epoch, as Spark's ``window``.
+
+    >>> bucket_start(datetime(2026, 1, 1, 10, 59, 59, tzinfo=UTC), timedelta(hours=1))
+    datetime.datetime(2026, 1, 1, 10, 0, tzinfo=datetime.timezone.utc)
+    """
+    micros, step = to_micros(at), to_micros(width)
+    return from_micros(micros - micros % step)
+
+
+def combine(aggregation: str, values: Iterable[float | None]) -> float | None:
+    """Combine bucket values of one aggregate (the monoid's operation over many).
+
+    >>> combine("count", [3, None, 2]), combine("sum", []), combine("min", [4.0, None, 2.0]), combine("max", [])
+    (5.0, 0.0, 2.0, None)
+    """
+    present = [float(v) for v in values if v is not None]
+    if aggregation in ("count", "sum"):
+        return float(sum(present))
+    if aggregation == "min":
+        return min(present, default=None)
+    if aggregation == "max":
+        return max(present, default=None)
+    raise ValueError(f"unknown aggregation {aggregation!r}: expected count, sum, min or max")
+
+
+def ratio(numerator: float, denominator: float, prior_alpha: float, prior_beta: float) -> float:
+    """``(numerator + alpha) / (denominator + alpha + beta)``: a rate shrunk towards the prior.
+
+    >>> ratio(0, 0, 1, 20), ratio(3, 10, 1, 20)
+    (0.047619047619047616, 0.12903225806451613)
+    """
+    return (numerator + prior_alpha) / (denominator + prior_alpha + prior_beta)
+
+
+@dataclass(frozen=True)
+class EntityBuckets:
+    """One entity's bucket rows: starts in ascending epoch microseconds, one value column per
+    aggregate (a missing column reads as empty)."""
+
+    starts: tuple[int, ...] = ()
+    values: Mapping[str, tuple[float | None, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if any(later <= earlier for earlier, later in zip(self.starts, self.starts[1:])):
+            raise ValueError("bucket starts must be strictly ascending (one row per bucket)")
+        for name, column in self.values.items():
+            if len(column) != len(self.starts):
+                raise ValueError(f"aggregate {name} has {len(column)} values for {len(self.starts)} buckets")
+
+    def between(self, aggregate: str, first: int, last: int) -> tuple[float | None, ...]:
+        """The aggregate's values in the buckets starting in ``[first, last]`` (microseconds)."""
+        column = self.values.get(aggregate)
+        if column is None:
+            return ()
+        return column[bisect_left(self.starts, first) : bisect_right(self.starts, last)]
+
+
+NO_BUCKETS = EntityBuckets()
+
+
+def window_features(features: FeaturesConfig, entity: str, buckets: EntityBuckets, at: datetime) -> dict[str, float]:
+    """Every window feature of one entity at scoring time ``at``, named as in the contract.
+
+    >>> from lambda_ml.config import FeaturesConfig
+    >>> cfg = FeaturesConfig.model_validate({
+    ...     "bucket": "1h", "windows": ["1h", "2h"], "entities": {"user": {"keys": ["user_id"]}},
+    ...     "aggregates": {"clicks": {"events": "clicks", "aggregation": "count"},
+    ...                    "shown": {"events": "impressions", "aggregation": "count"}},
+    ...     "ratios": {"ctr": {"numerator": "clicks", "denominator": "shown", "prior_alpha": 1, "prior_beta": 1}}})
+    >>> hour = to_micros(timedelta(hours=1))
+    >>> rows = EntityBuckets((7 * hour, 8 * hour, 9 * hour), {"clicks": (1, 1, 2), "shown": (2, 4, 5)})
+    >>> window_features(cfg, "user", rows, from_micros(9 * hour + 60_000_000))  # 09:01: 08:00-09:01, 07:00-09:01
+    {'user_clicks_1h': 3.0, 'user_clicks_2h': 4.0, 'user_shown_1h': 9.0, 'user_shown_2h': 11.0, 'user_ctr_1h': 0.36363636363636365, 'user_ctr_2h': 0.38461538461538464}
+    """
+    current = to_micros(bucket_start(at, features.bucket_width))
+    totals: dict[tuple[str, str], float | None] = {}
+    for window in features.windows:
+        first = current - to_micros(parse_duration(window))
+        for name, aggregate in features.aggregates.items():
+            totals[(name, window)] = combine(aggregate.aggregation, buckets.between(name, first, current))
+    found: dict[str, float] = {}
+    for name, aggregate in features.aggregates.items():
+        for window in features.windows:
+            value = totals[(name, window)]
+            found[contract.window_feature_name(entity, name, window)] = aggregate.empty if value is None else value
+    for name, declared in features.ratios.items():
+        for window in features.windows:
+            numerator, denominator = totals[(declared.numerator, window)], totals[(declared.denominator, window)]
+            assert numerator is not None and denominator is not None  # counts and sums are never None
+            value = ratio(numerator, denominator, declared.prior_alpha, declared.prior_beta)
+            found[contract.window_feature_name(entity, name, window)] = value
+    return found
