@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from pyspark.ml import PipelineModel
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.ml.functions import vector_to_array
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from lambda_ml.features import LABEL
@@ -54,17 +54,24 @@ def split_by_time(df: DataFrame, holdout_fraction: float) -> tuple[DataFrame, Da
 _SAMPLE_RESOLUTION = 1 << 30
 
 
+def in_sample(rows: int, max_rows: int) -> Column:
+    """True for the rows of a uniform sample of about ``max_rows`` out of ``rows`` (all of them
+    if there are no more): a row is in when a hash of its ``event_id`` falls under
+    ``max_rows / rows``. A smaller sample of the same rows is a subset of a larger one."""
+    if rows <= max_rows:
+        return F.lit(True)
+    threshold = int(_SAMPLE_RESOLUTION * max_rows / rows)
+    return F.pmod(F.xxhash64("event_id"), F.lit(_SAMPLE_RESOLUTION)) < F.lit(threshold)
+
+
 def sample_rows(df: DataFrame, rows: int, max_rows: int) -> DataFrame:
-    """About ``max_rows`` of the ``rows`` rows of ``df`` (all of them if there are no more),
-    uniformly: a row is kept when a hash of its ``event_id`` falls under ``max_rows / rows``.
+    """About ``max_rows`` of ``rows`` rows (see :func:`in_sample`); ``df`` itself when there are
+    no more. ``df`` may hold the ``rows`` or any part of them that contains the sample.
 
     Deterministic: the same rows always give the same sample, whatever their partitioning, so a
     re-run for the same horizon fits the same model.
     """
-    if rows <= max_rows:
-        return df
-    threshold = int(_SAMPLE_RESOLUTION * max_rows / rows)
-    return df.where(F.pmod(F.xxhash64("event_id"), F.lit(_SAMPLE_RESOLUTION)) < F.lit(threshold))
+    return df if rows <= max_rows else df.where(in_sample(rows, max_rows))
 
 
 def score(model: PipelineModel, df: DataFrame) -> DataFrame:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +32,7 @@ from lambda_ml.features import LABEL
 log = logging.getLogger(__name__)
 
 Params = dict[str, Any]  # one model's parameters, named as in ``ctr`` (snake_case)
+SEARCH_PARALLELISM = 4  # candidates fitted at once
 
 
 def _logistic_regression(params: Params) -> Estimator:
@@ -148,8 +150,9 @@ def _class_counts(df: DataFrame) -> tuple[int, int]:
 def select_model(train: DataFrame, cfg: PlatformConfig, rows: int | None = None) -> Selection:
     """Fit the model of ``cfg.ctr.model``, choosing its parameters on a validation split.
 
-    ``rows`` is the number of rows of ``train`` (counted when not given). The model is fitted
-    on all of them, or on a uniform sample of ``ctr.max_training_rows`` when there are more.
+    ``rows`` is the number of training rows (counted when not given); ``train`` holds them, or
+    any part of them containing the fitting sample. The model is fitted on all of them, or on
+    a uniform sample of ``ctr.max_training_rows`` when there are more.
     With a single candidate there is nothing to compare. Otherwise the candidates are compared
     on a sample of at most ``ctr.search.max_rows`` training rows: each is fitted on the sample's
     rows up to the validation cutoff and scored on the rows after it; the best AUC wins (the
@@ -162,7 +165,16 @@ def select_model(train: DataFrame, cfg: PlatformConfig, rows: int | None = None)
         (params,) = grid
         return Selection(build_pipeline(cfg, params).fit(fit_rows), params, (Candidate(params, None),), None)
 
-    searched = sample_rows(train, rows, cfg.ctr.search.max_rows)
+    # A smaller sample of the same rows is a subset of the fitting sample.
+    within = fit_rows if cfg.ctr.search.max_rows <= cfg.ctr.max_training_rows else train
+    candidates, cutoff = _search(sample_rows(within, rows, cfg.ctr.search.max_rows), grid, cfg)
+    best = max(candidates, key=lambda c: c.validation_auc or 0.0)  # max keeps the first of ties
+    log.info("chose %s %s of %d candidates (validation after %s)", cfg.ctr.model, best.params, len(grid), cutoff)
+    return Selection(build_pipeline(cfg, best.params).fit(fit_rows), best.params, tuple(candidates), cutoff)
+
+
+def _search(searched: DataFrame, grid: list[Params], cfg: PlatformConfig) -> tuple[list[Candidate], datetime]:
+    """Each candidate fitted on the older rows of ``searched`` and scored on its latest ones."""
     fit_part, validation, cutoff = split_by_time(searched, cfg.ctr.search.validation_fraction)
     fit_part, validation = fit_part.cache(), validation.cache()
     try:
@@ -173,14 +185,17 @@ def select_model(train: DataFrame, cfg: PlatformConfig, rows: int | None = None)
                     f"the {name} part of the search has {rows} rows of which {positives} clicked: both classes "
                     "are needed (lower ctr.search.validation_fraction, or leave one value per grid list)"
                 )
-        candidates = []
-        for params in grid:
+
+        def judge(params: Params) -> Candidate:
             validation_auc = auc(score(build_pipeline(cfg, params).fit(fit_part), validation))
             log.info("%s %s: validation AUC %.4f", cfg.ctr.model, params, validation_auc)
-            candidates.append(Candidate(params, validation_auc))
+            return Candidate(params, validation_auc)
+
+        # Fitted side by side: an optimiser step is a small Spark job, and one fit alone leaves
+        # the cores idle between its jobs.
+        with ThreadPoolExecutor(max_workers=min(len(grid), SEARCH_PARALLELISM)) as pool:
+            candidates = list(pool.map(judge, grid))
     finally:
         fit_part.unpersist()
         validation.unpersist()
-    best = max(candidates, key=lambda c: c.validation_auc or 0.0)  # max keeps the first of ties
-    log.info("chose %s %s of %d candidates (validation after %s)", cfg.ctr.model, best.params, len(grid), cutoff)
-    return Selection(build_pipeline(cfg, best.params).fit(fit_rows), best.params, tuple(candidates), cutoff)
+    return candidates, cutoff

@@ -38,6 +38,7 @@ from batch_layer.evaluation import (
     auc,
     calibration_figure,
     evaluate,
+    in_sample,
     score,
     split_by_time,
 )
@@ -64,7 +65,7 @@ from lambda_ml.features import (
 )
 from lambda_ml.logs import setup_logging
 from lambda_ml.schemas import CLICK, IMPRESSION
-from lambda_ml.spark import get_spark
+from lambda_ml.spark import get_spark, shuffle_partitions
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,29 @@ def build_training_set(impressions: DataFrame, clicks: DataFrame, cfg: PlatformC
     return training_rows(labelled_events(impressions, clicks, cfg, as_of), cfg)
 
 
+def split_counts(labelled: DataFrame, cutoff: datetime) -> dict[str, int]:
+    """Rows and positives of the labelled impressions up to ``cutoff`` (train) and after it
+    (holdout), in one pass; fail with a plain reason if either lacks a class."""
+    held = F.col("event_time") > F.lit(cutoff)
+    row = labelled.agg(
+        F.count(F.when(~held, 1)).alias("train"),
+        F.sum(F.when(~held, F.col(LABEL))).alias("train_positives"),
+        F.count(F.when(held, 1)).alias("holdout"),
+        F.sum(F.when(held, F.col(LABEL))).alias("holdout_positives"),
+    ).first()
+    assert row is not None  # a global aggregate always has one row
+    counts = {name: int(row[name] or 0) for name in ("train", "train_positives", "holdout", "holdout_positives")}
+    _require_both_classes(counts)
+    return counts
+
+
+def _require_both_classes(counts: dict[str, int]) -> None:
+    for part in ("train", "holdout"):
+        rows, positives = counts[part], counts[f"{part}_positives"]
+        if positives == 0 or positives == rows:
+            raise TrainingError(f"the {part} set has {rows} rows of which {positives} clicked: both classes are needed")
+
+
 def check_trainable(train: DataFrame, holdout: DataFrame) -> dict[str, int]:
     """Row and positive counts; fail with a plain reason if the split cannot train or evaluate.
 
@@ -167,10 +191,7 @@ def check_trainable(train: DataFrame, holdout: DataFrame) -> dict[str, int]:
         "holdout": int(held["rows"]),
         "holdout_positives": int(held["positives"] or 0),
     }
-    for part in ("train", "holdout"):
-        rows, positives = counts[part], counts[f"{part}_positives"]
-        if positives == 0 or positives == rows:
-            raise TrainingError(f"the {part} set has {rows} rows of which {positives} clicked: both classes are needed")
+    _require_both_classes(counts)
     constant = [name for name in numeric if not stats[name]]
     if constant:
         raise TrainingError(f"numeric features {constant} are constant over the {counts['train']} training rows")
@@ -194,7 +215,19 @@ def run(
     Spark's holdout probabilities within ``ctr.parity_atol``; the MLflow run is then left FAILED
     with ``parity=failed``. If versions with the same lineage (horizon, config and feature
     definitions) are already registered, nothing is trained and they are returned (``reused``).
+    Shuffles use ``spark.batch_shuffle_partitions`` for the run.
     """
+    with shuffle_partitions(spark, cfg.spark.batch_shuffle_partitions):
+        return _run(spark, cfg, impressions_version, clicks_version, snapshot_as_of)
+
+
+def _run(
+    spark: SparkSession,
+    cfg: PlatformConfig,
+    impressions_version: int | None,
+    clicks_version: int | None,
+    snapshot_as_of: datetime | None,
+) -> TrainResult:
     snapshot = read_snapshot(spark, cfg, impressions_version, clicks_version, as_of=snapshot_as_of)
     horizon = snapshot.horizon
     log.info("pinned %s", horizon)
@@ -224,16 +257,28 @@ def run(
         # Whole-bucket window values come from the published views themselves.
         views = {entity: spark.read.format("delta").load(path) for entity, path in paths.items()}
 
-        training = training_rows(events, cfg, views).cache()
-        train, holdout, cutoff = split_by_time(training, cfg.ctr.holdout_fraction)
+        # The split and its counts come from the narrow events; window features are then kept
+        # (cached) for the holdout and for the training rows the model is fitted on only.
+        labelled = events.where((F.col(KIND) == IMPRESSIONS) & F.col(LABEL).isNotNull())
+        _, _, cutoff = split_by_time(labelled, cfg.ctr.holdout_fraction)
+        split = split_counts(labelled, cutoff)
+        held = F.col("event_time") > F.lit(cutoff)
+        fitted = in_sample(split["train"], cfg.ctr.max_training_rows)
+        training = training_rows(events, cfg, views).where(held | fitted).cache()
+        train, holdout = training.where(~held), training.where(held)
+        fitted_counts = check_trainable(train, holdout)
         events.unpersist()
-        rows = {**counted, **check_trainable(train, holdout)}
-        rows["labelled"] = rows["train"] + rows["holdout"]
-        log.info("labelled %d impressions up to %s; holdout after %s", rows["labelled"], as_of, cutoff)
+        rows = {**counted, **split, "train_fitted": fitted_counts["train"], "labelled": split["train"] + split["holdout"]}
+        log.info(
+            "labelled %d impressions up to %s; holdout after %s (%d rows); fitting on %d of %d training rows",
+            rows["labelled"], as_of, cutoff, rows["holdout"], rows["train_fitted"], rows["train"],
+        )  # fmt: skip
 
         selection = select_model(train, cfg, rows["train"])
         model = selection.model
-        scored = score(model, holdout).cache()
+        inputs = contract.model_inputs(cfg.features)
+        # Only what the metrics and the parity check read is cached (not the model's vectors).
+        scored = score(model, holdout).select(*inputs.names, LABEL, CLICK_PROBABILITY).cache()
         evaluation = evaluate(scored, cfg.ctr.calibration_bins)
         log.info(
             "holdout AUC %.4f, log loss %.4f, ECE %.4f over %d rows",
@@ -243,7 +288,6 @@ def run(
             evaluation.rows,
         )
 
-        inputs = contract.model_inputs(cfg.features)
         onnx_model = export_onnx(model, spark, inputs, name=cfg.mlflow.registered_model)
         compared = scored.select(*inputs.names, CLICK_PROBABILITY).limit(PARITY_MAX_ROWS).toPandas()
         scored.unpersist()

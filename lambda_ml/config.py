@@ -48,6 +48,7 @@ class SparkConfig(_Model):
     master: str = "local[2]"
     app_name: str = "lambda-ml"
     shuffle_partitions: int = Field(4, gt=0)
+    batch_shuffle_partitions: int = Field(16, gt=0)
     driver_memory: str = "2g"
     ui_enabled: bool = False
     extra: dict[str, str] = {}
@@ -137,7 +138,7 @@ class SearchConfig(_Model):
 class CtrConfig(_Model):
     attribution_window_minutes: int = Field(30, gt=0)
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
-    max_training_rows: int = Field(2_000_000, gt=0)
+    max_training_rows: int = Field(1_000_000, gt=0)
     model: Literal["lr", "gbt"] = "lr"
     # Logistic regression (model: lr).
     reg_param: float = Field(0.01, ge=0)

@@ -261,7 +261,7 @@ def bucket_series(
 
 
 def _entity_window_features(frame: DataFrame, series: DataFrame, name: str, entity: FeatureEntityConfig, features: FeaturesConfig) -> DataFrame:
-    """``frame`` with the entity's window features on every row, at the row's ``event_time``.
+    """``frame`` with the entity's window aggregates on every row, at the row's ``event_time``.
 
     Rows with a ``kind`` are events and count; other rows only receive features. One shuffle
     and one sort: the series rows (each bucket's whole-bucket values) join the frame as extra
@@ -286,24 +286,31 @@ def _entity_window_features(frame: DataFrame, series: DataFrame, name: str, enti
     kept = [column for column in combined.columns if column not in whole_names]
     spread = combined.select(*kept, *wholes, *parts).where(~F.col(_HEAD))
 
-    computed: dict[tuple[str, str], Column] = {}
-    for window in features.windows:
-        for agg, aggregate in features.aggregates.items():
-            computed[(agg, window)] = _window_value(aggregate, F.col(f"_whole_{agg}_{window}"), F.col(f"_part_{agg}"))
     outputs = [
-        computed[(agg, window)].alias(contract.window_feature_name(name, agg, window))
-        for agg in features.aggregates
+        _window_value(aggregate, F.col(f"_whole_{agg}_{window}"), F.col(f"_part_{agg}")).alias(
+            contract.window_feature_name(name, agg, window)
+        )
+        for agg, aggregate in features.aggregates.items()
         for window in features.windows
     ]
-    for ratio_name, ratio in features.ratios.items():
-        for window in features.windows:
-            numerator, denominator = computed[(ratio.numerator, window)], computed[(ratio.denominator, window)]
-            value = (numerator + F.lit(float(ratio.prior_alpha))) / (
-                denominator + F.lit(float(ratio.prior_alpha)) + F.lit(float(ratio.prior_beta))
-            )
-            outputs.append(value.alias(contract.window_feature_name(name, ratio_name, window)))
     helpers = [*whole_names, *(f"_part_{agg}" for agg in features.aggregates), _MICROS, _INDEX, _HEAD]
     return spread.select("*", *outputs).drop(*helpers)
+
+
+def _with_ratios(frame: DataFrame, features: FeaturesConfig) -> DataFrame:
+    """Every entity's Beta-prior ratios from its window aggregates, added last: the sorts of
+    the entity passes carry the aggregates only."""
+    ratios = []
+    for name in features.entities:
+        for ratio_name, ratio in features.ratios.items():
+            for window in features.windows:
+                numerator = F.col(contract.window_feature_name(name, ratio.numerator, window))
+                denominator = F.col(contract.window_feature_name(name, ratio.denominator, window))
+                value = (numerator + F.lit(float(ratio.prior_alpha))) / (
+                    denominator + F.lit(float(ratio.prior_alpha)) + F.lit(float(ratio.prior_beta))
+                )
+                ratios.append(value.alias(contract.window_feature_name(name, ratio_name, window)))
+    return frame.select("*", *ratios)
 
 
 def event_window_features(
@@ -322,7 +329,7 @@ def event_window_features(
     for name, entity in features.entities.items():
         rows = bucket_increments(events, entity, features) if bucket_rows is None else bucket_rows[name]
         frame = _entity_window_features(frame, bucket_series(rows, entity, features), name, entity, features)
-    return frame
+    return _with_ratios(frame, features)
 
 
 def add_window_features(targets: DataFrame, events: DataFrame, features: FeaturesConfig) -> DataFrame:
@@ -342,7 +349,7 @@ def add_window_features(targets: DataFrame, events: DataFrame, features: Feature
         series = bucket_series(bucket_increments(events, entity, features), entity, features, wanted)
         frame = _entity_window_features(frame, series, name, entity, features)
     event_only = [column for column in events.columns if column not in targets.columns]
-    return frame.where(F.col(_PROBE)).drop(_PROBE, *event_only)
+    return _with_ratios(frame.where(F.col(_PROBE)).drop(_PROBE, *event_only), features)
 
 
 def model_input_columns(inputs: ModelInputs) -> list[Column]:

@@ -40,6 +40,7 @@ Row = tuple[Any, ...]  # one event's values, in schema order
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 WINDOW = timedelta(minutes=30)
+FITTED = 1000  # ctr.max_training_rows of the job
 
 
 # --------------------------------------------------------------------------- bronze rows
@@ -257,8 +258,11 @@ def generated() -> Generated:
 def job_cfg(
     running_stack: PlatformConfig, spark: SparkSession, generated: Generated, tmp_path_factory: pytest.TempPathFactory
 ) -> PlatformConfig:
-    """Bronze Delta tables with three commits each (versions 0, 1, 2) in an isolated lake."""
-    job = isolated(running_stack, "ctr-batch-test", lake_root=tmp_path_factory.mktemp("batch") / "lake")
+    """Bronze Delta tables with three commits each (versions 0, 1, 2) in an isolated lake. The
+    model is fitted on a sample of about 1000 of the (about 2400) training rows."""
+    job = isolated(
+        running_stack, "ctr-batch-test", lake_root=tmp_path_factory.mktemp("batch") / "lake", max_training_rows=FITTED
+    )
     offset = 0
     for commit in generated.impression_commits:
         append(bronze_impressions(spark, commit, offset), job.lake.table("bronze", "impressions"))
@@ -350,6 +354,9 @@ def test_job_counts_exactly_the_pinned_snapshot(
     as_of = max(distinct.event_time.max(), clks.event_time.max())
     assert trained.rows["labelled"] == int((distinct.event_time + WINDOW <= as_of).sum())
     assert trained.rows["holdout"] == pytest.approx(0.2 * trained.rows["labelled"], abs=2)
+    # Fitted on a uniform sample of the training rows; every holdout row is evaluated.
+    assert trained.rows["train"] > 2 * FITTED
+    assert trained.rows["train_fitted"] == pytest.approx(FITTED, abs=150)  # binomial: standard deviation about 24
 
     aggregates = ["impressions", "clicks", "top_position"]
     assert list(job_cfg.features.aggregates) == aggregates
