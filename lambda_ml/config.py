@@ -326,7 +326,20 @@ class ServingConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     model_alias: str = "champion"
+    candidate_aliases: tuple[str, ...] = ("challenger",)
+    poll_interval_s: float = Field(10, gt=0)
+    views_refresh_s: float = Field(10, gt=0)
+    policy: Literal["champion", "latest", "quality", "consensus", "deadline"] = "champion"
+    consensus: Literal["mean", "vote"] = "mean"
+    deadline_ms: float = Field(20, gt=0)
+    prior_probability: float = Field(1 / 21, ge=0, le=1)
+    api_key: str = ""
     max_rows: int = Field(1000, gt=0)
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Every alias the service loads: ``model_alias`` first, then the candidates."""
+        return tuple(dict.fromkeys((self.model_alias, *self.candidate_aliases)))
 
 
 class GeneratorConfig(_Model):

@@ -76,6 +76,29 @@ def view_table(entity: str) -> tuple[str, ...]:
     return ("views", f"{entity}_buckets")
 
 
+# Speed-layer increments (Delta tables under lake.root), one per declared entity, appended by
+# the speed layer: the columns of the entity's batch view (keys, bucket start, aggregates) where
+# each row holds the aggregates of the feature events that are in bronze at versions
+# (INCREMENT_AFTER_COLUMNS] and not at (INCREMENT_AFTER_COLUMNS), i.e. the events a bronze
+# commit range added, plus the bronze versions of both ends:
+#   after_impressions, after_clicks     the bronze versions the events come after (exclusive)
+#   horizon_impressions, horizon_clicks the bronze versions they are read up to (inclusive)
+# Several rows may share (keys, bucket): they combine by the aggregates' monoids. The serving
+# layer serves batch view at horizon v (+) the rows with after >= v on both tables, and ignores
+# rows at or before v (the batch view counts them) and rows straddling v (the next batch run
+# counts them; the speed layer commits on a batch horizon's boundaries to avoid them).
+INCREMENT_AFTER_COLUMNS = {"impressions": "after_impressions", "clicks": "after_clicks"}
+
+
+def increment_table(entity: str) -> tuple[str, ...]:
+    """Path parts, under ``lake.root``, of an entity's speed-layer increments.
+
+    >>> increment_table("user")
+    ('increments', 'user_buckets')
+    """
+    return ("increments", f"{entity}_buckets")
+
+
 # Registry alias of the model serving answers with by default.
 CHAMPION_ALIAS = "champion"
 
@@ -86,6 +109,9 @@ TAG_HORIZON_CLICKS = "horizon.clicks"  # bronze clicks Delta version
 TAG_SPARK_VERSION = "spark_model_version"  # on the ONNX version: its Spark twin
 TAG_MODEL_INPUTS = "model_inputs"  # ModelInputs.tag(): comma-separated input names
 TAG_PARITY = "parity"  # "passed" | "failed": the ONNX-vs-Spark check of the run
+# On a model version: its recent progressive-validation AUC (a float), written by online
+# evaluation; the serving layer's quality policy prefers it to the run's holdout ``auc`` metric.
+TAG_QUALITY_SCORE = "quality.progressive_auc"
 # Name of the ONNX output holding [P(no click), P(click)] per row.
 ONNX_PROBABILITY_OUTPUT = "probability"
 
