@@ -16,6 +16,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 from lambda_ml import contract
 from lambda_ml.config import FeaturesConfig, parse_duration
@@ -102,6 +103,16 @@ class EntityBuckets:
 NO_BUCKETS = EntityBuckets()
 
 
+@lru_cache(maxsize=256)
+def window_micros(window: str) -> int:
+    """A window's length in microseconds (parsed once: the service reads windows per request).
+
+    >>> window_micros("1h")
+    3600000000
+    """
+    return to_micros(parse_duration(window))
+
+
 def merge_entity_buckets(parts: Iterable[EntityBuckets], aggregations: Mapping[str, str]) -> EntityBuckets:
     """The ⊕ of one entity's bucket rows: rows of the same bucket combined per aggregate by its
     monoid (``aggregations``: aggregate -> count, sum, min or max). Python's twin of
@@ -155,7 +166,7 @@ def window_features(features: FeaturesConfig, entity: str, buckets: EntityBucket
     current = to_micros(bucket_start(at, features.bucket_width))
     totals: dict[tuple[str, str], float | None] = {}
     for window in features.windows:
-        first = current - to_micros(parse_duration(window))
+        first = current - window_micros(window)
         for name, aggregate in features.aggregates.items():
             totals[(name, window)] = combine(aggregate.aggregation, buckets.between(name, first, current))
     found: dict[str, float] = {}

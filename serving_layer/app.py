@@ -27,6 +27,7 @@ from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Secur
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -75,6 +76,8 @@ RETRY_AFTER_S = 5
 # for pretty-printing. Bodies beyond max_rows rows of this are refused before parsing.
 BODY_BYTES_PER_ROW = 2048
 BODY_BYTES_BASE = 64 * 1024
+# Requests of at most this many rows are scored on the event loop (see predict).
+INLINE_ROWS = 16
 
 
 def max_body_bytes(max_rows: int) -> int:
@@ -388,29 +391,41 @@ def create_app(
             return JSONResponse(status_code=415, content={"detail": [{"field": "body", "message": message}]})
         return JSONResponse(status_code=422, content={"detail": format_validation_errors(exc.errors())})
 
-    def predict(request: PredictRow | PredictBatch, policy: Any = None, deadline_ms: Any = None) -> PredictResponse:
-        """Score each row with the loaded model version(s) the policy picks, on window features
-        (per user, item... as declared: batch view merged with the speed layer's increments)
-        at the row's ``event_time`` or now; unknown users and items have empty windows. The
-        answer names the version(s) that produced it."""
-        rows: list[PredictRow] = list(request.rows) if isinstance(request, PredictBatch) else [request]
-        problems: list[str] = []
-        views_now = _get(view_slot, problems)
-        served = _get(model_slot, problems)
-        if views_now is None or served is None:
-            raise _unavailable("not ready to predict: " + "; ".join(problems))
-        chosen = policy or cfg.serving.policy
+    def answer(rows: list[PredictRow], served: ServedModels, views_now: BatchViews, chosen: str, budget_s: float | None) -> bytes:
         try:
-            response = score_rows(
-                rows, served, views_now, cfg.features, clock(), runner, chosen, None if deadline_ms is None else deadline_ms / 1000
-            )
+            response = score_rows(rows, served, views_now, cfg.features, clock(), runner, chosen, budget_s)
         except Exception as exc:
             # A request that passed validation should always score; if the graph still fails,
             # say which version failed rather than answer a bare 500.
             log.exception("%s failed to score %d row(s)", served.champion.uri, len(rows))
             raise HTTPException(status_code=500, detail=f"{chosen} policy failed to score the request: {exc}") from exc
         metrics.observe_predictions(chosen, (m.version for m in response.models), len(rows))
-        return response
+        return response.model_dump_json().encode()
+
+    async def predict(request: PredictRow | PredictBatch, policy: Any = None, deadline_ms: Any = None) -> Response:
+        """Score each row with the loaded model version(s) the policy picks, on window features
+        (per user, item... as declared: batch view merged with the speed layer's increments)
+        at the row's ``event_time`` or now; unknown users and items have empty windows. The
+        answer names the version(s) that produced it."""
+        rows: list[PredictRow] = list(request.rows) if isinstance(request, PredictBatch) else [request]
+        views_now, served = view_slot.current, model_slot.current
+        if views_now is None or served is None:
+            problems: list[str] = []  # a first load may take a while: off the event loop
+            views_now = await run_in_threadpool(_get, view_slot, problems)
+            served = await run_in_threadpool(_get, model_slot, problems)
+            if views_now is None or served is None:
+                raise _unavailable("not ready to predict: " + "; ".join(problems))
+        chosen = policy or cfg.serving.policy
+        budget_s = None if deadline_ms is None else deadline_ms / 1000
+        # A few rows score in a fraction of a millisecond: on the event loop, without a thread
+        # hop. Large batches and the deadline policy (which waits) go to the thread pool so they
+        # never hold up other requests. The body is serialised once here (returning a Response
+        # skips FastAPI's second validation of the response model).
+        if len(rows) <= INLINE_ROWS and chosen != "deadline":
+            body = answer(rows, served, views_now, chosen, budget_s)
+        else:
+            body = await run_in_threadpool(answer, rows, served, views_now, chosen, budget_s)
+        return Response(body, media_type="application/json")
 
     # The body type depends on serving.max_rows, so it is set here rather than written in the
     # signature (FastAPI reads annotations, and a string one could not see this closure).
@@ -435,7 +450,7 @@ def create_app(
             description=f"Time budget of the deadline policy, ms; default serving.deadline_ms ({cfg.serving.deadline_ms:g}).",
         ),
     ]
-    predict.__annotations__["return"] = PredictResponse
+    predict.__annotations__["return"] = Response
     app.post(
         "/predict",
         response_model=PredictResponse,
