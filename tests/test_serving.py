@@ -55,6 +55,7 @@ from serving_layer.views import (
     BatchViews,
     BucketView,
     Increments,
+    ViewStore,
     ViewLoadError,
     bucket_view_from_arrow,
     load_batch_views,
@@ -368,6 +369,36 @@ def test_views_are_read_from_delta_tables(tmp_path: Path) -> None:
     assert {e: dict(v.rows) for e, v in views.views.items()} == {e: dict(v.rows) for e, v in toy_views().views.items()}
     (found,) = lookup_features([Row("u1", "i1", "mobile", 2)], views, cfg.features, NOW)
     assert {k: found[k] for k in U1_I1_MOBILE} == U1_I1_MOBILE
+
+
+def test_the_view_store_reloads_new_delta_versions_and_keeps_the_last_good_views(tmp_path: Path) -> None:
+    """Views re-read only when a table has a new version; increments appended later are merged
+    on the next refresh; a lake that cannot be read leaves the last views served."""
+    cfg = unit_cfg(**{"lake.root": str(tmp_path / "lake")})
+    _write_views(cfg, {entity: (5, 4) for entity in TOY_BUCKETS})
+    store = ViewStore.from_config(cfg)
+    first = store.reload()
+    assert store.reload() is first  # nothing changed: not re-read
+    increments = pa.table({
+        "user_id": ["u2", "u2"], "bucket_start": pa.array([hours_before(3), hours_before(3)], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        "impressions": pa.array([6, 1], pa.int64()), "clicks": pa.array([2, 0], pa.int64()), "top_position": [2.0, 5.0],
+        "after_impressions": pa.array([5, 3], pa.int64()), "after_clicks": pa.array([4, 3], pa.int64()),
+        "horizon_impressions": pa.array([6, 4], pa.int64()), "horizon_clicks": pa.array([5, 4], pa.int64()),
+    })  # fmt: skip
+    write_deltalake(cfg.lake.table(*contract.increment_table("user")), increments)
+    merged = store.reload()
+    assert merged is not first and store.current is merged
+    # u2's bucket 3 h back: 40 impressions, 1 click, top 3 in the batch; + 6, 2, top 2 after v;
+    # the second row (bronze (3, 4]) is already in the batch view.
+    assert merged.lookup("user", ("u2",)) == EntityBuckets((hours_before(3),), {"impressions": (46,), "clicks": (3,), "top_position": (2.0,)})
+    assert (merged.views["user"].increments.used, merged.views["user"].increments.already_in_batch) == (1, 1)
+    assert merged.views["item"].increments.used == 0 and merged.lookup("item", ("i1",)) == first.lookup("item", ("i1",))
+    # The lake unreadable: the last views stay, the reason is kept.
+    lake = Path(cfg.lake.root)
+    lake.rename(lake.with_name("lake-gone"))
+    with pytest.raises(ViewLoadError):
+        store.reload()
+    assert store.current is merged and "no Delta table" in (store.last_error or "")
 
 
 def test_views_from_two_batch_runs_are_refused(tmp_path: Path) -> None:
