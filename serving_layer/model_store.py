@@ -149,6 +149,8 @@ class VersionInfo:
 class Registry(Protocol):
     """Where model versions come from: the MLflow registry in the service (``MlflowRegistry``)."""
 
+    name: str  # the registered model
+
     def resolve(self, alias: str) -> VersionInfo | None:
         """The version behind ``alias``, None if no version has it; raises if unreachable."""
         ...
@@ -313,7 +315,6 @@ class ModelStore(Reloadable[ServedModels]):
         problems: list[str] = []
         primary = self.aliases[0]
         for alias in self.aliases:
-            what = f"models:/{getattr(self.registry, 'name', '?')}@{alias}"
             try:
                 info = self.registry.resolve(alias)
                 if info is None:
@@ -322,18 +323,17 @@ class ModelStore(Reloadable[ServedModels]):
             except Exception as exc:  # noqa: BLE001 - the alias keeps its version; the reason is reported
                 if alias == primary and primary not in old:
                     raise
-                problems.append(f"{what} could not be refreshed: {exc}")
+                problems.append(f"models:/{self.registry.name}@{alias} could not be refreshed: {exc}")
                 if alias in old:
                     found[alias] = old[alias]
         if primary not in found:
-            registry_name = getattr(self.registry, "name", "?")
+            # Never assigned, or removed: a champion served before keeps serving (slot keeps it).
             raise ModelLoadError(
-                f"no version of registered model {registry_name!r} has alias {primary!r} yet: run the batch layer first"
+                f"no version of registered model {self.registry.name!r} has alias {primary!r} yet: run the batch layer first"
             )
         served = ServedModels(primary, MappingProxyType(found), tuple(problems))
-        if previous is not None and served.versions() == previous.versions() and served.problems == previous.problems:
-            same_scores = all(found[a].quality == old[a].quality for a in found)
-            if same_scores:
+        if previous is not None and (served.versions(), served.problems) == (previous.versions(), previous.problems):
+            if all(found[a].quality == old[a].quality for a in found):
                 return previous  # nothing moved: keep the very same object
         if previous is None or served.versions() != previous.versions():
             self.swaps += previous is not None
