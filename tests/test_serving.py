@@ -745,6 +745,11 @@ def test_the_store_follows_alias_moves_and_reuses_loaded_versions() -> None:
     assert kept.versions() == {"champion": 1} and "does not answer" in kept.problems[0]
     registry.down = False
     assert store.reload().problems == ()
+    # The champion alias removed by mistake: the last champion keeps serving, the error says why.
+    registry.aliases = {}
+    with pytest.raises(ModelLoadError, match="has alias 'champion'"):
+        store.reload()
+    assert store.current is not None and store.current.versions() == {"champion": 1}
 
 
 def test_a_store_without_a_champion_is_not_ready() -> None:
