@@ -334,6 +334,7 @@ class ServingConfig(_Model):
     deadline_ms: float = Field(20, gt=0)
     prior_probability: float = Field(1 / 21, ge=0, le=1)
     api_key: str = ""
+    model_updates: bool = True
     max_rows: int = Field(1000, gt=0)
 
     @property

@@ -99,6 +99,26 @@ def increment_table(entity: str) -> tuple[str, ...]:
     return ("increments", f"{entity}_buckets")
 
 
+# Model updates: records on the compacted topic kafka.topics.model_updates, keyed
+# model_update_key(registered_model, alias), valued with JSON
+#   {"registered_model": "ctr", "alias": "champion", "version": 7,
+#    "generation": {"impressions": 12, "clicks": 11}}
+# announcing that the alias now points at that version, trained at that bronze horizon (the
+# generation). The model itself travels by reference: the registry stays the source of truth and
+# is read on the update. Serving ignores an update whose generation is older than one it already
+# applied for the alias (a rollback moves the alias back in the registry, where the poll sees it).
+MODEL_UPDATE_FIELDS = ("registered_model", "alias", "version", "generation")
+
+
+def model_update_key(registered_model: str, alias: str) -> bytes:
+    """The Kafka key of an alias's model updates (compaction keeps the last per alias).
+
+    >>> model_update_key("ctr", "champion")
+    b'ctr@champion'
+    """
+    return f"{registered_model}@{alias}".encode()
+
+
 # Registry alias of the model serving answers with by default.
 CHAMPION_ALIAS = "champion"
 

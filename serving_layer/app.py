@@ -65,6 +65,7 @@ from serving_layer.metrics import CONTENT_TYPE, ServiceMetrics
 from serving_layer.model_store import CtrServingModel, ModelStore, ServedModels
 from serving_layer.policies import PolicyRunner
 from serving_layer.reloadable import NotReadyError, Poller, Reloadable
+from serving_layer.updates import ModelUpdateListener
 from serving_layer.views import BatchViews, BucketView, ViewStore
 
 log = logging.getLogger(__name__)
@@ -336,6 +337,12 @@ def create_app(
     metrics = ServiceMetrics()
     runner = PolicyRunner(cfg.serving.consensus, cfg.serving.deadline_ms / 1000, cfg.serving.prior_probability)
     poller = Poller([(model_slot, cfg.serving.poll_interval_s), (view_slot, cfg.serving.views_refresh_s)])
+    listener = None
+    if poll and cfg.serving.model_updates and isinstance(model_slot, ModelStore):
+        listener = ModelUpdateListener(
+            cfg.kafka.bootstrap_servers, cfg.kafka.topics.model_updates.name, cfg.mlflow.registered_model,
+            cfg.serving.aliases, model_slot.reload,
+        )  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -350,9 +357,13 @@ def create_app(
             log.info("batch views: %d users, %d items, from %s", loaded.size("user"), loaded.size("item"), loaded.horizon)
         if poll:
             poller.start()
+        if listener is not None:
+            listener.start()
         try:
             yield
         finally:
+            if listener is not None:
+                listener.stop()
             poller.stop()
             runner.close()
 
@@ -366,6 +377,7 @@ def create_app(
     app.state.models = model_slot
     app.state.views = view_slot
     app.state.metrics = metrics
+    app.state.model_updates = listener
 
     too_large = _too_large_response(cfg.serving.max_rows)
     # A declared Content-Length is refused before reading; a chunked body is cut off by the
@@ -591,6 +603,10 @@ def create_app(
             gauges.append(("lambda_ml_reloads_total", "Successful loads of models or views.", {"what": what}, slot.loads))
             gauges.append(("lambda_ml_reload_failures_total", "Failed loads of models or views.", {"what": what}, slot.failures))
         gauges.append(("lambda_ml_model_swaps_total", "Alias moves swapped in.", {}, getattr(model_slot, "swaps", 0)))
+        if listener is not None:
+            for outcome in ("applied", "stale", "invalid"):
+                gauges.append(("lambda_ml_model_updates_total", "Kafka model updates by outcome.", {"outcome": outcome},
+                               getattr(listener, outcome)))  # fmt: skip
         gauges.append(("lambda_ml_ready", "1 when models and views are loaded.", {}, float(readiness()[0])))
         return PlainTextResponse(metrics.render(gauges), media_type=CONTENT_TYPE)
 

@@ -51,6 +51,7 @@ from serving_layer.model_store import (
 )
 from serving_layer.policies import PolicyRunner
 from serving_layer.reloadable import NotReadyError, Reloadable
+from serving_layer.updates import ModelUpdateListener
 from serving_layer.views import (
     BatchViews,
     BucketView,
@@ -71,6 +72,7 @@ SERVING_MODULES = [
     "serving_layer.model_store",
     "serving_layer.policies",
     "serving_layer.reloadable",
+    "serving_layer.updates",
     "serving_layer.views",
 ]
 
@@ -971,6 +973,24 @@ def test_the_api_fuzzed_in_process_never_answers_5xx() -> None:
         fuzz_never_5xx(schemathesis.openapi.from_asgi("/openapi.json", app), max_examples=60)
 
 
+def _update(version: int, generation: tuple[int, int], alias: str = "champion", model: str = "ctr") -> bytes:
+    body = {"registered_model": model, "alias": alias, "version": version,
+            "generation": {"impressions": generation[0], "clicks": generation[1]}}  # fmt: skip
+    return json.dumps(body).encode()
+
+
+def test_model_updates_reload_once_per_fresh_generation() -> None:
+    reloads: list[int] = []
+    listener = ModelUpdateListener("unused:9092", "model-updates", "ctr", ["champion", "challenger"], lambda: reloads.append(1))
+    assert listener.handle(_update(3, (5, 4))) and listener.handle(_update(4, (6, 4)))
+    assert not listener.handle(_update(2, (5, 9)))  # impressions went back: stale
+    assert listener.handle(_update(2, (5, 4), alias="challenger"))  # generations are per alias
+    assert not listener.handle(_update(9, (9, 9), model="other")) and not listener.handle(_update(9, (9, 9), alias="canary"))
+    assert not listener.handle(b"{not json") and not listener.handle(_update(1, (1, 1))[:-2])
+    assert (len(reloads), listener.applied, listener.stale, listener.invalid) == (3, 3, 1, 2)
+    assert listener.generations == {"champion": Horizon(6, 4), "challenger": Horizon(5, 4)}
+
+
 def test_runner_help_and_bad_config() -> None:
     python = sys.executable
     done = subprocess.run([python, "-m", "serving_layer", "--help"], capture_output=True, text=True, cwd=PROJECT_ROOT)
@@ -1489,6 +1509,7 @@ def test_alias_moves_are_hot_swapped_without_a_failed_request(trained: Trained, 
     cfg = trained.cfg
     client = MlflowClient(cfg.mlflow.tracking_uri)
     original = int(_champion(cfg).version)
+    wait_for(lambda: _alias_version(service.url, "champion") == original, 30, "the service serves the registry's champion")
     toy = register_toy_version(cfg, Horizon(IMPRESSION_BATCHES - 1, CLICK_BATCHES - 1))
     scored = _rows_covering_every_entity(trained.bronze)[0]
     # Expected answers, computed apart from the service: the toy formula on the reference
@@ -1548,6 +1569,54 @@ def test_the_api_fuzzed_from_its_openapi_document_never_answers_5xx(service: Ser
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_a_model_update_on_kafka_swaps_at_once_and_a_stale_one_is_ignored(trained: Trained) -> None:
+    """With the registry polled only hourly, an update record on the real broker's compacted
+    topic makes the service load the moved alias within seconds; an update from an older
+    generation is ignored, a newer one applied."""
+    from kafka import KafkaProducer
+    from mlflow.tracking import MlflowClient
+
+    from lambda_ml import stack
+
+    cfg = isolated(trained.cfg, REGISTERED_MODEL, topic_prefix="upd")  # own topics; same model and lake
+    cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"poll_interval_s": 3600, "views_refresh_s": 3600})})
+    stack.create_topics(cfg)
+    topic = cfg.kafka.topics.model_updates.name
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    original = int(_champion(cfg).version)
+    toy = register_toy_version(cfg, Horizon(IMPRESSION_BATCHES - 1, CLICK_BATCHES - 1))
+    producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
+
+    def publish(version: int, generation: tuple[int, int]) -> None:
+        producer.send(topic, key=contract.model_update_key(REGISTERED_MODEL, "champion"),
+                      value=_update(version, generation, model=REGISTERED_MODEL)).get(timeout=30)  # fmt: skip
+
+    try:
+        with TestClient(create_app(cfg)) as http:
+            listener = http.app.state.model_updates  # type: ignore[attr-defined]
+            assert http.get("/models").json()["aliases"]["champion"] == original
+            client.set_registered_model_alias(REGISTERED_MODEL, "champion", str(toy))
+            time.sleep(2)
+            assert http.get("/models").json()["aliases"]["champion"] == original  # no poll for an hour
+            publish(toy, (10, 10))
+            wait_for(lambda: http.get("/models").json()["aliases"]["champion"] == toy, 30, "the update is applied")
+            # Older generation: ignored, even though the registry moved.
+            client.set_registered_model_alias(REGISTERED_MODEL, "champion", str(original))
+            publish(original, (9, 10))
+            wait_for(lambda: listener.stale == 1, 30, "the stale update is seen")
+            assert http.get("/models").json()["aliases"]["champion"] == toy
+            publish(original, (11, 10))
+            wait_for(lambda: http.get("/models").json()["aliases"]["champion"] == original, 30, "the newer update is applied")
+            metrics = http.get("/metrics").text
+            assert 'lambda_ml_model_updates_total{outcome="applied"} 2' in metrics
+            assert 'lambda_ml_model_updates_total{outcome="stale"} 1' in metrics
+    finally:
+        producer.close()
+        client.set_registered_model_alias(REGISTERED_MODEL, "champion", str(original))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_mlflow_down_keeps_serving_the_loaded_model_and_recovers(trained: Trained, service: Service) -> None:
     """The MLflow server stopped (by its PID) under load: every request is still answered by the
     loaded champion, /health names the outage, /ready stays true. Started again, the service
@@ -1561,6 +1630,7 @@ def test_mlflow_down_keeps_serving_the_loaded_model_and_recovers(trained: Traine
     pid = server.process.pid()
     assert pid is not None
     champion = int(_champion(cfg).version)
+    wait_for(lambda: _alias_version(service.url, "champion") == champion, 30, "the service serves the registry's champion")
     scored = _rows_covering_every_entity(trained.bronze)[0]
     _, before = _post_json(f"{service.url}/predict", scored)
     try:
