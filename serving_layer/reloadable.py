@@ -111,22 +111,18 @@ class Reloadable(Generic[T]):
         return value
 
 
-class Poller:
-    """Reloads each slot every ``interval_s`` seconds on one background thread, until ``stop()``.
+class BackgroundLoop:
+    """A daemon thread running ``_run`` until ``stop()`` (``_stop`` tells it when)."""
 
-    Loads happen here, off the request path; requests keep using the value they read, so a
-    slow download or an unreachable registry never delays or fails a request.
-    """
+    thread_name = "background"
 
-    def __init__(self, slots: list[tuple[Reloadable[object], float]], tick_s: float = 0.2) -> None:
-        self._slots = slots
-        self._tick_s = tick_s
+    def __init__(self) -> None:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="reload-poller", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
             self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -134,6 +130,24 @@ class Poller:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Poller(BackgroundLoop):
+    """Reloads each slot every ``interval_s`` seconds on one background thread, until ``stop()``.
+
+    Loads happen here, off the request path; requests keep using the value they read, so a
+    slow download or an unreachable registry never delays or fails a request.
+    """
+
+    thread_name = "reload-poller"
+
+    def __init__(self, slots: list[tuple[Reloadable[object], float]], tick_s: float = 0.2) -> None:
+        super().__init__()
+        self._slots = slots
+        self._tick_s = tick_s
 
     def _run(self) -> None:
         due = [time.monotonic() + interval for _, interval in self._slots]

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lambda_ml import contract
 from lambda_ml.contract import Horizon
+from serving_layer.reloadable import BackgroundLoop
 
 log = logging.getLogger(__name__)
 
@@ -66,31 +66,21 @@ def is_stale(generation: Horizon, applied: Horizon | None) -> bool:
     return (generation.impressions or 0) < (applied.impressions or 0) or (generation.clicks or 0) < (applied.clicks or 0)
 
 
-class ModelUpdateListener:
+class ModelUpdateListener(BackgroundLoop):
     """Reads the model-update topic from its start (compacted: the last update per alias) on a
     background thread and calls ``reload`` for each fresh update of one of ``aliases``."""
+
+    thread_name = "model-updates"
 
     def __init__(
         self, bootstrap_servers: str, topic: str, registered_model: str, aliases: Sequence[str], reload: Callable[[], object]
     ) -> None:
+        super().__init__()
         self.bootstrap_servers, self.topic = bootstrap_servers, topic
         self.registered_model, self.aliases = registered_model, tuple(aliases)
         self._reload = reload
         self.generations: dict[str, Horizon] = {}
         self.applied = self.stale = self.invalid = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="model-updates", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
 
     def handle(self, value: bytes) -> bool:
         """Apply one record; True if it triggered a reload."""
