@@ -315,11 +315,17 @@ class FeaturesConfig(_Model):
         return self
 
 
+SpeedQuery = Literal["ingest", "labels", "increments"]
+
+
 class SpeedConfig(_Model):
     trigger_seconds: float = Field(5, gt=0)
     max_future_days: float = Field(1, gt=0)
     min_event_date: str = "2000-01-01"
     max_offsets_per_trigger: int = Field(200000, gt=0)
+    queries: tuple[SpeedQuery, ...] = Field(("ingest", "labels", "increments"), min_length=1)
+    stop_timeout_seconds: float = Field(60, gt=0)
+    watermark_minutes: int = Field(15, gt=0)
 
 
 class ServingConfig(_Model):

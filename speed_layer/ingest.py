@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 
 from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.streaming import StreamingQuery
+from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 from pyspark.sql.types import StringType, StructField, StructType
 
 from lambda_ml.config import PlatformConfig, load_config
 from lambda_ml.logs import setup_logging
 from lambda_ml.schemas import EVENT_TYPES, KAFKA_COLUMNS, QUARANTINE_SCHEMA, EventField, EventType
-from lambda_ml.spark import get_spark
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +181,16 @@ def kafka_source(spark: SparkSession, cfg: PlatformConfig) -> DataFrame:
     )
 
 
-def start_ingest(spark: SparkSession, cfg: PlatformConfig, available_now: bool = False) -> StreamingQuery:
-    """Start the checkpointed ingest query; ``available_now`` drains what is in Kafka and stops."""
+def start_ingest(
+    spark: SparkSession,
+    cfg: PlatformConfig,
+    available_now: bool = False,
+    trigger: Callable[[DataStreamWriter], DataStreamWriter] | None = None,
+) -> StreamingQuery:
+    """Start the checkpointed ingest query; ``available_now`` drains what is in Kafka and stops.
+
+    ``trigger`` (set by the speed application) overrides both: it sets the writer's trigger.
+    """
     ensure_tables(spark, cfg)
     writer = (
         kafka_source(spark, cfg)
@@ -193,7 +198,9 @@ def start_ingest(spark: SparkSession, cfg: PlatformConfig, available_now: bool =
         .option("checkpointLocation", f"{cfg.lake.checkpoints.rstrip('/')}/ingest")
         .foreachBatch(lambda batch, batch_id: ingest_batch(batch, batch_id, cfg))
     )
-    if available_now:
+    if trigger is not None:
+        writer = trigger(writer)
+    elif available_now:
         writer = writer.trigger(availableNow=True)
     else:
         writer = writer.trigger(processingTime=f"{cfg.speed.trigger_seconds:g} seconds")
@@ -203,27 +210,11 @@ def start_ingest(spark: SparkSession, cfg: PlatformConfig, available_now: bool =
 
 
 def run(cfg: PlatformConfig, available_now: bool = False) -> None:
-    """Run the ingest query until it drains (``available_now``) or until SIGTERM / Ctrl-C."""
-    spark = get_spark(cfg, "ingest")
-    query = start_ingest(spark, cfg, available_now)
-    stop = threading.Event()
+    """Run the ingest query alone until it drains (``available_now``) or until SIGTERM / Ctrl-C
+    (the current micro-batch is let finish)."""
+    from speed_layer import app
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: stopping the ingest query", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while query.isActive and not stop.is_set():
-            query.awaitTermination(1)
-        if query.exception() is not None:
-            raise RuntimeError(f"ingest query failed: {query.exception()}")
-    finally:
-        if query.isActive:
-            query.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    log.info("ingest query stopped")
+    app.run(cfg, ["ingest"], available_now=available_now)
 
 
 def main(argv: list[str] | None = None) -> None:
