@@ -58,6 +58,7 @@ class TopicConfig(_Model):
     partitions: int = Field(1, gt=0)
     retention_ms: int = -1
     compacted: bool = False
+    format: Literal["json", "avro"] = "json"
 
 
 class TopicsConfig(_Model):
@@ -77,6 +78,7 @@ class KafkaConfig(_Model):
     heap: str = "512m"
     bootstrap_servers: str = "127.0.0.1:9092"
     start_timeout_s: float = Field(60, gt=0)
+    avro_schemas: Path = Path("conf/avro")
     topics: TopicsConfig
 
 

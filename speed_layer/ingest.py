@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.avro.functions import from_avro
 from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 from pyspark.sql.types import StringType, StructField, StructType
 
+from lambda_ml import avro
 from lambda_ml.config import PlatformConfig, load_config
 from lambda_ml.logs import setup_logging
 from lambda_ml.schemas import EVENT_TYPES, KAFKA_COLUMNS, QUARANTINE_SCHEMA, EventField, EventType
@@ -48,11 +50,11 @@ def _typed(field: EventField, text: Column) -> Column:
     return F.when(F.length(F.trim(text)) > 0, text)
 
 
-def _reason(event: EventType, cfg: PlatformConfig) -> Column:
+def _reason(event: EventType, cfg: PlatformConfig, undecodable: str) -> Column:
     """The first thing wrong with a record, or null if it is a valid event."""
     checks: list[Column] = [
         F.when(F.col("raw_value").isNull() | (F.length("raw_value") == 0), F.lit("empty payload")),
-        F.when(F.col("_json").isNull() | F.col(f"_json.{_CORRUPT}").isNotNull(), F.lit("malformed JSON: not a JSON object")),
+        F.when(F.col("_json").isNull() | F.col(f"_json.{_CORRUPT}").isNotNull(), F.lit(undecodable)),
     ]
     for field in event.fields:
         text = F.col(f"_json.{field.name}")
@@ -76,6 +78,27 @@ def _reason(event: EventType, cfg: PlatformConfig) -> Column:
     return F.coalesce(*checks)
 
 
+def _json_fields(event: EventType) -> Column:
+    """The record's fields as text, plus the corrupt-record column when it is no JSON object.
+
+    Every field is read as text first, so a wrong type is reported per field instead of turning
+    the whole record into a parse failure."""
+    text_schema = StructType([StructField(f.name, StringType()) for f in event.fields] + [StructField(_CORRUPT, StringType())])
+    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": _CORRUPT}
+    return F.from_json(F.col("raw_value").cast("string"), text_schema, options)
+
+
+def _avro_fields(event: EventType, cfg: PlatformConfig) -> Column:
+    """The same text struct as :func:`_json_fields`, decoded with the event's Avro schema; null
+    for a payload that does not decode. ``from_avro`` in PERMISSIVE mode turns one into a row
+    of nulls, which a decoded event never is (the schemas' fields are not nullable)."""
+    schema = avro.schema_path(cfg.kafka.avro_schemas, event.name).read_text()
+    decoded = from_avro(F.col("raw_value"), schema, {"mode": "PERMISSIVE"})
+    fields = [decoded[f.name].cast("string").alias(f.name) for f in event.fields]
+    decodes = F.greatest(*[decoded[f.name].isNotNull() for f in event.fields])
+    return F.when(decoded.isNotNull() & decodes, F.struct(*fields, F.lit(None).cast("string").alias(_CORRUPT)))
+
+
 def parse_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
     """Split a frame of Kafka records into one valid-event frame per event type plus quarantine.
 
@@ -95,15 +118,14 @@ def parse_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
     bad: list[DataFrame] = []
     for topic_name, event_name in topics.items():
         event = EVENT_TYPES[event_name]
-        # Every field is read as text first, so a wrong type is reported per field instead of
-        # turning the whole record into a parse failure.
-        text_schema = StructType([StructField(f.name, StringType()) for f in event.fields] + [StructField(_CORRUPT, StringType())])
-        parsed = records.where(F.col("kafka_topic") == topic_name).withColumn(
-            "_json",
-            F.from_json(F.col("raw_value").cast("string"), text_schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": _CORRUPT}),
-        )
+        topic = cfg.kafka.topics.event_topics()[event_name]
+        subset = records.where(F.col("kafka_topic") == topic_name)
+        if topic.format == "avro":
+            parsed, undecodable = subset.withColumn("_json", _avro_fields(event, cfg)), f"malformed Avro: does not decode with {event_name}.avsc"
+        else:
+            parsed, undecodable = subset.withColumn("_json", _json_fields(event)), "malformed JSON: not a JSON object"
         typed = parsed.select("*", *[_typed(f, F.col(f"_json.{f.name}")).alias(f.name) for f in event.fields])
-        checked = typed.withColumn("reason", _reason(event, cfg))
+        checked = typed.withColumn("reason", _reason(event, cfg, undecodable))
         out[event_name] = checked.where(F.col("reason").isNull()).select(
             *event.field_names, *[c.name for c in KAFKA_COLUMNS.fields]
         )
