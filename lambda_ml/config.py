@@ -328,6 +328,7 @@ class SpeedConfig(_Model):
     queries: tuple[SpeedQuery, ...] = Field(("ingest", "labels", "increments"), min_length=1)
     stop_timeout_seconds: float = Field(60, gt=0)
     watermark_minutes: int = Field(15, gt=0)
+    max_files_per_trigger: int = Field(1000, gt=0)
 
 
 class ServingConfig(_Model):

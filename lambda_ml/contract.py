@@ -76,6 +76,31 @@ def view_table(entity: str) -> tuple[str, ...]:
     return ("views", f"{entity}_buckets")
 
 
+# Speed-layer feature increments (Delta tables under lake.root), one per declared entity: its key
+# columns, the bucket start, one column per declared aggregate (the events of one micro-batch),
+# and the bronze Delta versions the events came from. An impression's row has only its own
+# version (clicks version null); an attributed click's row has its impression's and its own.
+# The serving layer adds to a batch view at horizon h the rows the batch did not see:
+# impressions_version > h.impressions or clicks_version > h.clicks
+# (``lambda_ml.features.after_horizon``). Rows of the same (keys, bucket) add up like the
+# views' rows (monoids).
+INCREMENT_VERSION_COLUMNS = {"impressions": "impressions_version", "clicks": "clicks_version"}
+INCREMENT_BATCH_COLUMN = "speed_batch_id"  # the micro-batch that wrote the row
+
+
+def increments_table(entity: str) -> tuple[str, ...]:
+    """Path parts, under ``lake.root``, of an entity's speed-layer increments.
+
+    >>> increments_table("user")
+    ('speed', 'user_increments')
+    """
+    return ("speed", f"{entity}_increments")
+
+
+# Silver labels the speed layer writes: one row per impression whose label is known.
+SILVER_LABELS_TABLE = ("silver", "labels")
+
+
 # Registry alias of the model serving answers with by default.
 CHAMPION_ALIAS = "champion"
 

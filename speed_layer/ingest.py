@@ -147,12 +147,27 @@ def table_paths(cfg: PlatformConfig) -> dict[str, str]:
     return paths
 
 
+# Bronze tables record their change feed: the speed layer's silver path reads them as streams
+# with the Delta version each row was committed in (``_commit_version``).
+CHANGE_FEED = "delta.enableChangeDataFeed"
+
+
 def ensure_tables(spark: SparkSession, cfg: PlatformConfig) -> None:
-    """Create the bronze and quarantine tables (empty) if they do not exist yet."""
+    """Create the bronze and quarantine tables (empty) if they do not exist yet, bronze with its
+    change feed on (turned on once for a bronze table created before it was)."""
     schemas = {name: event.bronze_schema() for name, event in EVENT_TYPES.items()}
     schemas[QUARANTINE] = QUARANTINE_SCHEMA
     for name, path in table_paths(cfg).items():
-        DeltaTable.createIfNotExists(spark).location(path).addColumns(schemas[name]).execute()
+        builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schemas[name])
+        if name in EVENT_TYPES:
+            builder = builder.property(CHANGE_FEED, "true")
+        builder.execute()
+        if name in EVENT_TYPES:
+            properties = DeltaTable.forPath(spark, path).detail().first()["properties"]  # type: ignore[index]
+            if properties.get(CHANGE_FEED) != "true":
+                # Before the ingest query starts: nothing else writes bronze, so no commit conflicts.
+                spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{CHANGE_FEED}' = 'true')")
+                log.info("turned the change feed on for %s", path)
 
 
 @dataclass(frozen=True)
