@@ -329,6 +329,7 @@ class SpeedConfig(_Model):
     stop_timeout_seconds: float = Field(60, gt=0)
     watermark_minutes: int = Field(15, gt=0)
     max_files_per_trigger: int = Field(1000, gt=0)
+    report_to_mlflow: bool = True
 
 
 class ServingConfig(_Model):

@@ -31,6 +31,7 @@ from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 from lambda_ml.config import PlatformConfig, load_config
 from lambda_ml.logs import setup_logging
 from lambda_ml.spark import get_spark
+from speed_layer.monitor import ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ def run(cfg: PlatformConfig, names: Sequence[str] | None = None, available_now: 
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     queries: list[StreamingQuery] = []
+    reporter = ProgressReporter(cfg)
+    spark.streams.addListener(reporter)
     try:
         if available_now:
             for name in ordered:
@@ -148,6 +151,8 @@ def run(cfg: PlatformConfig, names: Sequence[str] | None = None, available_now: 
             raise RuntimeError(f"speed-layer query {failed.name} failed: {failed.exception()}")
     finally:
         stop_all(queries, cfg.speed.stop_timeout_seconds)
+        spark.streams.removeListener(reporter)
+        reporter.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log.info("speed layer stopped")
