@@ -77,30 +77,29 @@ def available_now_trigger(writer: DataStreamWriter) -> DataStreamWriter:
     return writer.trigger(availableNow=True)
 
 
-def stop_gracefully(query: StreamingQuery, timeout_s: float) -> bool:
-    """Let ``query`` finish the micro-batch it is running (at most ``timeout_s``), then stop it.
+def stop_gracefully(queries: Sequence[StreamingQuery], timeout_s: float) -> dict[str, bool]:
+    """Stop each query as soon as it is between micro-batches (at most ``timeout_s`` in all).
 
-    Returns True if it stopped between micro-batches, False if the timeout cut a batch short
-    (the checkpoint then replays it on restart and the idempotent sinks skip what was written).
+    Returns ``{query name: True}`` for a query stopped between micro-batches, False for one the
+    timeout cut short (its checkpoint replays the batch on restart and the idempotent sinks
+    skip what was already written). Queries are watched together, so the wait is that of the
+    slowest micro-batch, not the sum.
     """
     deadline = time.monotonic() + timeout_s
-    between = True
-    while query.isActive and query.status.get("isTriggerActive"):
-        if time.monotonic() > deadline:
-            between = False
-            log.warning("query %s: micro-batch still running after %.0f s; stopping it anyway", query.name, timeout_s)
-            break
+    pending = [q for q in queries if q.isActive]
+    stopped: dict[str, bool] = {}
+    while pending:
+        for query in list(pending):
+            late = time.monotonic() > deadline
+            if not query.isActive or not query.status.get("isTriggerActive") or late:
+                if late and query.isActive:
+                    log.warning("query %s: micro-batch still running after %.0f s; stopping it anyway", query.name, timeout_s)
+                query.stop()
+                stopped[query.name] = not late
+                log.info("query %s stopped %s", query.name, "mid-batch" if late else "between micro-batches")
+                pending.remove(query)
         time.sleep(0.05)
-    query.stop()
-    return between
-
-
-def stop_all(queries: Sequence[StreamingQuery], timeout_s: float) -> None:
-    """Stop the queries gracefully, downstream ones first (they read what upstream ones write)."""
-    for query in reversed(queries):
-        if query.isActive:
-            clean = stop_gracefully(query, timeout_s)
-            log.info("query %s stopped %s", query.name, "between micro-batches" if clean else "mid-batch")
+    return stopped
 
 
 def _failed(queries: Sequence[StreamingQuery]) -> StreamingQuery | None:
@@ -150,7 +149,7 @@ def run(cfg: PlatformConfig, names: Sequence[str] | None = None, available_now: 
         if failed is not None:
             raise RuntimeError(f"speed-layer query {failed.name} failed: {failed.exception()}")
     finally:
-        stop_all(queries, cfg.speed.stop_timeout_seconds)
+        stop_gracefully(queries, cfg.speed.stop_timeout_seconds)
         spark.streams.removeListener(reporter)
         reporter.close()
         for sig, handler in previous.items():

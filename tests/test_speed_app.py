@@ -16,7 +16,7 @@ import pytest
 from deltalake import DeltaTable
 from support import isolated
 
-from lambda_ml import generator, stack
+from lambda_ml import contract, generator, stack
 from lambda_ml.config import PROJECT_ROOT, PlatformConfig, write_config
 from speed_layer import app
 
@@ -61,50 +61,80 @@ def _batches(folder: Path) -> set[int]:
     return {int(p.name) for p in folder.iterdir() if p.name.isdigit()} if folder.exists() else set()
 
 
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    """kill -9 the application and its JVM (its whole process group), as a crash would."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _sum(path: str, column: str) -> float:
+    try:
+        return float(sum(v for v in DeltaTable(path).to_pyarrow_table(columns=[column]).column(column).to_pylist() if v is not None))
+    except Exception:  # no table yet
+        return -1.0
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_sigterm_finishes_the_micro_batch_and_a_restart_resumes(running_stack: PlatformConfig, tmp_path: Path) -> None:
+def test_sigterm_kill_9_and_restarts_neither_lose_nor_double_an_event(running_stack: PlatformConfig, tmp_path: Path) -> None:
+    """Three runs of the whole application: stopped by SIGTERM mid-stream (every planned
+    micro-batch is committed), killed with -9 mid-stream, then resumed until drained. Bronze,
+    the labels and the feature increments equal the generator's ground truth exactly."""
     cfg = isolated(running_stack, "ctr-speed-app", lake_root=tmp_path / "lake", topic_prefix="speedapp")
-    cfg = cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"trigger_seconds": 1.0})})
+    cfg = cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"trigger_seconds": 1.0, "report_to_mlflow": False})})
     config_file = write_config(cfg, tmp_path / "platform.yaml")
     stack.create_topics(cfg)
-    records, truth = generator.generate(cfg.generator.model_copy(update={"impressions": 2000, "seed": 5}), timedelta(minutes=30), NOW)
-    half = len(records) // 2
+    gen = cfg.generator.model_copy(update={"impressions": 1200, "seed": 5, "span_hours": 6})
+    records, truth = generator.generate(gen, timedelta(minutes=cfg.ctr.attribution_window_minutes), NOW)
+    parts = [records[: len(records) // 3], records[len(records) // 3 : 2 * len(records) // 3], records[2 * len(records) // 3 :]]
     bronze = {name: cfg.lake.table("bronze", name) for name in ("impressions", "clicks")}
     bronze["quarantine"] = cfg.lake.table("quarantine")
-    queries = ["ingest"]
+    user_increments = cfg.lake.table(*contract.increments_table("user"))
+    queries = list(app.QUERIES)
     log = tmp_path / "speed.log"
 
     def landed() -> int:
         return sum(max(0, _rows(path)) for path in bronze.values())
 
-    generator.produce(cfg, records[:half], progress=False)
+    # Run 1: SIGTERM while records keep arriving.
+    generator.produce(cfg, parts[0], progress=False)
     process = _start(config_file, log, queries)
     try:
-        _wait_for(lambda: landed() >= half, process, log)
-        # More records while it runs: SIGTERM may arrive in the middle of their micro-batch.
-        generator.produce(cfg, records[half : half + 200], progress=False)
+        _wait_for(lambda: landed() >= len(parts[0]) and _sum(user_increments, "impressions") > 0, process, log)
+        generator.produce(cfg, parts[1][:300], progress=False)
         assert _terminate(process, log) == 0, log.read_text()[-4000:]
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            _kill(process)
     text = log.read_text()
     assert "received SIGTERM" in text
     for name in queries:
         # Every planned micro-batch was committed: none was cut short by the stop.
         folder = Path(app.checkpoint(cfg, name))
         assert _batches(folder / "offsets"), f"no micro-batch ran for {name}"
-        assert _batches(folder / "offsets") == _batches(folder / "commits")
+        assert _batches(folder / "offsets") == _batches(folder / "commits"), name
         assert f"query {name} stopped between micro-batches" in text
 
-    generator.produce(cfg, records[half + 200 :], progress=False)
+    # Run 2: kill -9 in the middle of the stream.
+    generator.produce(cfg, parts[1][300:], progress=False)
     process = _start(config_file, log, queries)
     try:
-        _wait_for(lambda: landed() >= len(records), process, log)
+        _wait_for(lambda: landed() > len(parts[0]) + 300, process, log)
+        generator.produce(cfg, parts[2][:500], progress=False)
+        time.sleep(2)
+    finally:
+        _kill(process)
+
+    # Run 3: resume from the checkpoints and drain.
+    generator.produce(cfg, parts[2][500:], progress=False)
+    process = _start(config_file, log, queries)
+    try:
+        _wait_for(lambda: landed() >= len(records) and _sum(user_increments, "impressions") >= truth.impressions, process, log)
+        _wait_for(lambda: _sum(user_increments, "clicks") >= truth.positives, process, log, timeout_s=60)
         assert _terminate(process, log) == 0
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            _kill(process)
 
     assert _rows(bronze["impressions"]) == truth.impressions
     assert _rows(bronze["clicks"]) == truth.clicks_sent
@@ -114,3 +144,11 @@ def test_sigterm_finishes_the_micro_batch_and_a_restart_resumes(running_stack: P
         table = DeltaTable(path).to_pyarrow_table(columns=["kafka_topic", "kafka_partition", "kafka_offset"]).to_pylist()
         offsets |= {(r["kafka_topic"], r["kafka_partition"], r["kafka_offset"]) for r in table}
     assert len(offsets) == len(records)  # every Kafka record once, none twice
+    # Feature totals: each impression once, each click within the attribution window once.
+    for entity in cfg.features.entities:
+        path = cfg.lake.table(*contract.increments_table(entity))
+        assert (_sum(path, "impressions"), _sum(path, "clicks")) == (truth.impressions, truth.positives), entity
+    # Labels: every click within the window made its impression positive, once.
+    labels = DeltaTable(cfg.lake.table(*contract.SILVER_LABELS_TABLE)).to_pyarrow_table(columns=["event_id", "label"]).to_pylist()
+    assert len({r["event_id"] for r in labels}) == len(labels)
+    assert sum(r["label"] for r in labels) == truth.positives
