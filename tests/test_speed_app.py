@@ -18,6 +18,7 @@ from support import isolated
 
 from lambda_ml import contract, generator, stack
 from lambda_ml.config import PROJECT_ROOT, PlatformConfig, write_config
+from lambda_ml.submit import run_submit
 from speed_layer import app
 
 NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
@@ -74,11 +75,19 @@ def _sum(path: str, column: str) -> float:
         return -1.0
 
 
+def test_the_application_entry_point_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        app.main(["--help"])
+    assert done.value.code == 0
+    assert "usage: speed_layer/app.py" in capsys.readouterr().out
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_sigterm_kill_9_and_restarts_neither_lose_nor_double_an_event(running_stack: PlatformConfig, tmp_path: Path) -> None:
     """Three runs of the whole application: stopped by SIGTERM mid-stream (every planned
-    micro-batch is committed), killed with -9 mid-stream, then resumed until drained. Bronze,
+    micro-batch is committed), killed with -9 mid-stream, then resumed with spark-submit until
+    drained. Bronze,
     the labels and the feature increments equal the generator's ground truth exactly."""
     cfg = isolated(running_stack, "ctr-speed-app", lake_root=tmp_path / "lake", topic_prefix="speedapp")
     cfg = cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"trigger_seconds": 1.0, "report_to_mlflow": False})})
@@ -114,6 +123,9 @@ def test_sigterm_kill_9_and_restarts_neither_lose_nor_double_an_event(running_st
         assert _batches(folder / "offsets"), f"no micro-batch ran for {name}"
         assert _batches(folder / "offsets") == _batches(folder / "commits"), name
         assert f"query {name} stopped between micro-batches" in text
+    # The join's state lives in RocksDB (zipped snapshots and SST files, no HDFS-store deltas).
+    state = Path(app.checkpoint(cfg, "labels")) / "state"
+    assert any(state.rglob("*.zip")) and any(state.rglob("*.sst")) and not any(state.rglob("*.delta"))
 
     # Run 2: kill -9 in the middle of the stream.
     generator.produce(cfg, parts[1][300:], progress=False)
@@ -125,16 +137,9 @@ def test_sigterm_kill_9_and_restarts_neither_lose_nor_double_an_event(running_st
     finally:
         _kill(process)
 
-    # Run 3: resume from the checkpoints and drain.
+    # Run 3: resume from the checkpoints through spark-submit, drain what Kafka holds and stop.
     generator.produce(cfg, parts[2][500:], progress=False)
-    process = _start(config_file, log, queries)
-    try:
-        _wait_for(lambda: landed() >= len(records) and _sum(user_increments, "impressions") >= truth.impressions, process, log)
-        _wait_for(lambda: _sum(user_increments, "clicks") >= truth.positives, process, log, timeout_s=60)
-        assert _terminate(process, log) == 0
-    finally:
-        if process.poll() is None:
-            _kill(process)
+    assert run_submit(cfg, "speed_layer/app.py", ["--config", str(config_file), "--available-now"]) == 0
 
     assert _rows(bronze["impressions"]) == truth.impressions
     assert _rows(bronze["clicks"]) == truth.clicks_sent
