@@ -3,76 +3,21 @@ running micro-batch finish, a restart resumes from the checkpoints (real broker,
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from deltalake import DeltaTable
+from speed_process import batches, kill, rows, start, terminate, total, wait_for
 from support import isolated
 
 from lambda_ml import contract, generator, stack
-from lambda_ml.config import PROJECT_ROOT, PlatformConfig, write_config
+from lambda_ml.config import PlatformConfig, write_config
 from lambda_ml.submit import run_submit
 from speed_layer import app
 
 NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
-
-
-def _rows(path: str) -> int:
-    try:
-        return DeltaTable(path).to_pyarrow_table(columns=["kafka_offset"]).num_rows
-    except Exception:  # the table does not exist yet
-        return -1
-
-
-def _wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes], log: Path, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert process.poll() is None, f"the speed layer exited with {process.returncode}:\n{log.read_text()[-4000:]}"
-        assert time.monotonic() < deadline, f"timed out; speed layer log:\n{log.read_text()[-4000:]}"
-        time.sleep(1)
-
-
-def _start(config_file: Path, log: Path, queries: list[str]) -> subprocess.Popen[bytes]:
-    args = [sys.executable, str(PROJECT_ROOT / "speed_layer" / "app.py"), "--config", str(config_file)]
-    for name in queries:
-        args += ["--query", name]
-    with log.open("ab") as out:
-        # Its own process group, so that the finally below can stop the JVM child as well.
-        return subprocess.Popen(args, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _terminate(process: subprocess.Popen[bytes], log: Path) -> int:
-    process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        raise AssertionError(f"no exit within 120 s of SIGTERM:\n{log.read_text()[-4000:]}") from None
-
-
-def _batches(folder: Path) -> set[int]:
-    return {int(p.name) for p in folder.iterdir() if p.name.isdigit()} if folder.exists() else set()
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    """kill -9 the application and its JVM (its whole process group), as a crash would."""
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
-def _sum(path: str, column: str) -> float:
-    try:
-        return float(sum(v for v in DeltaTable(path).to_pyarrow_table(columns=[column]).column(column).to_pylist() if v is not None))
-    except Exception:  # no table yet
-        return -1.0
 
 
 def test_the_application_entry_point_has_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -103,25 +48,25 @@ def test_sigterm_kill_9_and_restarts_neither_lose_nor_double_an_event(running_st
     log = tmp_path / "speed.log"
 
     def landed() -> int:
-        return sum(max(0, _rows(path)) for path in bronze.values())
+        return sum(max(0, rows(path)) for path in bronze.values())
 
     # Run 1: SIGTERM while records keep arriving.
     generator.produce(cfg, parts[0], progress=False)
-    process = _start(config_file, log, queries)
+    process = start(config_file, log, queries)
     try:
-        _wait_for(lambda: landed() >= len(parts[0]) and _sum(user_increments, "impressions") > 0, process, log)
+        wait_for(lambda: landed() >= len(parts[0]) and total(user_increments, "impressions") > 0, process, log)
         generator.produce(cfg, parts[1][:300], progress=False)
-        assert _terminate(process, log) == 0, log.read_text()[-4000:]
+        assert terminate(process, log) == 0, log.read_text()[-4000:]
     finally:
         if process.poll() is None:
-            _kill(process)
+            kill(process)
     text = log.read_text()
     assert "received SIGTERM" in text
     for name in queries:
         # Every planned micro-batch was committed: none was cut short by the stop.
         folder = Path(app.checkpoint(cfg, name))
-        assert _batches(folder / "offsets"), f"no micro-batch ran for {name}"
-        assert _batches(folder / "offsets") == _batches(folder / "commits"), name
+        assert batches(folder / "offsets"), f"no micro-batch ran for {name}"
+        assert batches(folder / "offsets") == batches(folder / "commits"), name
         assert f"query {name} stopped between micro-batches" in text
     # The join's state lives in RocksDB (zipped snapshots and SST files, no HDFS-store deltas).
     state = Path(app.checkpoint(cfg, "labels")) / "state"
@@ -129,21 +74,21 @@ def test_sigterm_kill_9_and_restarts_neither_lose_nor_double_an_event(running_st
 
     # Run 2: kill -9 in the middle of the stream.
     generator.produce(cfg, parts[1][300:], progress=False)
-    process = _start(config_file, log, queries)
+    process = start(config_file, log, queries)
     try:
-        _wait_for(lambda: landed() > len(parts[0]) + 300, process, log)
+        wait_for(lambda: landed() > len(parts[0]) + 300, process, log)
         generator.produce(cfg, parts[2][:500], progress=False)
         time.sleep(2)
     finally:
-        _kill(process)
+        kill(process)
 
     # Run 3: resume from the checkpoints through spark-submit, drain what Kafka holds and stop.
     generator.produce(cfg, parts[2][500:], progress=False)
     assert run_submit(cfg, "speed_layer/app.py", ["--config", str(config_file), "--available-now"]) == 0
 
-    assert _rows(bronze["impressions"]) == truth.impressions
-    assert _rows(bronze["clicks"]) == truth.clicks_sent
-    assert _rows(bronze["quarantine"]) == truth.malformed_total
+    assert rows(bronze["impressions"]) == truth.impressions
+    assert rows(bronze["clicks"]) == truth.clicks_sent
+    assert rows(bronze["quarantine"]) == truth.malformed_total
     offsets = set()
     for path in bronze.values():
         table = DeltaTable(path).to_pyarrow_table(columns=["kafka_topic", "kafka_partition", "kafka_offset"]).to_pylist()
@@ -152,7 +97,7 @@ def test_sigterm_kill_9_and_restarts_neither_lose_nor_double_an_event(running_st
     # Feature totals: each impression once, each click within the attribution window once.
     for entity in cfg.features.entities:
         path = cfg.lake.table(*contract.increments_table(entity))
-        assert (_sum(path, "impressions"), _sum(path, "clicks")) == (truth.impressions, truth.positives), entity
+        assert (total(path, "impressions"), total(path, "clicks")) == (truth.impressions, truth.positives), entity
     # Labels: every click within the window made its impression positive, once.
     labels = DeltaTable(cfg.lake.table(*contract.SILVER_LABELS_TABLE)).to_pyarrow_table(columns=["event_id", "label"]).to_pylist()
     assert len({r["event_id"] for r in labels}) == len(labels)
