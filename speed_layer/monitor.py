@@ -1,7 +1,7 @@
 """Observability of the speed layer: a ``StreamingQueryListener`` turning each micro-batch's
 progress into metrics (rows/s, batch duration, state size, Kafka lag per partition), written to
 the log and, with ``speed.report_to_mlflow``, as step metrics (step = micro-batch id) of one
-MLflow run per application start (tag ``layer=speed``). An MLflow outage costs metrics, never
+MLflow run per application start (tag ``layer=speed``) in the experiment ``<mlflow.experiment>-speed``. An MLflow outage costs metrics, never
 the stream: failures to report are logged and skipped.
 """
 
@@ -85,6 +85,16 @@ def progress_metrics(progress: dict[str, Any]) -> dict[str, float]:
     return {f"{name}.{key}": value for key, value in raw.items() if value is not None}
 
 
+def metrics_experiment(cfg: PlatformConfig) -> str:
+    """The MLflow experiment of the speed layer's metrics: beside the batch runs', not among them.
+
+    >>> from lambda_ml.config import load_config
+    >>> metrics_experiment(load_config())
+    'ctr-speed'
+    """
+    return f"{cfg.mlflow.experiment}-speed"
+
+
 class ProgressReporter(StreamingQueryListener):
     """Logs every micro-batch's metrics and sends them to MLflow (best effort)."""
 
@@ -112,8 +122,9 @@ class ProgressReporter(StreamingQueryListener):
             from mlflow import MlflowClient
 
             client = MlflowClient(self.cfg.mlflow.tracking_uri)
-            experiment = client.get_experiment_by_name(self.cfg.mlflow.experiment)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.cfg.mlflow.experiment)
+            name = metrics_experiment(self.cfg)
+            experiment = client.get_experiment_by_name(name)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
             run = client.create_run(experiment_id, run_name=run_name, tags={"layer": "speed"})
             self._client, self.run_id = client, run.info.run_id
             log.info("speed-layer metrics go to MLflow run %s", self.run_id)

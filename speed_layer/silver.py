@@ -39,8 +39,8 @@ def first_change_feed_version(spark: SparkSession, path: str) -> int:
 
 
 def bronze_stream(spark: SparkSession, cfg: PlatformConfig, event_type: str) -> DataFrame:
-    """New rows of a bronze table as a stream: the event's fields and ``<event type>_version``."""
-    ensure_tables(spark, cfg)
+    """New rows of a bronze table as a stream: the event's fields and ``<event type>_version``.
+    The table must exist (:func:`speed_layer.ingest.ensure_tables`)."""
     path = bronze_path(cfg, event_type)
     changes = (
         spark.readStream.format("delta")
@@ -61,6 +61,7 @@ def deduplicated(events: DataFrame, watermark_minutes: int) -> DataFrame:
 
 def silver_events(spark: SparkSession, cfg: PlatformConfig) -> tuple[DataFrame, DataFrame]:
     """Deduplicated impression and click streams from bronze, each with its bronze version."""
+    ensure_tables(spark, cfg)
     return tuple(  # type: ignore[return-value]
         deduplicated(bronze_stream(spark, cfg, name), cfg.speed.watermark_minutes) for name in ("impressions", "clicks")
     )

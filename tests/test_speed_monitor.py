@@ -13,7 +13,7 @@ from support import isolated
 from lambda_ml import generator, stack
 from lambda_ml.config import PlatformConfig
 from speed_layer import app
-from speed_layer.monitor import progress_metrics
+from speed_layer.monitor import metrics_experiment, progress_metrics
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
@@ -58,7 +58,7 @@ def test_every_micro_batch_reports_its_metrics_to_mlflow(running_stack: Platform
     app.run(cfg, ["ingest"], available_now=True)
 
     client = MlflowClient(cfg.mlflow.tracking_uri)
-    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    experiment = client.get_experiment_by_name(metrics_experiment(cfg))
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], "tags.layer = 'speed'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
