@@ -131,6 +131,7 @@ class SearchConfig(_Model):
     the best is refitted on all training rows. The holdout is never looked at."""
 
     validation_fraction: float = Field(0.2, gt=0, lt=1)
+    max_rows: int = Field(500_000, gt=0)
     lr: LrGridConfig = LrGridConfig()
     gbt: GbtGridConfig = GbtGridConfig()
 
@@ -138,6 +139,7 @@ class SearchConfig(_Model):
 class CtrConfig(_Model):
     attribution_window_minutes: int = Field(30, gt=0)
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    max_training_rows: int = Field(2_000_000, gt=0)
     model: Literal["lr", "gbt"] = "lr"
     # Logistic regression (model: lr).
     reg_param: float = Field(0.01, ge=0)
