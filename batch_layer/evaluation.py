@@ -50,6 +50,23 @@ def split_by_time(df: DataFrame, holdout_fraction: float) -> tuple[DataFrame, Da
     return df.where(~holdout_rows), df.where(holdout_rows), cutoff
 
 
+# Sampling keeps a row when a hash of its event id, reduced modulo this, is below the share.
+_SAMPLE_RESOLUTION = 1 << 30
+
+
+def sample_rows(df: DataFrame, rows: int, max_rows: int) -> DataFrame:
+    """About ``max_rows`` of the ``rows`` rows of ``df`` (all of them if there are no more),
+    uniformly: a row is kept when a hash of its ``event_id`` falls under ``max_rows / rows``.
+
+    Deterministic: the same rows always give the same sample, whatever their partitioning, so a
+    re-run for the same horizon fits the same model.
+    """
+    if rows <= max_rows:
+        return df
+    threshold = int(_SAMPLE_RESOLUTION * max_rows / rows)
+    return df.where(F.pmod(F.xxhash64("event_id"), F.lit(_SAMPLE_RESOLUTION)) < F.lit(threshold))
+
+
 def score(model: PipelineModel, df: DataFrame) -> DataFrame:
     """``df`` scored: the model's columns plus ``click_probability`` (P(click) as a double)."""
     return model.transform(df).withColumn(CLICK_PROBABILITY, vector_to_array("probability")[1])

@@ -2,9 +2,10 @@
 hyper-parameter search that chooses its parameters.
 
 The search compares the candidates of ``ctr.search.<model>`` on a time-based validation split
-carved from the *training* rows (their most recent ``validation_fraction``), then refits the
-winner on all training rows. The holdout is not an argument of anything here: it cannot leak
-into the choice.
+carved from the *training* rows (their most recent ``validation_fraction``, within a sample of
+at most ``ctr.search.max_rows``), then refits the winner on all training rows (a sample of at
+most ``ctr.max_training_rows``). The holdout is not an argument of anything here: it cannot
+leak into the choice.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Any
 
 from pyspark.ml import Estimator, Pipeline, PipelineModel
 from pyspark.ml.classification import GBTClassifier, LogisticRegression
-from pyspark.ml.feature import OneHotEncoder, StandardScaler, StringIndexer, VectorAssembler
+from pyspark.ml.feature import OneHotEncoder, StringIndexer, VectorAssembler
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from batch_layer.evaluation import TrainingError, auc, score, split_by_time
+from batch_layer.evaluation import TrainingError, auc, sample_rows, score, split_by_time
 from lambda_ml import contract
 from lambda_ml.config import CtrConfig, PlatformConfig
 from lambda_ml.features import LABEL
@@ -32,18 +33,13 @@ log = logging.getLogger(__name__)
 Params = dict[str, Any]  # one model's parameters, named as in ``ctr`` (snake_case)
 
 
-@dataclass(frozen=True)
-class ModelKind:
-    """How one ``ctr.model`` value is built: its classifier, and whether numbers are standardised."""
-
-    classifier: Callable[[Params], Estimator]
-    scales_numbers: bool  # linear models need comparable scales; trees split on raw values
-
-
 def _logistic_regression(params: Params) -> Estimator:
     return LogisticRegression(
         featuresCol="features",
         labelCol=LABEL,
+        # Optimised and regularised on standardised inputs, coefficients returned on the raw
+        # scale: no scaler stage is needed, and none has to pass over the rows.
+        standardization=True,
         regParam=params["reg_param"],
         elasticNetParam=params["elastic_net_param"],
         maxIter=params["max_iter"],
@@ -63,10 +59,10 @@ def _gradient_boosted_trees(params: Params) -> Estimator:
     )
 
 
-# ``ctr.model`` -> how to build it; the config's Literal and this table must list the same names.
-MODEL_KINDS: dict[str, ModelKind] = {
-    "lr": ModelKind(_logistic_regression, scales_numbers=True),
-    "gbt": ModelKind(_gradient_boosted_trees, scales_numbers=False),
+# ``ctr.model`` -> its classifier; the config's Literal and this table must list the same names.
+CLASSIFIERS: dict[str, Callable[[Params], Estimator]] = {
+    "lr": _logistic_regression,
+    "gbt": _gradient_boosted_trees,
 }
 
 
@@ -97,13 +93,11 @@ def param_grid(ctr: CtrConfig) -> list[Params]:
 
 
 def build_pipeline(cfg: PlatformConfig, params: Params | None = None) -> Pipeline:
-    """Categorical inputs one-hot encoded, numbers assembled (standardised for ``lr``), then the
-    classifier of ``cfg.ctr.model`` with ``params`` (default: :func:`base_params`).
+    """Categorical inputs one-hot encoded, numbers assembled, then the classifier of ``cfg.ctr.model`` with ``params`` (default: :func:`base_params`).
 
     Unknown categories index as "unknown" and encode as all zeros (``handleInvalid="keep"`` with
     ``dropLast``): the one setting whose ONNX export matches Spark for unseen values.
     """
-    kind = MODEL_KINDS[cfg.ctr.model]
     inputs = contract.model_inputs(cfg.features)
     indexed = [f"{name}_index" for name in inputs.categorical]
     encoded = [f"{name}_onehot" for name in inputs.categorical]
@@ -114,12 +108,8 @@ def build_pipeline(cfg: PlatformConfig, params: Params | None = None) -> Pipelin
             OneHotEncoder(inputCols=indexed, outputCols=encoded, handleInvalid="keep", dropLast=True),
         ]
     stages.append(VectorAssembler(inputCols=list(inputs.numeric), outputCol="numeric"))
-    numbers = "numeric"
-    if kind.scales_numbers:
-        stages.append(StandardScaler(inputCol="numeric", outputCol="numeric_scaled", withMean=True, withStd=True))
-        numbers = "numeric_scaled"
-    stages.append(VectorAssembler(inputCols=[numbers, *encoded], outputCol="features"))
-    stages.append(kind.classifier(base_params(cfg.ctr) if params is None else params))
+    stages.append(VectorAssembler(inputCols=["numeric", *encoded], outputCol="features"))
+    stages.append(CLASSIFIERS[cfg.ctr.model](base_params(cfg.ctr) if params is None else params))
     return Pipeline(stages=stages)
 
 
@@ -133,7 +123,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Selection:
-    """The chosen parameters, the model refitted with them on all training rows, and the search."""
+    """The chosen parameters, the model refitted with them on the training rows, and the search."""
 
     model: PipelineModel
     params: Params
@@ -155,19 +145,25 @@ def _class_counts(df: DataFrame) -> tuple[int, int]:
     return int(row[0]), int(row[1] or 0)
 
 
-def select_model(train: DataFrame, cfg: PlatformConfig) -> Selection:
+def select_model(train: DataFrame, cfg: PlatformConfig, rows: int | None = None) -> Selection:
     """Fit the model of ``cfg.ctr.model``, choosing its parameters on a validation split.
 
-    With a single candidate there is nothing to compare: it is fitted on ``train`` directly.
-    Otherwise each candidate is fitted on the training rows up to the validation cutoff and
-    scored on the rows after it; the best AUC wins (the first in grid order on a tie).
+    ``rows`` is the number of rows of ``train`` (counted when not given). The model is fitted
+    on all of them, or on a uniform sample of ``ctr.max_training_rows`` when there are more.
+    With a single candidate there is nothing to compare. Otherwise the candidates are compared
+    on a sample of at most ``ctr.search.max_rows`` training rows: each is fitted on the sample's
+    rows up to the validation cutoff and scored on the rows after it; the best AUC wins (the
+    first in grid order on a tie).
     """
+    rows = train.count() if rows is None else rows
+    fit_rows = sample_rows(train, rows, cfg.ctr.max_training_rows)
     grid = param_grid(cfg.ctr)
     if len(grid) == 1:
         (params,) = grid
-        return Selection(build_pipeline(cfg, params).fit(train), params, (Candidate(params, None),), None)
+        return Selection(build_pipeline(cfg, params).fit(fit_rows), params, (Candidate(params, None),), None)
 
-    fit_part, validation, cutoff = split_by_time(train, cfg.ctr.search.validation_fraction)
+    searched = sample_rows(train, rows, cfg.ctr.search.max_rows)
+    fit_part, validation, cutoff = split_by_time(searched, cfg.ctr.search.validation_fraction)
     fit_part, validation = fit_part.cache(), validation.cache()
     try:
         for name, part in (("fitting", fit_part), ("validation", validation)):
@@ -187,4 +183,4 @@ def select_model(train: DataFrame, cfg: PlatformConfig) -> Selection:
         validation.unpersist()
     best = max(candidates, key=lambda c: c.validation_auc or 0.0)  # max keeps the first of ties
     log.info("chose %s %s of %d candidates (validation after %s)", cfg.ctr.model, best.params, len(grid), cutoff)
-    return Selection(build_pipeline(cfg, best.params).fit(train), best.params, tuple(candidates), cutoff)
+    return Selection(build_pipeline(cfg, best.params).fit(fit_rows), best.params, tuple(candidates), cutoff)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -50,17 +50,20 @@ from lambda_ml import contract
 from lambda_ml.config import PlatformConfig, load_config
 from lambda_ml.contract import Horizon
 from lambda_ml.features import (
+    IMPRESSIONS,
+    KIND,
     LABEL,
-    add_window_features,
     attribute_clicks,
     dedup_events,
     definitions_hash,
+    event_window_features,
     feature_events,
-    label_impressions,
+    impressions_with_labels,
     latest_event_time,
     model_input_columns,
 )
 from lambda_ml.logs import setup_logging
+from lambda_ml.schemas import CLICK, IMPRESSION
 from lambda_ml.spark import get_spark
 
 log = logging.getLogger(__name__)
@@ -103,33 +106,54 @@ class TrainResult:
 
 
 def clean_events(snapshot: Snapshot) -> tuple[DataFrame, DataFrame]:
-    """The snapshot's impressions and clicks, one row per event id."""
-    return dedup_events(snapshot.impressions), dedup_events(snapshot.clicks)
+    """The snapshot's impressions and clicks, one row per event id, with the event fields only
+    (bronze's Kafka coordinates are not needed past this point, and pruned before the shuffle)."""
+    return (
+        dedup_events(snapshot.impressions.select(*IMPRESSION.field_names)),
+        dedup_events(snapshot.clicks.select(*CLICK.field_names)),
+    )
 
 
-def build_training_set(impressions: DataFrame, clicks: DataFrame, cfg: PlatformConfig, as_of: datetime) -> DataFrame:
-    """Labelled impressions with point-in-time window features.
+def labelled_events(impressions: DataFrame, clicks: DataFrame, cfg: PlatformConfig, as_of: datetime) -> DataFrame:
+    """The snapshot's feature events (impressions and attributed clicks), impressions carrying
+    their ``label`` (null while their attribution window is open at ``as_of``) and the model's
+    context fields. What both the batch views and the training set are computed from.
 
-    Columns: ``event_id, event_time, user_id, item_id``, the model inputs declared in
-    ``cfg.features`` (numbers as doubles) and ``label``. A row's window features use only
-    events strictly before its event time. Inputs must be deduplicated; ``as_of`` is the latest
-    event time in the snapshot (impressions whose attribution window is still open then are
-    left out, but their events still count for later impressions).
+    Inputs must be deduplicated; ``as_of`` is the latest event time in the snapshot.
     """
     window = cfg.ctr.attribution_window_minutes
     attributed = attribute_clicks(impressions, clicks, window)
-    labelled = label_impressions(impressions, attributed, window, as_of)
-    events = feature_events(impressions, attributed, cfg.features)
-    with_features = add_window_features(labelled, events, cfg.features)
+    shown = impressions_with_labels(impressions, attributed, window, as_of)
     inputs = contract.model_inputs(cfg.features)
-    return with_features.select("event_id", "event_time", "user_id", "item_id", *model_input_columns(inputs), F.col(LABEL))
+    carried = ["user_id", "item_id", *inputs.categorical, *cfg.features.context.numeric, LABEL]
+    return feature_events(shown, attributed, cfg.features, extra=carried)
+
+
+def training_rows(events: DataFrame, cfg: PlatformConfig, bucket_rows: Mapping[str, DataFrame] | None = None) -> DataFrame:
+    """Labelled impressions of :func:`labelled_events` with point-in-time window features.
+
+    Columns: ``event_id, event_time, user_id, item_id``, the model inputs declared in
+    ``cfg.features`` (numbers as doubles) and ``label``. A row's window features use only
+    events strictly before its event time; unlabelled impressions are left out but their
+    events still count for later ones. ``bucket_rows`` are the batch views of the same events,
+    by entity (computed here when not given).
+    """
+    with_features = event_window_features(events, cfg.features, bucket_rows)
+    labelled = with_features.where((F.col(KIND) == IMPRESSIONS) & F.col(LABEL).isNotNull())
+    inputs = contract.model_inputs(cfg.features)
+    return labelled.select("event_id", "event_time", "user_id", "item_id", *model_input_columns(inputs), F.col(LABEL))
+
+
+def build_training_set(impressions: DataFrame, clicks: DataFrame, cfg: PlatformConfig, as_of: datetime) -> DataFrame:
+    """Deduplicated impressions and clicks -> the training set (:func:`training_rows`)."""
+    return training_rows(labelled_events(impressions, clicks, cfg, as_of), cfg)
 
 
 def check_trainable(train: DataFrame, holdout: DataFrame) -> dict[str, int]:
     """Row and positive counts; fail with a plain reason if the split cannot train or evaluate.
 
     A numeric feature constant over the training rows is refused too: the model learns
-    nothing from it, and the ONNX scaler would divide by its zero spread. The numeric features
+    nothing from it (a declaration or the data is wrong). The numeric features
     are the double columns other than the label (see :func:`build_training_set`).
     """
     numeric = [name for name, kind in train.dtypes if kind == "double" and name != LABEL]
@@ -186,22 +210,28 @@ def run(
         )
         return reused_result(client, existing, horizon)
     impressions, clicks = (frame.cache() for frame in clean_events(snapshot))
-    training = None
+    events = training = None
     try:
         as_of = latest_event_time(impressions, clicks)
         if as_of is None:
             raise TrainingError(f"{horizon} holds no events")
-        window = cfg.ctr.attribution_window_minutes
-        events = feature_events(impressions, attribute_clicks(impressions, clicks, window), cfg.features)
-        write_views(build_views(events, cfg.features, horizon), cfg)
+        counted = {"impressions": impressions.count(), "clicks": clicks.count()}
+        # One pass labels and attributes: the views and the training set share these events.
+        events = labelled_events(impressions, clicks, cfg, as_of).cache()
+        paths = write_views(build_views(events, cfg.features, horizon), cfg)
+        impressions.unpersist()
+        clicks.unpersist()
+        # Whole-bucket window values come from the published views themselves.
+        views = {entity: spark.read.format("delta").load(path) for entity, path in paths.items()}
 
-        training = build_training_set(impressions, clicks, cfg, as_of).cache()
+        training = training_rows(events, cfg, views).cache()
         train, holdout, cutoff = split_by_time(training, cfg.ctr.holdout_fraction)
-        rows = {"impressions": impressions.count(), "clicks": clicks.count(), **check_trainable(train, holdout)}
+        events.unpersist()
+        rows = {**counted, **check_trainable(train, holdout)}
         rows["labelled"] = rows["train"] + rows["holdout"]
         log.info("labelled %d impressions up to %s; holdout after %s", rows["labelled"], as_of, cutoff)
 
-        selection = select_model(train, cfg)
+        selection = select_model(train, cfg, rows["train"])
         model = selection.model
         scored = score(model, holdout).cache()
         evaluation = evaluate(scored, cfg.ctr.calibration_bins)
@@ -234,7 +264,7 @@ def run(
             cfg, lineage, params, metrics, selection, evaluation, onnx_model, spark_p, onnx_p, holdout
         )
     finally:
-        for frame in (impressions, clicks, training):
+        for frame in (impressions, clicks, events, training):
             if frame is not None:
                 frame.unpersist()
     return TrainResult(

@@ -111,8 +111,8 @@ def write_views(cfg: PlatformConfig, now: datetime, seed: int = 5) -> int:
     for entity, declared in cfg.features.entities.items():
         for table, hours, stamp in (
             (contract.view_table(entity), range(1, 24 * 7, 3), {"horizon_impressions": HORIZON.impressions, "horizon_clicks": HORIZON.clicks}),
-            (contract.increment_table(entity), range(0, 2), {"after_impressions": HORIZON.impressions, "after_clicks": HORIZON.clicks,
-                                                              "horizon_impressions": HORIZON.impressions + 1, "horizon_clicks": HORIZON.clicks + 1}),
+            (contract.increments_table(entity), range(0, 2), {"impressions_version": HORIZON.impressions + 1,
+                                                               "clicks_version": HORIZON.clicks + 1, "speed_batch_id": 0}),
         ):  # fmt: skip
             rows: dict[str, list[Any]] = {k: [] for k in [*declared.keys, contract.VIEW_BUCKET_COLUMN, *cfg.features.aggregates, *stamp]}
             for key in keys_of[entity]:

@@ -58,6 +58,7 @@ class TopicConfig(_Model):
     partitions: int = Field(1, gt=0)
     retention_ms: int = -1
     compacted: bool = False
+    format: Literal["json", "avro"] = "json"
 
 
 class TopicsConfig(_Model):
@@ -77,6 +78,7 @@ class KafkaConfig(_Model):
     heap: str = "512m"
     bootstrap_servers: str = "127.0.0.1:9092"
     start_timeout_s: float = Field(60, gt=0)
+    avro_schemas: Path = Path("conf/avro")
     topics: TopicsConfig
 
 
@@ -129,6 +131,7 @@ class SearchConfig(_Model):
     the best is refitted on all training rows. The holdout is never looked at."""
 
     validation_fraction: float = Field(0.2, gt=0, lt=1)
+    max_rows: int = Field(500_000, gt=0)
     lr: LrGridConfig = LrGridConfig()
     gbt: GbtGridConfig = GbtGridConfig()
 
@@ -136,6 +139,7 @@ class SearchConfig(_Model):
 class CtrConfig(_Model):
     attribution_window_minutes: int = Field(30, gt=0)
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    max_training_rows: int = Field(2_000_000, gt=0)
     model: Literal["lr", "gbt"] = "lr"
     # Logistic regression (model: lr).
     reg_param: float = Field(0.01, ge=0)
@@ -315,11 +319,19 @@ class FeaturesConfig(_Model):
         return self
 
 
+SpeedQuery = Literal["ingest", "labels", "increments"]
+
+
 class SpeedConfig(_Model):
     trigger_seconds: float = Field(5, gt=0)
     max_future_days: float = Field(1, gt=0)
     min_event_date: str = "2000-01-01"
     max_offsets_per_trigger: int = Field(200000, gt=0)
+    queries: tuple[SpeedQuery, ...] = Field(("ingest", "labels", "increments"), min_length=1)
+    stop_timeout_seconds: float = Field(60, gt=0)
+    watermark_minutes: int = Field(15, gt=0)
+    max_files_per_trigger: int = Field(1000, gt=0)
+    report_to_mlflow: bool = True
 
 
 class ServingConfig(_Model):

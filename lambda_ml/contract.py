@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from lambda_ml.config import FeaturesConfig
@@ -76,27 +76,56 @@ def view_table(entity: str) -> tuple[str, ...]:
     return ("views", f"{entity}_buckets")
 
 
-# Speed-layer increments (Delta tables under lake.root), one per declared entity, appended by
-# the speed layer: the columns of the entity's batch view (keys, bucket start, aggregates) where
-# each row holds the aggregates of the feature events that are in bronze at versions
-# (INCREMENT_AFTER_COLUMNS] and not at (INCREMENT_AFTER_COLUMNS), i.e. the events a bronze
-# commit range added, plus the bronze versions of both ends:
-#   after_impressions, after_clicks     the bronze versions the events come after (exclusive)
-#   horizon_impressions, horizon_clicks the bronze versions they are read up to (inclusive)
-# Several rows may share (keys, bucket): they combine by the aggregates' monoids. The serving
-# layer serves batch view at horizon v (+) the rows with after >= v on both tables, and ignores
-# rows at or before v (the batch view counts them) and rows straddling v (the next batch run
-# counts them; the speed layer commits on a batch horizon's boundaries to avoid them).
-INCREMENT_AFTER_COLUMNS = {"impressions": "after_impressions", "clicks": "after_clicks"}
+# Speed-layer feature increments (Delta tables under lake.root), one per declared entity: its key
+# columns, the bucket start, one column per declared aggregate (the events of one micro-batch),
+# and the bronze Delta versions the events came from. An impression's row has only its own
+# version (clicks version null); an attributed click's row has its impression's and its own.
+# The serving layer adds to a batch view at horizon h the rows the batch did not see:
+# impressions_version > h.impressions or clicks_version > h.clicks
+# (:func:`increment_after_horizon`, the one definition Spark and the serving layer both apply).
+# Exact: a row is either wholly in the batch view or wholly after it. Rows of the same
+# (keys, bucket) add up like the views' rows (monoids).
+INCREMENT_VERSION_COLUMNS = {"impressions": "impressions_version", "clicks": "clicks_version"}
+INCREMENT_BATCH_COLUMN = "speed_batch_id"  # the micro-batch that wrote the row
 
 
-def increment_table(entity: str) -> tuple[str, ...]:
+def increments_table(entity: str) -> tuple[str, ...]:
     """Path parts, under ``lake.root``, of an entity's speed-layer increments.
 
-    >>> increment_table("user")
-    ('increments', 'user_buckets')
+    >>> increments_table("user")
+    ('speed', 'user_increments')
     """
-    return ("increments", f"{entity}_buckets")
+    return ("speed", f"{entity}_increments")
+
+
+class VersionTerm(Protocol):
+    """A column expression compared with operators: a Spark ``Column`` or a
+    ``pyarrow.compute.Expression`` (null > v is null, and filters drop null)."""
+
+    def __gt__(self, other: int, /) -> Any: ...
+
+
+def increment_after_horizon(horizon: Horizon, impressions_version: VersionTerm, clicks_version: VersionTerm) -> Any:
+    """The condition under which an increment row is one the batch view at ``horizon`` did not
+    count, built from the row's version columns; None when a part of ``horizon`` is unknown
+    (then every row counts). Filter with it: on an impression's row (clicks version null) it is
+    null rather than false when the impression is old, and filters drop null.
+
+    >>> import pyarrow as pa, pyarrow.compute as pc
+    >>> rows = pa.table({"impressions_version": [3, 6, 3, 3], "clicks_version": [None, None, 4, 5]})
+    >>> after = increment_after_horizon(Horizon(5, 4), pc.field("impressions_version"), pc.field("clicks_version"))
+    >>> rows.filter(after).to_pylist()
+    [{'impressions_version': 6, 'clicks_version': None}, {'impressions_version': 3, 'clicks_version': 5}]
+    >>> increment_after_horizon(Horizon(5, None), pc.field("impressions_version"), pc.field("clicks_version")) is None
+    True
+    """
+    if horizon.impressions is None or horizon.clicks is None:
+        return None
+    return (impressions_version > horizon.impressions) | (clicks_version > horizon.clicks)
+
+
+# Silver labels the speed layer writes: one row per impression whose label is known.
+SILVER_LABELS_TABLE = ("silver", "labels")
 
 
 # Model updates: records on the compacted topic kafka.topics.model_updates, keyed

@@ -28,7 +28,7 @@ import hashlib
 import inspect
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 from pyspark.sql import Column, DataFrame, Window, WindowSpec
@@ -46,14 +46,22 @@ IMPRESSIONS, CLICKS = "impressions", "clicks"
 BUCKET = contract.VIEW_BUCKET_COLUMN
 # Impression fields an attributed click carries along (everything but the impression's id and time).
 IMPRESSION_FIELDS = tuple(name for name in IMPRESSION.field_names if name not in ("event_id", "event_time"))
-_TARGET = "_pit_target"
 _MICROS = "_pit_micros"
 _INDEX = "_pit_bucket"
+_HEAD = "_pit_head"  # a series row leading its bucket
+_PROBE = "_pit_probe"  # a target row that is no event
 
 
 def dedup_events(events: DataFrame) -> DataFrame:
-    """One row per ``event_id``: bronze keeps every Kafka delivery, a resent event counts once."""
-    return events.dropDuplicates(["event_id"])
+    """One row per ``event_id``: bronze keeps every Kafka delivery, a resent event counts once
+    (the earliest by event time when deliveries differ).
+
+    A window rather than ``dropDuplicates``: the latter aggregates string columns by sorting
+    twice, this sorts once, and leaves the rows partitioned and sorted by ``event_id`` for the
+    joins on it that follow.
+    """
+    first = Window.partitionBy("event_id").orderBy("event_time")
+    return events.withColumn("_delivery", F.row_number().over(first)).where(F.col("_delivery") == 1).drop("_delivery")
 
 
 def _minutes(minutes: int) -> Column:
@@ -72,39 +80,54 @@ def within_attribution_window(impression_time: Column, click_time: Column, windo
     return (click_time >= impression_time) & (click_time <= impression_time + _minutes(window_minutes))
 
 
-def attribute_clicks(impressions: DataFrame, clicks: DataFrame, window_minutes: int) -> DataFrame:
+def attribute_clicks(
+    impressions: DataFrame,
+    clicks: DataFrame,
+    window_minutes: int,
+    impression_extra: Sequence[str] = (),
+    click_extra: Sequence[str] = (),
+) -> DataFrame:
     """Attributed clicks with their impression's fields.
 
     Returns ``click_id, impression_id, event_time`` (the click's), ``impression_time`` and the
-    impression's other fields (``user_id, item_id, device, position``). Both inputs must already
-    be deduplicated.
+    impression's other fields (``user_id, item_id, device, position``), then the
+    ``impression_extra`` and ``click_extra`` columns carried along (the speed layer carries the
+    bronze versions). Both inputs must already be deduplicated; on streams, both need a
+    watermark on ``event_time`` (a stream-stream join).
     """
     imp = impressions.select(
-        F.col("event_id").alias("_imp_event_id"), F.col("event_time").alias("impression_time"), *IMPRESSION_FIELDS
+        F.col("event_id").alias("_imp_event_id"), F.col("event_time").alias("impression_time"), *IMPRESSION_FIELDS, *impression_extra
     )
-    clk = clicks.select(F.col("event_id").alias("click_id"), "impression_id", "event_time")
+    clk = clicks.select(F.col("event_id").alias("click_id"), "impression_id", "event_time", *click_extra)
     condition = (clk["impression_id"] == imp["_imp_event_id"]) & within_attribution_window(
         imp["impression_time"], clk["event_time"], window_minutes
     )
     return clk.join(imp, condition, "inner").select(
-        "click_id", "impression_id", "event_time", "impression_time", *IMPRESSION_FIELDS
+        "click_id", "impression_id", "event_time", "impression_time", *IMPRESSION_FIELDS, *impression_extra, *click_extra
+    )
+
+
+def impressions_with_labels(
+    impressions: DataFrame, attributed: DataFrame, window_minutes: int, as_of: datetime
+) -> DataFrame:
+    """Every impression with ``label``: 1.0 or 0.0 once its attribution window closed by
+    ``as_of``, null while it is still open (``event_time + window > as_of``).
+
+    ``attributed`` is the output of :func:`attribute_clicks`.
+    """
+    clicked = attributed.select(F.col("impression_id").alias("_clicked_id")).distinct()
+    closed = F.col("event_time") <= F.lit(as_of) - _minutes(window_minutes)
+    return (
+        impressions.join(clicked, F.col("event_id") == F.col("_clicked_id"), "left")
+        .withColumn(LABEL, F.when(closed, F.when(F.col("_clicked_id").isNotNull(), 1.0).otherwise(0.0)))
+        .drop("_clicked_id")
     )
 
 
 def label_impressions(impressions: DataFrame, attributed: DataFrame, window_minutes: int, as_of: datetime) -> DataFrame:
-    """Impressions whose attribution window closed by ``as_of``, with ``label`` 1.0 or 0.0.
-
-    ``attributed`` is the output of :func:`attribute_clicks`. An impression whose window is
-    still open at ``as_of`` (``event_time + window > as_of``) has no label yet and is dropped.
-    """
-    clicked = attributed.select(F.col("impression_id").alias("_clicked_id")).distinct()
-    closed_before = F.lit(as_of) - _minutes(window_minutes)
-    return (
-        impressions.where(F.col("event_time") <= closed_before)
-        .join(clicked, F.col("event_id") == F.col("_clicked_id"), "left")
-        .withColumn(LABEL, F.when(F.col("_clicked_id").isNotNull(), 1.0).otherwise(0.0))
-        .drop("_clicked_id")
-    )
+    """Impressions whose attribution window closed by ``as_of``, with ``label`` 1.0 or 0.0;
+    the ones still open have no label yet and are dropped (see :func:`impressions_with_labels`)."""
+    return impressions_with_labels(impressions, attributed, window_minutes, as_of).where(F.col(LABEL).isNotNull())
 
 
 def latest_event_time(*frames: DataFrame) -> datetime | None:
@@ -127,17 +150,28 @@ def latest_event_time(*frames: DataFrame) -> datetime | None:
 # --------------------------------------------------------------------------- bucket increments
 
 
-def feature_events(impressions: DataFrame, attributed: DataFrame, features: FeaturesConfig) -> DataFrame:
-    """Impressions and attributed clicks in one shape: ``kind, event_id, event_time`` and the
-    impression fields the declarations use (entity keys, then measures).
+def feature_events(
+    impressions: DataFrame, attributed: DataFrame, features: FeaturesConfig, extra: Sequence[str] = ()
+) -> DataFrame:
+    """Impressions and attributed clicks in one shape: ``kind, event_id, event_time``, the
+    impression fields the declarations use (entity keys, then measures), then the ``extra``
+    columns.
 
     ``event_id`` is the impression's or the click's own id, so that "the events after a
-    horizon" is an anti-join on ``(kind, event_id)``. Works on streaming frames too.
+    horizon" is an anti-join on ``(kind, event_id)``. Works on streaming frames too. The
+    ``extra`` columns are carried from whichever side has them, null on the other (the speed
+    layer's bronze versions: a click has both, an impression only its own).
     """
     carried = list(features.carried_fields)
-    shown = impressions.select(F.lit(IMPRESSIONS).alias(KIND), "event_id", "event_time", *carried)
-    clicked = attributed.select(F.lit(CLICKS).alias(KIND), F.col("click_id").alias("event_id"), "event_time", *carried)
-    return shown.unionByName(clicked)
+    extra = [name for name in extra if name not in carried]
+    shown = impressions.select(
+        F.lit(IMPRESSIONS).alias(KIND), "event_id", "event_time", *carried, *[c for c in extra if c in impressions.columns]
+    )
+    clicked = attributed.select(
+        F.lit(CLICKS).alias(KIND), F.col("click_id").alias("event_id"), "event_time", *carried,
+        *[c for c in extra if c in attributed.columns],
+    )  # fmt: skip
+    return shown.unionByName(clicked, allowMissingColumns=bool(extra))
 
 
 def _value(aggregate: AggregateConfig) -> Column:
@@ -168,16 +202,34 @@ def _spark_duration(width: timedelta) -> str:
     return f"{int(width.total_seconds())} seconds"
 
 
-def bucket_increments(events: DataFrame, entity: FeatureEntityConfig, features: FeaturesConfig) -> DataFrame:
+def bucket_increments(
+    events: DataFrame, entity: FeatureEntityConfig, features: FeaturesConfig, by: Sequence[str] = ()
+) -> DataFrame:
     """One row per (entity keys, bucket): ``<keys>, bucket_start`` and one column per aggregate.
 
     ``events`` are :func:`feature_events`, static or streaming (with a watermark on
     ``event_time`` for append mode). Buckets are Spark tumbling windows, aligned on the epoch.
+    ``by`` are further grouping columns, kept after the aggregates (the speed layer groups by
+    the bronze versions the events came from).
     """
     bucket = F.window("event_time", _spark_duration(features.bucket_width))
     folded = [_fold(a, _value(a)).alias(name) for name, a in features.aggregates.items()]
-    grouped = events.groupBy(*entity.keys, bucket.alias("_bucket")).agg(*folded)
-    return grouped.select(*entity.keys, F.col("_bucket.start").alias(BUCKET), *features.aggregates)
+    grouped = events.groupBy(*entity.keys, bucket.alias("_bucket"), *by).agg(*folded)
+    return grouped.select(*entity.keys, F.col("_bucket.start").alias(BUCKET), *features.aggregates, *by)
+
+
+def after_horizon(increments: DataFrame, horizon: contract.Horizon) -> DataFrame:
+    """The speed-layer increment rows a batch view at ``horizon`` did not count.
+
+    An impression counts after the horizon if its bronze version is newer than
+    ``horizon.impressions``; an attributed click if its own or its impression's version is
+    newer (the batch attributes a click only when it holds both). A part of the horizon that is
+    unknown (None) keeps every row. ``merge_buckets([view at h, after_horizon(increments, h)])``
+    is the view of the lake the speed layer has seen.
+    """
+    imp, clk = (F.col(contract.INCREMENT_VERSION_COLUMNS[part]) for part in ("impressions", "clicks"))
+    newer = contract.increment_after_horizon(horizon, imp, clk)
+    return increments if newer is None else increments.where(newer)
 
 
 def merge_buckets(frames: Iterable[DataFrame], entity: FeatureEntityConfig, features: FeaturesConfig) -> DataFrame:
@@ -215,31 +267,21 @@ def _window_value(aggregate: AggregateConfig, whole: Column, partial: Column) ->
     return F.coalesce(value.cast("double"), F.lit(float(aggregate.empty)))
 
 
-def _entity_window_features(
-    targets: DataFrame, events: DataFrame, name: str, entity: FeatureEntityConfig, features: FeaturesConfig
+def bucket_series(
+    bucket_rows: DataFrame, entity: FeatureEntityConfig, features: FeaturesConfig, wanted: DataFrame | None = None
 ) -> DataFrame:
+    """Per (entity keys, bucket index): each window's combination of the whole buckets before it.
+
+    ``bucket_rows`` are :func:`bucket_increments` (or a batch view, which has the same columns);
+    ``wanted`` adds (keys, ``_pit_bucket``) rows for buckets that may hold no event. Columns:
+    the keys, ``_pit_bucket`` and ``_whole_<aggregate>_<window>`` (null when no bucket of the
+    window has an event). Small: one row per (keys, bucket).
+    """
     keys = list(entity.keys)
     width = buckets.to_micros(features.bucket_width)
-    values = {agg: _value(a).alias(f"_v_{agg}") for agg, a in features.aggregates.items()}
-
-    # The current bucket's part: the entity's events in the target's bucket strictly before it
-    # (a range frame ending one microsecond before the row).
-    marked = targets.withColumn(_TARGET, F.lit(True))
-    points = events.select(*keys, "event_time", *values.values(), F.lit(False).alias(_TARGET))
-    combined = marked.unionByName(points, allowMissingColumns=True).withColumn(_MICROS, F.unix_micros("event_time"))
-    combined = combined.withColumn(_INDEX, _bucket_index(F.col(_MICROS), width))
-    before = Window.partitionBy(*keys, _INDEX).orderBy(_MICROS).rangeBetween(Window.unboundedPreceding, -1)
-    partial = combined
-    for agg, aggregate in features.aggregates.items():
-        partial = partial.withColumn(f"_part_{agg}", _fold(aggregate, F.col(f"_v_{agg}"), over=before))
-    partial = partial.where(F.col(_TARGET)).drop(_TARGET, _MICROS, *(f"_v_{agg}" for agg in values))
-
-    # Whole buckets: the bucket rows of the `n` buckets before the target's, per window.
-    rows = bucket_increments(events, entity, features).withColumn(
-        _INDEX, _bucket_index(F.unix_micros(BUCKET), width)
-    )
-    wanted = partial.select(*keys, _INDEX).distinct().withColumn(_TARGET, F.lit(True))
-    series = rows.drop(BUCKET).withColumn(_TARGET, F.lit(False)).unionByName(wanted, allowMissingColumns=True)
+    rows = bucket_rows.select(*keys, _bucket_index(F.unix_micros(BUCKET), width).alias(_INDEX), *features.aggregates)
+    if wanted is not None:
+        rows = rows.unionByName(wanted.select(*keys, _INDEX), allowMissingColumns=True)
     whole_columns = []
     for window in features.windows:
         n = buckets.to_micros(parse_duration(window)) // width
@@ -248,10 +290,35 @@ def _entity_window_features(
             _merge(aggregate, F.col(agg), over=frame).alias(f"_whole_{agg}_{window}")
             for agg, aggregate in features.aggregates.items()
         ]
-    # Window values first, then keep the targets' rows (a filter before would empty the frames).
-    whole = series.select(*keys, _INDEX, _TARGET, *whole_columns).where(F.col(_TARGET)).drop(_TARGET)
+    return rows.select(*keys, _INDEX, *whole_columns)
 
-    joined = partial.join(whole, [*keys, _INDEX], "left")
+
+def _entity_window_features(frame: DataFrame, series: DataFrame, name: str, entity: FeatureEntityConfig, features: FeaturesConfig) -> DataFrame:
+    """``frame`` with the entity's window features on every row, at the row's ``event_time``.
+
+    Rows with a ``kind`` are events and count; other rows only receive features. One shuffle
+    and one sort: the series rows (each bucket's whole-bucket values) join the frame as extra
+    rows sorted first in their bucket, so a single window pass per (keys, bucket) gives every
+    row both the whole buckets before its bucket and its bucket's events strictly before it.
+    """
+    keys = list(entity.keys)
+    width = buckets.to_micros(features.bucket_width)
+    whole_names = [f"_whole_{agg}_{window}" for window in features.windows for agg in features.aggregates]
+    heads = series.select(
+        *keys, _INDEX, (F.col(_INDEX) * F.lit(width) - F.lit(1)).alias(_MICROS), *whole_names, F.lit(True).alias(_HEAD)
+    )
+    micros = F.unix_micros("event_time")
+    rows = frame.select("*", micros.alias(_MICROS), _bucket_index(micros, width).alias(_INDEX), F.lit(False).alias(_HEAD))
+    combined = rows.unionByName(heads, allowMissingColumns=True)
+
+    ordered = Window.partitionBy(*keys, _INDEX).orderBy(_MICROS)
+    before = ordered.rangeBetween(Window.unboundedPreceding, -1)  # strictly earlier instants
+    bucket = ordered.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    parts = [_fold(a, _value(a), over=before).alias(f"_part_{agg}") for agg, a in features.aggregates.items()]
+    wholes = [F.max(whole).over(bucket).alias(whole) for whole in whole_names]
+    kept = [column for column in combined.columns if column not in whole_names]
+    spread = combined.select(*kept, *wholes, *parts).where(~F.col(_HEAD))
+
     computed: dict[tuple[str, str], Column] = {}
     for window in features.windows:
         for agg, aggregate in features.aggregates.items():
@@ -268,21 +335,47 @@ def _entity_window_features(
                 denominator + F.lit(float(ratio.prior_alpha)) + F.lit(float(ratio.prior_beta))
             )
             outputs.append(value.alias(contract.window_feature_name(name, ratio_name, window)))
-    helpers = [c for c in joined.columns if c.startswith(("_part_", "_whole_"))] + [_INDEX]
-    return joined.select("*", *outputs).drop(*helpers)
+    helpers = [*whole_names, *(f"_part_{agg}" for agg in features.aggregates), _MICROS, _INDEX, _HEAD]
+    return spread.select("*", *outputs).drop(*helpers)
+
+
+def event_window_features(
+    events: DataFrame, features: FeaturesConfig, bucket_rows: Mapping[str, DataFrame] | None = None
+) -> DataFrame:
+    """Every row of ``events`` with every declared window feature at its own ``event_time``.
+
+    ``events`` are :func:`feature_events`, possibly with more columns (carried along); rows
+    without a ``kind`` receive features without counting. ``bucket_rows`` are each entity's
+    bucket rows of the same events (the batch views); by default they are computed here. A row
+    at ``t`` sees its entity's events in ``[bucket_start(t) - window, t)``: whole buckets from
+    the bucket rows, plus the current bucket's events strictly before ``t``. Exact: no
+    approximate window, no leakage.
+    """
+    frame = events
+    for name, entity in features.entities.items():
+        rows = bucket_increments(events, entity, features) if bucket_rows is None else bucket_rows[name]
+        frame = _entity_window_features(frame, bucket_series(rows, entity, features), name, entity, features)
+    return frame
 
 
 def add_window_features(targets: DataFrame, events: DataFrame, features: FeaturesConfig) -> DataFrame:
     """``targets`` with every declared window feature at its own ``event_time``.
 
     ``targets`` need ``event_time`` and every entity's keys; ``events`` are
-    :func:`feature_events`. A target at ``t`` sees its entity's events in
-    ``[bucket_start(t) - window, t)``: whole buckets from the bucket rows, plus the current
-    bucket's events strictly before ``t``. Exact: no approximate window, no leakage.
+    :func:`feature_events`. A target sees what :func:`event_window_features` gives an event at
+    its instant; targets add nothing to any feature.
     """
+    width = buckets.to_micros(features.bucket_width)
+    probes = targets.drop(KIND).withColumn(_PROBE, F.lit(True))
+    frame = probes.unionByName(events.withColumn(_PROBE, F.lit(False)), allowMissingColumns=True)
     for name, entity in features.entities.items():
-        targets = _entity_window_features(targets, events, name, entity, features)
-    return targets
+        keys = list(entity.keys)
+        # The targets' own buckets join the series: a target's bucket may hold no event.
+        wanted = targets.select(*keys, _bucket_index(F.unix_micros("event_time"), width).alias(_INDEX)).distinct()
+        series = bucket_series(bucket_increments(events, entity, features), entity, features, wanted)
+        frame = _entity_window_features(frame, series, name, entity, features)
+    event_only = [column for column in events.columns if column not in targets.columns]
+    return frame.where(F.col(_PROBE)).drop(_PROBE, *event_only)
 
 
 def model_input_columns(inputs: ModelInputs) -> list[Column]:

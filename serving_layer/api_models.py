@@ -284,10 +284,14 @@ class FeaturePart(_Body):
 
 
 class IncrementsOut(_Body):
-    through: HorizonOut | None = Field(description="Bronze versions the merged increments reach (null: none merged).")
-    rows_merged: int = Field(description="Increment rows after the batch horizon, merged into the view.")
-    rows_in_batch: int = Field(description="Increment rows at or before the batch horizon: already counted by the batch view.")
-    rows_straddling: int = Field(description="Increment rows across the batch horizon: left for the next batch run.")
+    through: HorizonOut | None = Field(
+        description="Newest bronze versions (impressions_version, clicks_version) of the merged increments (null: none merged)."
+    )
+    rows_merged: int = Field(
+        description="Increment rows after the batch horizon (impressions_version > horizon.impressions or "
+        "clicks_version > horizon.clicks), merged into the view."
+    )
+    rows_in_batch: int = Field(description="Increment rows the batch view already counts (left out; the speed layer deletes them).")
 
 
 class FeaturesResponse(_Body):
@@ -303,7 +307,7 @@ class FeaturesResponse(_Body):
                     "at": "2026-11-22T10:30:00Z",
                     "horizon": {"impressions": 12, "clicks": 11},
                     "increments": {"through": {"impressions": 14, "clicks": 13}, "rows_merged": 2,
-                                   "rows_in_batch": 0, "rows_straddling": 0},
+                                   "rows_in_batch": 0},
                     "merged": {"features": {"user_impressions_1h": 3.0}, "buckets": [
                         {"bucket_start": "2026-11-22T10:00:00Z", "values": {"impressions": 3}}]},
                     "batch": {"features": {"user_impressions_1h": 1.0}, "buckets": [

@@ -217,7 +217,6 @@ def features_response(features: FeaturesConfig, view: BucketView, key: tuple[str
             through=horizon_out(increments.through) if increments.through is not None else None,
             rows_merged=increments.used,
             rows_in_batch=increments.already_in_batch,
-            rows_straddling=increments.straddling,
         ),
         merged=_part(features, view.entity, view.lookup(key), at),
         batch=_part(features, view.entity, view.batch_part(key), at),

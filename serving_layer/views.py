@@ -1,8 +1,10 @@
 """The views the service reads features from: for every declared entity, the bucket rows
 ``(keys, bucket_start, aggregates)`` the batch layer publishes at a horizon *v*, merged with the
-speed layer's increments after *v* (``contract.increment_table``), read from Delta (no Spark
-here). The merge is exact: buckets are monoids, so batch view(v) ⊕ increments(after v) equals
-the batch view recomputed at the increments' bronze versions. Window features are read off
+speed layer's increments after *v* (``speed/<entity>_increments``, ``contract.increments_table``),
+read from Delta with pyarrow (no Spark here). An increment row carries the bronze versions its
+events came from, so which rows count after *v* is exact (``contract.increment_after_horizon``,
+the rule the speed layer writes by), and buckets are monoids: batch view(v) ⊕ increments(after v)
+equals the batch view recomputed at the increments' bronze versions. Window features are read off
 the merged rows at request time (``serving_layer.features``).
 
 An entity the views have never seen has no buckets, so its counts are zero, exactly what the
@@ -16,6 +18,7 @@ from __future__ import annotations
 import pyarrow  # isort: skip
 from deltalake import DeltaTable  # isort: skip
 from deltalake.exceptions import DeltaError, TableNotFoundError  # isort: skip
+import pyarrow.compute as pc  # isort: skip
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,6 +31,7 @@ from lambda_ml.contract import Horizon
 from serving_layer.reloadable import Reloadable
 
 BUCKET = contract.VIEW_BUCKET_COLUMN
+IMPRESSIONS_VERSION, CLICKS_VERSION = (contract.INCREMENT_VERSION_COLUMNS[part] for part in ("impressions", "clicks"))
 
 
 class ViewLoadError(RuntimeError):
@@ -37,13 +41,12 @@ class ViewLoadError(RuntimeError):
 @dataclass(frozen=True)
 class Increments:
     """One entity's speed-layer increments after a batch horizon: key -> bucket rows (already
-    combined per bucket), the bronze versions they reach, and the rows left out."""
+    combined per bucket), the latest bronze versions they came from, and the rows left out."""
 
     rows: Mapping[tuple[str, ...], EntityBuckets] = field(default_factory=dict)
-    through: Horizon | None = None  # the latest bronze versions the rows used are read up to
+    through: Horizon | None = None  # the newest impressions_version / clicks_version merged
     used: int = 0  # increment rows after the horizon, merged
-    already_in_batch: int = 0  # rows at or before the horizon: the batch view counts them
-    straddling: int = 0  # rows across the horizon: the next batch run counts them
+    already_in_batch: int = 0  # rows the batch view counts (the speed layer deletes them soon)
 
 
 NO_INCREMENTS = Increments()
@@ -187,41 +190,28 @@ def _horizon(path: str, table: pyarrow.Table) -> Horizon:
 def increments_from_arrow(
     path: str, table: pyarrow.Table, keys: Sequence[str], aggregations: Mapping[str, str], horizon: Horizon
 ) -> Increments:
-    """The increment rows after ``horizon`` (see ``contract.INCREMENT_AFTER_COLUMNS``), combined
-    per (key, bucket); rows at or before it, or straddling it, are counted and left out.
+    """The increment rows the batch view at ``horizon`` did not count, by the speed layer's rule
+    (``contract.increment_after_horizon``), combined per (key, bucket); the rows it counted are
+    counted and left out.
 
     >>> from datetime import datetime, timezone
     >>> hour = datetime(1970, 1, 1, 1, tzinfo=timezone.utc)
     >>> t = pyarrow.table({"user_id": ["a", "a", "a", "b"], "bucket_start": [hour] * 4, "clicks": [1, 2, 9, 4],
-    ...                    "after_impressions": [5, 6, 3, 4], "after_clicks": [5, 6, 3, 5],
-    ...                    "horizon_impressions": [6, 7, 5, 6], "horizon_clicks": [6, 7, 5, 6]})
+    ...                    "impressions_version": [6, 3, 5, 7], "clicks_version": [None, 6, None, 2]})
     >>> inc = increments_from_arrow("mem", t, ["user_id"], {"clicks": "count"}, Horizon(5, 5))
-    >>> inc.rows[("a",)].values, inc.through, (inc.used, inc.already_in_batch, inc.straddling)
-    ({'clicks': (3,)}, Horizon(impressions=7, clicks=7), (2, 1, 1))
+    >>> inc.rows[("a",)].values, inc.through, (inc.used, inc.already_in_batch)
+    ({'clicks': (3,)}, Horizon(impressions=7, clicks=6), (3, 1))
     """
-    names = [*keys, BUCKET, *aggregations, *contract.INCREMENT_AFTER_COLUMNS.values(), *contract.VIEW_HORIZON_COLUMNS.values()]
+    names = [*keys, BUCKET, *aggregations, IMPRESSIONS_VERSION, CLICKS_VERSION]
     missing = [c for c in names if c not in table.column_names]
     if missing:
         raise ViewLoadError(f"increments {path} lack column(s) {', '.join(missing)}; they have {', '.join(table.column_names)}")
-    if horizon.impressions is None or horizon.clicks is None:
-        return Increments(already_in_batch=table.num_rows)  # no horizon to count from
-    parts = ("impressions", "clicks")
-    after = {p: table.column(contract.INCREMENT_AFTER_COLUMNS[p]).to_pylist() for p in parts}
-    until = {p: table.column(contract.VIEW_HORIZON_COLUMNS[p]).to_pylist() for p in parts}
-    pinned = {"impressions": horizon.impressions, "clicks": horizon.clicks}
-    used: list[int] = []
-    old = straddling = 0
-    for i in range(table.num_rows):
-        if all(after[p][i] is not None and after[p][i] >= pinned[p] for p in parts):
-            used.append(i)
-        elif all(until[p][i] is not None and until[p][i] <= pinned[p] for p in parts):
-            old += 1
-        else:
-            straddling += 1
-    kept = table.take(pyarrow.array(used, type=pyarrow.int64()))
+    after = contract.increment_after_horizon(horizon, pc.field(IMPRESSIONS_VERSION), pc.field(CLICKS_VERSION))
+    kept = table if after is None else table.filter(after)
     view = bucket_rows_from_arrow(path, kept, keys, list(aggregations), combine=aggregations)
-    through = Horizon(max((until["impressions"][i] for i in used), default=None), max((until["clicks"][i] for i in used), default=None))
-    return Increments(view, through if used else None, len(used), old, straddling)
+    newest = [pc.max(kept.column(c)).as_py() for c in (IMPRESSIONS_VERSION, CLICKS_VERSION)]
+    through = Horizon(*newest) if kept.num_rows else None
+    return Increments(view, through, kept.num_rows, table.num_rows - kept.num_rows)
 
 
 def read_increments(path: str, keys: Sequence[str], aggregations: Mapping[str, str], horizon: Horizon) -> Increments:
@@ -233,7 +223,7 @@ def read_increments(path: str, keys: Sequence[str], aggregations: Mapping[str, s
         return NO_INCREMENTS
     except (DeltaError, OSError) as exc:
         raise ViewLoadError(f"cannot read the Delta table at {path}: {exc}") from exc
-    names = [*keys, BUCKET, *aggregations, *contract.INCREMENT_AFTER_COLUMNS.values(), *contract.VIEW_HORIZON_COLUMNS.values()]
+    names = [*keys, BUCKET, *aggregations, IMPRESSIONS_VERSION, CLICKS_VERSION]
     present = {f.name for f in delta.schema().fields}
     columns = [c for c in names if c in present]
     return increments_from_arrow(path, delta.to_pyarrow_table(columns=columns), keys, aggregations, horizon)
@@ -270,7 +260,7 @@ def load_batch_views(cfg: PlatformConfig) -> BatchViews:
         described = "; ".join(f"{name}: {horizon}" for name, horizon in horizons.items())
         raise ViewLoadError(f"the views come from different batch runs: {described}")
     for name, entity in cfg.features.entities.items():
-        path = cfg.lake.table(*contract.increment_table(name))
+        path = cfg.lake.table(*contract.increments_table(name))
         increments = read_increments(path, entity.keys, aggregations, views[name].horizon)
         if increments.rows or increments.used:
             views[name] = views[name].with_increments(increments, aggregations)
@@ -283,7 +273,7 @@ def table_versions(cfg: PlatformConfig) -> tuple[int | None, ...]:
     """The Delta version of every view and increment table (None where there is none yet)."""
     versions: list[int | None] = []
     for name in cfg.features.entities:
-        for parts in (contract.view_table(name), contract.increment_table(name)):
+        for parts in (contract.view_table(name), contract.increments_table(name)):
             try:
                 versions.append(DeltaTable(cfg.lake.table(*parts)).version())
             except (DeltaError, OSError):

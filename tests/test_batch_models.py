@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 import typing
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from sklearn.metrics import roc_auc_score
 
 from batch_layer import evaluation, models
@@ -91,7 +93,7 @@ def test_calibration_figure_renders_a_png(spark: SparkSession, tmp_path: typing.
 
 def test_model_kinds_match_the_config_choices() -> None:
     allowed = typing.get_args(CtrConfig.model_fields["model"].annotation)
-    assert sorted(allowed) == sorted(models.MODEL_KINDS) == ["gbt", "lr"]
+    assert sorted(allowed) == sorted(models.CLASSIFIERS) == ["gbt", "lr"]
 
 
 def test_an_unknown_model_or_grid_key_is_named(tmp_path: typing.Any) -> None:
@@ -196,3 +198,38 @@ def test_onnx_export_matches_spark_for_each_model(spark: SparkSession, cfg: Plat
     assert check_parity(spark_p, onnx_p, cfg.ctr.parity_atol) <= cfg.ctr.parity_atol
     assert spark_p.std() > 0.05  # really different scores, not a constant
     assert roc_auc_score(scored["label"], spark_p) > 0.7  # it learned the planted signal
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def numbered_ids(spark: SparkSession, n: int) -> DataFrame:
+    return spark.range(n).select(F.concat(F.lit("imp-"), F.col("id").cast("string")).alias("event_id"))
+
+
+def test_samples_are_uniform_deterministic_and_whole_under_the_cap(spark: SparkSession) -> None:
+    frame = numbered_ids(spark, 20_000)
+    assert evaluation.sample_rows(frame, 20_000, 20_000) is frame
+    ids = [int(r.event_id.removeprefix("imp-")) for r in evaluation.sample_rows(frame, 20_000, 5_000).collect()]
+    # Binomial(20000, 1/4): mean 5000, standard deviation 61.
+    assert 4_500 < len(ids) < 5_500 and len(set(ids)) == len(ids)
+    # Uniform: each quarter of the ids and each parity holds its share.
+    quarters = Counter(i * 4 // 20_000 for i in ids)
+    assert all(abs(quarters[q] - len(ids) / 4) < 300 for q in range(4)), quarters
+    assert abs(sum(i % 2 for i in ids) / len(ids) - 0.5) < 0.05
+    # The same rows in another partitioning and order give the same sample.
+    shuffled = frame.repartition(7).sortWithinPartitions(F.rand(3))
+    again = [int(r.event_id.removeprefix("imp-")) for r in evaluation.sample_rows(shuffled, 20_000, 5_000).collect()]
+    assert sorted(again) == sorted(ids)
+
+
+def test_the_model_is_fitted_on_at_most_max_training_rows(spark: SparkSession, cfg: PlatformConfig) -> None:
+    rows = model_rows(cfg, 600, seed=6)
+    for k, row in enumerate(rows):
+        row["event_id"] = f"imp-{k}"
+    frame = spark.createDataFrame(rows)
+    whole = models.select_model(frame, with_ctr(cfg, model="lr", search=no_search()))
+    assert whole.model.stages[-1].summary.predictions.count() == 600
+    capped = models.select_model(frame, with_ctr(cfg, model="lr", search=no_search(), max_training_rows=200))
+    fitted_on = capped.model.stages[-1].summary.predictions.count()
+    assert 130 < fitted_on < 270  # Binomial(600, 1/3): mean 200, standard deviation 12

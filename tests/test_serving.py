@@ -384,14 +384,14 @@ def test_the_view_store_reloads_new_delta_versions_and_keeps_the_last_good_views
     increments = pa.table({
         "user_id": ["u2", "u2"], "bucket_start": pa.array([hours_before(3), hours_before(3)], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
         "impressions": pa.array([6, 1], pa.int64()), "clicks": pa.array([2, 0], pa.int64()), "top_position": [2.0, 5.0],
-        "after_impressions": pa.array([5, 3], pa.int64()), "after_clicks": pa.array([4, 3], pa.int64()),
-        "horizon_impressions": pa.array([6, 4], pa.int64()), "horizon_clicks": pa.array([5, 4], pa.int64()),
+        "impressions_version": pa.array([5, 3], pa.int64()), "clicks_version": pa.array([5, None], pa.int64()),
+        "speed_batch_id": pa.array([1, 0], pa.int64()),
     })  # fmt: skip
-    write_deltalake(cfg.lake.table(*contract.increment_table("user")), increments)
+    write_deltalake(cfg.lake.table(*contract.increments_table("user")), increments)
     merged = store.reload()
     assert merged is not first and store.current is merged
     # u2's bucket 3 h back: 40 impressions, 1 click, top 3 in the batch; + 6, 2, top 2 after v;
-    # the second row (bronze (3, 4]) is already in the batch view.
+    # the second row (impressions v3, no click) is already in the batch view at (5, 4).
     assert merged.lookup("user", ("u2",)) == EntityBuckets((hours_before(3),), {"impressions": (46,), "clicks": (3,), "top_position": (2.0,)})
     assert (merged.views["user"].increments.used, merged.views["user"].increments.already_in_batch) == (1, 1)
     assert merged.views["item"].increments.used == 0 and merged.lookup("item", ("i1",)) == first.lookup("item", ("i1",))
@@ -921,7 +921,7 @@ def test_features_show_the_merge_and_both_parts() -> None:
     with TestClient(app) as client:
         body = client.get("/features/user/u1").json()
         assert body["key"] == {"user_id": "u1"} and body["horizon"] == {"impressions": 5, "clicks": 4}
-        assert body["increments"] == {"through": {"impressions": 7, "clicks": 6}, "rows_merged": 2, "rows_in_batch": 0, "rows_straddling": 0}
+        assert body["increments"] == {"through": {"impressions": 7, "clicks": 6}, "rows_merged": 2, "rows_in_batch": 0}
         merged_expected = window_features(declared, "user", entity_buckets([tuple(r) for r in combined.values()]), NOW)
         assert body["merged"]["features"] == merged_expected
         assert body["batch"]["features"] == window_features(declared, "user", entity_buckets(TOY_BUCKETS["user"][("u1",)]), NOW)
@@ -1687,17 +1687,21 @@ def _served_cells(buckets: EntityBuckets, aggregates: list[str]) -> dict[int, tu
 @pytest.mark.slow
 def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: PlatformConfig, spark: Any, tmp_path: Path) -> None:
     """views(v) ⊕ increments(after v) == views recomputed at v', exactly, for every entity, key
-    and bucket; increments computed with the platform's own feature code on the events bronze
-    gained after v (resent events, late clicks of old impressions and clicks whose impression
-    arrives later included). Rows already in the batch view, or straddling its horizon, are
-    left out. /features serves the merge, equal to the definition on the raw events."""
+    and bucket; increments written by the speed layer's own foreachBatch body
+    (``IncrementsWriter``) on the bronze change feed read as a static frame (resent events
+    across the horizon, late clicks of old impressions and clicks whose impression arrives later
+    included). A row the batch view already counts is left out. /features serves the merge,
+    equal to the definition on the raw events."""
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     from batch_layer.snapshot import read_snapshot
     from batch_layer.train import clean_events
     from batch_layer.views import build_views, write_views
-    from lambda_ml.features import KIND, attribute_clicks, bucket_increments, feature_events
+    from lambda_ml.features import attribute_clicks, feature_events
     from lambda_ml.schemas import CLICK, IMPRESSION
+    from speed_layer.increments import IncrementsWriter, increments_path, stream_feature_events
+    from speed_layer.ingest import ensure_tables
 
     cfg = isolated(cfg, "merge-test", lake_root=tmp_path / "lake")
     declared = cfg.features
@@ -1714,48 +1718,56 @@ def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: Platf
         attributed = attribute_clicks(impressions, clicks, cfg.ctr.attribution_window_minutes)
         return feature_events(impressions, attributed, declared)
 
-    # Bronze up to v: two commits per table; after v: one more, with the rest of the events.
+    def first_deliveries(event: Any) -> Any:
+        """Bronze as the speed layer's silver stream sees it, static: the change feed's inserts
+        stamped with their commit version, the first delivery of each event id kept."""
+        version = contract.INCREMENT_VERSION_COLUMNS[event.name]
+        changes = spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 0).load(
+            cfg.lake.table("bronze", event.name)
+        )
+        stamped = changes.where(F.col("_change_type") == "insert").select(*event.field_names, F.col("_commit_version").alias(version))
+        first = Window.partitionBy("event_id").orderBy(version, "event_time")
+        return stamped.withColumn("_delivery", F.row_number().over(first)).where(F.col("_delivery") == 1).drop("_delivery")
+
+    # Bronze (created with its change feed, version 0) up to v: two commits per table; after v:
+    # one more, with the rest of the events.
+    ensure_tables(spark, cfg)
     cut_i, cut_c = int(len(bronze.impressions) * 0.6), int(len(bronze.clicks) * 0.6)
     for event, rows, cut in ((IMPRESSION, bronze.impressions, cut_i), (CLICK, bronze.clicks, cut_c)):
         append(event, rows[: cut // 2])
         append(event, rows[cut // 2 : cut])
     at_v = read_snapshot(spark, cfg)
-    assert at_v.horizon == Horizon(1, 1)
+    assert at_v.horizon == Horizon(2, 2)
     write_views(build_views(events_of(at_v), declared, at_v.horizon), cfg)
     append(IMPRESSION, bronze.impressions[cut_i:])
     append(CLICK, bronze.clicks[cut_c:])
     at_w = read_snapshot(spark, cfg)
-    assert at_w.horizon == Horizon(2, 2)
+    assert at_w.horizon == Horizon(3, 3)
 
-    # The speed layer's increments: the feature events at v' that are not at v, bucketed.
-    new_events = events_of(at_w).join(events_of(at_v).select(KIND, "event_id"), [KIND, "event_id"], "left_anti").cache()
-    stamp = [
-        F.lit(1).cast("long").alias("after_impressions"), F.lit(1).cast("long").alias("after_clicks"),
-        F.lit(2).cast("long").alias("horizon_impressions"), F.lit(2).cast("long").alias("horizon_clicks"),
-    ]  # fmt: skip
+    # The speed layer's increments: its micro-batch body on every bronze event, which keeps
+    # only the rows after the published views' horizon v.
+    events = stream_feature_events(first_deliveries(IMPRESSION), first_deliveries(CLICK), cfg)
+    written = IncrementsWriter(cfg)(events, 0)
+    assert all(n > 0 for n in written.values()), written
     recomputed = build_views(events_of(at_w), declared, at_w.horizon)
     expected: dict[str, dict[tuple[str, ...], dict[int, tuple[Any, ...]]]] = {}
+    imp_version, clk_version = contract.INCREMENT_VERSION_COLUMNS["impressions"], contract.INCREMENT_VERSION_COLUMNS["clicks"]
     for name, entity in declared.entities.items():
-        increments = bucket_increments(new_events, entity, declared).select("*", *stamp)
-        path = cfg.lake.table(*contract.increment_table(name))
-        increments.write.format("delta").mode("append").save(path)
-        # Rows the merge must leave out, with absurd counts: one the batch view already counts
-        # (events of bronze (0, 1]) and one straddling the horizon (bronze (0, 2]).
-        some = increments.limit(1).withColumn("impressions", F.lit(10**6).cast("long"))
-        for after, until in ((0, 1), (0, 2)):
-            some.withColumn("after_impressions", F.lit(after).cast("long")).withColumn("after_clicks", F.lit(after).cast("long")) \
-                .withColumn("horizon_impressions", F.lit(until).cast("long")).withColumn("horizon_clicks", F.lit(until).cast("long")) \
-                .write.format("delta").mode("append").save(path)  # fmt: skip
+        path = increments_path(cfg, name)
+        # A row the merge must leave out, with absurd counts: an impression of bronze v1 (in
+        # the batch view at v), as a speed layer that has not pruned yet still holds it.
+        old = spark.read.format("delta").load(path).limit(1).withColumn("impressions", F.lit(10**6).cast("long"))
+        old.withColumn(imp_version, F.lit(1).cast("long")).withColumn(clk_version, F.lit(None).cast("long")) \
+            .write.format("delta").mode("append").save(path)  # fmt: skip
         expected[name] = _bucket_cells(recomputed[name].collect(), entity.keys, aggregates)
-    new_events.unpersist()
 
     views = load_batch_views(cfg)
-    assert views.horizon == Horizon(1, 1)
+    assert views.horizon == Horizon(2, 2)
     overlapping = changed = 0
     for name, entity in declared.entities.items():
         view = views.views[name]
-        assert view.increments.through == Horizon(2, 2)
-        assert (view.increments.already_in_batch, view.increments.straddling) == (1, 1)
+        assert view.increments.through == Horizon(3, 3)
+        assert (view.increments.used, view.increments.already_in_batch) == (written[name], 1)
         assert set(view.merged or {}) == set(expected[name]), name
         for key, cells in expected[name].items():
             assert _served_cells(view.lookup(key), aggregates) == cells, (name, key)
@@ -1773,9 +1785,8 @@ def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: Platf
             body = client.get(f"/features/user/{user}").json()
             reference = reference_features(bronze, declared, {"user_id": user, "item_id": "-", "device": "-"}, SCORING_TIME)
             assert body["merged"]["features"] == _entity_part(reference, declared, "user"), user
-            assert body["horizon"] == {"impressions": 1, "clicks": 1}
-            assert body["increments"] == {"through": {"impressions": 2, "clicks": 2}, "rows_merged": body["increments"]["rows_merged"],
-                                          "rows_in_batch": 1, "rows_straddling": 1}  # fmt: skip
+            assert body["horizon"] == {"impressions": 2, "clicks": 2}
+            assert body["increments"] == {"through": {"impressions": 3, "clicks": 3}, "rows_merged": written["user"], "rows_in_batch": 1}
             batch_n, speed_n = body["batch"]["features"]["user_impressions_7d"], body["speed"]["features"]["user_impressions_7d"]
             assert batch_n + speed_n == body["merged"]["features"]["user_impressions_7d"]
         user, device = bronze.users[0], "mobile"
