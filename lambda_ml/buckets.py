@@ -16,6 +16,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 from lambda_ml import contract
 from lambda_ml.config import FeaturesConfig, parse_duration
@@ -102,6 +103,52 @@ class EntityBuckets:
 NO_BUCKETS = EntityBuckets()
 
 
+@lru_cache(maxsize=256)
+def window_micros(window: str) -> int:
+    """A window's length in microseconds (parsed once: the service reads windows per request).
+
+    >>> window_micros("1h")
+    3600000000
+    """
+    return to_micros(parse_duration(window))
+
+
+def merge_entity_buckets(parts: Iterable[EntityBuckets], aggregations: Mapping[str, str]) -> EntityBuckets:
+    """The ⊕ of one entity's bucket rows: rows of the same bucket combined per aggregate by its
+    monoid (``aggregations``: aggregate -> count, sum, min or max). Python's twin of
+    ``lambda_ml.features.merge_buckets``: batch view ⊕ increments after its horizon.
+
+    >>> a = EntityBuckets((0, 10), {"n": (1, 2), "low": (5.0, None)})
+    >>> b = EntityBuckets((10, 20), {"n": (3, 4), "low": (7.0, 1.0)})
+    >>> merge_entity_buckets([a, b], {"n": "count", "low": "min"})
+    EntityBuckets(starts=(0, 10, 20), values={'n': (1, 5, 4), 'low': (5.0, 7.0, 1.0)})
+    """
+    parts = [p for p in parts if p.starts]
+    if len(parts) == 1:
+        return parts[0]
+    starts = sorted({start for part in parts for start in part.starts})
+    merged: dict[str, tuple[float | None, ...]] = {}
+    for name, aggregation in aggregations.items():
+        cells: dict[int, list[float | None]] = {start: [] for start in starts}
+        for part in parts:
+            column = part.values.get(name)
+            if column is not None:
+                for start, value in zip(part.starts, column):
+                    cells[start].append(value)
+        merged[name] = tuple(combine_exact(aggregation, cells[start]) for start in starts)
+    return EntityBuckets(tuple(starts), merged)
+
+
+def combine_exact(aggregation: str, values: list[float | None]) -> float | None:
+    """Like :func:`combine`, keeping integers integers (counts stay exact and print as counts)."""
+    present = [v for v in values if v is not None]
+    if aggregation in ("count", "sum"):
+        return sum(present)
+    if aggregation in ("min", "max"):
+        return (min if aggregation == "min" else max)(present, default=None)
+    raise ValueError(f"unknown aggregation {aggregation!r}: expected count, sum, min or max")
+
+
 def window_features(features: FeaturesConfig, entity: str, buckets: EntityBuckets, at: datetime) -> dict[str, float]:
     """Every window feature of one entity at scoring time ``at``, named as in the contract.
 
@@ -119,7 +166,7 @@ def window_features(features: FeaturesConfig, entity: str, buckets: EntityBucket
     current = to_micros(bucket_start(at, features.bucket_width))
     totals: dict[tuple[str, str], float | None] = {}
     for window in features.windows:
-        first = current - to_micros(parse_duration(window))
+        first = current - window_micros(window)
         for name, aggregate in features.aggregates.items():
             totals[(name, window)] = combine(aggregate.aggregation, buckets.between(name, first, current))
     found: dict[str, float] = {}

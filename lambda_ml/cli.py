@@ -5,6 +5,7 @@
     lambda-ml cluster up|down|status     a local Spark standalone cluster (master + one worker)
     lambda-ml generate                   send generated click-through events to Kafka
     lambda-ml speed ingest               Kafka -> bronze Delta tables (streaming)
+    lambda-ml speed run                  the whole speed layer: ingest, labels, feature increments
     lambda-ml batch train                train, register and gate a model from bronze
     lambda-ml batch rollback [--to V]    move the champion alias back (default: previous champion)
     lambda-ml batch maintenance          OPTIMIZE and VACUUM the lake, keeping pinned horizons
@@ -68,9 +69,10 @@ def _generate(cfg: PlatformConfig, args: argparse.Namespace) -> int:
 
 
 def _speed(cfg: PlatformConfig, args: argparse.Namespace) -> int:
-    from speed_layer import ingest
+    from speed_layer import app
 
-    ingest.run(cfg, available_now=args.available_now)
+    queries = ["ingest"] if args.job == "ingest" else args.queries
+    app.run(cfg, queries, available_now=args.available_now)
     return 0
 
 
@@ -164,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     speed = sub.add_subparsers(dest="job", required=True, metavar="JOB")
     ingest = speed.add_parser("ingest", help="Kafka -> bronze Delta tables, exactly once; bad records -> quarantine.")
     ingest.add_argument("--available-now", action="store_true", help="ingest what Kafka holds now, then stop")
+    run_app = speed.add_parser(
+        "run", help="The whole speed layer (ingest, labels, feature increments) as one streaming application; stops cleanly on SIGTERM."
+    )
+    run_app.add_argument(
+        "--query", action="append", choices=("ingest", "labels", "increments"), dest="queries",
+        help="run only this query (repeatable; default: speed.queries)",
+    )  # fmt: skip
+    run_app.add_argument("--available-now", action="store_true", help="process what the sources hold now, then stop")
     sub = verb("cluster", _cluster, "Start, stop or inspect a local Spark standalone cluster (one master, one worker).")
     sub.add_argument("action", choices=("up", "down", "status"))
     sub.add_argument("--port", type=int, default=7077, help="master port; the worker takes the next one (default: 7077)")

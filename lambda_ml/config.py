@@ -59,6 +59,7 @@ class TopicConfig(_Model):
     partitions: int = Field(1, gt=0)
     retention_ms: int = -1
     compacted: bool = False
+    format: Literal["json", "avro"] = "json"
 
 
 class TopicsConfig(_Model):
@@ -78,6 +79,7 @@ class KafkaConfig(_Model):
     heap: str = "512m"
     bootstrap_servers: str = "127.0.0.1:9092"
     start_timeout_s: float = Field(60, gt=0)
+    avro_schemas: Path = Path("conf/avro")
     topics: TopicsConfig
 
 
@@ -318,18 +320,40 @@ class FeaturesConfig(_Model):
         return self
 
 
+SpeedQuery = Literal["ingest", "labels", "increments"]
+
+
 class SpeedConfig(_Model):
     trigger_seconds: float = Field(5, gt=0)
     max_future_days: float = Field(1, gt=0)
     min_event_date: str = "2000-01-01"
     max_offsets_per_trigger: int = Field(200000, gt=0)
+    queries: tuple[SpeedQuery, ...] = Field(("ingest", "labels", "increments"), min_length=1)
+    stop_timeout_seconds: float = Field(60, gt=0)
+    watermark_minutes: int = Field(15, gt=0)
+    max_files_per_trigger: int = Field(1000, gt=0)
+    report_to_mlflow: bool = True
 
 
 class ServingConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     model_alias: str = "champion"
+    candidate_aliases: tuple[str, ...] = ("challenger",)
+    poll_interval_s: float = Field(10, gt=0)
+    views_refresh_s: float = Field(10, gt=0)
+    policy: Literal["champion", "latest", "quality", "consensus", "deadline"] = "champion"
+    consensus: Literal["mean", "vote"] = "mean"
+    deadline_ms: float = Field(20, gt=0)
+    prior_probability: float = Field(1 / 21, ge=0, le=1)
+    api_key: str = ""
+    model_updates: bool = True
     max_rows: int = Field(1000, gt=0)
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Every alias the service loads: ``model_alias`` first, then the candidates."""
+        return tuple(dict.fromkeys((self.model_alias, *self.candidate_aliases)))
 
 
 class GeneratorConfig(_Model):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from lambda_ml.config import FeaturesConfig
@@ -76,6 +76,78 @@ def view_table(entity: str) -> tuple[str, ...]:
     return ("views", f"{entity}_buckets")
 
 
+# Speed-layer feature increments (Delta tables under lake.root), one per declared entity: its key
+# columns, the bucket start, one column per declared aggregate (the events of one micro-batch),
+# and the bronze Delta versions the events came from. An impression's row has only its own
+# version (clicks version null); an attributed click's row has its impression's and its own.
+# The serving layer adds to a batch view at horizon h the rows the batch did not see:
+# impressions_version > h.impressions or clicks_version > h.clicks
+# (:func:`increment_after_horizon`, the one definition Spark and the serving layer both apply).
+# Exact: a row is either wholly in the batch view or wholly after it. Rows of the same
+# (keys, bucket) add up like the views' rows (monoids).
+INCREMENT_VERSION_COLUMNS = {"impressions": "impressions_version", "clicks": "clicks_version"}
+INCREMENT_BATCH_COLUMN = "speed_batch_id"  # the micro-batch that wrote the row
+
+
+def increments_table(entity: str) -> tuple[str, ...]:
+    """Path parts, under ``lake.root``, of an entity's speed-layer increments.
+
+    >>> increments_table("user")
+    ('speed', 'user_increments')
+    """
+    return ("speed", f"{entity}_increments")
+
+
+class VersionTerm(Protocol):
+    """A column expression compared with operators: a Spark ``Column`` or a
+    ``pyarrow.compute.Expression`` (null > v is null, and filters drop null)."""
+
+    def __gt__(self, other: int, /) -> Any: ...
+
+
+def increment_after_horizon(horizon: Horizon, impressions_version: VersionTerm, clicks_version: VersionTerm) -> Any:
+    """The condition under which an increment row is one the batch view at ``horizon`` did not
+    count, built from the row's version columns; None when a part of ``horizon`` is unknown
+    (then every row counts). Filter with it: on an impression's row (clicks version null) it is
+    null rather than false when the impression is old, and filters drop null.
+
+    >>> import pyarrow as pa, pyarrow.compute as pc
+    >>> rows = pa.table({"impressions_version": [3, 6, 3, 3], "clicks_version": [None, None, 4, 5]})
+    >>> after = increment_after_horizon(Horizon(5, 4), pc.field("impressions_version"), pc.field("clicks_version"))
+    >>> rows.filter(after).to_pylist()
+    [{'impressions_version': 6, 'clicks_version': None}, {'impressions_version': 3, 'clicks_version': 5}]
+    >>> increment_after_horizon(Horizon(5, None), pc.field("impressions_version"), pc.field("clicks_version")) is None
+    True
+    """
+    if horizon.impressions is None or horizon.clicks is None:
+        return None
+    return (impressions_version > horizon.impressions) | (clicks_version > horizon.clicks)
+
+
+# Silver labels the speed layer writes: one row per impression whose label is known.
+SILVER_LABELS_TABLE = ("silver", "labels")
+
+
+# Model updates: records on the compacted topic kafka.topics.model_updates, keyed
+# model_update_key(registered_model, alias), valued with JSON
+#   {"registered_model": "ctr", "alias": "champion", "version": 7,
+#    "generation": {"impressions": 12, "clicks": 11}}
+# announcing that the alias now points at that version, trained at that bronze horizon (the
+# generation). The model itself travels by reference: the registry stays the source of truth and
+# is read on the update. Serving ignores an update whose generation is older than one it already
+# applied for the alias (a rollback moves the alias back in the registry, where the poll sees it).
+MODEL_UPDATE_FIELDS = ("registered_model", "alias", "version", "generation")
+
+
+def model_update_key(registered_model: str, alias: str) -> bytes:
+    """The Kafka key of an alias's model updates (compaction keeps the last per alias).
+
+    >>> model_update_key("ctr", "champion")
+    b'ctr@champion'
+    """
+    return f"{registered_model}@{alias}".encode()
+
+
 # Registry alias of the model serving answers with by default.
 CHAMPION_ALIAS = "champion"
 
@@ -86,6 +158,9 @@ TAG_HORIZON_CLICKS = "horizon.clicks"  # bronze clicks Delta version
 TAG_SPARK_VERSION = "spark_model_version"  # on the ONNX version: its Spark twin
 TAG_MODEL_INPUTS = "model_inputs"  # ModelInputs.tag(): comma-separated input names
 TAG_PARITY = "parity"  # "passed" | "failed": the ONNX-vs-Spark check of the run
+# On a model version: its recent progressive-validation AUC (a float), written by online
+# evaluation; the serving layer's quality policy prefers it to the run's holdout ``auc`` metric.
+TAG_QUALITY_SCORE = "quality.progressive_auc"
 # Name of the ONNX output holding [P(no click), P(click)] per row.
 ONNX_PROBABILITY_OUTPUT = "probability"
 

@@ -80,22 +80,30 @@ def within_attribution_window(impression_time: Column, click_time: Column, windo
     return (click_time >= impression_time) & (click_time <= impression_time + _minutes(window_minutes))
 
 
-def attribute_clicks(impressions: DataFrame, clicks: DataFrame, window_minutes: int) -> DataFrame:
+def attribute_clicks(
+    impressions: DataFrame,
+    clicks: DataFrame,
+    window_minutes: int,
+    impression_extra: Sequence[str] = (),
+    click_extra: Sequence[str] = (),
+) -> DataFrame:
     """Attributed clicks with their impression's fields.
 
     Returns ``click_id, impression_id, event_time`` (the click's), ``impression_time`` and the
-    impression's other fields (``user_id, item_id, device, position``). Both inputs must already
-    be deduplicated.
+    impression's other fields (``user_id, item_id, device, position``), then the
+    ``impression_extra`` and ``click_extra`` columns carried along (the speed layer carries the
+    bronze versions). Both inputs must already be deduplicated; on streams, both need a
+    watermark on ``event_time`` (a stream-stream join).
     """
     imp = impressions.select(
-        F.col("event_id").alias("_imp_event_id"), F.col("event_time").alias("impression_time"), *IMPRESSION_FIELDS
+        F.col("event_id").alias("_imp_event_id"), F.col("event_time").alias("impression_time"), *IMPRESSION_FIELDS, *impression_extra
     )
-    clk = clicks.select(F.col("event_id").alias("click_id"), "impression_id", "event_time")
+    clk = clicks.select(F.col("event_id").alias("click_id"), "impression_id", "event_time", *click_extra)
     condition = (clk["impression_id"] == imp["_imp_event_id"]) & within_attribution_window(
         imp["impression_time"], clk["event_time"], window_minutes
     )
     return clk.join(imp, condition, "inner").select(
-        "click_id", "impression_id", "event_time", "impression_time", *IMPRESSION_FIELDS
+        "click_id", "impression_id", "event_time", "impression_time", *IMPRESSION_FIELDS, *impression_extra, *click_extra
     )
 
 
@@ -147,15 +155,22 @@ def feature_events(
 ) -> DataFrame:
     """Impressions and attributed clicks in one shape: ``kind, event_id, event_time``, the
     impression fields the declarations use (entity keys, then measures), then the ``extra``
-    impression columns (null on clicks).
+    columns.
 
     ``event_id`` is the impression's or the click's own id, so that "the events after a
-    horizon" is an anti-join on ``(kind, event_id)``. Works on streaming frames too.
+    horizon" is an anti-join on ``(kind, event_id)``. Works on streaming frames too. The
+    ``extra`` columns are carried from whichever side has them, null on the other (the speed
+    layer's bronze versions: a click has both, an impression only its own).
     """
     carried = list(features.carried_fields)
     extra = [name for name in extra if name not in carried]
-    shown = impressions.select(F.lit(IMPRESSIONS).alias(KIND), "event_id", "event_time", *carried, *extra)
-    clicked = attributed.select(F.lit(CLICKS).alias(KIND), F.col("click_id").alias("event_id"), "event_time", *carried)
+    shown = impressions.select(
+        F.lit(IMPRESSIONS).alias(KIND), "event_id", "event_time", *carried, *[c for c in extra if c in impressions.columns]
+    )
+    clicked = attributed.select(
+        F.lit(CLICKS).alias(KIND), F.col("click_id").alias("event_id"), "event_time", *carried,
+        *[c for c in extra if c in attributed.columns],
+    )  # fmt: skip
     return shown.unionByName(clicked, allowMissingColumns=bool(extra))
 
 
@@ -187,16 +202,34 @@ def _spark_duration(width: timedelta) -> str:
     return f"{int(width.total_seconds())} seconds"
 
 
-def bucket_increments(events: DataFrame, entity: FeatureEntityConfig, features: FeaturesConfig) -> DataFrame:
+def bucket_increments(
+    events: DataFrame, entity: FeatureEntityConfig, features: FeaturesConfig, by: Sequence[str] = ()
+) -> DataFrame:
     """One row per (entity keys, bucket): ``<keys>, bucket_start`` and one column per aggregate.
 
     ``events`` are :func:`feature_events`, static or streaming (with a watermark on
     ``event_time`` for append mode). Buckets are Spark tumbling windows, aligned on the epoch.
+    ``by`` are further grouping columns, kept after the aggregates (the speed layer groups by
+    the bronze versions the events came from).
     """
     bucket = F.window("event_time", _spark_duration(features.bucket_width))
     folded = [_fold(a, _value(a)).alias(name) for name, a in features.aggregates.items()]
-    grouped = events.groupBy(*entity.keys, bucket.alias("_bucket")).agg(*folded)
-    return grouped.select(*entity.keys, F.col("_bucket.start").alias(BUCKET), *features.aggregates)
+    grouped = events.groupBy(*entity.keys, bucket.alias("_bucket"), *by).agg(*folded)
+    return grouped.select(*entity.keys, F.col("_bucket.start").alias(BUCKET), *features.aggregates, *by)
+
+
+def after_horizon(increments: DataFrame, horizon: contract.Horizon) -> DataFrame:
+    """The speed-layer increment rows a batch view at ``horizon`` did not count.
+
+    An impression counts after the horizon if its bronze version is newer than
+    ``horizon.impressions``; an attributed click if its own or its impression's version is
+    newer (the batch attributes a click only when it holds both). A part of the horizon that is
+    unknown (None) keeps every row. ``merge_buckets([view at h, after_horizon(increments, h)])``
+    is the view of the lake the speed layer has seen.
+    """
+    imp, clk = (F.col(contract.INCREMENT_VERSION_COLUMNS[part]) for part in ("impressions", "clicks"))
+    newer = contract.increment_after_horizon(horizon, imp, clk)
+    return increments if newer is None else increments.where(newer)
 
 
 def merge_buckets(frames: Iterable[DataFrame], entity: FeatureEntityConfig, features: FeaturesConfig) -> DataFrame:

@@ -16,7 +16,9 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from lambda_ml import avro
 from lambda_ml.config import GeneratorConfig, PlatformConfig
 from lambda_ml.schemas import DEVICES
 
@@ -169,11 +171,29 @@ def generate(gen: GeneratorConfig, attribution_window: timedelta, now: datetime 
     return [record for _, _, record in timed], truth
 
 
+def wire_value(record: Record, schema: dict[str, Any] | None) -> bytes:
+    """The bytes sent for a record: its JSON as it is, or, for a topic in Avro (``schema``
+    given), its Avro encoding. A record that does not fit the schema (the malformed ones) is
+    sent as it is, so that the speed layer quarantines it as undecodable."""
+    if schema is None or not record.value:
+        return record.value
+    try:
+        payload = json.loads(record.value)
+        return avro.encode(payload, schema) if isinstance(payload, dict) else record.value
+    except (ValueError, avro.AvroEncodeError):
+        return record.value
+
+
 def produce(cfg: PlatformConfig, records: list[Record], progress: bool = True) -> int:
-    """Send records to their topics with kafka-python; return the number acknowledged."""
+    """Send records to their topics with kafka-python, each in its topic's format (JSON or
+    Avro); return the number acknowledged."""
     from kafka import KafkaProducer
 
     topics = cfg.kafka.topics.event_topics()
+    schemas = {
+        name: avro.load_schema(avro.schema_path(cfg.kafka.avro_schemas, name)) if topic.format == "avro" else None
+        for name, topic in topics.items()
+    }
     compression = None if cfg.generator.compression == "none" else cfg.generator.compression
     producer = KafkaProducer(
         bootstrap_servers=cfg.kafka.bootstrap_servers,
@@ -185,7 +205,7 @@ def produce(cfg: PlatformConfig, records: list[Record], progress: bool = True) -
     try:
         step = max(1, len(records) // 10)
         for i, record in enumerate(records, 1):
-            producer.send(topics[record.event_type].name, key=record.key, value=record.value)
+            producer.send(topics[record.event_type].name, key=record.key, value=wire_value(record, schemas[record.event_type]))
             if progress and i % step == 0:
                 log.info("produced %d/%d records (%d%%)", i, len(records), 100 * i // len(records))
         producer.flush()

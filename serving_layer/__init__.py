@@ -1,5 +1,6 @@
-"""The serving layer: a prediction service scoring with the registry's champion ONNX model on
-features from the batch views. It talks to the other layers only through the MLflow registry
+"""The serving layer: a prediction service scoring with the registry's ONNX model versions
+(hot-swapped on alias moves, chosen by a serving policy) on features from the batch views merged
+with the speed layer's increments. It talks to the other layers only through the MLflow registry
 and the Delta tables named in ``lambda_ml.contract``.
 
 Entry points: ``serving_layer.app.create_app(cfg)`` (the ASGI app) and

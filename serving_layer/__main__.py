@@ -14,9 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m serving_layer",
         description=(
-            "Serve click-through predictions over HTTP: POST /predict, GET /health, OpenAPI at /docs. "
-            "Scores with the ONNX model behind the registry alias serving.model_alias, on counts from "
-            "the batch views in the lake."
+            "Serve click-through predictions over HTTP: POST /predict, GET /features/{entity}/{key...}, "
+            "/models, /health, /ready, /metrics; OpenAPI at /docs. Scores with the ONNX versions behind "
+            "the registry aliases serving.model_alias and serving.candidate_aliases (polled and hot-swapped, "
+            "answered by serving.policy), on the batch views merged with the speed layer's increments."
         ),
     )
     parser.add_argument("--config", metavar="FILE", help="platform config (default: $LAMBDA_ML_CONFIG or conf/platform.yaml)")

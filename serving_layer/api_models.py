@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, create_model
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    JsonValue,
+    Tag,
+    create_model,
+    field_validator,
+)
 
 MAX_ID_LENGTH = 256
 MAX_DEVICE_LENGTH = 64
 # float32 holds every integer up to 2**24 exactly; positions are small anyway.
 MAX_POSITION = 1_000_000
+# Scoring times accepted: windows reach back 7 days or so, which must stay a valid datetime.
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LATEST_TIME = datetime(2200, 1, 1, tzinfo=timezone.utc)
 
 ROW_EXAMPLE: dict[str, JsonValue] = {"user_id": "u42", "item_id": "i7", "device": "mobile", "position": 1}
 BATCH_EXAMPLE: dict[str, JsonValue] = {
     "rows": [ROW_EXAMPLE, {"user_id": "u9", "item_id": "i3", "device": "desktop", "position": 4}]
 }
+
+
+PolicyName = Literal["champion", "latest", "quality", "consensus", "deadline"]
 
 
 class _Body(BaseModel):
@@ -39,6 +56,26 @@ class PredictRow(_Body):
         description="When the impression is shown (ISO-8601 with a time zone); default: now. Window features "
         "cover the events before it, so a time earlier than the views' latest events also sees later ones.",
     )
+
+
+    @field_validator("event_time")
+    @classmethod
+    def _in_range(cls, value: datetime | None) -> datetime | None:
+        if value is not None:
+            check_scoring_time(value)
+        return value
+
+
+def check_scoring_time(value: datetime) -> None:
+    """Refuse times the bucket arithmetic cannot hold (before 1970, from 2200 on).
+
+    >>> check_scoring_time(datetime(1960, 1, 1, tzinfo=timezone.utc))
+    Traceback (most recent call last):
+    ...
+    ValueError: must be between 1970-01-01T00:00:00Z and 2200-01-01T00:00:00Z
+    """
+    if not EARLIEST_TIME <= value < LATEST_TIME:
+        raise ValueError("must be between 1970-01-01T00:00:00Z and 2200-01-01T00:00:00Z")
 
 
 class PredictBatch(_Body):
@@ -106,6 +143,10 @@ class ModelOut(_Body):
     alias: str = Field(description="Registry alias the service follows.")
     run_id: str | None = Field(description="MLflow run that produced the version.")
     horizon: HorizonOut = Field(description="Bronze versions the model was trained at.")
+    quality: float | None = Field(
+        None, description="Quality score used by the quality and deadline policies: the version's recent "
+        "progressive-validation AUC (tag quality.progressive_auc), else its holdout AUC; null if neither is known."
+    )
 
 
 class Prediction(_Body):
@@ -137,7 +178,12 @@ class PredictResponse(_Body):
                         "alias": "champion",
                         "run_id": "8f0c2d1e5a7b4c3d9e8f7a6b5c4d3e2f",
                         "horizon": {"impressions": 12, "clicks": 11},
+                        "quality": 0.71,
                     },
+                    "models": [{"name": "ctr", "version": 2, "alias": "champion", "run_id": "8f0c2d1e5a7b4c3d9e8f7a6b5c4d3e2f",
+                                "horizon": {"impressions": 12, "clicks": 11}, "quality": 0.71}],
+                    "policy": "champion",
+                    "how": "version 2 (alias champion)",
                     "views": {"horizon": {"impressions": 12, "clicks": 11}, "users": 500, "items": 100},
                     "predictions": [
                         {
@@ -159,7 +205,13 @@ class PredictResponse(_Body):
         }
     )
 
-    model: ModelOut
+    model: ModelOut | None = Field(
+        description="The version that produced the answer; under the consensus policy the first of models; "
+        "null when the deadline policy answered with the prior."
+    )
+    models: list[ModelOut] = Field(description="Every version that produced the answer (empty: the prior).")
+    policy: PolicyName = Field(description="The serving policy that answered.")
+    how: str = Field(description="How the policy answered, e.g. 'mean of 2 version(s)'.")
     views: ViewsOut
     predictions: list[Prediction] = Field(description="One per request row, in request order.")
 
@@ -201,3 +253,77 @@ class ErrorResponse(_Body):
     )
 
     detail: str
+
+
+class ModelsResponse(_Body):
+    """The versions loaded from the registry and the aliases they serve."""
+
+    registered_model: str = Field(description="Registered model name in MLflow.")
+    primary_alias: str = Field(description="Alias the champion policy answers with (serving.model_alias).")
+    aliases: dict[str, int] = Field(description="Alias -> the version loaded for it.")
+    versions: list[ModelOut] = Field(description="Each loaded version once, with its horizon and quality score.")
+    default_policy: PolicyName = Field(description="Policy used when a request names none (serving.policy).")
+    poll_interval_s: float = Field(description="Seconds between two polls of the registry's aliases.")
+    swaps: int = Field(description="Times a moved alias was swapped in since the start.")
+    problems: list[str] = Field(description="Aliases that could not be resolved or refreshed at the last poll.")
+
+
+class ReadyResponse(_Body):
+    ready: bool = Field(description="True when a model and the views are loaded.")
+    problems: list[str] = Field(description="Why not ready (empty when ready).")
+
+
+class BucketRow(_Body):
+    bucket_start: AwareDatetime = Field(description="Start of the event-time bucket (UTC).")
+    values: dict[str, float | None] = Field(description="Aggregate -> its value in the bucket (null: min/max of no event).")
+
+
+class FeaturePart(_Body):
+    features: dict[str, float] = Field(description="The entity's window features computed from this part alone.")
+    buckets: list[BucketRow] = Field(description="This part's buckets within the longest window, oldest first.")
+
+
+class IncrementsOut(_Body):
+    through: HorizonOut | None = Field(
+        description="Newest bronze versions (impressions_version, clicks_version) of the merged increments (null: none merged)."
+    )
+    rows_merged: int = Field(
+        description="Increment rows after the batch horizon (impressions_version > horizon.impressions or "
+        "clicks_version > horizon.clicks), merged into the view."
+    )
+    rows_in_batch: int = Field(description="Increment rows the batch view already counts (left out; the speed layer deletes them).")
+
+
+class FeaturesResponse(_Body):
+    """One entity's window features: the batch view at its horizon ⊕ the speed layer's
+    increments after it, and both parts on their own."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "entity": "user",
+                    "key": {"user_id": "u42"},
+                    "at": "2026-11-22T10:30:00Z",
+                    "horizon": {"impressions": 12, "clicks": 11},
+                    "increments": {"through": {"impressions": 14, "clicks": 13}, "rows_merged": 2,
+                                   "rows_in_batch": 0},
+                    "merged": {"features": {"user_impressions_1h": 3.0}, "buckets": [
+                        {"bucket_start": "2026-11-22T10:00:00Z", "values": {"impressions": 3}}]},
+                    "batch": {"features": {"user_impressions_1h": 1.0}, "buckets": [
+                        {"bucket_start": "2026-11-22T10:00:00Z", "values": {"impressions": 1}}]},
+                    "speed": {"features": {"user_impressions_1h": 2.0}, "buckets": [
+                        {"bucket_start": "2026-11-22T10:00:00Z", "values": {"impressions": 2}}]},
+                }
+            ]
+        }
+    )  # fmt: skip
+
+    entity: str = Field(description="Entity name, as declared under features.entities.")
+    key: dict[str, str] = Field(description="Key field -> value identifying the entity.")
+    at: AwareDatetime = Field(description="Time the window features are computed at.")
+    horizon: HorizonOut = Field(description="Bronze versions of the batch view.")
+    increments: IncrementsOut
+    merged: FeaturePart = Field(description="What /predict uses: batch ⊕ speed.")
+    batch: FeaturePart = Field(description="The batch view alone.")
+    speed: FeaturePart = Field(description="The speed layer's increments after the horizon alone.")

@@ -1,6 +1,8 @@
-"""The prediction service: ``POST /predict`` scores impressions with the champion ONNX model on
-window features read off the batch views at the time of the request (or the row's
-``event_time``); ``GET /health`` says whether it can. ``serve(cfg)`` runs it.
+"""The prediction service: ``POST /predict`` scores impressions with the model version(s) a
+serving policy picks among those loaded from the registry, on window features read off the
+batch views merged with the speed layer's increments at the time of the request (or the row's
+``event_time``). ``GET /features/...`` shows a merge, ``GET /models`` the loaded versions,
+``/health``, ``/ready`` and ``/metrics`` are for operators. ``serve(cfg)`` runs it.
 
 Bad requests get a 4xx naming the field (``{"detail": [{"field", "message"}]}``), never a
 5xx; with no model registered yet /predict answers 503 and /health still answers.
@@ -8,43 +10,63 @@ Bad requests get a 4xx naming the field (``{"detail": [{"field", "message"}]}``)
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import logging
+import os
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Body, FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from pydantic import AwareDatetime
 
-from lambda_ml.config import FeaturesConfig, PlatformConfig
+from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import APIKeyHeader
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lambda_ml import contract
+from lambda_ml.buckets import EntityBuckets, bucket_start, from_micros, to_micros, window_features
+from lambda_ml.config import FeaturesConfig, PlatformConfig, parse_duration
 from lambda_ml.contract import Horizon
 from serving_layer.api_models import (
     BATCH_EXAMPLE,
     REQUEST_KINDS,
     ROW_EXAMPLE,
+    BucketRow,
     ErrorResponse,
+    FeaturePart,
+    FeaturesResponse,
     HealthResponse,
+    IncrementsOut,
     HorizonOut,
     ModelOut,
+    ModelsResponse,
+    PolicyName,
     Prediction,
     PredictBatch,
     PredictResponse,
     PredictRow,
+    ReadyResponse,
     ValidationErrorResponse,
     ViewsOut,
     batch_type_with_limit,
+    check_scoring_time,
     predict_request_type,
 )
 from serving_layer.features import build_model_inputs, lookup_features
-from serving_layer.model_store import CtrServingModel, ModelStore
-from serving_layer.reloadable import NotReadyError, Reloadable
-from serving_layer.views import BatchViews, ViewStore
+from serving_layer.metrics import CONTENT_TYPE, ServiceMetrics
+from serving_layer.model_store import CtrServingModel, ModelStore, ServedModels
+from serving_layer.policies import PolicyRunner
+from serving_layer.reloadable import NotReadyError, Poller, Reloadable
+from serving_layer.updates import ModelUpdateListener
+from serving_layer.views import BatchViews, BucketView, ViewStore
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +77,8 @@ RETRY_AFTER_S = 5
 # for pretty-printing. Bodies beyond max_rows rows of this are refused before parsing.
 BODY_BYTES_PER_ROW = 2048
 BODY_BYTES_BASE = 64 * 1024
+# Requests of at most this many rows are scored on the event loop (see predict).
+INLINE_ROWS = 16
 
 
 def max_body_bytes(max_rows: int) -> int:
@@ -117,7 +141,12 @@ def is_json_content_type(content_type: str) -> bool:
 
 def model_out(model: CtrServingModel) -> ModelOut:
     return ModelOut(
-        name=model.name, version=model.version, alias=model.alias, run_id=model.run_id, horizon=horizon_out(model.horizon)
+        name=model.name,
+        version=model.version,
+        alias=model.alias,
+        run_id=model.run_id,
+        horizon=horizon_out(model.horizon),
+        quality=model.quality,
     )
 
 
@@ -130,22 +159,69 @@ def views_out(views: BatchViews) -> ViewsOut:
 
 
 def score_rows(
-    rows: Sequence[PredictRow], model: CtrServingModel, views: BatchViews, features: FeaturesConfig, now: datetime
+    rows: Sequence[PredictRow],
+    served: ServedModels,
+    views: BatchViews,
+    features: FeaturesConfig,
+    now: datetime,
+    runner: PolicyRunner,
+    policy: str,
+    deadline_s: float | None = None,
 ) -> PredictResponse:
-    """Compute the rows' features at ``now`` (or their own ``event_time``), run the model and
-    shape the answer with the inputs the model took."""
+    """Compute the rows' features at ``now`` (or their own ``event_time``), answer with
+    ``policy`` over the loaded versions and shape the answer with the inputs the first answering
+    version took (all declared features when the prior answered)."""
     found = lookup_features(rows, views, features, now)
-    probabilities = model.predict(build_model_inputs(found, model.inputs))
+    answer = runner.answer(policy, served, lambda m: m.predict(build_model_inputs(found, m.inputs)), len(rows), deadline_s)
+    names = answer.models[0].inputs.names if answer.models else contract.model_inputs(features).names
     predictions = [
         Prediction(
             user_id=row.user_id,
             item_id=row.item_id,
             probability=float(p),
-            features={name: f[name] for name in model.inputs.names},
+            features={name: f[name] for name in names},
         )
-        for row, f, p in zip(rows, found, probabilities, strict=True)
+        for row, f, p in zip(rows, found, answer.probabilities, strict=True)
     ]
-    return PredictResponse(model=model_out(model), views=views_out(views), predictions=predictions)
+    outs = [model_out(m) for m in answer.models]
+    return PredictResponse(
+        model=outs[0] if outs else None,
+        models=outs,
+        policy=answer.policy,  # type: ignore[arg-type]
+        how=answer.how,
+        views=views_out(views),
+        predictions=predictions,
+    )
+
+
+def _part(features: FeaturesConfig, entity: str, buckets: EntityBuckets, at: datetime) -> FeaturePart:
+    current = to_micros(bucket_start(at, features.bucket_width))
+    first = current - max(to_micros(parse_duration(w)) for w in features.windows)
+    rows = [
+        BucketRow(bucket_start=from_micros(start), values={a: buckets.values[a][n] for a in buckets.values})
+        for n, start in enumerate(buckets.starts)
+        if first <= start <= current
+    ]
+    return FeaturePart(features=window_features(features, entity, buckets, at), buckets=rows)
+
+
+def features_response(features: FeaturesConfig, view: BucketView, key: tuple[str, ...], at: datetime) -> FeaturesResponse:
+    """The /features answer for one key of one entity's view at ``at``."""
+    increments = view.increments
+    return FeaturesResponse(
+        entity=view.entity,
+        key=dict(zip(view.keys, key, strict=True)),
+        at=at,
+        horizon=horizon_out(view.horizon),
+        increments=IncrementsOut(
+            through=horizon_out(increments.through) if increments.through is not None else None,
+            rows_merged=increments.used,
+            rows_in_batch=increments.already_in_batch,
+        ),
+        merged=_part(features, view.entity, view.lookup(key), at),
+        batch=_part(features, view.entity, view.batch_part(key), at),
+        speed=_part(features, view.entity, view.speed_part(key), at),
+    )
 
 
 def _too_large_response(max_rows: int) -> JSONResponse:
@@ -170,6 +246,33 @@ class ContentLengthLimit:
         await self.app(scope, receive, send)
 
 
+class RequestMetrics:
+    """ASGI middleware timing every HTTP request into ``metrics``, by route template (so
+    /features/user/u1 and /features/user/u2 count as one route)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.observe_request(scope.get("method", "?"), route, status[0], time.perf_counter() - started)
+
+
 def _unavailable(reason: str) -> HTTPException:
     return HTTPException(status_code=503, detail=reason, headers={"Retry-After": str(RETRY_AFTER_S)})
 
@@ -190,47 +293,102 @@ def _try_load(slot: Reloadable[Any]) -> None:
         pass
 
 
+API_KEY_HEADER = "X-API-Key"
+
+
+def api_key_guard(expected: str) -> Callable[..., None]:
+    """A dependency refusing requests without ``X-API-Key: <expected>`` (401 naming the header)."""
+    scheme = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="The key set in serving.api_key.")
+
+    def check(key: Any) -> None:
+        if key is None:
+            message = f"missing {API_KEY_HEADER} header: this service requires an API key"
+        elif not hmac.compare_digest(key.encode(), expected.encode()):
+            message = f"wrong API key in the {API_KEY_HEADER} header"
+        else:
+            return
+        raise HTTPException(
+            status_code=401, detail=[{"field": f"header.{API_KEY_HEADER}", "message": message}],
+            headers={"WWW-Authenticate": API_KEY_HEADER},
+        )  # fmt: skip
+
+    # Set here, not in the signature: a string annotation could not see ``scheme``.
+    check.__annotations__["key"] = Annotated[str | None, Security(scheme)]
+    return check
+
+
 def create_app(
     cfg: PlatformConfig,
     *,
-    models: Reloadable[CtrServingModel] | None = None,
+    models: Reloadable[ServedModels] | None = None,
     views: Reloadable[BatchViews] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    poll: bool = True,
 ) -> FastAPI:
     """The prediction service for ``cfg``. Tests pass their own ``models``/``views`` slots and
-    clock; by default the model comes from the MLflow registry, the views from the lake and the
-    scoring time from the wall clock."""
+    clock; by default the models come from the MLflow registry (every alias in
+    ``serving.aliases``), the views from the lake and the scoring time from the wall clock.
+    With ``poll``, a background thread reloads models and views while the app runs."""
     model_slot = models if models is not None else ModelStore.from_config(cfg)
     view_slot = views if views is not None else ViewStore.from_config(cfg)
     batch_type = batch_type_with_limit(cfg.serving.max_rows)
     request_type = predict_request_type(batch_type)
+    metrics = ServiceMetrics()
+    runner = PolicyRunner(cfg.serving.consensus, cfg.serving.deadline_ms / 1000, cfg.serving.prior_probability)
+    poller = Poller([(model_slot, cfg.serving.poll_interval_s), (view_slot, cfg.serving.views_refresh_s)])
+    listener = None
+    if poll and cfg.serving.model_updates and isinstance(model_slot, ModelStore):
+        listener = ModelUpdateListener(
+            cfg.kafka.bootstrap_servers, cfg.kafka.topics.model_updates.name, cfg.mlflow.registered_model,
+            cfg.serving.aliases, model_slot.reload,
+        )  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         _try_load(view_slot)
         _try_load(model_slot)
-        if (model := model_slot.current) is not None:
-            log.info("serving %s", model.describe())
+        if (served := model_slot.current) is not None:
+            for model in served.distinct():
+                log.info("serving %s", model.describe())
         else:
             log.warning("no model to serve yet; /predict answers 503 until %s exists", model_slot.name)
         if (loaded := view_slot.current) is not None:
             log.info("batch views: %d users, %d items, from %s", loaded.size("user"), loaded.size("item"), loaded.horizon)
-        yield
+        if poll:
+            poller.start()
+        if listener is not None:
+            listener.start()
+        try:
+            yield
+        finally:
+            if listener is not None:
+                listener.stop()
+            poller.stop()
+            runner.close()
 
     app = FastAPI(
         title="lambda-ml prediction service",
-        summary="Click-through probabilities from the champion model and the batch views.",
+        summary="Click-through probabilities from the registry's model versions and the merged feature views.",
         version=_package_version(),
         lifespan=lifespan,
     )
     app.state.cfg = cfg
     app.state.models = model_slot
     app.state.views = view_slot
+    app.state.metrics = metrics
+    app.state.model_updates = listener
 
     too_large = _too_large_response(cfg.serving.max_rows)
     # A declared Content-Length is refused before reading; a chunked body is cut off by the
     # route's max_body_size, which raises the 413 handled here.
     app.add_middleware(ContentLengthLimit, max_bytes=max_body_bytes(cfg.serving.max_rows), response=too_large)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    guarded = [Depends(api_key_guard(cfg.serving.api_key))] if cfg.serving.api_key else []
+    unauthorized = (
+        {401: {"model": ValidationErrorResponse, "description": f"Missing or wrong {API_KEY_HEADER} header."}}
+        if guarded
+        else {}
+    )
 
     @app.exception_handler(413)
     async def on_too_large(_: Request, __: Exception) -> JSONResponse:
@@ -244,23 +402,41 @@ def create_app(
             return JSONResponse(status_code=415, content={"detail": [{"field": "body", "message": message}]})
         return JSONResponse(status_code=422, content={"detail": format_validation_errors(exc.errors())})
 
-    def predict(request: PredictRow | PredictBatch) -> PredictResponse:
-        """Score each row with the model behind the configured registry alias, on window
-        features (per user, item... as declared) read off the batch views at the row's
-        ``event_time`` or now; unknown users and items have empty windows."""
-        rows: list[PredictRow] = list(request.rows) if isinstance(request, PredictBatch) else [request]
-        problems: list[str] = []
-        views_now = _get(view_slot, problems)
-        model = _get(model_slot, problems)
-        if views_now is None or model is None:
-            raise _unavailable("not ready to predict: " + "; ".join(problems))
+    def answer(rows: list[PredictRow], served: ServedModels, views_now: BatchViews, chosen: str, budget_s: float | None) -> bytes:
         try:
-            return score_rows(rows, model, views_now, cfg.features, clock())
+            response = score_rows(rows, served, views_now, cfg.features, clock(), runner, chosen, budget_s)
         except Exception as exc:
             # A request that passed validation should always score; if the graph still fails,
             # say which version failed rather than answer a bare 500.
-            log.exception("%s failed to score %d row(s)", model.uri, len(rows))
-            raise HTTPException(status_code=500, detail=f"{model.uri} failed to score the request: {exc}") from exc
+            log.exception("%s failed to score %d row(s)", served.champion.uri, len(rows))
+            raise HTTPException(status_code=500, detail=f"{chosen} policy failed to score the request: {exc}") from exc
+        metrics.observe_predictions(chosen, (m.version for m in response.models), len(rows))
+        return response.model_dump_json().encode()
+
+    async def predict(request: PredictRow | PredictBatch, policy: Any = None, deadline_ms: Any = None) -> Response:
+        """Score each row with the loaded model version(s) the policy picks, on window features
+        (per user, item... as declared: batch view merged with the speed layer's increments)
+        at the row's ``event_time`` or now; unknown users and items have empty windows. The
+        answer names the version(s) that produced it."""
+        rows: list[PredictRow] = list(request.rows) if isinstance(request, PredictBatch) else [request]
+        views_now, served = view_slot.current, model_slot.current
+        if views_now is None or served is None:
+            problems: list[str] = []  # a first load may take a while: off the event loop
+            views_now = await run_in_threadpool(_get, view_slot, problems)
+            served = await run_in_threadpool(_get, model_slot, problems)
+            if views_now is None or served is None:
+                raise _unavailable("not ready to predict: " + "; ".join(problems))
+        chosen = policy or cfg.serving.policy
+        budget_s = None if deadline_ms is None else deadline_ms / 1000
+        # A few rows score in a fraction of a millisecond: on the event loop, without a thread
+        # hop. Large batches and the deadline policy (which waits) go to the thread pool so they
+        # never hold up other requests. The body is serialised once here (returning a Response
+        # skips FastAPI's second validation of the response model).
+        if len(rows) <= INLINE_ROWS and chosen != "deadline":
+            body = answer(rows, served, views_now, chosen, budget_s)
+        else:
+            body = await run_in_threadpool(answer, rows, served, views_now, chosen, budget_s)
+        return Response(body, media_type="application/json")
 
     # The body type depends on serving.max_rows, so it is set here rather than written in the
     # signature (FastAPI reads annotations, and a string one could not see this closure).
@@ -273,13 +449,27 @@ def create_app(
             }
         ),
     ]
-    predict.__annotations__["return"] = PredictResponse
+    predict.__annotations__["policy"] = Annotated[
+        PolicyName | None,
+        Query(description=f"Serving policy for this request; default serving.policy ({cfg.serving.policy})."),
+    ]
+    predict.__annotations__["deadline_ms"] = Annotated[
+        float | None,
+        Query(
+            gt=0,
+            le=60_000,
+            description=f"Time budget of the deadline policy, ms; default serving.deadline_ms ({cfg.serving.deadline_ms:g}).",
+        ),
+    ]
+    predict.__annotations__["return"] = Response
     app.post(
         "/predict",
         response_model=PredictResponse,
         summary="Click probability of one impression or a batch",
         max_body_size=max_body_bytes(cfg.serving.max_rows),
+        dependencies=guarded,
         responses={
+            **unauthorized,
             413: {"model": ValidationErrorResponse, "description": "The body is larger than max_rows rows."},
             415: {"model": ValidationErrorResponse, "description": "The body is not sent as JSON."},
             422: {"model": ValidationErrorResponse, "description": "Invalid request; each error names its field."},
@@ -287,22 +477,137 @@ def create_app(
         },
     )(predict)
 
-    @app.get("/health", response_model=HealthResponse, summary="Liveness, and whether /predict can answer")
-    def health() -> HealthResponse:
-        """Always 200 while the process is up; ``ready`` says whether a model and views are loaded."""
-        model, loaded = model_slot.current, view_slot.current
+    @app.get(
+        "/models",
+        response_model=ModelsResponse,
+        summary="The loaded model versions, the aliases they serve and their horizons",
+        dependencies=guarded,
+        responses={**unauthorized, 503: {"model": ErrorResponse, "description": "No model loaded yet."}},
+    )
+    def list_models() -> ModelsResponse:
+        """What the registry poller loaded: alias -> version, and each version's run, horizon
+        and quality score. A moved alias shows here once its version is loaded and swapped in."""
+        served = model_slot.current
+        if served is None:
+            raise _unavailable(model_slot.last_error or f"{model_slot.name} is not loaded yet")
+        problems = list(served.problems)
+        if model_slot.last_error:
+            problems.append(model_slot.last_error)
+        return ModelsResponse(
+            registered_model=cfg.mlflow.registered_model,
+            primary_alias=served.primary,
+            aliases=served.versions(),
+            versions=[model_out(m) for m in served.distinct()],
+            default_policy=cfg.serving.policy,
+            poll_interval_s=cfg.serving.poll_interval_s,
+            swaps=getattr(model_slot, "swaps", 0),
+            problems=problems,
+        )
+
+    entity_names = list(cfg.features.entities)
+
+    def entity_features(entity: str, key: str, at: Any = None) -> FeaturesResponse:
+        """The key's values, one path segment per key field in declaration order (e.g.
+        ``/features/user_device/u42/mobile``). Window features at ``at`` (default now) from
+        the merged buckets, from the batch view alone and from the increments alone."""
+        declared = cfg.features.entities.get(entity)
+        if declared is None:
+            raise HTTPException(404, detail=[{"field": "path.entity", "message": f"unknown entity {entity!r}: one of {', '.join(entity_names)}"}])
+        parts = key.split("/")
+        if len(parts) != len(declared.keys) or not all(parts):
+            message = f"entity {entity} is keyed by {'/'.join(declared.keys)}: give {len(declared.keys)} non-empty segment(s)"
+            raise HTTPException(422, detail=[{"field": "path.key", "message": message}])
+        if at is not None:
+            try:
+                check_scoring_time(at)
+            except ValueError as exc:
+                raise HTTPException(422, detail=[{"field": "query.at", "message": str(exc)}]) from exc
+        problems: list[str] = []
+        loaded = _get(view_slot, problems)
+        if loaded is None:
+            raise _unavailable("no views to read: " + "; ".join(problems))
+        return features_response(cfg.features, loaded.views[entity], tuple(parts), at or clock())
+
+    # Set before registering the route (FastAPI reads annotations then); see predict.
+    entity_features.__annotations__["at"] = Annotated[
+        AwareDatetime | None, Query(description="Time to compute the window features at (ISO-8601 with a time zone); default now.")
+    ]
+    app.get(
+        "/features/{entity}/{key:path}",
+        response_model=FeaturesResponse,
+        summary="One entity's window features: batch view ⊕ speed increments, and both parts",
+        dependencies=guarded,
+        responses={
+            **unauthorized,
+            404: {"model": ValidationErrorResponse, "description": "No such entity is declared."},
+            422: {"model": ValidationErrorResponse, "description": "The key or the time is invalid; the error names it."},
+            503: {"model": ErrorResponse, "description": "No views loaded yet."},
+        },
+    )(entity_features)
+
+    def readiness() -> tuple[bool, list[str]]:
+        served, loaded = model_slot.current, view_slot.current
         problems = []
-        if model is None:
+        if served is None:
             problems.append(model_slot.last_error or f"{model_slot.name} is not loaded yet")
         if loaded is None:
             problems.append(view_slot.last_error or f"{view_slot.name} are not loaded yet")
+        return served is not None and loaded is not None, problems
+
+    @app.get("/health", response_model=HealthResponse, summary="Liveness, and whether /predict can answer")
+    def health() -> HealthResponse:
+        """Always 200 while the process is up; ``ready`` says whether a model and views are
+        loaded, ``problems`` also lists a registry or lake that could not be read at the last
+        poll (the service then keeps serving what it has)."""
+        ready, problems = readiness()
+        served, loaded = model_slot.current, view_slot.current
+        if served is not None:
+            problems += list(served.problems) + ([model_slot.last_error] if model_slot.last_error else [])
+        if loaded is not None and view_slot.last_error:
+            problems.append(view_slot.last_error)
         return HealthResponse(
             status="ok",
-            ready=model is not None and loaded is not None,
-            model=model_out(model) if model is not None else None,
+            ready=ready,
+            model=model_out(served.champion) if served is not None else None,
             views=views_out(loaded) if loaded is not None else None,
             problems=problems,
         )
+
+    @app.get(
+        "/ready",
+        response_model=ReadyResponse,
+        summary="Readiness: 200 when models and views are loaded, else 503",
+        responses={503: {"model": ReadyResponse, "description": "Not ready; problems says why."}},
+    )
+    def ready() -> JSONResponse:
+        """For a load balancer or an orchestrator's readiness probe."""
+        is_ready, problems = readiness()
+        body = ReadyResponse(ready=is_ready, problems=problems).model_dump()
+        return JSONResponse(status_code=200 if is_ready else 503, content=body)
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Text format 0.0.4."}},
+    )
+    def prometheus_metrics() -> PlainTextResponse:
+        """Requests, 5xx errors and latency histograms by route; rows scored by policy and
+        version; the loaded versions per alias; registry and view reloads."""
+        gauges: list[tuple[str, str, dict[str, str], float]] = []
+        served = model_slot.current
+        for alias, version in (served.versions() if served is not None else {}).items():
+            gauges.append(("lambda_ml_model_version", "Model version loaded per registry alias.", {"alias": alias}, version))
+        for what, slot in (("models", model_slot), ("views", view_slot)):
+            gauges.append(("lambda_ml_reloads_total", "Successful loads of models or views.", {"what": what}, slot.loads))
+            gauges.append(("lambda_ml_reload_failures_total", "Failed loads of models or views.", {"what": what}, slot.failures))
+        gauges.append(("lambda_ml_model_swaps_total", "Alias moves swapped in.", {}, getattr(model_slot, "swaps", 0)))
+        if listener is not None:
+            for outcome in ("applied", "stale", "invalid"):
+                gauges.append(("lambda_ml_model_updates_total", "Kafka model updates by outcome.", {"outcome": outcome},
+                               getattr(listener, outcome)))  # fmt: skip
+        gauges.append(("lambda_ml_ready", "1 when models and views are loaded.", {}, float(readiness()[0])))
+        return PlainTextResponse(metrics.render(gauges), media_type=CONTENT_TYPE)
 
     return app
 
@@ -331,8 +636,12 @@ def serve(cfg: PlatformConfig, host: str | None = None, port: int | None = None,
 
     host = host or cfg.serving.host
     port = port or cfg.serving.port
-    if not is_loopback(host):
-        log.warning("binding to %s: the service has no authentication; keep it behind a gateway", host)
+    if not is_loopback(host) and not cfg.serving.api_key:
+        log.warning("binding to %s without serving.api_key: the service has no authentication", host)
+    # The registry poller runs off the request path; still, an unreachable MLflow should not
+    # keep it retrying for minutes before it reports (MLflow's defaults: 7 retries, 120 s).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     log.info(
         "prediction service for models:/%s@%s starting on http://%s:%d (OpenAPI at /docs)",
         cfg.mlflow.registered_model, cfg.serving.model_alias, host, port,

@@ -4,8 +4,10 @@ graph: float tensors are numeric features, string tensors categorical ones; each
 feature the declarations in ``conf/`` define, so the service can compute it.
 
 Everything about one loaded version (session, version number, run, horizon) lives in one
-immutable ``CtrServingModel``; the ``ModelStore`` swaps that object whole, so hot-swapping
-on an alias move is a call to ``ModelStore.reload()``.
+immutable ``CtrServingModel``. The ``ModelStore`` follows several aliases (``champion``,
+``challenger``...) and swaps a ``ServedModels`` (alias -> model) whole; the service's poller
+calls ``ModelStore.reload()`` every ``serving.poll_interval_s``, so an alias moved in the
+registry (a new champion, a rollback) is served without a restart and without a failed request.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -49,6 +54,8 @@ class CtrServingModel:
     horizon: Horizon
     session: ort.InferenceSession
     inputs: ModelInputs  # as the graph takes them
+    holdout_auc: float | None = None  # the training run's holdout AUC
+    quality: float | None = None  # see quality_score()
 
     @property
     def uri(self) -> str:
@@ -130,63 +137,205 @@ def check_registry_reachable(tracking_uri: str, timeout_s: float = 3.0) -> None:
         raise ModelLoadError(f"the MLflow tracking server at {tracking_uri} does not answer ({exc})") from exc
 
 
-def load_registered_model(cfg: PlatformConfig) -> CtrServingModel:
-    """Resolve ``models:/<registered_model>@<alias>``, download its ONNX file and open it."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+@dataclass(frozen=True)
+class VersionInfo:
+    """What the registry says of the version an alias points at (no artefact downloaded)."""
 
-    name, alias, uri = cfg.mlflow.registered_model, cfg.serving.model_alias, cfg.mlflow.tracking_uri
-    check_registry_reachable(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version: int
+    run_id: str | None
+    tags: Mapping[str, str]
+
+
+class Registry(Protocol):
+    """Where model versions come from: the MLflow registry in the service (``MlflowRegistry``)."""
+
+    name: str  # the registered model
+
+    def resolve(self, alias: str) -> VersionInfo | None:
+        """The version behind ``alias``, None if no version has it; raises if unreachable."""
+        ...
+
+    def load(self, info: VersionInfo, alias: str) -> CtrServingModel:
+        """Download and open one version (slow: called off the request path)."""
+        ...
+
+
+def quality_score(tags: Mapping[str, str], holdout_auc: float | None) -> float | None:
+    """A version's quality score: its recent progressive-validation AUC (tag
+    ``quality.progressive_auc``, written by online evaluation) if any, else its holdout AUC.
+
+    >>> quality_score({"quality.progressive_auc": "0.71"}, 0.65), quality_score({}, 0.65), quality_score({}, None)
+    (0.71, 0.65, None)
+    """
+    tagged = tags.get(contract.TAG_QUALITY_SCORE)
     try:
-        version = client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return float(tagged) if tagged is not None else holdout_auc
+    except ValueError:
+        return holdout_auc
+
+
+class MlflowRegistry:
+    """The versions of ``mlflow.registered_model`` in the MLflow registry at ``mlflow.tracking_uri``."""
+
+    def __init__(self, cfg: PlatformConfig) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.name = cfg.mlflow.registered_model
+        self.uri = cfg.mlflow.tracking_uri
+        self.features = cfg.features
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def resolve(self, alias: str) -> VersionInfo | None:
+        from mlflow.exceptions import MlflowException
+
+        check_registry_reachable(self.uri)
+        try:
+            version = self.client.get_model_version_by_alias(self.name, alias)
+        except MlflowException as exc:
+            # A missing model is RESOURCE_DOES_NOT_EXIST; a missing alias on an existing model
+            # is INVALID_PARAMETER_VALUE "Registered model alias ... not found." (MLflow 3.17).
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc.message):
+                return None
+            raise ModelLoadError(f"could not resolve models:/{self.name}@{alias} in {self.uri}: {exc.message}") from exc
+        return VersionInfo(int(version.version), version.run_id, dict(version.tags or {}))
+
+    def load(self, info: VersionInfo, alias: str) -> CtrServingModel:
+        name, uri = self.name, self.uri
+        flavor = info.tags.get(contract.TAG_FLAVOR)
+        if flavor != ONNX_FLAVOR:
             raise ModelLoadError(
-                f"no version of registered model {name!r} has alias {alias!r} in {uri} yet: run the batch layer first"
-            ) from exc
-        raise ModelLoadError(f"could not resolve models:/{name}@{alias} in {uri}: {exc.message}") from exc
-    tags = dict(version.tags or {})
-    flavor = tags.get(contract.TAG_FLAVOR)
-    if flavor != ONNX_FLAVOR:
+                f"models:/{name}@{alias} is version {info.version} with flavor {flavor!r}; "
+                f"the service needs the {ONNX_FLAVOR!r} version"
+            )
+        what = f"models:/{name}/{info.version}"
+        check_registry_reachable(uri)
+        with tempfile.TemporaryDirectory(prefix="lambda-ml-model-") as tmp:
+            import mlflow.artifacts
+
+            started = time.monotonic()
+            local = mlflow.artifacts.download_artifacts(artifact_uri=what, dst_path=tmp, tracking_uri=uri, registry_uri=uri)
+            onnx_file = find_onnx_file(Path(local))
+            # The session keeps the graph in memory; the downloaded file can go.
+            session = open_onnx_session(onnx_file.read_bytes())
+            log.debug("downloaded %s in %.1f s", what, time.monotonic() - started)
+        inputs = check_session(session, what, self.features)
+        tagged = info.tags.get(contract.TAG_MODEL_INPUTS)
+        if tagged is not None and tagged.split(",") != list(inputs.names):
+            raise ModelLoadError(f"{what} is tagged with inputs {tagged!r} but its graph takes {inputs.tag()!r}")
+        holdout_auc = None
+        if info.run_id:
+            holdout_auc = self.client.get_run(info.run_id).data.metrics.get("auc")
+        return CtrServingModel(
+            name=name,
+            version=info.version,
+            alias=alias,
+            run_id=info.run_id,
+            horizon=Horizon.from_tags(info.tags),
+            session=session,
+            inputs=inputs,
+            holdout_auc=holdout_auc,
+            quality=quality_score(info.tags, holdout_auc),
+        )
+
+
+def load_registered_model(cfg: PlatformConfig, alias: str | None = None) -> CtrServingModel:
+    """Resolve ``models:/<registered_model>@<alias>`` (default ``serving.model_alias``),
+    download its ONNX file and open it."""
+    alias = alias or cfg.serving.model_alias
+    registry = MlflowRegistry(cfg)
+    info = registry.resolve(alias)
+    if info is None:
         raise ModelLoadError(
-            f"models:/{name}@{alias} is version {version.version} with flavor {flavor!r}; "
-            f"the service needs the {ONNX_FLAVOR!r} version"
+            f"no version of registered model {registry.name!r} has alias {alias!r} in {registry.uri} yet: "
+            "run the batch layer first"
         )
-    what = f"models:/{name}/{version.version}"
-    with tempfile.TemporaryDirectory(prefix="lambda-ml-model-") as tmp:
-        import mlflow.artifacts
-
-        started = time.monotonic()
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=what, dst_path=tmp, tracking_uri=uri, registry_uri=uri
-        )
-        onnx_file = find_onnx_file(Path(local))
-        # The session keeps the graph in memory; the downloaded file can go.
-        session = open_onnx_session(onnx_file.read_bytes())
-        log.debug("downloaded %s in %.1f s", what, time.monotonic() - started)
-    inputs = check_session(session, what, cfg.features)
-    tagged = tags.get(contract.TAG_MODEL_INPUTS)
-    if tagged is not None and tagged.split(",") != list(inputs.names):
-        raise ModelLoadError(f"{what} is tagged with inputs {tagged!r} but its graph takes {inputs.tag()!r}")
-    return CtrServingModel(
-        name=name,
-        version=int(version.version),
-        alias=alias,
-        run_id=version.run_id,
-        horizon=Horizon.from_tags(tags),
-        session=session,
-        inputs=inputs,
-    )
+    return registry.load(info, alias)
 
 
-class ModelStore(Reloadable[CtrServingModel]):
-    """The model being served; ``reload()`` re-resolves the alias and swaps atomically."""
+@dataclass(frozen=True)
+class ServedModels:
+    """Every loaded alias -> its version, swapped in as one object: a request reads it once
+    and scores with the versions it names, whatever moves meanwhile."""
+
+    primary: str
+    by_alias: Mapping[str, CtrServingModel]
+    problems: tuple[str, ...] = ()
+
+    @property
+    def champion(self) -> CtrServingModel:
+        """The version behind the primary alias (``serving.model_alias``)."""
+        return self.by_alias[self.primary]
+
+    def distinct(self) -> list[CtrServingModel]:
+        """One model per loaded version, the primary alias's first, then by alias order."""
+        seen: dict[int, CtrServingModel] = {}
+        for model in (self.champion, *self.by_alias.values()):
+            seen.setdefault(model.version, model)
+        return list(seen.values())
+
+    def versions(self) -> dict[str, int]:
+        return {alias: model.version for alias, model in self.by_alias.items()}
+
+
+class ModelStore(Reloadable[ServedModels]):
+    """The versions behind ``serving.aliases``; ``reload()`` (called by the poller every
+    ``serving.poll_interval_s``) re-resolves every alias and swaps in a new ``ServedModels``
+    when one moved. A version loaded before is reused at once (a rollback costs no download);
+    one that fails to load leaves its alias on the version it had."""
+
+    def __init__(self, name: str, registry: Registry, aliases: Sequence[str], keep_versions: int = 8) -> None:
+        super().__init__(name, self._refresh)
+        self.registry = registry
+        self.aliases = tuple(aliases)
+        self.keep_versions = keep_versions
+        self._loaded: dict[int, CtrServingModel] = {}  # version -> model, most recently used last
+        self.swaps = 0
 
     @classmethod
-    def from_config(cls, cfg: PlatformConfig, retry_interval_s: float = 5.0) -> ModelStore:
+    def from_config(cls, cfg: PlatformConfig) -> ModelStore:
         return cls(
-            f"models:/{cfg.mlflow.registered_model}@{cfg.serving.model_alias}",
-            lambda: load_registered_model(cfg),
-            retry_interval_s,
+            f"models:/{cfg.mlflow.registered_model}@{cfg.serving.model_alias}", MlflowRegistry(cfg), cfg.serving.aliases
         )
+
+    def _model_for(self, info: VersionInfo, alias: str) -> CtrServingModel:
+        model = self._loaded.pop(info.version, None)
+        if model is None:
+            model = self.registry.load(info, alias)
+            log.info("loaded %s", model.describe())
+        self._loaded[info.version] = model
+        while len(self._loaded) > self.keep_versions:
+            self._loaded.pop(next(iter(self._loaded)))
+        # Tags (the quality score) may change on a version without a new artefact.
+        return replace(model, alias=alias, quality=quality_score(info.tags, model.holdout_auc))
+
+    def _refresh(self) -> ServedModels:
+        previous = self.current
+        old = dict(previous.by_alias) if previous is not None else {}
+        found: dict[str, CtrServingModel] = {}
+        problems: list[str] = []
+        primary = self.aliases[0]
+        for alias in self.aliases:
+            try:
+                info = self.registry.resolve(alias)
+                if info is None:
+                    continue  # not (or no longer) assigned: nothing to serve for it
+                found[alias] = self._model_for(info, alias)
+            except Exception as exc:  # noqa: BLE001 - the alias keeps its version; the reason is reported
+                if alias == primary and primary not in old:
+                    raise
+                problems.append(f"models:/{self.registry.name}@{alias} could not be refreshed: {exc}")
+                if alias in old:
+                    found[alias] = old[alias]
+        if primary not in found:
+            # Never assigned, or removed: a champion served before keeps serving (slot keeps it).
+            raise ModelLoadError(
+                f"no version of registered model {self.registry.name!r} has alias {primary!r} yet: run the batch layer first"
+            )
+        served = ServedModels(primary, MappingProxyType(found), tuple(problems))
+        if previous is not None and (served.versions(), served.problems) == (previous.versions(), previous.problems):
+            if all(found[a].quality == old[a].quality for a in found):
+                return previous  # nothing moved: keep the very same object
+        if previous is None or served.versions() != previous.versions():
+            self.swaps += previous is not None
+            log.info("serving versions %s", served.versions())
+        return served

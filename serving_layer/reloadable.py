@@ -49,6 +49,8 @@ class Reloadable(Generic[T]):
         self._last_error: str | None = None
         self._last_attempt: float | None = None
         self._lock = threading.Lock()
+        self.loads = 0  # successful loads
+        self.failures = 0  # failed loads
 
     @property
     def current(self) -> T | None:
@@ -99,9 +101,62 @@ class Reloadable(Generic[T]):
         try:
             value = self._loader()
         except Exception as exc:
+            self.failures += 1
             self._last_error = f"{self.name} could not be loaded: {exc}"
             log.warning("%s", self._last_error)
             raise
+        self.loads += 1
         self._last_error = None
         self.swap(value)
         return value
+
+
+class BackgroundLoop:
+    """A daemon thread running ``_run`` until ``stop()`` (``_stop`` tells it when)."""
+
+    thread_name = "background"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Poller(BackgroundLoop):
+    """Reloads each slot every ``interval_s`` seconds on one background thread, until ``stop()``.
+
+    Loads happen here, off the request path; requests keep using the value they read, so a
+    slow download or an unreachable registry never delays or fails a request.
+    """
+
+    thread_name = "reload-poller"
+
+    def __init__(self, slots: list[tuple[Reloadable[object], float]], tick_s: float = 0.2) -> None:
+        super().__init__()
+        self._slots = slots
+        self._tick_s = tick_s
+
+    def _run(self) -> None:
+        due = [time.monotonic() + interval for _, interval in self._slots]
+        while not self._stop.wait(self._tick_s):
+            for n, (slot, interval) in enumerate(self._slots):
+                if time.monotonic() < due[n]:
+                    continue
+                try:
+                    slot.reload()
+                except Exception:  # noqa: BLE001 - logged by the slot; the last good value stays
+                    pass
+                due[n] = time.monotonic() + interval

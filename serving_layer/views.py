@@ -1,6 +1,11 @@
-"""The batch views the service reads features from: for every declared entity, the bucket rows
-``(keys, bucket_start, aggregates)`` the batch layer publishes, read from Delta (no Spark here).
-Window features are read off them at request time (``serving_layer.features``).
+"""The views the service reads features from: for every declared entity, the bucket rows
+``(keys, bucket_start, aggregates)`` the batch layer publishes at a horizon *v*, merged with the
+speed layer's increments after *v* (``speed/<entity>_increments``, ``contract.increments_table``),
+read from Delta with pyarrow (no Spark here). An increment row carries the bronze versions its
+events came from, so which rows count after *v* is exact (``contract.increment_after_horizon``,
+the rule the speed layer writes by), and buckets are monoids: batch view(v) ⊕ increments(after v)
+equals the batch view recomputed at the increments' bronze versions. Window features are read off
+the merged rows at request time (``serving_layer.features``).
 
 An entity the views have never seen has no buckets, so its counts are zero, exactly what the
 batch layer computed for it at training time (no events before the scoring time).
@@ -13,18 +18,20 @@ from __future__ import annotations
 import pyarrow  # isort: skip
 from deltalake import DeltaTable  # isort: skip
 from deltalake.exceptions import DeltaError, TableNotFoundError  # isort: skip
+import pyarrow.compute as pc  # isort: skip
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from lambda_ml import contract
-from lambda_ml.buckets import NO_BUCKETS, EntityBuckets
+from lambda_ml.buckets import NO_BUCKETS, EntityBuckets, combine_exact, merge_entity_buckets
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import Horizon
 from serving_layer.reloadable import Reloadable
 
 BUCKET = contract.VIEW_BUCKET_COLUMN
+IMPRESSIONS_VERSION, CLICKS_VERSION = (contract.INCREMENT_VERSION_COLUMNS[part] for part in ("impressions", "clicks"))
 
 
 class ViewLoadError(RuntimeError):
@@ -32,26 +39,56 @@ class ViewLoadError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Increments:
+    """One entity's speed-layer increments after a batch horizon: key -> bucket rows (already
+    combined per bucket), the latest bronze versions they came from, and the rows left out."""
+
+    rows: Mapping[tuple[str, ...], EntityBuckets] = field(default_factory=dict)
+    through: Horizon | None = None  # the newest impressions_version / clicks_version merged
+    used: int = 0  # increment rows after the horizon, merged
+    already_in_batch: int = 0  # rows the batch view counts (the speed layer deletes them soon)
+
+
+NO_INCREMENTS = Increments()
+
+
+@dataclass(frozen=True)
 class BucketView:
-    """One entity's batch view: its key -> its bucket rows, and the horizon it was computed at."""
+    """One entity's view: its key -> its bucket rows (the batch view at ``horizon`` ⊕ the
+    speed layer's increments after it), the horizon, and both parts."""
 
     entity: str
     keys: tuple[str, ...]
     path: str
     rows: Mapping[tuple[str, ...], EntityBuckets] = field(default_factory=dict)
     horizon: Horizon = Horizon()
+    increments: Increments = NO_INCREMENTS
+    merged: Mapping[tuple[str, ...], EntityBuckets] | None = None  # None: no increments, rows as they are
 
     def lookup(self, key: tuple[str, ...]) -> EntityBuckets:
-        """The buckets of one entity; none for an entity the view has never seen.
+        """The merged buckets of one entity; none for an entity the views have never seen.
 
         >>> view = BucketView("user", ("user_id",), "mem", {("u1",): EntityBuckets((0,), {"clicks": (2,)})})
         >>> view.lookup(("u1",)).values["clicks"], view.lookup(("nobody",)).starts
         ((2,), ())
         """
+        return (self.rows if self.merged is None else self.merged).get(key, NO_BUCKETS)
+
+    def batch_part(self, key: tuple[str, ...]) -> EntityBuckets:
         return self.rows.get(key, NO_BUCKETS)
 
+    def speed_part(self, key: tuple[str, ...]) -> EntityBuckets:
+        return self.increments.rows.get(key, NO_BUCKETS)
+
+    def with_increments(self, increments: Increments, aggregations: Mapping[str, str]) -> BucketView:
+        """This batch view with ``increments`` merged in (batch ⊕ speed, per key and bucket)."""
+        merged = dict(self.rows)
+        for key, speed in increments.rows.items():
+            merged[key] = merge_entity_buckets([self.rows.get(key, NO_BUCKETS), speed], aggregations)
+        return replace(self, increments=increments, merged=MappingProxyType(merged))
+
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows if self.merged is None else self.merged)
 
 
 @dataclass(frozen=True)
@@ -97,23 +134,44 @@ def bucket_view_from_arrow(
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise ViewLoadError(f"view {path} lacks column(s) {', '.join(missing)}; it has {', '.join(table.column_names)}")
+    by_key = bucket_rows_from_arrow(path, table, keys, aggregates)
+    return BucketView(entity, tuple(keys), path, by_key, _horizon(path, table))
+
+
+def bucket_rows_from_arrow(
+    path: str,
+    table: pyarrow.Table,
+    keys: Sequence[str],
+    aggregates: Sequence[str],
+    combine: Mapping[str, str] | None = None,
+) -> Mapping[tuple[str, ...], EntityBuckets]:
+    """Rows ``(keys, bucket_start, aggregates)`` -> key -> its buckets. A view holds one row per
+    (key, bucket); increments may hold several, combined with the ``combine`` monoids."""
     key_values = list(zip(*(table.column(k).to_pylist() for k in keys)))
     starts = _epoch_micros(path, table.column(BUCKET))
     values = {a: table.column(a).to_pylist() for a in aggregates}
     order = sorted(range(table.num_rows), key=lambda i: (key_values[i], starts[i]))
-    grouped: dict[tuple[str, ...], list[int]] = {}
+    grouped: dict[tuple[str, ...], list[list[int]]] = {}
     for i in order:
         if any(part is None for part in key_values[i]):
             raise ViewLoadError(f"view {path} has a row without its key {', '.join(keys)}")
         rows = grouped.setdefault(key_values[i], [])
-        if rows and starts[rows[-1]] == starts[i]:
-            raise ViewLoadError(f"view {path} has more than one row for {key_values[i]} at bucket {starts[i]}")
-        rows.append(i)
-    by_key = {
-        key: EntityBuckets(tuple(starts[i] for i in rows), {a: tuple(values[a][i] for i in rows) for a in aggregates})
-        for key, rows in grouped.items()
-    }
-    return BucketView(entity, tuple(keys), path, MappingProxyType(by_key), _horizon(path, table))
+        if rows and starts[rows[-1][0]] == starts[i]:
+            if combine is None:
+                raise ViewLoadError(f"view {path} has more than one row for {key_values[i]} at bucket {starts[i]}")
+            rows[-1].append(i)
+        else:
+            rows.append([i])
+    by_key = {}
+    for key, rows in grouped.items():
+        columns = {}
+        for a in aggregates:
+            if combine is None:
+                columns[a] = tuple(values[a][cell[0]] for cell in rows)
+            else:
+                columns[a] = tuple(combine_exact(combine[a], [values[a][i] for i in cell]) for cell in rows)
+        by_key[key] = EntityBuckets(tuple(starts[cell[0]] for cell in rows), columns)
+    return MappingProxyType(by_key)
 
 
 def _horizon(path: str, table: pyarrow.Table) -> Horizon:
@@ -127,6 +185,48 @@ def _horizon(path: str, table: pyarrow.Table) -> Horizon:
             raise ViewLoadError(f"view {path} mixes horizons in {column}: {sorted(values)}")
         found[name] = int(values.pop()) if values else None
     return Horizon(**found)
+
+
+def increments_from_arrow(
+    path: str, table: pyarrow.Table, keys: Sequence[str], aggregations: Mapping[str, str], horizon: Horizon
+) -> Increments:
+    """The increment rows the batch view at ``horizon`` did not count, by the speed layer's rule
+    (``contract.increment_after_horizon``), combined per (key, bucket); the rows it counted are
+    counted and left out.
+
+    >>> from datetime import datetime, timezone
+    >>> hour = datetime(1970, 1, 1, 1, tzinfo=timezone.utc)
+    >>> t = pyarrow.table({"user_id": ["a", "a", "a", "b"], "bucket_start": [hour] * 4, "clicks": [1, 2, 9, 4],
+    ...                    "impressions_version": [6, 3, 5, 7], "clicks_version": [None, 6, None, 2]})
+    >>> inc = increments_from_arrow("mem", t, ["user_id"], {"clicks": "count"}, Horizon(5, 5))
+    >>> inc.rows[("a",)].values, inc.through, (inc.used, inc.already_in_batch)
+    ({'clicks': (3,)}, Horizon(impressions=7, clicks=6), (3, 1))
+    """
+    names = [*keys, BUCKET, *aggregations, IMPRESSIONS_VERSION, CLICKS_VERSION]
+    missing = [c for c in names if c not in table.column_names]
+    if missing:
+        raise ViewLoadError(f"increments {path} lack column(s) {', '.join(missing)}; they have {', '.join(table.column_names)}")
+    after = contract.increment_after_horizon(horizon, pc.field(IMPRESSIONS_VERSION), pc.field(CLICKS_VERSION))
+    kept = table if after is None else table.filter(after)
+    view = bucket_rows_from_arrow(path, kept, keys, list(aggregations), combine=aggregations)
+    newest = [pc.max(kept.column(c)).as_py() for c in (IMPRESSIONS_VERSION, CLICKS_VERSION)]
+    through = Horizon(*newest) if kept.num_rows else None
+    return Increments(view, through, kept.num_rows, table.num_rows - kept.num_rows)
+
+
+def read_increments(path: str, keys: Sequence[str], aggregations: Mapping[str, str], horizon: Horizon) -> Increments:
+    """The speed layer's increments of one entity after ``horizon``; none if it has not
+    published any yet (no table)."""
+    try:
+        delta = DeltaTable(path)
+    except TableNotFoundError:
+        return NO_INCREMENTS
+    except (DeltaError, OSError) as exc:
+        raise ViewLoadError(f"cannot read the Delta table at {path}: {exc}") from exc
+    names = [*keys, BUCKET, *aggregations, IMPRESSIONS_VERSION, CLICKS_VERSION]
+    present = {f.name for f in delta.schema().fields}
+    columns = [c for c in names if c in present]
+    return increments_from_arrow(path, delta.to_pyarrow_table(columns=columns), keys, aggregations, horizon)
 
 
 def read_bucket_view(path: str, entity: str, keys: Sequence[str], aggregates: Sequence[str]) -> BucketView:
@@ -147,8 +247,10 @@ def read_bucket_view(path: str, entity: str, keys: Sequence[str], aggregates: Se
 
 
 def load_batch_views(cfg: PlatformConfig) -> BatchViews:
-    """Read the view of every declared entity under ``cfg.lake``; all must come from one run."""
+    """Read the view of every declared entity under ``cfg.lake`` (all must come from one
+    batch run) and merge the speed layer's increments after its horizon into each."""
     aggregates = list(cfg.features.aggregates)
+    aggregations = {name: a.aggregation for name, a in cfg.features.aggregates.items()}
     views = {
         name: read_bucket_view(cfg.lake.table(*contract.view_table(name)), name, entity.keys, aggregates)
         for name, entity in cfg.features.entities.items()
@@ -157,12 +259,45 @@ def load_batch_views(cfg: PlatformConfig) -> BatchViews:
     if len(set(horizons.values())) > 1:
         described = "; ".join(f"{name}: {horizon}" for name, horizon in horizons.items())
         raise ViewLoadError(f"the views come from different batch runs: {described}")
+    for name, entity in cfg.features.entities.items():
+        path = cfg.lake.table(*contract.increments_table(name))
+        increments = read_increments(path, entity.keys, aggregations, views[name].horizon)
+        if increments.rows or increments.used:
+            views[name] = views[name].with_increments(increments, aggregations)
+        elif increments is not NO_INCREMENTS:
+            views[name] = replace(views[name], increments=increments)
     return BatchViews(MappingProxyType(views))
 
 
+def table_versions(cfg: PlatformConfig) -> tuple[int | None, ...]:
+    """The Delta version of every view and increment table (None where there is none yet)."""
+    versions: list[int | None] = []
+    for name in cfg.features.entities:
+        for parts in (contract.view_table(name), contract.increments_table(name)):
+            try:
+                versions.append(DeltaTable(cfg.lake.table(*parts)).version())
+            except (DeltaError, OSError):
+                versions.append(None)
+    return tuple(versions)
+
+
 class ViewStore(Reloadable[BatchViews]):
-    """The batch views being served, reloaded whole."""
+    """The views being served (batch ⊕ increments), reloaded whole when a table has a new
+    Delta version (checked every ``serving.views_refresh_s`` by the service's poller)."""
+
+    def __init__(self, name: str, cfg: PlatformConfig, retry_interval_s: float = 5.0) -> None:
+        super().__init__(name, self._refresh, retry_interval_s)
+        self.cfg = cfg
+        self._versions: tuple[int | None, ...] | None = None
 
     @classmethod
     def from_config(cls, cfg: PlatformConfig, retry_interval_s: float = 5.0) -> ViewStore:
-        return cls("batch views", lambda: load_batch_views(cfg), retry_interval_s)
+        return cls("batch views", cfg, retry_interval_s)
+
+    def _refresh(self) -> BatchViews:
+        versions = table_versions(self.cfg)
+        if self.current is not None and versions == self._versions:
+            return self.current
+        loaded = load_batch_views(self.cfg)
+        self._versions = versions
+        return loaded

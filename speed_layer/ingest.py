@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 
 from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.streaming import StreamingQuery
+from pyspark.sql.avro.functions import from_avro
+from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 from pyspark.sql.types import StringType, StructField, StructType
 
+from lambda_ml import avro
 from lambda_ml.config import PlatformConfig, load_config
 from lambda_ml.logs import setup_logging
 from lambda_ml.schemas import EVENT_TYPES, KAFKA_COLUMNS, QUARANTINE_SCHEMA, EventField, EventType
-from lambda_ml.spark import get_spark
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +50,11 @@ def _typed(field: EventField, text: Column) -> Column:
     return F.when(F.length(F.trim(text)) > 0, text)
 
 
-def _reason(event: EventType, cfg: PlatformConfig) -> Column:
+def _reason(event: EventType, cfg: PlatformConfig, undecodable: str) -> Column:
     """The first thing wrong with a record, or null if it is a valid event."""
     checks: list[Column] = [
         F.when(F.col("raw_value").isNull() | (F.length("raw_value") == 0), F.lit("empty payload")),
-        F.when(F.col("_json").isNull() | F.col(f"_json.{_CORRUPT}").isNotNull(), F.lit("malformed JSON: not a JSON object")),
+        F.when(F.col("_json").isNull() | F.col(f"_json.{_CORRUPT}").isNotNull(), F.lit(undecodable)),
     ]
     for field in event.fields:
         text = F.col(f"_json.{field.name}")
@@ -79,6 +78,27 @@ def _reason(event: EventType, cfg: PlatformConfig) -> Column:
     return F.coalesce(*checks)
 
 
+def _json_fields(event: EventType) -> Column:
+    """The record's fields as text, plus the corrupt-record column when it is no JSON object.
+
+    Every field is read as text first, so a wrong type is reported per field instead of turning
+    the whole record into a parse failure."""
+    text_schema = StructType([StructField(f.name, StringType()) for f in event.fields] + [StructField(_CORRUPT, StringType())])
+    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": _CORRUPT}
+    return F.from_json(F.col("raw_value").cast("string"), text_schema, options)
+
+
+def _avro_fields(event: EventType, cfg: PlatformConfig) -> Column:
+    """The same text struct as :func:`_json_fields`, decoded with the event's Avro schema; null
+    for a payload that does not decode. ``from_avro`` in PERMISSIVE mode turns one into a row
+    of nulls, which a decoded event never is (the schemas' fields are not nullable)."""
+    schema = avro.schema_path(cfg.kafka.avro_schemas, event.name).read_text()
+    decoded = from_avro(F.col("raw_value"), schema, {"mode": "PERMISSIVE"})
+    fields = [decoded[f.name].cast("string").alias(f.name) for f in event.fields]
+    decodes = F.greatest(*[decoded[f.name].isNotNull() for f in event.fields])
+    return F.when(decoded.isNotNull() & decodes, F.struct(*fields, F.lit(None).cast("string").alias(_CORRUPT)))
+
+
 def parse_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
     """Split a frame of Kafka records into one valid-event frame per event type plus quarantine.
 
@@ -98,15 +118,14 @@ def parse_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
     bad: list[DataFrame] = []
     for topic_name, event_name in topics.items():
         event = EVENT_TYPES[event_name]
-        # Every field is read as text first, so a wrong type is reported per field instead of
-        # turning the whole record into a parse failure.
-        text_schema = StructType([StructField(f.name, StringType()) for f in event.fields] + [StructField(_CORRUPT, StringType())])
-        parsed = records.where(F.col("kafka_topic") == topic_name).withColumn(
-            "_json",
-            F.from_json(F.col("raw_value").cast("string"), text_schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": _CORRUPT}),
-        )
+        topic = cfg.kafka.topics.event_topics()[event_name]
+        subset = records.where(F.col("kafka_topic") == topic_name)
+        if topic.format == "avro":
+            parsed, undecodable = subset.withColumn("_json", _avro_fields(event, cfg)), f"malformed Avro: does not decode with {event_name}.avsc"
+        else:
+            parsed, undecodable = subset.withColumn("_json", _json_fields(event)), "malformed JSON: not a JSON object"
         typed = parsed.select("*", *[_typed(f, F.col(f"_json.{f.name}")).alias(f.name) for f in event.fields])
-        checked = typed.withColumn("reason", _reason(event, cfg))
+        checked = typed.withColumn("reason", _reason(event, cfg, undecodable))
         out[event_name] = checked.where(F.col("reason").isNull()).select(
             *event.field_names, *[c.name for c in KAFKA_COLUMNS.fields]
         )
@@ -128,12 +147,27 @@ def table_paths(cfg: PlatformConfig) -> dict[str, str]:
     return paths
 
 
+# Bronze tables record their change feed: the speed layer's silver path reads them as streams
+# with the Delta version each row was committed in (``_commit_version``).
+CHANGE_FEED = "delta.enableChangeDataFeed"
+
+
 def ensure_tables(spark: SparkSession, cfg: PlatformConfig) -> None:
-    """Create the bronze and quarantine tables (empty) if they do not exist yet."""
+    """Create the bronze and quarantine tables (empty) if they do not exist yet, bronze with its
+    change feed on (turned on once for a bronze table created before it was)."""
     schemas = {name: event.bronze_schema() for name, event in EVENT_TYPES.items()}
     schemas[QUARANTINE] = QUARANTINE_SCHEMA
     for name, path in table_paths(cfg).items():
-        DeltaTable.createIfNotExists(spark).location(path).addColumns(schemas[name]).execute()
+        builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schemas[name])
+        if name in EVENT_TYPES:
+            builder = builder.property(CHANGE_FEED, "true")
+        builder.execute()
+        if name in EVENT_TYPES:
+            properties = DeltaTable.forPath(spark, path).detail().first()["properties"]  # type: ignore[index]
+            if properties.get(CHANGE_FEED) != "true":
+                # Before the ingest query starts: nothing else writes bronze, so no commit conflicts.
+                spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{CHANGE_FEED}' = 'true')")
+                log.info("turned the change feed on for %s", path)
 
 
 @dataclass(frozen=True)
@@ -184,8 +218,16 @@ def kafka_source(spark: SparkSession, cfg: PlatformConfig) -> DataFrame:
     )
 
 
-def start_ingest(spark: SparkSession, cfg: PlatformConfig, available_now: bool = False) -> StreamingQuery:
-    """Start the checkpointed ingest query; ``available_now`` drains what is in Kafka and stops."""
+def start_ingest(
+    spark: SparkSession,
+    cfg: PlatformConfig,
+    available_now: bool = False,
+    trigger: Callable[[DataStreamWriter], DataStreamWriter] | None = None,
+) -> StreamingQuery:
+    """Start the checkpointed ingest query; ``available_now`` drains what is in Kafka and stops.
+
+    ``trigger`` (set by the speed application) overrides both: it sets the writer's trigger.
+    """
     ensure_tables(spark, cfg)
     writer = (
         kafka_source(spark, cfg)
@@ -193,7 +235,9 @@ def start_ingest(spark: SparkSession, cfg: PlatformConfig, available_now: bool =
         .option("checkpointLocation", f"{cfg.lake.checkpoints.rstrip('/')}/ingest")
         .foreachBatch(lambda batch, batch_id: ingest_batch(batch, batch_id, cfg))
     )
-    if available_now:
+    if trigger is not None:
+        writer = trigger(writer)
+    elif available_now:
         writer = writer.trigger(availableNow=True)
     else:
         writer = writer.trigger(processingTime=f"{cfg.speed.trigger_seconds:g} seconds")
@@ -203,27 +247,11 @@ def start_ingest(spark: SparkSession, cfg: PlatformConfig, available_now: bool =
 
 
 def run(cfg: PlatformConfig, available_now: bool = False) -> None:
-    """Run the ingest query until it drains (``available_now``) or until SIGTERM / Ctrl-C."""
-    spark = get_spark(cfg, "ingest")
-    query = start_ingest(spark, cfg, available_now)
-    stop = threading.Event()
+    """Run the ingest query alone until it drains (``available_now``) or until SIGTERM / Ctrl-C
+    (the current micro-batch is let finish)."""
+    from speed_layer import app
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: stopping the ingest query", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while query.isActive and not stop.is_set():
-            query.awaitTermination(1)
-        if query.exception() is not None:
-            raise RuntimeError(f"ingest query failed: {query.exception()}")
-    finally:
-        if query.isActive:
-            query.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    log.info("ingest query stopped")
+    app.run(cfg, ["ingest"], available_now=available_now)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -123,3 +123,71 @@ def test_stream_from_real_broker_lands_every_event_once(running_stack: PlatformC
     assert reasons == expected
     raw = {bytes(r.raw_value or b"") for r in quarantine.select("raw_value").collect()}
     assert b"[1, 2, 3]" in raw
+
+
+def _avro_config(cfg: PlatformConfig, *event_types: str) -> PlatformConfig:
+    topics = cfg.kafka.topics
+    avro_topics = {name: getattr(topics, name).model_copy(update={"format": "avro"}) for name in event_types}
+    return cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"topics": topics.model_copy(update=avro_topics)})})
+
+
+# What each malformed kind becomes on an Avro topic: anything the producer cannot encode with
+# the schema is sent as it is and does not decode.
+EXPECTED_AVRO_REASONS = {
+    **{kind: "malformed Avro: does not decode with impressions.avsc" for kind in ("not_json", "not_object", "missing_field", "wrong_type", "bad_time")},
+    "absurd_time": EXPECTED_REASONS["absurd_time"],
+    "empty": EXPECTED_REASONS["empty"],
+}
+
+
+@pytest.mark.integration
+def test_avro_records_parse_to_the_same_events_as_json(spark: SparkSession, cfg: PlatformConfig) -> None:
+    from lambda_ml import avro
+
+    avro_cfg = _avro_config(cfg, "impressions", "clicks")
+    records, truth = generator.generate(cfg.generator.model_copy(update={"impressions": 400, "malformed_fraction": 0.05}), timedelta(minutes=30), NOW)
+    topics = {name: t.name for name, t in cfg.kafka.topics.event_topics().items()}
+    schemas = {name: avro.load_schema(avro.schema_path(cfg.kafka.avro_schemas, name)) for name in topics}
+    as_json = ingest.parse_events(_static_kafka_frame(spark, [(topics[r.event_type], r.value) for r in records]), cfg)
+    encoded = [(topics[r.event_type], generator.wire_value(r, schemas[r.event_type])) for r in records]
+    assert sum(value != r.value for (_, value), r in zip(encoded, records)) == truth.valid_records + truth.malformed["absurd_time"]
+    as_avro = ingest.parse_events(_static_kafka_frame(spark, encoded), avro_cfg)
+
+    for name in ("impressions", "clicks"):
+        fields = [c for c in as_json[name].columns if c != "ingested_at"]
+        expected = sorted(tuple(r) for r in as_json[name].select(fields).collect())
+        assert len(expected) == {"impressions": truth.impressions, "clicks": truth.clicks_sent}[name]
+        assert sorted(tuple(r) for r in as_avro[name].select(fields).collect()) == expected
+    reasons = Counter(r.reason for r in as_avro["quarantine"].collect())
+    expected_reasons: Counter[str] = Counter()
+    for kind, n in truth.malformed.items():
+        expected_reasons[EXPECTED_AVRO_REASONS[kind]] += n
+    assert reasons == expected_reasons
+
+
+@pytest.mark.integration
+def test_avro_and_json_topics_with_lz4_zstd_and_gzip_land_exactly_once(running_stack: PlatformConfig, spark: SparkSession, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lambda_ml import stack
+    from support import isolated
+
+    base = _avro_config(isolated(running_stack, "ctr-ingest-avro", lake_root=tmp_path / "lake", topic_prefix="avro"), "impressions")
+    stack.create_topics(base)
+    records, truth = generator.generate(base.generator.model_copy(update={"impressions": 1500, "seed": 3}), timedelta(minutes=30), NOW)
+    parts = [records[: len(records) // 3], records[len(records) // 3 : 2 * len(records) // 3], records[2 * len(records) // 3 :]]
+    for codec, part in zip(("lz4", "zstd", "gzip"), parts):
+        generator.produce(base.model_copy(update={"generator": base.generator.model_copy(update={"compression": codec})}), part, progress=False)
+
+    query = ingest.start_ingest(spark, base, available_now=True)
+    try:
+        query.awaitTermination(300)
+        assert query.exception() is None
+    finally:
+        query.stop()
+    paths = ingest.table_paths(base)
+    assert spark.read.format("delta").load(paths["impressions"]).count() == truth.impressions
+    assert spark.read.format("delta").load(paths["clicks"]).count() == truth.clicks_sent
+    quarantine = spark.read.format("delta").load(paths["quarantine"])
+    expected: Counter[str] = Counter()
+    for kind, n in truth.malformed.items():
+        expected[EXPECTED_AVRO_REASONS[kind]] += n
+    assert Counter(r.reason for r in quarantine.collect()) == expected

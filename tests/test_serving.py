@@ -22,15 +22,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import numpy as np
 import pyarrow as pa  # before deltalake, see serving_layer.views
 import pytest
+import schemathesis
 from deltalake import write_deltalake
 from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 
 from lambda_ml import contract
-from lambda_ml.buckets import EntityBuckets, to_micros
+from lambda_ml.buckets import EntityBuckets, to_micros, window_features
 from lambda_ml.config import DEFAULT_CONFIG, PROJECT_ROOT, PlatformConfig, load_config, parse_duration
 from lambda_ml.contract import Horizon, ModelInputs
 from serving_layer.app import create_app, format_validation_errors, max_body_bytes
@@ -38,15 +40,23 @@ from serving_layer.features import build_model_inputs, lookup_features
 from serving_layer.model_store import (
     CtrServingModel,
     ModelLoadError,
+    ModelStore,
+    ServedModels,
+    VersionInfo,
+    quality_score,
     check_registry_reachable,
     check_session,
     find_onnx_file,
     open_onnx_session,
 )
+from serving_layer.policies import PolicyRunner
 from serving_layer.reloadable import NotReadyError, Reloadable
+from serving_layer.updates import ModelUpdateListener
 from serving_layer.views import (
     BatchViews,
     BucketView,
+    Increments,
+    ViewStore,
     ViewLoadError,
     bucket_view_from_arrow,
     load_batch_views,
@@ -58,8 +68,11 @@ SERVING_MODULES = [
     "serving_layer.app",
     "serving_layer.api_models",
     "serving_layer.features",
+    "serving_layer.metrics",
     "serving_layer.model_store",
+    "serving_layer.policies",
     "serving_layer.reloadable",
+    "serving_layer.updates",
     "serving_layer.views",
 ]
 
@@ -81,7 +94,7 @@ TOY_BIAS = -1.0
 TOY_INPUTS = ModelInputs(tuple(TOY_WEIGHTS), ("device",))
 
 
-def toy_onnx_bytes(input_names: tuple[str, ...] = TOY_INPUTS.numeric) -> bytes:
+def toy_onnx_bytes(input_names: tuple[str, ...] = TOY_INPUTS.numeric, bias: float = TOY_BIAS) -> bytes:
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, 1]) for n in input_names]
     inputs.append(helper.make_tensor_value_info("device", TensorProto.STRING, [None, 1]))
     weights = np.array([[TOY_WEIGHTS.get(n, 0.0)] for n in input_names], dtype=np.float32)
@@ -101,7 +114,7 @@ def toy_onnx_bytes(input_names: tuple[str, ...] = TOY_INPUTS.numeric) -> bytes:
     ]  # fmt: skip
     initializers = [
         numpy_helper.from_array(weights, "w"),
-        numpy_helper.from_array(np.array([[TOY_BIAS]], np.float32), "b"),
+        numpy_helper.from_array(np.array([[bias]], np.float32), "b"),
         numpy_helper.from_array(np.array([[1.0]], np.float32), "one"),
     ]
     output = helper.make_tensor_value_info(contract.ONNX_PROBABILITY_OUTPUT, TensorProto.FLOAT, [None, 2])
@@ -124,8 +137,8 @@ def int_input_onnx_bytes() -> bytes:
     return bytes(model.SerializeToString())
 
 
-def toy_probability(features: dict[str, Any]) -> float:
-    z = TOY_BIAS + sum(w * features[name] for name, w in TOY_WEIGHTS.items())
+def toy_probability(features: dict[str, Any], bias: float = TOY_BIAS) -> float:
+    z = bias + sum(w * features[name] for name, w in TOY_WEIGHTS.items())
     z += TOY_DEVICE_WEIGHTS.get(features["device"], TOY_UNKNOWN_DEVICE)
     return 1 / (1 + math.exp(-z))
 
@@ -185,6 +198,11 @@ def toy_model() -> CtrServingModel:
     return CtrServingModel("ctr", 3, "champion", "run-1", HORIZON, open_onnx_session(toy_onnx_bytes()), TOY_INPUTS)
 
 
+def served(*models: CtrServingModel) -> ServedModels:
+    """Loaded versions by alias, the first one's alias primary."""
+    return ServedModels(models[0].alias, {m.alias: m for m in models})
+
+
 def toy_views() -> BatchViews:
     return BatchViews(
         {
@@ -201,7 +219,7 @@ def unit_cfg(**overrides: Any) -> PlatformConfig:
 @pytest.fixture()
 def client() -> Iterator[TestClient]:
     app = create_app(
-        unit_cfg(), models=Reloadable("models:/ctr@champion", toy_model), views=Reloadable("views", toy_views), clock=lambda: NOW
+        unit_cfg(), models=Reloadable("models:/ctr@champion", lambda: served(toy_model())), views=Reloadable("views", toy_views), clock=lambda: NOW
     )
     with TestClient(app) as test_client:
         yield test_client
@@ -355,6 +373,36 @@ def test_views_are_read_from_delta_tables(tmp_path: Path) -> None:
     assert {k: found[k] for k in U1_I1_MOBILE} == U1_I1_MOBILE
 
 
+def test_the_view_store_reloads_new_delta_versions_and_keeps_the_last_good_views(tmp_path: Path) -> None:
+    """Views re-read only when a table has a new version; increments appended later are merged
+    on the next refresh; a lake that cannot be read leaves the last views served."""
+    cfg = unit_cfg(**{"lake.root": str(tmp_path / "lake")})
+    _write_views(cfg, {entity: (5, 4) for entity in TOY_BUCKETS})
+    store = ViewStore.from_config(cfg)
+    first = store.reload()
+    assert store.reload() is first  # nothing changed: not re-read
+    increments = pa.table({
+        "user_id": ["u2", "u2"], "bucket_start": pa.array([hours_before(3), hours_before(3)], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        "impressions": pa.array([6, 1], pa.int64()), "clicks": pa.array([2, 0], pa.int64()), "top_position": [2.0, 5.0],
+        "impressions_version": pa.array([5, 3], pa.int64()), "clicks_version": pa.array([5, None], pa.int64()),
+        "speed_batch_id": pa.array([1, 0], pa.int64()),
+    })  # fmt: skip
+    write_deltalake(cfg.lake.table(*contract.increments_table("user")), increments)
+    merged = store.reload()
+    assert merged is not first and store.current is merged
+    # u2's bucket 3 h back: 40 impressions, 1 click, top 3 in the batch; + 6, 2, top 2 after v;
+    # the second row (impressions v3, no click) is already in the batch view at (5, 4).
+    assert merged.lookup("user", ("u2",)) == EntityBuckets((hours_before(3),), {"impressions": (46,), "clicks": (3,), "top_position": (2.0,)})
+    assert (merged.views["user"].increments.used, merged.views["user"].increments.already_in_batch) == (1, 1)
+    assert merged.views["item"].increments.used == 0 and merged.lookup("item", ("i1",)) == first.lookup("item", ("i1",))
+    # The lake unreadable: the last views stay, the reason is kept.
+    lake = Path(cfg.lake.root)
+    lake.rename(lake.with_name("lake-gone"))
+    with pytest.raises(ViewLoadError):
+        store.reload()
+    assert store.current is merged and "no Delta table" in (store.last_error or "")
+
+
 def test_views_from_two_batch_runs_are_refused(tmp_path: Path) -> None:
     cfg = unit_cfg(**{"lake.root": str(tmp_path / "lake")})
     _write_views(cfg, {"user": (4, 2), "item": (5, 2), "user_device": (4, 2)})
@@ -487,7 +535,9 @@ def test_one_row_is_scored_with_its_window_features(client: TestClient) -> None:
         "alias": "champion",
         "run_id": "run-1",
         "horizon": {"impressions": 5, "clicks": 4},
+        "quality": None,
     }
+    assert body["models"] == [body["model"]] and body["policy"] == "champion"
     assert body["views"] == {"horizon": {"impressions": 5, "clicks": 4}, "users": 2, "items": 2}
     (prediction,) = body["predictions"]
     # The model's own inputs, in its order, computed at the service's clock (NOW).
@@ -592,10 +642,10 @@ def test_without_a_champion_predict_is_503_and_health_still_answers() -> None:
     now = [0.0]
     champion: list[CtrServingModel] = []
 
-    def load_model() -> CtrServingModel:
+    def load_model() -> ServedModels:
         if not champion:
             raise ModelLoadError("no version of registered model 'ctr' has alias 'champion' yet")
-        return champion[0]
+        return served(champion[0])
 
     models = Reloadable("models:/ctr@champion", load_model, retry_interval_s=5, clock=lambda: now[0])
     app = create_app(unit_cfg(), models=models, views=Reloadable("views", toy_views), clock=lambda: NOW)
@@ -639,6 +689,306 @@ def test_the_openapi_document_describes_requests_responses_and_errors(client: Te
         assert schemas[name].get("examples"), name
     health = document["paths"]["/health"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert health["$ref"].endswith("/HealthResponse")
+    assert set(document["paths"]) >= {"/predict", "/models", "/health", "/ready", "/metrics"}
+    parameters = {p["name"]: p for p in predict["parameters"]}
+    assert set(parameters) == {"policy", "deadline_ms"} and all(p["in"] == "query" for p in parameters.values())
+    for path, operation in ((p, o) for p, item in document["paths"].items() for o in item.values()):
+        assert operation.get("summary") and operation.get("description"), path
+        assert "200" in operation["responses"], path
+
+
+# --------------------------------------------------------------------------- model store, policies
+
+
+class MemoryRegistry:
+    """A registry held in memory for the unit tests of the store (the integration tests use
+    the real MLflow server): version -> (graph bias, tags), alias -> version."""
+
+    name = "ctr"
+
+    def __init__(self) -> None:
+        self.versions: dict[int, tuple[float, dict[str, str]]] = {}
+        self.aliases: dict[str, int] = {}
+        self.loads: list[int] = []
+        self.down = False
+
+    def resolve(self, alias: str) -> VersionInfo | None:
+        if self.down:
+            raise ModelLoadError("the MLflow tracking server does not answer")
+        version = self.aliases.get(alias)
+        return None if version is None else VersionInfo(version, f"run-{version}", self.versions[version][1])
+
+    def load(self, info: VersionInfo, alias: str) -> CtrServingModel:
+        self.loads.append(info.version)
+        bias, tags = self.versions[info.version]
+        session = open_onnx_session(toy_onnx_bytes(bias=bias))
+        return CtrServingModel("ctr", info.version, alias, info.run_id, HORIZON, session, TOY_INPUTS, 0.6, quality_score(tags, 0.6))
+
+
+def test_the_store_follows_alias_moves_and_reuses_loaded_versions() -> None:
+    registry = MemoryRegistry()
+    registry.versions = {1: (-1.0, {}), 2: (0.5, {contract.TAG_QUALITY_SCORE: "0.7"})}
+    registry.aliases = {"champion": 1}
+    store = ModelStore("models:/ctr@champion", registry, ["champion", "challenger"])
+    first = store.reload()
+    assert first.versions() == {"champion": 1} and store.swaps == 0
+    assert store.reload() is first  # nothing moved: the very same object stays
+    registry.aliases = {"champion": 2, "challenger": 1}
+    moved = store.reload()
+    assert moved.versions() == {"champion": 2, "challenger": 1} and store.current is moved
+    assert moved.champion.quality == 0.7 and moved.by_alias["challenger"].quality == 0.6
+    assert [m.version for m in moved.distinct()] == [2, 1]
+    registry.aliases = {"champion": 1}  # rollback: version 1 is still loaded
+    assert store.reload().versions() == {"champion": 1}
+    assert registry.loads == [1, 2] and store.swaps == 2
+    # The registry unreachable: the loaded versions stay, the problem is reported.
+    registry.down = True
+    kept = store.reload()
+    assert kept.versions() == {"champion": 1} and "does not answer" in kept.problems[0]
+    registry.down = False
+    assert store.reload().problems == ()
+    # The champion alias removed by mistake: the last champion keeps serving, the error says why.
+    registry.aliases = {}
+    with pytest.raises(ModelLoadError, match="has alias 'champion'"):
+        store.reload()
+    assert store.current is not None and store.current.versions() == {"champion": 1}
+
+
+def test_a_store_without_a_champion_is_not_ready() -> None:
+    registry = MemoryRegistry()
+    registry.versions = {1: (-1.0, {})}
+    registry.aliases = {"challenger": 1}
+    store = ModelStore("models:/ctr@champion", registry, ["champion", "challenger"])
+    with pytest.raises(ModelLoadError, match="has alias 'champion'"):
+        store.reload()
+    assert store.current is None
+
+
+def _models(*specs: tuple[int, str, float | None]) -> ServedModels:
+    session = open_onnx_session(toy_onnx_bytes())
+    return served(*(CtrServingModel("ctr", v, a, None, HORIZON, session, TOY_INPUTS, quality=q) for v, a, q in specs))
+
+
+def test_each_policy_picks_and_names_its_versions() -> None:
+    models = _models((3, "champion", 0.61), (5, "challenger", 0.64), (4, "old", None))
+    answers = {3: np.array([0.2, 0.9]), 5: np.array([0.6, 0.3]), 4: np.array([0.7, 0.4])}
+    runner = PolicyRunner("mean", deadline_s=5, prior=0.05)
+    try:
+
+        def pick(policy: str, **kw: Any) -> tuple[list[int], list[float]]:
+            answer = runner.answer(policy, models, lambda m: answers[m.version], 2, **kw)
+            return [m.version for m in answer.models], answer.probabilities.tolist()
+
+        assert pick("champion") == ([3], [0.2, 0.9])
+        assert pick("latest") == ([5], [0.6, 0.3])
+        assert pick("quality") == ([5], [0.6, 0.3])
+        versions, mean = pick("consensus")
+        assert versions == [3, 5, 4] and mean == pytest.approx([0.5, 1.6 / 3])
+        runner.consensus = "vote"
+        assert pick("consensus")[1] == pytest.approx([2 / 3, 1 / 3])
+        assert pick("deadline") == ([5], [0.6, 0.3])
+        with pytest.raises(ValueError, match="unknown policy 'best'"):
+            pick("best")
+    finally:
+        runner.close()
+
+
+def test_the_deadline_policy_answers_within_its_budget() -> None:
+    models = _models((3, "champion", 0.61), (5, "challenger", 0.64))
+    delays = {3: 0.0, 5: 1.5}  # the better version is slow
+
+    def score(model: CtrServingModel) -> np.ndarray:
+        time.sleep(delays[model.version])
+        return np.array([model.version / 10])
+
+    # Budgets generous enough for a loaded 2-core machine, far below the slow version's time.
+    runner = PolicyRunner("mean", deadline_s=0.3, prior=0.05)
+    try:
+        started = time.monotonic()
+        answer = runner.answer("deadline", models, score, 1)
+        assert time.monotonic() - started < 1.2
+        assert [m.version for m in answer.models] == [3] and answer.probabilities.tolist() == [0.3]
+        # Given the time, the better version answers.
+        answer = runner.answer("deadline", models, score, 1, deadline_s=5.0)
+        assert [m.version for m in answer.models] == [5] and answer.probabilities.tolist() == [0.5]
+        # Nobody in time: the prior, and no version named.
+        delays[3] = 1.5
+        started = time.monotonic()
+        answer = runner.answer("deadline", models, score, 3, deadline_s=0.05)
+        assert time.monotonic() - started < 1.2
+        assert answer.models == () and answer.probabilities.tolist() == [0.05] * 3 and "prior" in answer.how
+    finally:
+        runner.close()
+
+
+def test_policies_are_chosen_per_request_and_named_in_the_answer() -> None:
+    registry = MemoryRegistry()
+    registry.versions = {1: (-1.0, {}), 2: (0.5, {contract.TAG_QUALITY_SCORE: "0.9"})}
+    registry.aliases = {"champion": 1, "challenger": 2}
+    store = ModelStore("models:/ctr@champion", registry, ["champion", "challenger"])
+    app = create_app(unit_cfg(), models=store, views=Reloadable("views", toy_views), clock=lambda: NOW, poll=False)
+    with TestClient(app) as client:
+        expected = {v: toy_probability(U1_I1_MOBILE | {"position": 2, "device": "mobile"}, bias=b) for v, (b, _) in registry.versions.items()}
+        body = client.post("/predict", json=row()).json()
+        assert body["policy"] == "champion" and [m["version"] for m in body["models"]] == [1]
+        assert body["predictions"][0]["probability"] == pytest.approx(expected[1], rel=1e-6)
+        for policy, versions, probability in (
+            ("latest", [2], expected[2]),
+            ("quality", [2], expected[2]),
+            ("consensus", [1, 2], (expected[1] + expected[2]) / 2),
+            ("deadline", [2], expected[2]),
+        ):
+            body = client.post(f"/predict?policy={policy}&deadline_ms=5000", json=row()).json()
+            assert body["policy"] == policy and [m["version"] for m in body["models"]] == versions, body
+            assert body["model"]["version"] == versions[0]
+            assert body["predictions"][0]["probability"] == pytest.approx(probability, rel=1e-6)
+        response = client.post("/predict?policy=best", json=row())
+        assert response.status_code == 422 and response.json()["detail"][0]["field"].endswith("policy")
+        response = client.post("/predict?policy=deadline&deadline_ms=0", json=row())
+        assert response.status_code == 422 and response.json()["detail"][0]["field"].endswith("deadline_ms")
+
+        models = client.get("/models").json()
+        assert models["aliases"] == {"champion": 1, "challenger": 2} and models["primary_alias"] == "champion"
+        assert [(v["version"], v["alias"], v["quality"]) for v in models["versions"]] == [(1, "champion", 0.6), (2, "challenger", 0.9)]
+
+
+def test_ready_and_metrics_report_what_is_loaded() -> None:
+    registry = MemoryRegistry()
+    registry.versions = {4: (-1.0, {})}
+    store = ModelStore("models:/ctr@champion", registry, ["champion"])
+    app = create_app(unit_cfg(), models=store, views=Reloadable("views", toy_views), clock=lambda: NOW, poll=False)
+    with TestClient(app) as client:
+        response = client.get("/ready")
+        assert response.status_code == 503 and response.json()["ready"] is False
+        assert "has alias 'champion'" in response.json()["problems"][0]
+        assert client.get("/models").status_code == 503
+        registry.aliases = {"champion": 4}
+        store.reload()
+        assert client.get("/ready").json() == {"ready": True, "problems": []}
+        for _ in range(3):
+            assert client.post("/predict", json=row()).status_code == 200
+        assert client.post("/predict", json=row(position=0)).status_code == 422
+        client.get("/features/user/u1")
+        text = client.get("/metrics")
+        assert text.headers["content-type"].startswith("text/plain")
+        lines = set(text.text.splitlines())
+        assert 'lambda_ml_http_requests_total{method="POST",route="/predict",status="200"} 3' in lines
+        assert 'lambda_ml_http_requests_total{method="POST",route="/predict",status="422"} 1' in lines
+        assert 'lambda_ml_http_request_duration_seconds_count{route="/predict"} 4' in lines
+        assert 'lambda_ml_predictions_total{policy="champion",versions="4"} 3' in lines
+        assert 'lambda_ml_model_version{alias="champion"} 4' in lines
+        assert 'lambda_ml_http_errors_total{route="/predict"} 0' in lines and "lambda_ml_ready 1" in lines
+
+
+def test_an_api_key_guards_the_api_and_is_named_when_missing() -> None:
+    cfg = unit_cfg(**{"serving.api_key": "s3cret"})
+    app = create_app(cfg, models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("views", toy_views), clock=lambda: NOW)
+    with TestClient(app) as client:
+        for response in (client.post("/predict", json=row()), client.get("/models")):
+            assert response.status_code == 401
+            assert response.json()["detail"] == [
+                {"field": "header.X-API-Key", "message": "missing X-API-Key header: this service requires an API key"}
+            ]
+        wrong = client.post("/predict", json=row(), headers={"X-API-Key": "guess"})
+        assert wrong.status_code == 401 and "wrong API key" in wrong.json()["detail"][0]["message"]
+        assert client.post("/predict", json=row(), headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert client.get("/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+        # Probes and scrapers need no key.
+        assert client.get("/health").status_code == client.get("/ready").status_code == client.get("/metrics").status_code == 200
+        document = client.get("/openapi.json").json()
+        assert document["components"]["securitySchemes"]["APIKeyHeader"] == {
+            "type": "apiKey", "in": "header", "name": "X-API-Key", "description": "The key set in serving.api_key."
+        }  # fmt: skip
+        assert document["paths"]["/predict"]["post"]["security"] == [{"APIKeyHeader": []}]
+        assert "401" in document["paths"]["/predict"]["post"]["responses"]
+
+
+def test_features_show_the_merge_and_both_parts() -> None:
+    """u1's batch buckets ⊕ increments: one adds to the current bucket, one is a new bucket;
+    the expectation sums the hand-written rows per hour (not with the merge code)."""
+    speed_rows = [(0, 5, 2, 1.0), (2, 4, 0, None)]
+    combined: dict[int, list[Any]] = {h: [h, i, c, p] for h, i, c, p in TOY_BUCKETS["user"][("u1",)]}
+    for h, i, c, p in speed_rows:
+        old = combined.get(h, [h, 0, 0, None])
+        tops = [t for t in (old[3], p) if t is not None]
+        combined[h] = [h, old[1] + i, old[2] + c, min(tops) if tops else None]
+    aggregations = {name: a.aggregation for name, a in unit_cfg().features.aggregates.items()}
+    increments = Increments({("u1",): entity_buckets(speed_rows)}, Horizon(7, 6), used=2)
+    views = toy_views()
+    views = BatchViews({**views.views, "user": views.views["user"].with_increments(increments, aggregations)})
+    app = create_app(unit_cfg(), models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("v", lambda: views), clock=lambda: NOW)
+    declared = unit_cfg().features
+    with TestClient(app) as client:
+        body = client.get("/features/user/u1").json()
+        assert body["key"] == {"user_id": "u1"} and body["horizon"] == {"impressions": 5, "clicks": 4}
+        assert body["increments"] == {"through": {"impressions": 7, "clicks": 6}, "rows_merged": 2, "rows_in_batch": 0}
+        merged_expected = window_features(declared, "user", entity_buckets([tuple(r) for r in combined.values()]), NOW)
+        assert body["merged"]["features"] == merged_expected
+        assert body["batch"]["features"] == window_features(declared, "user", entity_buckets(TOY_BUCKETS["user"][("u1",)]), NOW)
+        assert body["speed"]["features"]["user_impressions_24h"] == 9 and body["merged"]["features"]["user_impressions_24h"] == 12 + 9
+        # Buckets within the longest window (7 d): the one 7 d + 1 h back is left out.
+        assert len(body["batch"]["buckets"]) == 5 and body["speed"]["buckets"][0]["values"] == {"impressions": 4, "clicks": 0, "top_position": None}
+        # /predict scores on the merge too.
+        features = client.post("/predict", json=row()).json()["predictions"][0]["features"]
+        assert features["user_impressions_24h"] == 21 and features["user_clicks_24h"] == 5
+        assert client.get("/features/user/u1", params={"at": "1960-01-01T00:00:00Z"}).json()["detail"][0]["field"] == "query.at"
+        assert client.get("/features/user_device/u1").status_code == 422
+        assert client.get("/features/user/").status_code in (404, 422)
+
+
+def fuzz_never_5xx(schema: Any, max_examples: int) -> None:
+    """Every operation of ``schema`` called with generated valid and invalid requests
+    (schemathesis positive and negative modes); fails on any 5xx."""
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {f"{o.method.upper()} {o.path}" for o in operations} >= {"POST /predict", "GET /features/{entity}/{key}", "GET /models"}
+    calls: list[tuple[str, int]] = []
+    for operation in operations:
+        for mode in GenerationMode:
+
+            @hypothesis.settings(
+                max_examples=max_examples, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck)
+            )
+            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+            def check(case: Any) -> None:
+                response = case.call_and_validate(checks=[not_a_server_error])
+                calls.append((operation.path, response.status_code))
+
+            try:
+                check()
+            except hypothesis.errors.Unsatisfiable:
+                # An operation without parameters or body has no invalid request to generate.
+                assert mode is GenerationMode.NEGATIVE, operation.path
+    statuses = {status for _, status in calls}
+    assert len(calls) > 100 and max(statuses) < 500 and 200 in statuses and 422 in statuses, sorted(statuses)
+
+
+def test_the_api_fuzzed_in_process_never_answers_5xx() -> None:
+    """The same fuzzing as against the real service, in process on the toy model and views
+    (fast, so it can run more examples)."""
+    app = create_app(unit_cfg(), models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("v", toy_views), clock=lambda: NOW)
+    with TestClient(app):
+        fuzz_never_5xx(schemathesis.openapi.from_asgi("/openapi.json", app), max_examples=60)
+
+
+def _update(version: int, generation: tuple[int, int], alias: str = "champion", model: str = "ctr") -> bytes:
+    body = {"registered_model": model, "alias": alias, "version": version,
+            "generation": {"impressions": generation[0], "clicks": generation[1]}}  # fmt: skip
+    return json.dumps(body).encode()
+
+
+def test_model_updates_reload_once_per_fresh_generation() -> None:
+    reloads: list[int] = []
+    listener = ModelUpdateListener("unused:9092", "model-updates", "ctr", ["champion", "challenger"], lambda: reloads.append(1))
+    assert listener.handle(_update(3, (5, 4))) and listener.handle(_update(4, (6, 4)))
+    assert not listener.handle(_update(2, (5, 9)))  # impressions went back: stale
+    assert listener.handle(_update(2, (5, 4), alias="challenger"))  # generations are per alias
+    assert not listener.handle(_update(9, (9, 9), model="other")) and not listener.handle(_update(9, (9, 9), alias="canary"))
+    assert not listener.handle(b"{not json") and not listener.handle(_update(1, (1, 1))[:-2])
+    assert (len(reloads), listener.applied, listener.stale, listener.invalid) == (3, 3, 1, 2)
+    assert listener.generations == {"champion": Horizon(6, 4), "challenger": Horizon(5, 4)}
 
 
 def test_runner_help_and_bad_config() -> None:
@@ -814,6 +1164,9 @@ def trained(running_stack: PlatformConfig, spark: Any, tmp_path_factory: pytest.
     return Trained(cfg, bronze, train.run(spark, cfg))
 
 
+POLL_S = 0.5
+
+
 @dataclass(frozen=True)
 class Service:
     url: str
@@ -845,7 +1198,9 @@ def service(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Itera
     from lambda_ml.config import write_config
 
     home = tmp_path_factory.mktemp("service")
-    config_file = write_config(trained.cfg, home / "platform.yaml")
+    # Short polls so that the hot-swap and outage tests see alias moves within a second.
+    fast = trained.cfg.serving.model_copy(update={"poll_interval_s": POLL_S, "views_refresh_s": POLL_S})
+    config_file = write_config(trained.cfg.model_copy(update={"serving": fast}), home / "platform.yaml")
     log_file = home / "service.log"
     url = f"http://127.0.0.1:{trained.cfg.serving.port}"
     command = [sys.executable, "-m", "serving_layer", "--config", str(config_file), "--port", str(trained.cfg.serving.port)]
@@ -918,6 +1273,7 @@ def test_the_service_serves_the_champion_with_its_horizon(trained: Trained, serv
         "alias": "champion",
         "run_id": trained.result.run_id,
         "horizon": horizon,
+        "quality": pytest.approx(trained.result.auc),
     }
     users, items = len(trained.bronze.users), len(trained.bronze.items)
     assert health["views"] == {"horizon": horizon, "users": users, "items": items}
@@ -1063,3 +1419,383 @@ def test_without_a_registered_model_the_service_answers_503(trained: Trained) ->
         response = client.post("/predict", json=row())
         assert response.status_code == 503
         assert "never-registered" in response.json()["detail"]
+
+
+# --------------------------------------------------------------------------- hot swap, outage
+
+
+def register_toy_version(cfg: PlatformConfig, horizon: Horizon) -> int:
+    """The toy ONNX graph registered as a new version of the module's model, tagged as the
+    batch layer tags its ONNX versions; returns its version number."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    with mlflow.start_run():
+        info = mlflow.onnx.log_model(onnx.load_from_string(toy_onnx_bytes()), name="toy-onnx",
+                                     registered_model_name=cfg.mlflow.registered_model)  # fmt: skip
+    version = str(info.registered_model_version)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    tags = {contract.TAG_FLAVOR: "onnx", contract.TAG_MODEL_INPUTS: TOY_INPUTS.tag(), **horizon.tags()}
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.mlflow.registered_model, version, key, value)
+    return int(version)
+
+
+class LoadGenerator:
+    """``threads`` clients posting the same row back to back until stopped, each keeping every
+    (status, version, probability) it got, in order. Bounded: stops by itself after ``max_s``."""
+
+    def __init__(self, url: str, body: dict[str, Any], threads: int = 4, max_s: float = 120) -> None:
+        import threading
+
+        self.url, self.body, self.max_s = url, body, max_s
+        self.results: list[list[tuple[int, int | None, float | None]]] = [[] for _ in range(threads)]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
+
+    def _run(self, n: int) -> None:
+        deadline = time.monotonic() + self.max_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                status, body = _post_json(self.url, self.body)
+            except OSError:
+                status, body = -1, {}
+            if status == 200:
+                self.results[n].append((status, body["model"]["version"], body["predictions"][0]["probability"]))
+            else:
+                self.results[n].append((status, None, None))
+
+    def __enter__(self) -> LoadGenerator:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    @property
+    def count(self) -> int:
+        return sum(len(r) for r in self.results)
+
+
+def wait_for(check: Any, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"{what}: not within {timeout_s} s")
+
+
+def _alias_version(url: str, alias: str) -> int | None:
+    status, body = _get_json(f"{url}/models")
+    return body["aliases"].get(alias) if status == 200 else None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_alias_moves_are_hot_swapped_without_a_failed_request(trained: Trained, service: Service) -> None:
+    """Under concurrent load, the champion alias moves to a new version and back (a rollback):
+    the service follows both moves by itself, every request succeeds, and each answer is the
+    named version's own probability."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = trained.cfg
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    original = int(_champion(cfg).version)
+    wait_for(lambda: _alias_version(service.url, "champion") == original, 30, "the service serves the registry's champion")
+    toy = register_toy_version(cfg, Horizon(IMPRESSION_BATCHES - 1, CLICK_BATCHES - 1))
+    scored = _rows_covering_every_entity(trained.bronze)[0]
+    # Expected answers, computed apart from the service: the toy formula on the reference
+    # features, and the registered champion's own probability in onnxruntime.
+    reference = {**reference_features(trained.bronze, cfg.features, scored, SCORING_TIME), **scored}
+    toy_expected = toy_probability(reference)
+    _, before = _post_json(f"{service.url}/predict", scored)
+    original_expected = before["predictions"][0]["probability"]
+    assert before["model"]["version"] == original and abs(toy_expected - original_expected) > 1e-3
+    _, models_before = _get_json(f"{service.url}/models")
+    try:
+        with LoadGenerator(f"{service.url}/predict", scored) as load:
+            time.sleep(1)
+            client.set_registered_model_alias(cfg.mlflow.registered_model, "champion", str(toy))
+            wait_for(lambda: _alias_version(service.url, "champion") == toy, 30, "the new champion is served")
+            served_toy_at = load.count
+            wait_for(lambda: load.count > served_toy_at + 20, 30, "requests on the new champion")
+            client.set_registered_model_alias(cfg.mlflow.registered_model, "champion", str(original))  # rollback
+            wait_for(lambda: _alias_version(service.url, "champion") == original, 30, "the rollback is served")
+            rolled_back_at = load.count
+            wait_for(lambda: load.count > rolled_back_at + 20, 30, "requests after the rollback")
+    finally:
+        client.set_registered_model_alias(cfg.mlflow.registered_model, "champion", str(original))
+    answers = [a for thread in load.results for a in thread]
+    assert len(answers) > 60 and {status for status, _, _ in answers} == {200}
+    by_version: dict[int, set[float]] = {}
+    for _, version, probability in answers:
+        by_version.setdefault(version, set()).add(probability)  # type: ignore[arg-type]
+    assert set(by_version) == {original, toy}
+    (toy_answer,) = by_version[toy]  # one answer per version: never a mix of the two
+    assert toy_answer == pytest.approx(toy_expected, rel=1e-5)
+    assert by_version[original] == {original_expected}
+    # Per client: old version, then the new, then the old again; never back and forth.
+    for thread in load.results:
+        versions = [v for _, v, _ in thread]
+        changes = [b for a, b in zip(versions, versions[1:]) if a != b]
+        assert changes in ([toy, original], [toy], [original], []), changes
+    status, models = _get_json(f"{service.url}/models")
+    assert status == 200 and models["aliases"]["champion"] == original
+    assert models["swaps"] >= models_before["swaps"] + 2
+    loaded = {v["version"]: v for v in models["versions"]}
+    assert loaded[original]["horizon"] == {"impressions": IMPRESSION_BATCHES - 1, "clicks": CLICK_BATCHES - 1}
+    metrics = urllib.request.urlopen(f"{service.url}/metrics", timeout=10).read().decode()
+    assert f'lambda_ml_model_version{{alias="champion"}} {original}' in metrics
+    assert 'lambda_ml_http_errors_total{route="/predict"} 0' in metrics
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_api_fuzzed_from_its_openapi_document_never_answers_5xx(service: Service) -> None:
+    """Requests generated from the running service's own OpenAPI document, valid and invalid
+    (schemathesis positive and negative modes), against the real champion and views: never a
+    server error. Strategies are drawn per operation here: schemathesis' pytest loader
+    (``from_fixture``) sets ``Function._nodeid``, which pytest 9 no longer has."""
+    fuzz_never_5xx(schemathesis.openapi.from_url(f"{service.url}/openapi.json"), max_examples=40)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_model_update_on_kafka_swaps_at_once_and_a_stale_one_is_ignored(trained: Trained) -> None:
+    """With the registry polled only hourly, an update record on the real broker's compacted
+    topic makes the service load the moved alias within seconds; an update from an older
+    generation is ignored, a newer one applied."""
+    from kafka import KafkaProducer
+    from mlflow.tracking import MlflowClient
+
+    from lambda_ml import stack
+
+    cfg = isolated(trained.cfg, REGISTERED_MODEL, topic_prefix="upd")  # own topics; same model and lake
+    cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"poll_interval_s": 3600, "views_refresh_s": 3600})})
+    stack.create_topics(cfg)
+    topic = cfg.kafka.topics.model_updates.name
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    original = int(_champion(cfg).version)
+    toy = register_toy_version(cfg, Horizon(IMPRESSION_BATCHES - 1, CLICK_BATCHES - 1))
+    producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
+
+    def publish(version: int, generation: tuple[int, int]) -> None:
+        producer.send(topic, key=contract.model_update_key(REGISTERED_MODEL, "champion"),
+                      value=_update(version, generation, model=REGISTERED_MODEL)).get(timeout=30)  # fmt: skip
+
+    try:
+        with TestClient(create_app(cfg)) as http:
+            listener = http.app.state.model_updates  # type: ignore[attr-defined]
+            assert http.get("/models").json()["aliases"]["champion"] == original
+            client.set_registered_model_alias(REGISTERED_MODEL, "champion", str(toy))
+            time.sleep(2)
+            assert http.get("/models").json()["aliases"]["champion"] == original  # no poll for an hour
+            publish(toy, (10, 10))
+            wait_for(lambda: http.get("/models").json()["aliases"]["champion"] == toy, 30, "the update is applied")
+            # Older generation: ignored, even though the registry moved.
+            client.set_registered_model_alias(REGISTERED_MODEL, "champion", str(original))
+            publish(original, (9, 10))
+            wait_for(lambda: listener.stale == 1, 30, "the stale update is seen")
+            assert http.get("/models").json()["aliases"]["champion"] == toy
+            publish(original, (11, 10))
+            wait_for(lambda: http.get("/models").json()["aliases"]["champion"] == original, 30, "the newer update is applied")
+            metrics = http.get("/metrics").text
+            assert 'lambda_ml_model_updates_total{outcome="applied"} 2' in metrics
+            assert 'lambda_ml_model_updates_total{outcome="stale"} 1' in metrics
+    finally:
+        producer.close()
+        client.set_registered_model_alias(REGISTERED_MODEL, "champion", str(original))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_mlflow_down_keeps_serving_the_loaded_model_and_recovers(trained: Trained, service: Service) -> None:
+    """The MLflow server stopped (by its PID) under load: every request is still answered by the
+    loaded champion, /health names the outage, /ready stays true. Started again, the service
+    reads the registry again by itself: an alias moved afterwards is swapped in."""
+    from mlflow.tracking import MlflowClient
+
+    from lambda_ml.stack import MlflowServer
+
+    cfg = trained.cfg
+    server = MlflowServer(cfg)
+    pid = server.process.pid()
+    assert pid is not None
+    champion = int(_champion(cfg).version)
+    wait_for(lambda: _alias_version(service.url, "champion") == champion, 30, "the service serves the registry's champion")
+    scored = _rows_covering_every_entity(trained.bronze)[0]
+    _, before = _post_json(f"{service.url}/predict", scored)
+    try:
+        with LoadGenerator(f"{service.url}/predict", scored, threads=2) as load:
+            assert server.process.stop()  # SIGTERM to its process group, by PID
+            assert server.process.pid() is None and not server.is_ready()
+            outage = wait_for(
+                lambda: [p for p in _get_json(f"{service.url}/health")[1]["problems"] if "does not answer" in p],
+                30, "/health reports the registry outage",
+            )  # fmt: skip
+            during = load.count
+            wait_for(lambda: load.count > during + 20, 30, "requests during the outage")
+            ready_status, ready = _get_json(f"{service.url}/ready")
+            assert ready_status == 200 and ready["ready"] is True
+    finally:
+        server.start()  # same port, same sqlite store
+    assert str(cfg.mlflow.port) in outage[0]
+    answers = [a for thread in load.results for a in thread]
+    assert {status for status, _, _ in answers} == {200}
+    assert {(v, p) for _, v, p in answers} == {(champion, before["predictions"][0]["probability"])}
+    wait_for(lambda: _get_json(f"{service.url}/health")[1]["problems"] == [], 30, "/health clears after MLflow returns")
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    toy = register_toy_version(cfg, Horizon(IMPRESSION_BATCHES - 1, CLICK_BATCHES - 1))
+    try:
+        client.set_registered_model_alias(cfg.mlflow.registered_model, "champion", str(toy))
+        wait_for(lambda: _alias_version(service.url, "champion") == toy, 30, "an alias move after the outage is served")
+    finally:
+        client.set_registered_model_alias(cfg.mlflow.registered_model, "champion", str(champion))
+    wait_for(lambda: _alias_version(service.url, "champion") == champion, 30, "the champion is restored")
+
+
+# --------------------------------------------------------------------------- view merge, exact
+
+
+def _bucket_cells(rows: Any, keys: tuple[str, ...], aggregates: list[str]) -> dict[tuple[str, ...], dict[int, tuple[Any, ...]]]:
+    """Collected Spark rows -> key -> bucket start (epoch µs) -> aggregate values."""
+    cells: dict[tuple[str, ...], dict[int, tuple[Any, ...]]] = {}
+    for r in rows:
+        start = to_micros(r[contract.VIEW_BUCKET_COLUMN].astimezone(UTC))
+        cells.setdefault(tuple(r[k] for k in keys), {})[start] = tuple(r[a] for a in aggregates)
+    return cells
+
+
+def _entity_part(features: dict[str, float], declared: Any, entity: str) -> dict[str, float]:
+    names = {contract.window_feature_name(entity, s, w) for s in [*declared.aggregates, *declared.ratios] for w in declared.windows}
+    return {k: v for k, v in features.items() if k in names}
+
+
+def _served_cells(buckets: EntityBuckets, aggregates: list[str]) -> dict[int, tuple[Any, ...]]:
+    return {start: tuple(buckets.values[a][n] for a in aggregates) for n, start in enumerate(buckets.starts)}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: PlatformConfig, spark: Any, tmp_path: Path) -> None:
+    """views(v) ⊕ increments(after v) == views recomputed at v', exactly, for every entity, key
+    and bucket; increments written by the speed layer's own foreachBatch body
+    (``IncrementsWriter``) on the bronze change feed read as a static frame (resent events
+    across the horizon, late clicks of old impressions and clicks whose impression arrives later
+    included). A row the batch view already counts is left out. /features serves the merge,
+    equal to the definition on the raw events."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from batch_layer.snapshot import read_snapshot
+    from batch_layer.train import clean_events
+    from batch_layer.views import build_views, write_views
+    from lambda_ml.features import attribute_clicks, feature_events
+    from lambda_ml.schemas import CLICK, IMPRESSION
+    from speed_layer.increments import IncrementsWriter, increments_path, stream_feature_events
+    from speed_layer.ingest import ensure_tables
+
+    cfg = isolated(cfg, "merge-test", lake_root=tmp_path / "lake")
+    declared = cfg.features
+    aggregates = list(declared.aggregates)
+    bronze = seeded_bronze()
+
+    def append(event: Any, rows: list[tuple[Any, ...]]) -> None:
+        spark.createDataFrame(rows, event.bronze_schema()).write.format("delta").mode("append").save(
+            cfg.lake.table("bronze", event.name)
+        )
+
+    def events_of(snapshot: Any) -> Any:
+        impressions, clicks = clean_events(snapshot)
+        attributed = attribute_clicks(impressions, clicks, cfg.ctr.attribution_window_minutes)
+        return feature_events(impressions, attributed, declared)
+
+    def first_deliveries(event: Any) -> Any:
+        """Bronze as the speed layer's silver stream sees it, static: the change feed's inserts
+        stamped with their commit version, the first delivery of each event id kept."""
+        version = contract.INCREMENT_VERSION_COLUMNS[event.name]
+        changes = spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 0).load(
+            cfg.lake.table("bronze", event.name)
+        )
+        stamped = changes.where(F.col("_change_type") == "insert").select(*event.field_names, F.col("_commit_version").alias(version))
+        first = Window.partitionBy("event_id").orderBy(version, "event_time")
+        return stamped.withColumn("_delivery", F.row_number().over(first)).where(F.col("_delivery") == 1).drop("_delivery")
+
+    # Bronze (created with its change feed, version 0) up to v: two commits per table; after v:
+    # one more, with the rest of the events.
+    ensure_tables(spark, cfg)
+    cut_i, cut_c = int(len(bronze.impressions) * 0.6), int(len(bronze.clicks) * 0.6)
+    for event, rows, cut in ((IMPRESSION, bronze.impressions, cut_i), (CLICK, bronze.clicks, cut_c)):
+        append(event, rows[: cut // 2])
+        append(event, rows[cut // 2 : cut])
+    at_v = read_snapshot(spark, cfg)
+    assert at_v.horizon == Horizon(2, 2)
+    write_views(build_views(events_of(at_v), declared, at_v.horizon), cfg)
+    append(IMPRESSION, bronze.impressions[cut_i:])
+    append(CLICK, bronze.clicks[cut_c:])
+    at_w = read_snapshot(spark, cfg)
+    assert at_w.horizon == Horizon(3, 3)
+
+    # The speed layer's increments: its micro-batch body on every bronze event, which keeps
+    # only the rows after the published views' horizon v.
+    events = stream_feature_events(first_deliveries(IMPRESSION), first_deliveries(CLICK), cfg)
+    written = IncrementsWriter(cfg)(events, 0)
+    assert all(n > 0 for n in written.values()), written
+    recomputed = build_views(events_of(at_w), declared, at_w.horizon)
+    expected: dict[str, dict[tuple[str, ...], dict[int, tuple[Any, ...]]]] = {}
+    imp_version, clk_version = contract.INCREMENT_VERSION_COLUMNS["impressions"], contract.INCREMENT_VERSION_COLUMNS["clicks"]
+    for name, entity in declared.entities.items():
+        path = increments_path(cfg, name)
+        # A row the merge must leave out, with absurd counts: an impression of bronze v1 (in
+        # the batch view at v), as a speed layer that has not pruned yet still holds it.
+        old = spark.read.format("delta").load(path).limit(1).withColumn("impressions", F.lit(10**6).cast("long"))
+        old.withColumn(imp_version, F.lit(1).cast("long")).withColumn(clk_version, F.lit(None).cast("long")) \
+            .write.format("delta").mode("append").save(path)  # fmt: skip
+        expected[name] = _bucket_cells(recomputed[name].collect(), entity.keys, aggregates)
+
+    views = load_batch_views(cfg)
+    assert views.horizon == Horizon(2, 2)
+    overlapping = changed = 0
+    for name, entity in declared.entities.items():
+        view = views.views[name]
+        assert view.increments.through == Horizon(3, 3)
+        assert (view.increments.used, view.increments.already_in_batch) == (written[name], 1)
+        assert set(view.merged or {}) == set(expected[name]), name
+        for key, cells in expected[name].items():
+            assert _served_cells(view.lookup(key), aggregates) == cells, (name, key)
+            batch, speed = _served_cells(view.batch_part(key), aggregates), _served_cells(view.speed_part(key), aggregates)
+            overlapping += len(set(batch) & set(speed))
+            changed += batch != cells
+    # The increments are not trivial: they change many keys and add to buckets the batch has.
+    assert changed > 50 and overlapping > 50
+
+    # /features serves the merge: equal to the definition on every raw event, batch and speed
+    # parts beside it.
+    models: Reloadable[ServedModels] = Reloadable("models", lambda: served(toy_model()))
+    with TestClient(create_app(cfg, models=models, poll=False, clock=lambda: SCORING_TIME)) as client:
+        for user in bronze.users[:10]:
+            body = client.get(f"/features/user/{user}").json()
+            reference = reference_features(bronze, declared, {"user_id": user, "item_id": "-", "device": "-"}, SCORING_TIME)
+            assert body["merged"]["features"] == _entity_part(reference, declared, "user"), user
+            assert body["horizon"] == {"impressions": 2, "clicks": 2}
+            assert body["increments"] == {"through": {"impressions": 3, "clicks": 3}, "rows_merged": written["user"], "rows_in_batch": 1}
+            batch_n, speed_n = body["batch"]["features"]["user_impressions_7d"], body["speed"]["features"]["user_impressions_7d"]
+            assert batch_n + speed_n == body["merged"]["features"]["user_impressions_7d"]
+        user, device = bronze.users[0], "mobile"
+        body = client.get(f"/features/user_device/{user}/{device}").json()
+        assert body["key"] == {"user_id": user, "device": device}
+        reference = reference_features(bronze, declared, {"user_id": user, "item_id": "-", "device": device}, SCORING_TIME)
+        assert body["merged"]["features"] == _entity_part(reference, declared, "user_device")
+        assert client.get("/features/user_device/u1").status_code == 422
+        missing = client.get("/features/shop/s1")
+        assert missing.status_code == 404 and missing.json()["detail"][0]["field"] == "path.entity"
+        bad_time = client.get("/features/user/u1?at=yesterday")
+        assert bad_time.status_code == 422 and bad_time.json()["detail"][0]["field"] == "query.at"

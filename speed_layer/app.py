@@ -1,0 +1,181 @@
+"""The speed layer as one streaming application: several queries in one Spark session, each with
+its own checkpoint under ``lake.checkpoints/<query>``.
+
+- ``ingest``: Kafka -> bronze Delta, exactly once, bad records -> quarantine (:mod:`speed_layer.ingest`).
+- ``labels``: bronze impressions ⋈ clicks, a watermarked stream-stream join -> silver labels
+  (:mod:`speed_layer.labels`).
+- ``increments``: the declared features on the stream, per (entity, bucket, bronze version) ->
+  the increments tables the serving layer merges on top of the batch views
+  (:mod:`speed_layer.increments`).
+
+``speed.queries`` picks the queries, ``speed.trigger_seconds`` the micro-batch interval. On
+SIGTERM or Ctrl-C each query is let finish the micro-batch it is running, then stopped; a
+restart resumes every query from its checkpoint.
+
+Run it with ``lambda-ml speed run`` or ``spark-submit speed_layer/app.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from pyspark.sql import SparkSession
+from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
+
+from lambda_ml.config import PlatformConfig, load_config
+from lambda_ml.logs import setup_logging
+from lambda_ml.spark import get_spark
+from speed_layer.monitor import ProgressReporter
+
+log = logging.getLogger(__name__)
+
+# A query's builder: (spark, cfg, trigger) -> a started query. ``trigger`` sets the writer's trigger.
+Trigger = Callable[[DataStreamWriter], DataStreamWriter]
+QueryBuilder = Callable[[SparkSession, PlatformConfig, Trigger], StreamingQuery]
+
+
+def _ingest(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger) -> StreamingQuery:
+    from speed_layer import ingest
+
+    return ingest.start_ingest(spark, cfg, trigger=trigger)
+
+
+def _labels(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger) -> StreamingQuery:
+    from speed_layer import labels
+
+    return labels.start_labels(spark, cfg, trigger)
+
+
+def _increments(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger) -> StreamingQuery:
+    from speed_layer import increments
+
+    return increments.start_increments(spark, cfg, trigger)
+
+
+# The queries in the order they start (downstream queries read what upstream ones write).
+QUERIES: dict[str, QueryBuilder] = {"ingest": _ingest, "labels": _labels, "increments": _increments}
+
+
+def checkpoint(cfg: PlatformConfig, query: str) -> str:
+    """The checkpoint folder of one query of the application."""
+    return f"{cfg.lake.checkpoints.rstrip('/')}/{query}"
+
+
+def processing_trigger(cfg: PlatformConfig) -> Trigger:
+    """A micro-batch every ``speed.trigger_seconds``."""
+    return lambda writer: writer.trigger(processingTime=f"{cfg.speed.trigger_seconds:g} seconds")
+
+
+def available_now_trigger(writer: DataStreamWriter) -> DataStreamWriter:
+    """Process what the sources hold now, then stop."""
+    return writer.trigger(availableNow=True)
+
+
+def stop_gracefully(queries: Sequence[StreamingQuery], timeout_s: float) -> dict[str, bool]:
+    """Stop each query as soon as it is between micro-batches (at most ``timeout_s`` in all).
+
+    Returns ``{query name: True}`` for a query stopped between micro-batches, False for one the
+    timeout cut short (its checkpoint replays the batch on restart and the idempotent sinks
+    skip what was already written). Queries are watched together, so the wait is that of the
+    slowest micro-batch, not the sum.
+    """
+    deadline = time.monotonic() + timeout_s
+    pending = [q for q in queries if q.isActive]
+    stopped: dict[str, bool] = {}
+    while pending:
+        for query in list(pending):
+            late = time.monotonic() > deadline
+            if not query.isActive or not query.status.get("isTriggerActive") or late:
+                if late and query.isActive:
+                    log.warning("query %s: micro-batch still running after %.0f s; stopping it anyway", query.name, timeout_s)
+                query.stop()
+                stopped[query.name] = not late
+                log.info("query %s stopped %s", query.name, "mid-batch" if late else "between micro-batches")
+                pending.remove(query)
+        time.sleep(0.05)
+    return stopped
+
+
+def _failed(queries: Sequence[StreamingQuery]) -> StreamingQuery | None:
+    return next((q for q in queries if not q.isActive and q.exception() is not None), None)
+
+
+def run(cfg: PlatformConfig, names: Sequence[str] | None = None, available_now: bool = False) -> None:
+    """Run the application until SIGTERM / Ctrl-C, or, with ``available_now``, until every
+    query has processed what its sources hold (one query after the other, upstream first).
+
+    Raises ``RuntimeError`` if a query fails; the other queries are stopped gracefully first.
+    """
+    names = list(names or cfg.speed.queries)
+    unknown = [n for n in names if n not in QUERIES]
+    if unknown:
+        raise ValueError(f"unknown speed-layer queries {unknown}; known: {list(QUERIES)}")
+    ordered = [n for n in QUERIES if n in names]
+    spark = get_spark(cfg, "speed")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping after the current micro-batches", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    queries: list[StreamingQuery] = []
+    reporter = ProgressReporter(cfg)
+    spark.streams.addListener(reporter)
+    try:
+        if available_now:
+            for name in ordered:
+                if stop.is_set():
+                    break
+                query = QUERIES[name](spark, cfg, available_now_trigger)
+                queries.append(query)
+                while query.isActive and not stop.is_set():
+                    query.awaitTermination(1)
+                if _failed(queries) is not None:
+                    break
+        else:
+            for name in ordered:
+                queries.append(QUERIES[name](spark, cfg, processing_trigger(cfg)))
+            log.info("speed layer running: %s (every %g s)", ", ".join(ordered), cfg.speed.trigger_seconds)
+            while not stop.is_set() and _failed(queries) is None:
+                stop.wait(1)
+        failed = _failed(queries)
+        if failed is not None:
+            raise RuntimeError(f"speed-layer query {failed.name} failed: {failed.exception()}")
+    finally:
+        stop_gracefully(queries, cfg.speed.stop_timeout_seconds)
+        spark.streams.removeListener(reporter)
+        reporter.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("speed layer stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="speed_layer/app.py",
+        description=(
+            "The speed layer: ingest (Kafka -> bronze), labels (stream-stream join -> silver) and feature "
+            "increments, one Spark application, each query checkpointed. Stops cleanly on SIGTERM."
+        ),
+    )
+    parser.add_argument("--config", help="platform config file (default: conf/platform.yaml)")
+    parser.add_argument(
+        "--query", action="append", choices=list(QUERIES), dest="queries",
+        help="run only this query (repeatable; default: speed.queries)",
+    )  # fmt: skip
+    parser.add_argument("--available-now", action="store_true", help="process what the sources hold now, then stop")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    run(load_config(args.config), args.queries, available_now=args.available_now)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The speed-layer application as a process: several checkpointed queries, SIGTERM lets the
+running micro-batch finish, a restart resumes from the checkpoints (real broker, Spark, Delta)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+from speed_process import batches, kill, rows, start, terminate, total, wait_for
+from support import isolated
+
+from lambda_ml import contract, generator, stack
+from lambda_ml.config import PlatformConfig, write_config
+from lambda_ml.submit import run_submit
+from speed_layer import app
+
+NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+
+
+def test_the_application_entry_point_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        app.main(["--help"])
+    assert done.value.code == 0
+    assert "usage: speed_layer/app.py" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sigterm_kill_9_and_restarts_neither_lose_nor_double_an_event(running_stack: PlatformConfig, tmp_path: Path) -> None:
+    """Three runs of the whole application: stopped by SIGTERM mid-stream (every planned
+    micro-batch is committed), killed with -9 mid-stream, then resumed with spark-submit until
+    drained. Bronze,
+    the labels and the feature increments equal the generator's ground truth exactly."""
+    cfg = isolated(running_stack, "ctr-speed-app", lake_root=tmp_path / "lake", topic_prefix="speedapp")
+    cfg = cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"trigger_seconds": 1.0, "report_to_mlflow": False})})
+    config_file = write_config(cfg, tmp_path / "platform.yaml")
+    stack.create_topics(cfg)
+    gen = cfg.generator.model_copy(update={"impressions": 1200, "seed": 5, "span_hours": 6})
+    records, truth = generator.generate(gen, timedelta(minutes=cfg.ctr.attribution_window_minutes), NOW)
+    parts = [records[: len(records) // 3], records[len(records) // 3 : 2 * len(records) // 3], records[2 * len(records) // 3 :]]
+    bronze = {name: cfg.lake.table("bronze", name) for name in ("impressions", "clicks")}
+    bronze["quarantine"] = cfg.lake.table("quarantine")
+    user_increments = cfg.lake.table(*contract.increments_table("user"))
+    queries = list(app.QUERIES)
+    log = tmp_path / "speed.log"
+
+    def landed() -> int:
+        return sum(max(0, rows(path)) for path in bronze.values())
+
+    # Run 1: SIGTERM while records keep arriving.
+    generator.produce(cfg, parts[0], progress=False)
+    process = start(config_file, log, queries)
+    try:
+        wait_for(lambda: landed() >= len(parts[0]) and total(user_increments, "impressions") > 0, process, log)
+        generator.produce(cfg, parts[1][:300], progress=False)
+        assert terminate(process, log) == 0, log.read_text()[-4000:]
+    finally:
+        if process.poll() is None:
+            kill(process)
+    text = log.read_text()
+    assert "received SIGTERM" in text
+    for name in queries:
+        # Every planned micro-batch was committed: none was cut short by the stop.
+        folder = Path(app.checkpoint(cfg, name))
+        assert batches(folder / "offsets"), f"no micro-batch ran for {name}"
+        assert batches(folder / "offsets") == batches(folder / "commits"), name
+        assert f"query {name} stopped between micro-batches" in text
+    # The join's state lives in RocksDB (zipped snapshots and SST files, no HDFS-store deltas).
+    state = Path(app.checkpoint(cfg, "labels")) / "state"
+    assert any(state.rglob("*.zip")) and any(state.rglob("*.sst")) and not any(state.rglob("*.delta"))
+
+    # Run 2: kill -9 in the middle of the stream.
+    generator.produce(cfg, parts[1][300:], progress=False)
+    process = start(config_file, log, queries)
+    try:
+        wait_for(lambda: landed() > len(parts[0]) + 300, process, log)
+        generator.produce(cfg, parts[2][:500], progress=False)
+        time.sleep(2)
+    finally:
+        kill(process)
+
+    # Run 3: resume from the checkpoints through spark-submit, drain what Kafka holds and stop.
+    generator.produce(cfg, parts[2][500:], progress=False)
+    assert run_submit(cfg, "speed_layer/app.py", ["--config", str(config_file), "--available-now"]) == 0
+
+    assert rows(bronze["impressions"]) == truth.impressions
+    assert rows(bronze["clicks"]) == truth.clicks_sent
+    assert rows(bronze["quarantine"]) == truth.malformed_total
+    offsets = set()
+    for path in bronze.values():
+        table = DeltaTable(path).to_pyarrow_table(columns=["kafka_topic", "kafka_partition", "kafka_offset"]).to_pylist()
+        offsets |= {(r["kafka_topic"], r["kafka_partition"], r["kafka_offset"]) for r in table}
+    assert len(offsets) == len(records)  # every Kafka record once, none twice
+    # Feature totals: each impression once, each click within the attribution window once.
+    for entity in cfg.features.entities:
+        path = cfg.lake.table(*contract.increments_table(entity))
+        assert (total(path, "impressions"), total(path, "clicks")) == (truth.impressions, truth.positives), entity
+    # Labels: every click within the window made its impression positive, once.
+    labels = DeltaTable(cfg.lake.table(*contract.SILVER_LABELS_TABLE)).to_pyarrow_table(columns=["event_id", "label"]).to_pylist()
+    assert len({r["event_id"] for r in labels}) == len(labels)
+    assert sum(r["label"] for r in labels) == truth.positives
