@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
+from importlib import metadata
 from typing import Annotated, Any, TypeVar
 
 from pydantic import AwareDatetime
@@ -658,6 +658,6 @@ def serve(cfg: PlatformConfig, host: str | None = None, port: int | None = None,
 
 def _package_version() -> str:
     try:
-        return version("lambda-ml")
-    except PackageNotFoundError:
+        return metadata.version("lambda-ml")
+    except metadata.PackageNotFoundError:
         return "0.0.0"
