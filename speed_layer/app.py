@@ -150,6 +150,7 @@ def run(cfg: PlatformConfig, names: Sequence[str] | None = None, available_now: 
             raise RuntimeError(f"speed-layer query {failed.name} failed: {failed.exception()}")
     finally:
         stop_gracefully(queries, cfg.speed.stop_timeout_seconds)
+        reporter.drain(queries)
         spark.streams.removeListener(reporter)
         reporter.close()
         for sig, handler in previous.items():

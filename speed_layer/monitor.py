@@ -103,6 +103,7 @@ class ProgressReporter(StreamingQueryListener):
         self.run_id: str | None = None
         self._client: Any = None
         self._pause_until = 0.0
+        self._reported: dict[str, int] = {}  # query id -> latest micro-batch whose progress was handled
         if cfg.speed.report_to_mlflow:
             self._start_run(run_name)
 
@@ -136,6 +137,13 @@ class ProgressReporter(StreamingQueryListener):
 
     def onQueryProgress(self, event: Any) -> None:
         progress = json.loads(event.progress.json)
+        try:
+            self._report(progress)
+        finally:
+            query_id, batch = str(progress.get("id")), int(progress.get("batchId") or 0)
+            self._reported[query_id] = max(batch, self._reported.get(query_id, -1))
+
+    def _report(self, progress: dict[str, Any]) -> None:
         metrics = progress_metrics(progress)
         log.info("progress of micro-batch %s: %s", progress.get("batchId"), ", ".join(f"{k}={v:g}" for k, v in metrics.items()))
         if self._client is None or self.run_id is None or time.monotonic() < self._pause_until:
@@ -155,6 +163,21 @@ class ProgressReporter(StreamingQueryListener):
 
     def onQueryTerminated(self, event: Any) -> None:
         log.info("query %s terminated%s", event.id, f": {event.exception}" if event.exception else "")
+
+    def drain(self, queries: Any, timeout_s: float = 30.0) -> None:
+        """Wait until the progress of each query's last micro-batch has been handled: Spark
+        delivers progress events to listeners asynchronously, and a listener removed as soon as
+        its queries stop would miss the last ones."""
+        deadline = time.monotonic() + timeout_s
+        for query in queries:
+            last = query.lastProgress
+            if last is None:
+                continue
+            query_id, batch = str(last.get("id")), int(last.get("batchId") or 0)
+            while self._reported.get(query_id, -1) < batch and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self._reported.get(query_id, -1) < batch:
+                log.warning("progress of micro-batch %d of query %s was not reported in time", batch, query_id)
 
     def close(self) -> None:
         """End the MLflow run (the application is stopping)."""
