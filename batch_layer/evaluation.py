@@ -4,7 +4,7 @@ rows.
 The holdout and the validation split are both "the most recent rows": a model is always
 judged on impressions later than every one it learned from, as it will be in production.
 Metrics are computed by Spark on scored rows (a DataFrame with ``label`` and
-``click_probability``); only the few per-bin calibration rows reach the driver.
+``click_probability``); only per-bin counts (calibration bins, AUC's score bins) reach the driver.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 from matplotlib.figure import Figure
 from pyspark.ml import PipelineModel
-from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -79,16 +78,55 @@ def score(model: PipelineModel, df: DataFrame) -> DataFrame:
     return model.transform(df).withColumn(CLICK_PROBABILITY, vector_to_array("probability")[1])
 
 
+# The AUC ranks rows by their log-odds in bins of this width: rows in one bin count as tied.
+AUC_LOGIT_BIN = 1e-3
+
+
 def auc(scored: DataFrame) -> float:
-    """Area under the ROC curve of ``click_probability`` against ``label``.
+    """Area under the ROC curve of ``click_probability`` against ``label`` (NaN without both
+    classes).
+
+    One aggregation: positives and negatives per bin of log-odds (width :data:`AUC_LOGIT_BIN`,
+    at most ~70,000 bins whatever the row count), then the Mann-Whitney sum on the driver,
+    each (positive, negative) pair in one bin counted as a tie (one half). That is exact for
+    probabilities more than a bin apart, and off by at most half the share of pairs sharing a
+    bin otherwise (about 1e-5 on a click model's scores); Spark's evaluator, which sorts every
+    row and down-samples the curve to 1,000 points, is both slower and coarser.
 
     Ranks on the probability rather than on a model-specific raw score, so any two models
     scored on the same rows (the gate's new model and champion) are measured the same way.
     """
-    evaluator = BinaryClassificationEvaluator(
-        labelCol=LABEL, rawPredictionCol=CLICK_PROBABILITY, metricName="areaUnderROC"
+    p = F.least(F.greatest(F.col(CLICK_PROBABILITY).cast("double"), F.lit(_EPSILON)), F.lit(1 - _EPSILON))
+    index = F.floor(F.log(p / (F.lit(1.0) - p)) / F.lit(AUC_LOGIT_BIN))
+    label = F.col(LABEL).cast("double")
+    counts = (
+        scored.groupBy(index.alias("bin"))
+        .agg(F.sum(label).alias("positives"), F.sum(F.lit(1.0) - label).alias("negatives"))
+        .orderBy("bin")
+        .collect()
     )
-    return float(evaluator.evaluate(scored))
+    return area_under_roc([(r["positives"], r["negatives"]) for r in counts])
+
+
+def area_under_roc(bins: Sequence[tuple[float, float]]) -> float:
+    """AUC from (positives, negatives) per score bin, in increasing score order; pairs within
+    a bin count one half.
+
+    >>> area_under_roc([(0, 2), (1, 1), (2, 0)])  # 9 pairs: 8 ranked right, 1 tie
+    0.9444444444444444
+    >>> area_under_roc([(1, 1)])
+    0.5
+    """
+    total_positives = sum(p for p, _ in bins)
+    total_negatives = sum(n for _, n in bins)
+    if not total_positives or not total_negatives:
+        return float("nan")
+    negatives_below = 0.0
+    right = 0.0
+    for positives, negatives in bins:
+        right += positives * (negatives_below + negatives / 2)
+        negatives_below += negatives
+    return right / (total_positives * total_negatives)
 
 
 @dataclass(frozen=True)

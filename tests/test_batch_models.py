@@ -81,6 +81,19 @@ def test_a_constant_model_has_auc_one_half(spark: SparkSession) -> None:
     assert evaluation.auc(scored_frame(spark, [0.3] * 6, [0.0, 1.0, 0.0, 1.0, 1.0, 0.0])) == 0.5
 
 
+def test_auc_equals_scikit_learn_on_many_continuous_scores(spark: SparkSession) -> None:
+    # 50,000 rows of a click model's scores: the binned AUC may differ from the exact one only
+    # by pairs sharing a log-odds bin, which is far below what tells two models apart.
+    rng = np.random.default_rng(3)
+    logits = rng.normal(-2.5, 1.0, 50_000)
+    p = 1 / (1 + np.exp(-logits))
+    y = (rng.random(50_000) < 1 / (1 + np.exp(-(logits + rng.normal(0, 1.5, 50_000))))).astype(float)
+    got = evaluation.auc(scored_frame(spark, p.tolist(), y.tolist()))
+    assert got == pytest.approx(roc_auc_score(y, p), abs=2e-5)
+    # One class only: no ROC curve.
+    assert math.isnan(evaluation.auc(scored_frame(spark, [0.1, 0.2], [0.0, 0.0])))
+
+
 def test_calibration_figure_renders_a_png(spark: SparkSession, tmp_path: typing.Any) -> None:
     result = evaluation.evaluate(scored_frame(spark, [0.1, 0.2, 0.8, 0.7], [0.0, 0.0, 1.0, 0.0]), bins=10)
     path = tmp_path / "calibration.png"
