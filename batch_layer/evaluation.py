@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from matplotlib.figure import Figure
-from pyspark.ml import PipelineModel
+from pyspark.ml import Transformer
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -73,8 +73,9 @@ def sample_rows(df: DataFrame, rows: int, max_rows: int) -> DataFrame:
     return df if rows <= max_rows else df.where(in_sample(rows, max_rows))
 
 
-def score(model: PipelineModel, df: DataFrame) -> DataFrame:
-    """``df`` scored: the model's columns plus ``click_probability`` (P(click) as a double)."""
+def score(model: Transformer, df: DataFrame) -> DataFrame:
+    """``df`` scored by a fitted model (a whole pipeline, or a classifier on encoded rows): its
+    columns plus ``click_probability`` (P(click) as a double)."""
     return model.transform(df).withColumn(CLICK_PROBABILITY, vector_to_array("probability")[1])
 
 

@@ -94,8 +94,12 @@ def param_grid(ctr: CtrConfig) -> list[Params]:
     return [{**base, **dict(zip(names, combination))} for combination in itertools.product(*(v for _, v in axes))]
 
 
-def build_pipeline(cfg: PlatformConfig, params: Params | None = None) -> Pipeline:
-    """Categorical inputs one-hot encoded, numbers assembled, then the classifier of ``cfg.ctr.model`` with ``params`` (default: :func:`base_params`).
+FEATURES = "features"  # the assembled input vector the classifier reads
+
+
+def encoding_pipeline(cfg: PlatformConfig) -> Pipeline:
+    """The stages before the classifier: categorical inputs one-hot encoded, numbers assembled
+    into :data:`FEATURES`.
 
     Unknown categories index as "unknown" and encode as all zeros (``handleInvalid="keep"`` with
     ``dropLast``): the one setting whose ONNX export matches Spark for unseen values.
@@ -110,9 +114,18 @@ def build_pipeline(cfg: PlatformConfig, params: Params | None = None) -> Pipelin
             OneHotEncoder(inputCols=indexed, outputCols=encoded, handleInvalid="keep", dropLast=True),
         ]
     stages.append(VectorAssembler(inputCols=list(inputs.numeric), outputCol="numeric"))
-    stages.append(VectorAssembler(inputCols=["numeric", *encoded], outputCol="features"))
-    stages.append(CLASSIFIERS[cfg.ctr.model](base_params(cfg.ctr) if params is None else params))
+    stages.append(VectorAssembler(inputCols=["numeric", *encoded], outputCol=FEATURES))
     return Pipeline(stages=stages)
+
+
+def classifier(cfg: PlatformConfig, params: Params | None = None) -> Estimator:
+    """The classifier of ``cfg.ctr.model`` with ``params`` (default: :func:`base_params`)."""
+    return CLASSIFIERS[cfg.ctr.model](base_params(cfg.ctr) if params is None else params)
+
+
+def build_pipeline(cfg: PlatformConfig, params: Params | None = None) -> Pipeline:
+    """The whole model: :func:`encoding_pipeline`, then :func:`classifier`."""
+    return Pipeline(stages=[*encoding_pipeline(cfg).getStages(), classifier(cfg, params)])
 
 
 @dataclass(frozen=True)
@@ -157,45 +170,53 @@ def select_model(train: DataFrame, cfg: PlatformConfig, rows: int | None = None)
     on a sample of at most ``ctr.search.max_rows`` training rows: each is fitted on the sample's
     rows up to the validation cutoff and scored on the rows after it; the best AUC wins (the
     first in grid order on a tie).
+
+    The encoding stages are fitted once, on the fitting sample, and its rows encoded once
+    (cached): every candidate and the final fit read the same vectors.
     """
     rows = train.count() if rows is None else rows
     fit_rows = sample_rows(train, rows, cfg.ctr.max_training_rows)
-    grid = param_grid(cfg.ctr)
-    if len(grid) == 1:
-        (params,) = grid
-        return Selection(build_pipeline(cfg, params).fit(fit_rows), params, (Candidate(params, None),), None)
-
-    # A smaller sample of the same rows is a subset of the fitting sample.
-    within = fit_rows if cfg.ctr.search.max_rows <= cfg.ctr.max_training_rows else train
-    candidates, cutoff = _search(sample_rows(within, rows, cfg.ctr.search.max_rows), grid, cfg)
-    best = max(candidates, key=lambda c: c.validation_auc or 0.0)  # max keeps the first of ties
-    log.info("chose %s %s of %d candidates (validation after %s)", cfg.ctr.model, best.params, len(grid), cutoff)
-    return Selection(build_pipeline(cfg, best.params).fit(fit_rows), best.params, tuple(candidates), cutoff)
+    encoder = encoding_pipeline(cfg).fit(fit_rows)
+    kept = [name for name in (LABEL, "event_time", "event_id") if name in train.columns]
+    vectors = encoder.transform(fit_rows).select(FEATURES, *kept).cache()
+    try:
+        grid = param_grid(cfg.ctr)
+        if len(grid) == 1:
+            (params,) = grid
+            candidates, cutoff = [Candidate(params, None)], None
+        else:
+            # A smaller sample of the same rows is a subset of the fitting sample.
+            if cfg.ctr.search.max_rows <= cfg.ctr.max_training_rows:
+                searched = sample_rows(vectors, rows, cfg.ctr.search.max_rows)
+            else:
+                searched = encoder.transform(sample_rows(train, rows, cfg.ctr.search.max_rows))
+            candidates, cutoff = _search(searched, grid, cfg)
+            params = max(candidates, key=lambda c: c.validation_auc or 0.0).params  # max keeps the first of ties
+            log.info("chose %s %s of %d candidates (validation after %s)", cfg.ctr.model, params, len(grid), cutoff)
+        fitted = classifier(cfg, params).fit(vectors)
+    finally:
+        vectors.unpersist()
+    return Selection(PipelineModel(stages=[*encoder.stages, fitted]), params, tuple(candidates), cutoff)
 
 
 def _search(searched: DataFrame, grid: list[Params], cfg: PlatformConfig) -> tuple[list[Candidate], datetime]:
-    """Each candidate fitted on the older rows of ``searched`` and scored on its latest ones."""
+    """Each candidate fitted on the older rows of ``searched`` (encoded rows) and scored on its
+    latest ones."""
     fit_part, validation, cutoff = split_by_time(searched, cfg.ctr.search.validation_fraction)
-    fit_part, validation = fit_part.cache(), validation.cache()
-    try:
-        for name, part in (("fitting", fit_part), ("validation", validation)):
-            rows, positives = _class_counts(part)
-            if positives in (0, rows):
-                raise TrainingError(
-                    f"the {name} part of the search has {rows} rows of which {positives} clicked: both classes "
-                    "are needed (lower ctr.search.validation_fraction, or leave one value per grid list)"
-                )
+    for name, part in (("fitting", fit_part), ("validation", validation)):
+        rows, positives = _class_counts(part)
+        if positives in (0, rows):
+            raise TrainingError(
+                f"the {name} part of the search has {rows} rows of which {positives} clicked: both classes "
+                "are needed (lower ctr.search.validation_fraction, or leave one value per grid list)"
+            )
 
-        def judge(params: Params) -> Candidate:
-            validation_auc = auc(score(build_pipeline(cfg, params).fit(fit_part), validation))
-            log.info("%s %s: validation AUC %.4f", cfg.ctr.model, params, validation_auc)
-            return Candidate(params, validation_auc)
+    def judge(params: Params) -> Candidate:
+        validation_auc = auc(score(classifier(cfg, params).fit(fit_part), validation))
+        log.info("%s %s: validation AUC %.4f", cfg.ctr.model, params, validation_auc)
+        return Candidate(params, validation_auc)
 
-        # Fitted side by side: an optimiser step is a small Spark job, and one fit alone leaves
-        # the cores idle between its jobs.
-        with ThreadPoolExecutor(max_workers=min(len(grid), SEARCH_PARALLELISM)) as pool:
-            candidates = list(pool.map(judge, grid))
-    finally:
-        fit_part.unpersist()
-        validation.unpersist()
-    return candidates, cutoff
+    # Fitted side by side: an optimiser step is a small Spark job, and one fit alone leaves
+    # the cores idle between its jobs.
+    with ThreadPoolExecutor(max_workers=min(len(grid), SEARCH_PARALLELISM)) as pool:
+        return list(pool.map(judge, grid)), cutoff
