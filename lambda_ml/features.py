@@ -359,7 +359,15 @@ def event_window_features(
     approximate window, no leakage.
     """
     frame = events
-    for name, entity in features.entities.items():
+    entities = list(features.entities)
+    if bucket_rows is not None:
+        # Each pass sorts the events plus one row per (keys, bucket), and carries the features
+        # of the passes before it: the entities with the most buckets go first, while the rows
+        # are narrowest (at 3M events a user has about one event per bucket, an item dozens).
+        sizes = {name: bucket_rows[name].count() for name in entities}
+        entities.sort(key=lambda name: -sizes[name])
+    for name in entities:
+        entity = features.entities[name]
         rows = bucket_increments(events, entity, features) if bucket_rows is None else bucket_rows[name]
         frame = _entity_window_features(frame, bucket_series(rows, entity, features), name, entity, features)
     return _with_ratios(frame, features)
