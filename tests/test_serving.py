@@ -65,12 +65,14 @@ from serving_layer.views import (
 from support import isolated
 
 SERVING_MODULES = [
+    "serving_layer.ab",
     "serving_layer.app",
     "serving_layer.api_models",
     "serving_layer.features",
     "serving_layer.metrics",
     "serving_layer.model_store",
     "serving_layer.policies",
+    "serving_layer.prediction_log",
     "serving_layer.reloadable",
     "serving_layer.updates",
     "serving_layer.views",
@@ -213,7 +215,7 @@ def toy_views() -> BatchViews:
 
 
 def unit_cfg(**overrides: Any) -> PlatformConfig:
-    return load_config(DEFAULT_CONFIG, env={}, overrides={"serving.max_rows": 5, **overrides})
+    return load_config(DEFAULT_CONFIG, env={}, overrides={"serving.max_rows": 5, "serving.prediction_log.enabled": False, **overrides})
 
 
 @pytest.fixture()
@@ -850,6 +852,57 @@ def test_policies_are_chosen_per_request_and_named_in_the_answer() -> None:
         models = client.get("/models").json()
         assert models["aliases"] == {"champion": 1, "challenger": 2} and models["primary_alias"] == "champion"
         assert [(v["version"], v["alias"], v["quality"]) for v in models["versions"]] == [(1, "champion", 0.6), (2, "challenger", 0.9)]
+
+
+def _expected_arm(user_id: str, fraction: float, salt: str) -> str:
+    """The documented split, computed here apart from serving_layer.ab."""
+    import hashlib
+
+    bucket = int.from_bytes(hashlib.sha256(f"{salt}\x00{user_id}".encode()).digest()[:8], "big") / 2**64
+    return "challenger" if bucket < fraction else "champion"
+
+
+def test_the_ab_split_is_stable_and_near_its_fraction() -> None:
+    from serving_layer.ab import arm_of
+
+    users = [f"user-{n}" for n in range(20_000)]
+    arms = [arm_of(u, 0.3, "s1") for u in users]
+    assert arms == [arm_of(u, 0.3, "s1") for u in users]  # stable
+    assert arms == [_expected_arm(u, 0.3, "s1") for u in users]
+    share = arms.count("challenger") / len(users)
+    assert abs(share - 0.3) < 0.015, share  # 4.6 standard deviations of a fair split
+    assert [arm_of(u, 0.3, "s2") for u in users] != arms  # another salt reshuffles
+    assert {arm_of(u, 0.0, "s1") for u in users} == {"champion"} and {arm_of(u, 1.0, "s1") for u in users} == {"challenger"}
+
+
+def test_the_ab_policy_scores_each_user_with_its_arms_version() -> None:
+    registry = MemoryRegistry()
+    registry.versions = {1: (-1.0, {}), 2: (0.5, {})}
+    registry.aliases = {"champion": 1, "challenger": 2}
+    store = ModelStore("models:/ctr@champion", registry, ["champion", "challenger"])
+    cfg = unit_cfg(**{"serving.max_rows": 100, "serving.ab.challenger_fraction": 0.5, "serving.ab.salt": "t"})
+    app = create_app(cfg, models=store, views=Reloadable("views", toy_views), clock=lambda: NOW, poll=False)
+    rows = [row(user_id=f"x{n}", item_id="nobody", device="tablet", position=1 + n % 3, event_id=f"imp-{n}") for n in range(40)]
+    with TestClient(app) as client:
+        body = client.post("/predict?policy=ab", json={"rows": rows}).json()
+        single = [client.post("/predict?policy=ab", json=r).json()["predictions"][0] for r in rows]
+    assert body["policy"] == "ab" and body["request_id"]
+    arms = [_expected_arm(r["user_id"], 0.5, "t") for r in rows]
+    assert 0 < arms.count("challenger") < len(rows)
+    version_of = {"champion": 1, "challenger": 2}
+    for r, p, one, arm in zip(rows, body["predictions"], single, arms, strict=True):
+        bias = registry.versions[version_of[arm]][0]
+        expected = toy_probability(STRANGER | {"position": r["position"], "device": "tablet"}, bias=bias)
+        assert (p["arm"], p["version"], p["event_id"]) == (arm, version_of[arm], r["event_id"])
+        assert p["probability"] == pytest.approx(expected, rel=1e-6)
+        assert (one["arm"], one["version"], one["probability"]) == (p["arm"], p["version"], p["probability"])
+    assert sorted(m["version"] for m in body["models"]) == [1, 2]
+    # Without a challenger loaded, everyone gets the champion.
+    registry.aliases = {"champion": 1}
+    store.reload()
+    with TestClient(app) as client:
+        body = client.post("/predict?policy=ab", json={"rows": rows}).json()
+    assert {(p["arm"], p["version"]) for p in body["predictions"]} == {("champion", 1)}
 
 
 def test_ready_and_metrics_report_what_is_loaded() -> None:
