@@ -90,6 +90,8 @@ def bench_config(root: Path) -> PlatformConfig:
             "mlflow.experiment": f"{MODEL}-experiment",
             "serving.port": free_port(),
             "serving.candidate_aliases": [],
+            # No Kafka here: both servers are measured scoring only (the log costs a queue append).
+            "serving.prediction_log.enabled": False,
         },
     )
 

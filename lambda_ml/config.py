@@ -372,9 +372,17 @@ class ServingConfig(_Model):
 
     @property
     def aliases(self) -> tuple[str, ...]:
-        """Every alias the service loads: ``model_alias`` first, then the candidates and the A/B
-        challenger."""
-        return tuple(dict.fromkeys((self.model_alias, *self.candidate_aliases, self.ab.challenger_alias)))
+        """Every alias the service loads: ``model_alias`` first, then the candidates."""
+        return tuple(dict.fromkeys((self.model_alias, *self.candidate_aliases)))
+
+    @model_validator(mode="after")
+    def _ab_challenger_loaded(self) -> ServingConfig:
+        if self.policy == "ab" and self.ab.challenger_alias not in self.candidate_aliases:
+            raise ValueError(
+                f"ab.challenger_alias {self.ab.challenger_alias!r} must be one of candidate_aliases "
+                f"{list(self.candidate_aliases)} for the ab policy"
+            )
+        return self
 
 
 class GeneratorConfig(_Model):

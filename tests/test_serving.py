@@ -1044,6 +1044,28 @@ def test_model_updates_reload_once_per_fresh_generation() -> None:
     assert listener.generations == {"champion": Horizon(6, 4), "challenger": Horizon(5, 4)}
 
 
+def test_stream_scoring_and_online_evaluation_have_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from batch_layer import online_eval
+    from serving_layer import stream
+
+    for main in (stream.main, online_eval.parse_args):
+        with pytest.raises(SystemExit) as done:
+            main(["--help"])
+        assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "At least once" in out and "--stop-when-idle" in out and "--until" in out and "--every" in out
+    with pytest.raises(SystemExit) as done:
+        online_eval.parse_args(["--until", "2026-11-22T10:00:00"])
+    assert done.value.code == 2 and "--until needs a time zone" in capsys.readouterr().err
+
+
+def test_the_ab_policy_needs_its_challenger_among_the_candidates() -> None:
+    from lambda_ml.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ab.challenger_alias 'challenger' must be one of candidate_aliases"):
+        unit_cfg(**{"serving.policy": "ab", "serving.candidate_aliases": []})
+
+
 def test_runner_help_and_bad_config() -> None:
     python = sys.executable
     done = subprocess.run([python, "-m", "serving_layer", "--help"], capture_output=True, text=True, cwd=PROJECT_ROOT)
@@ -1968,7 +1990,7 @@ def test_the_prediction_log_equals_the_answers_and_online_auc_equals_sklearn(tra
                 clicks.append(("c", event_id, at + timedelta(minutes=rng.uniform(0, 60))))
         clicks += [clicks[0], ("c", "ev-5", times["ev-5"] - timedelta(minutes=1)), ("c", "never-scored", SCORING_TIME)]
         _write_clicks(spark, cfg, clicks)
-        until = SCORING_TIME + timedelta(seconds=len(rows) - 60) + window  # the last 60 impressions are too recent
+        until = SCORING_TIME + timedelta(seconds=len(rows) - 60) + window  # the last 59 impressions are too recent
 
         run_id, (result,) = online_eval.run(spark, cfg, until=until, tag=True, min_rows=10)
         logged = client.get_run(run_id).data.metrics
@@ -1979,7 +2001,7 @@ def test_the_prediction_log_equals_the_answers_and_online_auc_equals_sklearn(tra
             if times[r["event_id"]] + window <= until:
                 kept.setdefault((r["event_id"], r["version"]), r)
         clicked = {e for _, e, at in clicks if e in times and times[e] <= at <= times[e] + window}
-        assert 0 < len(clicked) < len(kept) and len(kept) == len(rows) - 60
+        assert 0 < len(clicked) < len(kept) and len(kept) == len(rows) - 59  # ev-0 .. ev-(n - 60) inclusive
         for version in (champion, toy):
             mine = [r for (_, v), r in kept.items() if v == version]
             labels = [1.0 if r["event_id"] in clicked else 0.0 for r in mine]
