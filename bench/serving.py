@@ -330,6 +330,16 @@ def run_client(
     return asyncio.run(_client(port, path, bodies, concurrency, seconds, rate))
 
 
+def tree_cpu_s(pid: int) -> float:
+    return sum(s.cpu_s for s in process_tree(pid))
+
+
+def cpu_per_request(pid: int, cpu_before: float, requests: int) -> float | None:
+    """The server's CPU time (user + system, whole process tree) per request answered: unlike
+    requests/s, it hardly moves when other processes share the cores."""
+    return round((tree_cpu_s(pid) - cpu_before) * 1000 / requests, 3) if requests else None
+
+
 # Connections the paced (open-loop) level spreads its requests over.
 PACED_CONNECTIONS = 8
 
@@ -337,12 +347,14 @@ PACED_CONNECTIONS = 8
 def measure_paced(pool: cf.Executor, name: str, port: int, path: str, bodies: list[bytes], pid: int,
                   rate: float, seconds: float) -> dict[str, Any]:  # fmt: skip
     """Latency at a fixed request rate (half of the server's saturation)."""
+    cpu_before = tree_cpu_s(pid)
     future = pool.submit(run_client, port, path, bodies, PACED_CONNECTIONS, seconds, rate)
     peak = 0
     while not future.done():
         peak = max(peak, tree_memory_bytes(process_tree(pid)))
         time.sleep(0.2)
     result = future.result()
+    result["server_cpu_ms_per_request"] = cpu_per_request(pid, cpu_before, result["requests"])
     result.update(target_rate=round(rate, 1), memory_mib=round(peak / 2**20, 1), load_average=load_average())
     log.info("%s at %.0f requests/s: %s", name, rate, result)
     return result
@@ -354,6 +366,7 @@ def measure(pool: cf.Executor, name: str, port: int, path: str, bodies: list[byt
     results: dict[str, Any] = {}
     pool.submit(run_client, port, path, bodies, 2, 1.0).result()  # warm-up
     for level in levels:
+        cpu_before = tree_cpu_s(pid)
         future = pool.submit(run_client, port, path, bodies, level, seconds)
         peak = 0
         while not future.done():
@@ -361,6 +374,7 @@ def measure(pool: cf.Executor, name: str, port: int, path: str, bodies: list[byt
             time.sleep(0.2)
         result = future.result()
         result["memory_mib"] = round(peak / 2**20, 1)
+        result["server_cpu_ms_per_request"] = cpu_per_request(pid, cpu_before, result["requests"])
         result["load_average"] = load_average()
         results[str(level)] = result
         log.info("%s at concurrency %d: %s", name, level, result)
@@ -465,16 +479,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     write_result(result, out)
     table = [
-        [level, name, r["requests_per_s"], r["p50_ms"], r["p99_ms"], r["memory_mib"], json.dumps(r["statuses"])]
+        [level, name, r["requests_per_s"], r["p50_ms"], r["p99_ms"], r["server_cpu_ms_per_request"], r["memory_mib"],
+         json.dumps(r["statuses"])]
         for level in results
         for name, r in (("lambda-ml", results[level]), ("mlflow serve", peer_results[level]))
     ]
     table += [
-        [f"{PACED_CONNECTIONS} paced at {r['target_rate']:g}/s", name, r["requests_per_s"], r["p50_ms"], r["p99_ms"], r["memory_mib"],
-         json.dumps(r["statuses"])]
+        [f"{PACED_CONNECTIONS} paced at {r['target_rate']:g}/s", name, r["requests_per_s"], r["p50_ms"], r["p99_ms"],
+         r["server_cpu_ms_per_request"], r["memory_mib"], json.dumps(r["statuses"])]
         for name, r in (("lambda-ml", paced), ("mlflow serve", peer_paced))
     ]  # fmt: skip
-    print(format_table(["conc", "server", "req/s", "p50 ms", "p99 ms", "MiB", "statuses"], table))
+    print(format_table(["conc", "server", "req/s", "p50 ms", "p99 ms", "CPU ms/req", "MiB", "statuses"], table))
     print(f"p99 at half of saturation: {paced['p99_ms']} ms (target <= {TARGET_P99_MS:g} ms)")
     print("req/s ratio (ours / mlflow): " + ", ".join(f"{k}: {v}" for k, v in ratios.items()))
     print(f"written to {out}")
