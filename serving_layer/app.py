@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AwareDatetime
+from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -303,6 +303,57 @@ class ContentLengthLimit:
         await self.app(scope, receive, send)
 
 
+class PredictFastPath:
+    """ASGI middleware answering a plain ``POST /predict`` without FastAPI's routing and
+    dependency resolution, which take most of a small request's time: the body is read and
+    validated in one pass by pydantic-core (``answer`` returns None when it should not, or
+    cannot, answer). Anything else, and any request ``answer`` declines (an invalid body, a
+    query string, a missing API key, nothing loaded yet...), goes to FastAPI with the body replayed, so
+    errors and the OpenAPI document stay FastAPI's."""
+
+    class _Route:
+        path = "/predict"  # what RequestMetrics labels the request with
+
+    def __init__(self, app: ASGIApp, answer: Callable[[Headers, bytes], tuple[bytes, str] | None], max_bytes: int) -> None:
+        self.app, self.answer, self.max_bytes = app, answer, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST" or scope["query_string"]:
+            await self.app(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                break
+        body = b"".join(chunks)
+        done = None if more else self.answer(Headers(scope=scope), body)
+        if done is None:
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": more}
+                return await receive()
+
+            await self.app(scope, replay, send)
+            return
+        out, request_id = done
+        scope["route"] = self._Route
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode()),
+                   (b"x-request-id", request_id.encode())]  # fmt: skip
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": out})
+
+
 class RequestMetrics:
     """ASGI middleware timing every HTTP request into ``metrics``, by route template (so
     /features/user/u1 and /features/user/u2 count as one route)."""
@@ -452,6 +503,8 @@ def create_app(
     too_large = _too_large_response(cfg.serving.max_rows)
     # A declared Content-Length is refused before reading; a chunked body is cut off by the
     # route's max_body_size, which raises the 413 handled here.
+    # answer_plain is defined below with the /predict route; it is looked up at request time.
+    app.add_middleware(PredictFastPath, answer=lambda h, b: answer_plain(h, b), max_bytes=max_body_bytes(cfg.serving.max_rows))
     app.add_middleware(ContentLengthLimit, max_bytes=max_body_bytes(cfg.serving.max_rows), response=too_large)
     app.add_middleware(RequestMetrics, metrics=metrics)
     guarded = [Depends(api_key_guard(cfg.serving.api_key))] if cfg.serving.api_key else []
@@ -488,6 +541,31 @@ def create_app(
         if prediction_log is not None:
             prediction_log.submit(prediction_records(response, rows, cfg.mlflow.registered_model, now, "http"))
         return response.model_dump_json().encode()
+
+    request_adapter: TypeAdapter[Any] = TypeAdapter(request_type)
+
+    def answer_plain(headers: Headers, body: bytes) -> tuple[bytes, str] | None:
+        """The answer and request id of a plain /predict request (JSON, a few rows, the default
+        policy unless it waits, models and views loaded, the API key if one is set), else None."""
+        if guarded and not hmac.compare_digest(headers.get(API_KEY_HEADER, "").encode(), cfg.serving.api_key.encode()):
+            return None
+        if not is_json_content_type(headers.get("content-type", "")) or cfg.serving.policy == "deadline":
+            return None
+        views_now, served = view_slot.current, model_slot.current
+        if views_now is None or served is None:
+            return None
+        try:
+            request = request_adapter.validate_json(body)
+        except ValidationError:
+            return None
+        rows: list[PredictRow] = list(request.rows) if isinstance(request, PredictBatch) else [request]
+        if len(rows) > INLINE_ROWS:
+            return None
+        request_id = uuid.uuid4().hex
+        try:
+            return answer(rows, served, views_now, cfg.serving.policy, None, request_id), request_id
+        except HTTPException:
+            return None  # FastAPI answers it again, with the error
 
     async def predict(request: PredictRow | PredictBatch, policy: Any = None, deadline_ms: Any = None) -> Response:
         """Score each row with the loaded model version(s) the policy picks, on window features
