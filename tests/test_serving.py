@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -1057,6 +1058,27 @@ def test_stream_scoring_and_online_evaluation_have_help(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit) as done:
         online_eval.parse_args(["--until", "2026-11-22T10:00:00"])
     assert done.value.code == 2 and "--until needs a time zone" in capsys.readouterr().err
+
+
+def test_the_prediction_log_never_holds_up_a_request_and_counts_what_it_drops() -> None:
+    """No broker listens on the log's port: requests answer at once, the log keeps at most its
+    buffer and /metrics counts the rest as dropped."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    cfg = unit_cfg(**{"serving.prediction_log.enabled": True, "serving.prediction_log.buffer_size": 3,
+                      "kafka.bootstrap_servers": f"127.0.0.1:{closed_port}"})  # fmt: skip
+    app = create_app(cfg, models=Reloadable("models:/ctr@champion", lambda: served(toy_model())), views=Reloadable("views", toy_views),
+                     clock=lambda: NOW)  # fmt: skip
+    with TestClient(app) as client:
+        started = time.monotonic()
+        statuses = [client.post("/predict", json=row(event_id=f"e{n}")).status_code for n in range(5)]
+        took = time.monotonic() - started
+        metrics = client.get("/metrics").text
+    assert statuses == [200] * 5 and took < 2, took
+    assert 'lambda_ml_prediction_log_records_total{outcome="dropped"} 2' in metrics
+    assert 'lambda_ml_prediction_log_records_total{outcome="sent"} 0' in metrics
+    assert "lambda_ml_prediction_log_queued 3" in metrics
 
 
 def test_the_ab_policy_needs_its_challenger_among_the_candidates() -> None:
