@@ -318,7 +318,7 @@ class PredictFastPath:
         self.app, self.answer, self.max_bytes = app, answer, max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST" or scope["query_string"]:
+        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST" or scope.get("query_string"):
             await self.app(scope, receive, send)
             return
         chunks, size, more = [], 0, True
