@@ -163,21 +163,62 @@ def window_features(features: FeaturesConfig, entity: str, buckets: EntityBucket
     >>> window_features(cfg, "user", rows, from_micros(9 * hour + 60_000_000))  # 09:01: 08:00-09:01, 07:00-09:01
     {'user_clicks_1h': 3.0, 'user_clicks_2h': 4.0, 'user_shown_1h': 9.0, 'user_shown_2h': 11.0, 'user_ctr_1h': 0.36363636363636365, 'user_ctr_2h': 0.38461538461538464}
     """
-    current = to_micros(bucket_start(at, features.bucket_width))
+    plan = _window_plan(features, entity)
+    micros = to_micros(at)
+    current = micros - micros % plan.width
+    starts = buckets.starts
+    last = bisect_right(starts, current)
     totals: dict[tuple[str, str], float | None] = {}
-    for window in features.windows:
-        first = current - window_micros(window)
-        for name, aggregate in features.aggregates.items():
-            totals[(name, window)] = combine(aggregate.aggregation, buckets.between(name, first, current))
     found: dict[str, float] = {}
-    for name, aggregate in features.aggregates.items():
-        for window in features.windows:
-            value = totals[(name, window)]
-            found[contract.window_feature_name(entity, name, window)] = aggregate.empty if value is None else value
-    for name, declared in features.ratios.items():
-        for window in features.windows:
-            numerator, denominator = totals[(declared.numerator, window)], totals[(declared.denominator, window)]
-            assert numerator is not None and denominator is not None  # counts and sums are never None
-            value = ratio(numerator, denominator, declared.prior_alpha, declared.prior_beta)
-            found[contract.window_feature_name(entity, name, window)] = value
-    return found
+    # The same buckets for every aggregate of a window: search them once per window.
+    for window, length in plan.windows:
+        first = bisect_left(starts, current - length, 0, last)
+        for name, aggregation, empty, feature in plan.aggregates[window]:
+            column = buckets.values.get(name)
+            value = combine(aggregation, column[first:last]) if column is not None else combine(aggregation, ())
+            totals[(name, window)] = value
+            found[feature] = empty if value is None else value
+    for name, numerator, denominator, alpha, beta, window, feature in plan.ratios:
+        top, bottom = totals[(numerator, window)], totals[(denominator, window)]
+        assert top is not None and bottom is not None  # counts and sums are never None
+        found[feature] = ratio(top, bottom, alpha, beta)
+    # In the contract's order: aggregates by name then window, then ratios.
+    return {name: found[name] for name in plan.order}
+
+
+@dataclass(frozen=True)
+class _WindowPlan:
+    """What ``window_features`` needs of the declarations for one entity, worked out once."""
+
+    width: int
+    windows: tuple[tuple[str, int], ...]
+    aggregates: Mapping[str, tuple[tuple[str, str, float | None, str], ...]]
+    ratios: tuple[tuple[str, str, str, float, float, str, str], ...]
+    order: tuple[str, ...]
+
+
+_PLANS: dict[tuple[int, str], tuple[FeaturesConfig, _WindowPlan]] = {}
+
+
+def _window_plan(features: FeaturesConfig, entity: str) -> _WindowPlan:
+    cached = _PLANS.get((id(features), entity))
+    if cached is not None and cached[0] is features:
+        return cached[1]
+    name_of = contract.window_feature_name
+    plan = _WindowPlan(
+        width=to_micros(features.bucket_width),
+        windows=tuple((w, window_micros(w)) for w in features.windows),
+        aggregates={
+            w: tuple((n, a.aggregation, a.empty, name_of(entity, n, w)) for n, a in features.aggregates.items())
+            for w in features.windows
+        },
+        ratios=tuple(
+            (n, r.numerator, r.denominator, r.prior_alpha, r.prior_beta, w, name_of(entity, n, w))
+            for n, r in features.ratios.items()
+            for w in features.windows
+        ),
+        order=tuple(name_of(entity, n, w) for n in features.aggregates for w in features.windows)
+        + tuple(name_of(entity, n, w) for n in features.ratios for w in features.windows),
+    )
+    _PLANS[(id(features), entity)] = (features, plan)  # keeps the config alive: its id stays its own
+    return plan

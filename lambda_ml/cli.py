@@ -9,7 +9,9 @@
     lambda-ml batch train                train, register and gate a model from bronze
     lambda-ml batch rollback [--to V]    move the champion alias back (default: previous champion)
     lambda-ml batch maintenance          OPTIMIZE and VACUUM the lake, keeping pinned horizons
+    lambda-ml batch evaluate             live AUC per model version: prediction log joined with clicks
     lambda-ml serve                      the prediction service
+    lambda-ml serve stream               score impressions from Kafka into the predictions topic
     lambda-ml submit SCRIPT [ARGS]       run a job with spark-submit and the platform's jars
     lambda-ml demo                       all of the above, end to end, with a summary
 
@@ -100,6 +102,10 @@ def _cluster(cfg: PlatformConfig, args: argparse.Namespace) -> int:
 
 
 def _batch(cfg: PlatformConfig, args: argparse.Namespace) -> int:
+    if args.job == "evaluate":
+        from batch_layer import online_eval
+
+        return online_eval.main([*(["--config", cfg.source] if cfg.source != "<defaults>" else []), *args.job_args])
     if args.job == "maintenance":
         from batch_layer import maintenance
 
@@ -123,6 +129,10 @@ def _batch(cfg: PlatformConfig, args: argparse.Namespace) -> int:
 
 
 def _serve(cfg: PlatformConfig, args: argparse.Namespace) -> int:
+    if args.mode == "stream":
+        from serving_layer import stream
+
+        return stream.run_from_args(cfg, args)
     from serving_layer.app import serve
 
     serve(cfg)
@@ -190,7 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", metavar="VERSION", help="ONNX model version to make champion (default: previous-champion)")
     maintain = batch.add_parser("maintenance", help="OPTIMIZE and VACUUM the lake's tables, keeping every horizon a model in use pins.")
     maintain.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the job (see `... maintenance -- --help`)")
-    verb("serve", _serve, "Run the prediction service in the foreground.")
+    evaluate = batch.add_parser(
+        "evaluate", help="Join the prediction log with later clicks; log live AUC, log loss and counts per version to MLflow."
+    )
+    evaluate.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the job (see `... evaluate -- --help`)")
+    sub = verb(
+        "serve", _serve,
+        "Run the prediction service in the foreground (http), or score impressions from Kafka into the "
+        "predictions topic with the same models and features (stream; at least once, SIGTERM-safe).",
+    )  # fmt: skip
+    sub.add_argument("mode", nargs="?", choices=("http", "stream"), default="http", help="http (default) or stream")
+    from serving_layer.stream import add_arguments as add_stream_arguments
+
+    stream_options = sub.add_argument_group("stream options (serve stream)")
+    add_stream_arguments(stream_options)  # type: ignore[arg-type]
     sub = verb("submit", _submit, "Run a job script with spark-submit and the platform's jars and settings.")
     sub.add_argument("--master", help="Spark master (default: spark.master from config)")
     sub.add_argument("--print", action="store_true", help="print the spark-submit command instead of running it")

@@ -66,6 +66,8 @@ class TopicsConfig(_Model):
     impressions: TopicConfig
     clicks: TopicConfig
     model_updates: TopicConfig
+    # Optional in older config files: the prediction log and the stream scorer's output.
+    predictions: TopicConfig = TopicConfig(name="predictions", partitions=2, retention_ms=604800000)
 
     def event_topics(self) -> dict[str, TopicConfig]:
         """The topics carrying raw events, keyed by event type."""
@@ -335,6 +337,22 @@ class SpeedConfig(_Model):
     report_to_mlflow: bool = True
 
 
+class PredictionLogConfig(_Model):
+    """Every answer of the service sent to ``kafka.topics.predictions``, off the request path."""
+
+    enabled: bool = True
+    buffer_size: int = Field(100_000, gt=0)
+    linger_ms: int = Field(50, ge=0)
+
+
+class AbConfig(_Model):
+    """The ``ab`` policy: users split between two aliases by a stable hash of the user id."""
+
+    challenger_alias: str = Field("challenger", min_length=1)
+    challenger_fraction: float = Field(0.1, ge=0, le=1)
+    salt: str = "ab"
+
+
 class ServingConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
@@ -342,18 +360,29 @@ class ServingConfig(_Model):
     candidate_aliases: tuple[str, ...] = ("challenger",)
     poll_interval_s: float = Field(10, gt=0)
     views_refresh_s: float = Field(10, gt=0)
-    policy: Literal["champion", "latest", "quality", "consensus", "deadline"] = "champion"
+    policy: Literal["champion", "latest", "quality", "consensus", "deadline", "ab"] = "champion"
     consensus: Literal["mean", "vote"] = "mean"
     deadline_ms: float = Field(20, gt=0)
     prior_probability: float = Field(1 / 21, ge=0, le=1)
     api_key: str = ""
     model_updates: bool = True
     max_rows: int = Field(1000, gt=0)
+    prediction_log: PredictionLogConfig = PredictionLogConfig()
+    ab: AbConfig = AbConfig()
 
     @property
     def aliases(self) -> tuple[str, ...]:
         """Every alias the service loads: ``model_alias`` first, then the candidates."""
         return tuple(dict.fromkeys((self.model_alias, *self.candidate_aliases)))
+
+    @model_validator(mode="after")
+    def _ab_challenger_loaded(self) -> ServingConfig:
+        if self.policy == "ab" and self.ab.challenger_alias not in self.candidate_aliases:
+            raise ValueError(
+                f"ab.challenger_alias {self.ab.challenger_alias!r} must be one of candidate_aliases "
+                f"{list(self.candidate_aliases)} for the ab policy"
+            )
+        return self
 
 
 class GeneratorConfig(_Model):

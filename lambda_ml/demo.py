@@ -91,6 +91,9 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
                 f"                          -> {json.dumps(answer)}",
                 f"MLflow UI:                {cfg.mlflow.tracking_uri}",
                 f"prediction service:       {service.url}/docs",
+                f"prediction log:           Kafka topic {cfg.kafka.topics.predictions.name}"
+                + ("" if cfg.serving.prediction_log.enabled else " (off: serving.prediction_log.enabled)")
+                + "; `lambda-ml batch evaluate` joins it with later clicks (live AUC per version in MLflow)",
                 f"total time:               {time.monotonic() - started:.0f} s",
                 "The stack is still running; stop it with `make stop` (lambda-ml stack down).",
             ]

@@ -31,7 +31,7 @@ BATCH_EXAMPLE: dict[str, JsonValue] = {
 }
 
 
-PolicyName = Literal["champion", "latest", "quality", "consensus", "deadline"]
+PolicyName = Literal["champion", "latest", "quality", "consensus", "deadline", "ab"]
 
 
 class _Body(BaseModel):
@@ -55,6 +55,13 @@ class PredictRow(_Body):
         None,
         description="When the impression is shown (ISO-8601 with a time zone); default: now. Window features "
         "cover the events before it, so a time earlier than the views' latest events also sees later ones.",
+    )
+    event_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_ID_LENGTH,
+        description="The impression's event id, if it has one: the prediction log carries it, so that "
+        "online evaluation can join the prediction with the impression's click.",
     )
 
 
@@ -152,7 +159,14 @@ class ModelOut(_Body):
 class Prediction(_Body):
     user_id: str
     item_id: str
+    event_id: str | None = Field(None, description="The row's event_id, if it gave one.")
     probability: float = Field(ge=0, le=1, description="Click probability, P(click), of this impression.")
+    version: int | None = Field(
+        None, description="The model version that produced this probability; null under consensus and for the prior."
+    )
+    arm: Literal["champion", "challenger"] | None = Field(
+        None, description="Under the ab policy, the arm the row's user is in (a stable hash of the user id); else null."
+    )
     features: dict[str, int | float | str] = Field(
         description="The model inputs the row was scored with, by name: window features such as "
         "user_clicks_24h or item_ctr_7d (see features: in the platform config), then the context fields."
@@ -182,6 +196,7 @@ class PredictResponse(_Body):
                     },
                     "models": [{"name": "ctr", "version": 2, "alias": "champion", "run_id": "8f0c2d1e5a7b4c3d9e8f7a6b5c4d3e2f",
                                 "horizon": {"impressions": 12, "clicks": 11}, "quality": 0.71}],
+                    "request_id": "4f9c1a0e7d2b4e38a1c5f0b9d8e7c6a5",
                     "policy": "champion",
                     "how": "version 2 (alias champion)",
                     "views": {"horizon": {"impressions": 12, "clicks": 11}, "users": 500, "items": 100},
@@ -189,7 +204,10 @@ class PredictResponse(_Body):
                         {
                             "user_id": "u42",
                             "item_id": "i7",
+                            "event_id": None,
                             "probability": 0.0731,
+                            "version": 2,
+                            "arm": None,
                             "features": {
                                 "user_impressions_24h": 38.0,
                                 "user_clicks_24h": 3.0,
@@ -210,6 +228,7 @@ class PredictResponse(_Body):
         "null when the deadline policy answered with the prior."
     )
     models: list[ModelOut] = Field(description="Every version that produced the answer (empty: the prior).")
+    request_id: str = Field(description="Id of this request, also in the prediction log and the X-Request-ID header.")
     policy: PolicyName = Field(description="The serving policy that answered.")
     how: str = Field(description="How the policy answered, e.g. 'mean of 2 version(s)'.")
     views: ViewsOut

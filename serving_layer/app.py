@@ -15,13 +15,14 @@ import ipaddress
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AwareDatetime
+from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -33,8 +34,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lambda_ml import contract
 from lambda_ml.buckets import EntityBuckets, bucket_start, from_micros, to_micros, window_features
-from lambda_ml.config import FeaturesConfig, PlatformConfig, parse_duration
+from lambda_ml.config import AbConfig, FeaturesConfig, PlatformConfig, parse_duration
 from lambda_ml.contract import Horizon
+from serving_layer.ab import CHALLENGER_ARM, CHAMPION_ARM, split_rows
 from serving_layer.api_models import (
     BATCH_EXAMPLE,
     REQUEST_KINDS,
@@ -64,6 +66,7 @@ from serving_layer.features import build_model_inputs, lookup_features
 from serving_layer.metrics import CONTENT_TYPE, ServiceMetrics
 from serving_layer.model_store import CtrServingModel, ModelStore, ServedModels
 from serving_layer.policies import PolicyRunner
+from serving_layer.prediction_log import PredictionLog
 from serving_layer.reloadable import NotReadyError, Poller, Reloadable
 from serving_layer.updates import ModelUpdateListener
 from serving_layer.views import BatchViews, BucketView, ViewStore
@@ -167,31 +170,85 @@ def score_rows(
     runner: PolicyRunner,
     policy: str,
     deadline_s: float | None = None,
+    ab: AbConfig | None = None,
+    request_id: str = "",
 ) -> PredictResponse:
     """Compute the rows' features at ``now`` (or their own ``event_time``), answer with
     ``policy`` over the loaded versions and shape the answer with the inputs the first answering
-    version took (all declared features when the prior answered)."""
+    version took (all declared features when the prior answered). Under the ``ab`` policy each
+    row's user picks its arm (``ab``: the split), and each arm's rows are scored by its version."""
     found = lookup_features(rows, views, features, now)
-    answer = runner.answer(policy, served, lambda m: m.predict(build_model_inputs(found, m.inputs)), len(rows), deadline_s)
-    names = answer.models[0].inputs.names if answer.models else contract.model_inputs(features).names
+    if policy == "ab":
+        answers = _ab_answers(rows, found, served, runner, ab or AbConfig())
+    else:
+        answer = runner.answer(policy, served, lambda m: m.predict(build_model_inputs(found, m.inputs)), len(rows), deadline_s)
+        version = answer.models[0].version if len(answer.models) == 1 else None
+        answers = [(float(p), version, None) for p in answer.probabilities]
+        how, models = answer.how, list(answer.models)
+    if policy == "ab":
+        by_version = {m.version: m for m in served.distinct()}
+        models = [by_version[v] for v in dict.fromkeys(v for _, v, _ in answers if v is not None)]
+        arms = {arm: sum(1 for _, _, a in answers if a == arm) for arm in (CHAMPION_ARM, CHALLENGER_ARM)}
+        how = ", ".join(f"{n} row(s) to {arm}" for arm, n in arms.items() if n)
+    names = models[0].inputs.names if models else contract.model_inputs(features).names
     predictions = [
         Prediction(
             user_id=row.user_id,
             item_id=row.item_id,
-            probability=float(p),
+            event_id=row.event_id,
+            probability=p,
+            version=version,
+            arm=arm,  # type: ignore[arg-type]
             features={name: f[name] for name in names},
         )
-        for row, f, p in zip(rows, found, answer.probabilities, strict=True)
+        for row, f, (p, version, arm) in zip(rows, found, answers, strict=True)
     ]
-    outs = [model_out(m) for m in answer.models]
+    outs = [model_out(m) for m in models]
     return PredictResponse(
         model=outs[0] if outs else None,
         models=outs,
-        policy=answer.policy,  # type: ignore[arg-type]
-        how=answer.how,
+        request_id=request_id,
+        policy=policy,  # type: ignore[arg-type]
+        how=how,
         views=views_out(views),
         predictions=predictions,
     )
+
+
+def _ab_answers(
+    rows: Sequence[PredictRow], found: list[dict[str, Any]], served: ServedModels, runner: PolicyRunner, ab: AbConfig
+) -> list[tuple[float, int | None, str | None]]:
+    """(probability, version, arm) per row: the champion's version for the users in its arm,
+    the challenger's for the others; everyone gets the champion while no challenger is loaded."""
+    answers: list[tuple[float, int | None, str | None]] = [(0.0, None, None)] * len(rows)
+    challenger_loaded = ab.challenger_alias in served.by_alias
+    fraction = ab.challenger_fraction if challenger_loaded else 0.0
+    for arm, indexes in split_rows([r.user_id for r in rows], fraction, ab.salt).items():
+        if not indexes:
+            continue
+        arm_served = served if arm == CHAMPION_ARM else ServedModels(ab.challenger_alias, served.by_alias)
+        subset = [found[n] for n in indexes]
+        answer = runner.answer("champion", arm_served, lambda m: m.predict(build_model_inputs(subset, m.inputs)), len(indexes))
+        (model,) = answer.models
+        for n, p in zip(indexes, answer.probabilities, strict=True):
+            answers[n] = (float(p), model.version, arm)
+    return answers
+
+
+def prediction_records(
+    response: PredictResponse, rows: Sequence[PredictRow], registered_model: str, scored_at: datetime, source: str
+) -> list[dict[str, Any]]:
+    """The prediction-log records of an answer, one per row (see ``serving_layer.prediction_log``)."""
+    versions = [m.version for m in response.models]
+    return [
+        {
+            "request_id": response.request_id, "event_id": row.event_id, "user_id": row.user_id, "item_id": row.item_id,
+            "device": row.device, "position": row.position, "event_time": row.event_time, "scored_at": scored_at,
+            "registered_model": registered_model, "policy": response.policy, "arm": p.arm, "version": p.version,
+            "versions": versions, "probability": p.probability, "source": source,
+        }  # fmt: skip
+        for row, p in zip(rows, response.predictions, strict=True)
+    ]
 
 
 def _part(features: FeaturesConfig, entity: str, buckets: EntityBuckets, at: datetime) -> FeaturePart:
@@ -244,6 +301,57 @@ class ContentLengthLimit:
                 await self.response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class PredictFastPath:
+    """ASGI middleware answering a plain ``POST /predict`` without FastAPI's routing and
+    dependency resolution, which take most of a small request's time: the body is read and
+    validated in one pass by pydantic-core (``answer`` returns None when it should not, or
+    cannot, answer). Anything else, and any request ``answer`` declines (an invalid body, a
+    query string, a missing API key, nothing loaded yet...), goes to FastAPI with the body replayed, so
+    errors and the OpenAPI document stay FastAPI's."""
+
+    class _Route:
+        path = "/predict"  # what RequestMetrics labels the request with
+
+    def __init__(self, app: ASGIApp, answer: Callable[[Headers, bytes], tuple[bytes, str] | None], max_bytes: int) -> None:
+        self.app, self.answer, self.max_bytes = app, answer, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST" or scope.get("query_string"):
+            await self.app(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                break
+        body = b"".join(chunks)
+        done = None if more else self.answer(Headers(scope=scope), body)
+        if done is None:
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": more}
+                return await receive()
+
+            await self.app(scope, replay, send)
+            return
+        out, request_id = done
+        scope["route"] = self._Route
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode()),
+                   (b"x-request-id", request_id.encode())]  # fmt: skip
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": out})
 
 
 class RequestMetrics:
@@ -324,11 +432,14 @@ def create_app(
     views: Reloadable[BatchViews] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     poll: bool = True,
+    prediction_log: PredictionLog | None = None,
 ) -> FastAPI:
     """The prediction service for ``cfg``. Tests pass their own ``models``/``views`` slots and
     clock; by default the models come from the MLflow registry (every alias in
     ``serving.aliases``), the views from the lake and the scoring time from the wall clock.
-    With ``poll``, a background thread reloads models and views while the app runs."""
+    With ``poll``, a background thread reloads models and views while the app runs. Answers go
+    to ``prediction_log`` (by default, with ``poll`` and ``serving.prediction_log.enabled``, a
+    producer on ``kafka.topics.predictions``)."""
     model_slot = models if models is not None else ModelStore.from_config(cfg)
     view_slot = views if views is not None else ViewStore.from_config(cfg)
     batch_type = batch_type_with_limit(cfg.serving.max_rows)
@@ -342,6 +453,11 @@ def create_app(
             cfg.kafka.bootstrap_servers, cfg.kafka.topics.model_updates.name, cfg.mlflow.registered_model,
             cfg.serving.aliases, model_slot.reload,
         )  # fmt: skip
+    logged = cfg.serving.prediction_log
+    if prediction_log is None and poll and logged.enabled:
+        prediction_log = PredictionLog(
+            cfg.kafka.bootstrap_servers, cfg.kafka.topics.predictions.name, logged.buffer_size, logged.linger_ms
+        )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -358,9 +474,14 @@ def create_app(
             poller.start()
         if listener is not None:
             listener.start()
+        if prediction_log is not None:
+            prediction_log.start()
+            log.info("logging predictions to %s on %s", prediction_log.topic, prediction_log.bootstrap_servers)
         try:
             yield
         finally:
+            if prediction_log is not None:
+                prediction_log.stop()
             if listener is not None:
                 listener.stop()
             poller.stop()
@@ -377,10 +498,13 @@ def create_app(
     app.state.views = view_slot
     app.state.metrics = metrics
     app.state.model_updates = listener
+    app.state.prediction_log = prediction_log
 
     too_large = _too_large_response(cfg.serving.max_rows)
     # A declared Content-Length is refused before reading; a chunked body is cut off by the
     # route's max_body_size, which raises the 413 handled here.
+    # answer_plain is defined below with the /predict route; it is looked up at request time.
+    app.add_middleware(PredictFastPath, answer=lambda h, b: answer_plain(h, b), max_bytes=max_body_bytes(cfg.serving.max_rows))
     app.add_middleware(ContentLengthLimit, max_bytes=max_body_bytes(cfg.serving.max_rows), response=too_large)
     app.add_middleware(RequestMetrics, metrics=metrics)
     guarded = [Depends(api_key_guard(cfg.serving.api_key))] if cfg.serving.api_key else []
@@ -402,16 +526,46 @@ def create_app(
             return JSONResponse(status_code=415, content={"detail": [{"field": "body", "message": message}]})
         return JSONResponse(status_code=422, content={"detail": format_validation_errors(exc.errors())})
 
-    def answer(rows: list[PredictRow], served: ServedModels, views_now: BatchViews, chosen: str, budget_s: float | None) -> bytes:
+    def answer(
+        rows: list[PredictRow], served: ServedModels, views_now: BatchViews, chosen: str, budget_s: float | None, request_id: str
+    ) -> bytes:
+        now = clock()
         try:
-            response = score_rows(rows, served, views_now, cfg.features, clock(), runner, chosen, budget_s)
+            response = score_rows(rows, served, views_now, cfg.features, now, runner, chosen, budget_s, cfg.serving.ab, request_id)
         except Exception as exc:
             # A request that passed validation should always score; if the graph still fails,
             # say which version failed rather than answer a bare 500.
             log.exception("%s failed to score %d row(s)", served.champion.uri, len(rows))
             raise HTTPException(status_code=500, detail=f"{chosen} policy failed to score the request: {exc}") from exc
         metrics.observe_predictions(chosen, (m.version for m in response.models), len(rows))
+        if prediction_log is not None:
+            prediction_log.submit(prediction_records(response, rows, cfg.mlflow.registered_model, now, "http"))
         return response.model_dump_json().encode()
+
+    request_adapter: TypeAdapter[Any] = TypeAdapter(request_type)
+
+    def answer_plain(headers: Headers, body: bytes) -> tuple[bytes, str] | None:
+        """The answer and request id of a plain /predict request (JSON, a few rows, the default
+        policy unless it waits, models and views loaded, the API key if one is set), else None."""
+        if guarded and not hmac.compare_digest(headers.get(API_KEY_HEADER, "").encode(), cfg.serving.api_key.encode()):
+            return None
+        if not is_json_content_type(headers.get("content-type", "")) or cfg.serving.policy == "deadline":
+            return None
+        views_now, served = view_slot.current, model_slot.current
+        if views_now is None or served is None:
+            return None
+        try:
+            request = request_adapter.validate_json(body)
+        except ValidationError:
+            return None
+        rows: list[PredictRow] = list(request.rows) if isinstance(request, PredictBatch) else [request]
+        if len(rows) > INLINE_ROWS:
+            return None
+        request_id = uuid.uuid4().hex
+        try:
+            return answer(rows, served, views_now, cfg.serving.policy, None, request_id), request_id
+        except HTTPException:
+            return None  # FastAPI answers it again, with the error
 
     async def predict(request: PredictRow | PredictBatch, policy: Any = None, deadline_ms: Any = None) -> Response:
         """Score each row with the loaded model version(s) the policy picks, on window features
@@ -428,15 +582,16 @@ def create_app(
                 raise _unavailable("not ready to predict: " + "; ".join(problems))
         chosen = policy or cfg.serving.policy
         budget_s = None if deadline_ms is None else deadline_ms / 1000
+        request_id = uuid.uuid4().hex
         # A few rows score in a fraction of a millisecond: on the event loop, without a thread
         # hop. Large batches and the deadline policy (which waits) go to the thread pool so they
         # never hold up other requests. The body is serialised once here (returning a Response
         # skips FastAPI's second validation of the response model).
         if len(rows) <= INLINE_ROWS and chosen != "deadline":
-            body = answer(rows, served, views_now, chosen, budget_s)
+            body = answer(rows, served, views_now, chosen, budget_s, request_id)
         else:
-            body = await run_in_threadpool(answer, rows, served, views_now, chosen, budget_s)
-        return Response(body, media_type="application/json")
+            body = await run_in_threadpool(answer, rows, served, views_now, chosen, budget_s, request_id)
+        return Response(body, media_type="application/json", headers={"X-Request-ID": request_id})
 
     # The body type depends on serving.max_rows, so it is set here rather than written in the
     # signature (FastAPI reads annotations, and a string one could not see this closure).
@@ -606,6 +761,12 @@ def create_app(
             for outcome in ("applied", "stale", "invalid"):
                 gauges.append(("lambda_ml_model_updates_total", "Kafka model updates by outcome.", {"outcome": outcome},
                                getattr(listener, outcome)))  # fmt: skip
+        if prediction_log is not None:
+            for outcome, n in prediction_log.counts():
+                gauges.append(("lambda_ml_prediction_log_records_total",
+                               "Prediction-log records: sent (acknowledged), dropped (buffer full) or failed (not delivered).",
+                               {"outcome": outcome}, n))  # fmt: skip
+            gauges.append(("lambda_ml_prediction_log_queued", "Prediction-log records waiting to be sent.", {}, prediction_log.queued))
         gauges.append(("lambda_ml_ready", "1 when models and views are loaded.", {}, float(readiness()[0])))
         return PlainTextResponse(metrics.render(gauges), media_type=CONTENT_TYPE)
 

@@ -26,7 +26,7 @@ def isolated(
                 "topics": topics.model_copy(
                     update={
                         name: getattr(topics, name).model_copy(update={"name": f"{topic_prefix}-{getattr(topics, name).name}"})
-                        for name in ("impressions", "clicks", "model_updates")
+                        for name in ("impressions", "clicks", "model_updates", "predictions")
                     }
                 )
             }

@@ -112,7 +112,7 @@ def test_generator_is_deterministic_and_its_ground_truth_matches_the_records() -
 
 
 def test_every_cli_verb_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    for verb in (["setup"], ["stack"], ["generate"], ["speed", "ingest"], ["speed", "run"], ["batch", "train"], ["serve"], ["submit"], ["demo"], []):
+    for verb in (["setup"], ["stack"], ["generate"], ["speed", "ingest"], ["speed", "run"], ["batch", "train"], ["batch", "evaluate"], ["serve"], ["serve", "stream"], ["submit"], ["demo"], []):
         with pytest.raises(SystemExit) as done:
             build_parser().parse_args([*verb, "--help"])
         assert done.value.code == 0

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,12 +66,14 @@ from serving_layer.views import (
 from support import isolated
 
 SERVING_MODULES = [
+    "serving_layer.ab",
     "serving_layer.app",
     "serving_layer.api_models",
     "serving_layer.features",
     "serving_layer.metrics",
     "serving_layer.model_store",
     "serving_layer.policies",
+    "serving_layer.prediction_log",
     "serving_layer.reloadable",
     "serving_layer.updates",
     "serving_layer.views",
@@ -213,7 +216,7 @@ def toy_views() -> BatchViews:
 
 
 def unit_cfg(**overrides: Any) -> PlatformConfig:
-    return load_config(DEFAULT_CONFIG, env={}, overrides={"serving.max_rows": 5, **overrides})
+    return load_config(DEFAULT_CONFIG, env={}, overrides={"serving.max_rows": 5, "serving.prediction_log.enabled": False, **overrides})
 
 
 @pytest.fixture()
@@ -852,6 +855,57 @@ def test_policies_are_chosen_per_request_and_named_in_the_answer() -> None:
         assert [(v["version"], v["alias"], v["quality"]) for v in models["versions"]] == [(1, "champion", 0.6), (2, "challenger", 0.9)]
 
 
+def _expected_arm(user_id: str, fraction: float, salt: str) -> str:
+    """The documented split, computed here apart from serving_layer.ab."""
+    import hashlib
+
+    bucket = int.from_bytes(hashlib.sha256(f"{salt}\x00{user_id}".encode()).digest()[:8], "big") / 2**64
+    return "challenger" if bucket < fraction else "champion"
+
+
+def test_the_ab_split_is_stable_and_near_its_fraction() -> None:
+    from serving_layer.ab import arm_of
+
+    users = [f"user-{n}" for n in range(20_000)]
+    arms = [arm_of(u, 0.3, "s1") for u in users]
+    assert arms == [arm_of(u, 0.3, "s1") for u in users]  # stable
+    assert arms == [_expected_arm(u, 0.3, "s1") for u in users]
+    share = arms.count("challenger") / len(users)
+    assert abs(share - 0.3) < 0.015, share  # 4.6 standard deviations of a fair split
+    assert [arm_of(u, 0.3, "s2") for u in users] != arms  # another salt reshuffles
+    assert {arm_of(u, 0.0, "s1") for u in users} == {"champion"} and {arm_of(u, 1.0, "s1") for u in users} == {"challenger"}
+
+
+def test_the_ab_policy_scores_each_user_with_its_arms_version() -> None:
+    registry = MemoryRegistry()
+    registry.versions = {1: (-1.0, {}), 2: (0.5, {})}
+    registry.aliases = {"champion": 1, "challenger": 2}
+    store = ModelStore("models:/ctr@champion", registry, ["champion", "challenger"])
+    cfg = unit_cfg(**{"serving.max_rows": 100, "serving.ab.challenger_fraction": 0.5, "serving.ab.salt": "t"})
+    app = create_app(cfg, models=store, views=Reloadable("views", toy_views), clock=lambda: NOW, poll=False)
+    rows = [row(user_id=f"x{n}", item_id="nobody", device="tablet", position=1 + n % 3, event_id=f"imp-{n}") for n in range(40)]
+    with TestClient(app) as client:
+        body = client.post("/predict?policy=ab", json={"rows": rows}).json()
+        single = [client.post("/predict?policy=ab", json=r).json()["predictions"][0] for r in rows]
+    assert body["policy"] == "ab" and body["request_id"]
+    arms = [_expected_arm(r["user_id"], 0.5, "t") for r in rows]
+    assert 0 < arms.count("challenger") < len(rows)
+    version_of = {"champion": 1, "challenger": 2}
+    for r, p, one, arm in zip(rows, body["predictions"], single, arms, strict=True):
+        bias = registry.versions[version_of[arm]][0]
+        expected = toy_probability(STRANGER | {"position": r["position"], "device": "tablet"}, bias=bias)
+        assert (p["arm"], p["version"], p["event_id"]) == (arm, version_of[arm], r["event_id"])
+        assert p["probability"] == pytest.approx(expected, rel=1e-6)
+        assert (one["arm"], one["version"], one["probability"]) == (p["arm"], p["version"], p["probability"])
+    assert sorted(m["version"] for m in body["models"]) == [1, 2]
+    # Without a challenger loaded, everyone gets the champion.
+    registry.aliases = {"champion": 1}
+    store.reload()
+    with TestClient(app) as client:
+        body = client.post("/predict?policy=ab", json={"rows": rows}).json()
+    assert {(p["arm"], p["version"]) for p in body["predictions"]} == {("champion", 1)}
+
+
 def test_ready_and_metrics_report_what_is_loaded() -> None:
     registry = MemoryRegistry()
     registry.versions = {4: (-1.0, {})}
@@ -989,6 +1043,49 @@ def test_model_updates_reload_once_per_fresh_generation() -> None:
     assert not listener.handle(b"{not json") and not listener.handle(_update(1, (1, 1))[:-2])
     assert (len(reloads), listener.applied, listener.stale, listener.invalid) == (3, 3, 1, 2)
     assert listener.generations == {"champion": Horizon(6, 4), "challenger": Horizon(5, 4)}
+
+
+def test_stream_scoring_and_online_evaluation_have_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from batch_layer import online_eval
+    from serving_layer import stream
+
+    for main in (stream.main, online_eval.parse_args):
+        with pytest.raises(SystemExit) as done:
+            main(["--help"])
+        assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "At least once" in out and "--stop-when-idle" in out and "--until" in out and "--every" in out
+    with pytest.raises(SystemExit) as done:
+        online_eval.parse_args(["--until", "2026-11-22T10:00:00"])
+    assert done.value.code == 2 and "--until needs a time zone" in capsys.readouterr().err
+
+
+def test_the_prediction_log_never_holds_up_a_request_and_counts_what_it_drops() -> None:
+    """No broker listens on the log's port: requests answer at once, the log keeps at most its
+    buffer and /metrics counts the rest as dropped."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    cfg = unit_cfg(**{"serving.prediction_log.enabled": True, "serving.prediction_log.buffer_size": 3,
+                      "kafka.bootstrap_servers": f"127.0.0.1:{closed_port}"})  # fmt: skip
+    app = create_app(cfg, models=Reloadable("models:/ctr@champion", lambda: served(toy_model())), views=Reloadable("views", toy_views),
+                     clock=lambda: NOW)  # fmt: skip
+    with TestClient(app) as client:
+        started = time.monotonic()
+        statuses = [client.post("/predict", json=row(event_id=f"e{n}")).status_code for n in range(5)]
+        took = time.monotonic() - started
+        metrics = client.get("/metrics").text
+    assert statuses == [200] * 5 and took < 2, took
+    assert 'lambda_ml_prediction_log_records_total{outcome="dropped"} 2' in metrics
+    assert 'lambda_ml_prediction_log_records_total{outcome="sent"} 0' in metrics
+    assert "lambda_ml_prediction_log_queued 3" in metrics
+
+
+def test_the_ab_policy_needs_its_challenger_among_the_candidates() -> None:
+    from lambda_ml.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ab.challenger_alias 'challenger' must be one of candidate_aliases"):
+        unit_cfg(**{"serving.policy": "ab", "serving.candidate_aliases": []})
 
 
 def test_runner_help_and_bad_config() -> None:
@@ -1799,3 +1896,247 @@ def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: Platf
         assert missing.status_code == 404 and missing.json()["detail"][0]["field"] == "path.entity"
         bad_time = client.get("/features/user/u1?at=yesterday")
         assert bad_time.status_code == 422 and bad_time.json()["detail"][0]["field"] == "query.at"
+
+
+# --------------------------------------------------------------------------- prediction log, A/B, online evaluation
+
+
+def read_topic(cfg: PlatformConfig, topic: str, expected: int, timeout_s: float = 60) -> list[dict[str, Any]]:
+    """Every record of ``topic`` as JSON, waiting until there are at least ``expected``."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=cfg.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        assert partitions, f"topic {topic} does not exist"
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        records: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records += [json.loads(r.value) for r in batch]
+            ends = consumer.end_offsets(partitions)
+            if len(records) >= expected and all(consumer.position(p) >= ends[p] for p in partitions):
+                return records
+        pytest.fail(f"{topic}: {len(records)} record(s), expected {expected}, within {timeout_s} s")
+    finally:
+        consumer.close()
+
+
+def _logged_fields(record: dict[str, Any]) -> tuple[Any, ...]:
+    return (record["request_id"], record["event_id"], record["user_id"], record["item_id"], record["policy"],
+            record["arm"], record["version"], record["probability"])  # fmt: skip
+
+
+def _write_clicks(spark: Any, cfg: PlatformConfig, clicks: list[tuple[str, str, datetime]]) -> None:
+    from lambda_ml.schemas import CLICK
+
+    landed = datetime.now(UTC)
+    rows = [(f"clk-{n}", impression, at, "clicks", 0, n, at, landed) for n, (_, impression, at) in enumerate(clicks)]
+    spark.createDataFrame(rows, CLICK.bronze_schema()).write.format("delta").mode("append").save(cfg.lake.table("bronze", "clicks"))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_prediction_log_equals_the_answers_and_online_auc_equals_sklearn(trained: Trained, spark: Any, tmp_path: Path) -> None:
+    """Under the ab policy (40 % of users to the challenger), every answer reaches the real
+    predictions topic as a record equal to it; each user keeps one arm. The evaluation job joins
+    the log with clicks written to bronze; the AUC, log loss and counts it logs to MLflow per
+    version equal scikit-learn's over the same rows joined here, apart from the job."""
+    from mlflow.tracking import MlflowClient
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    from batch_layer import online_eval
+    from lambda_ml import stack
+
+    cfg = isolated(trained.cfg, REGISTERED_MODEL, topic_prefix="plog", lake_root=tmp_path / "lake")
+    serving = cfg.serving.model_copy(update={
+        "policy": "ab", "ab": cfg.serving.ab.model_copy(update={"challenger_fraction": 0.4}),
+        "poll_interval_s": 3600.0, "views_refresh_s": 3600.0,
+    })  # fmt: skip
+    cfg = cfg.model_copy(update={"serving": serving})
+    # The service reads the module's views; only bronze clicks come from this test's own lake.
+    service_cfg = cfg.model_copy(update={"lake": trained.cfg.lake})
+    stack.create_topics(cfg)
+    topic = cfg.kafka.topics.predictions.name
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    champion = int(_champion(cfg).version)
+    toy = register_toy_version(cfg, Horizon(IMPRESSION_BATCHES - 1, CLICK_BATCHES - 1))
+    client.set_registered_model_alias(REGISTERED_MODEL, "challenger", str(toy))
+    users = [*trained.bronze.users, *(f"visitor-{n}" for n in range(400))]
+    items = trained.bronze.items
+    rows = [
+        {"user_id": u, "item_id": items[n % len(items)], "device": ("mobile", "desktop", "tablet")[n % 3],
+         "position": 1 + n % 5, "event_id": f"ev-{n}", "event_time": (SCORING_TIME + timedelta(seconds=n)).isoformat()}
+        for n, u in enumerate(users)
+    ]  # fmt: skip
+    answers: list[tuple[Any, ...]] = []
+    try:
+        with TestClient(create_app(service_cfg)) as http:
+            requests = [rows[n : n + 7] for n in range(0, len(rows), 7)] + [rows[:3]]  # the last one asked twice
+            for batch in requests:
+                response = http.post("/predict", json={"rows": batch})
+                assert response.status_code == 200, response.text
+                body = response.json()
+                assert response.headers["x-request-id"] == body["request_id"]
+                answers += [(body["request_id"], p["event_id"], p["user_id"], p["item_id"], body["policy"], p["arm"],
+                             p["version"], p["probability"]) for p in body["predictions"]]  # fmt: skip
+            plog = http.app.state.prediction_log  # type: ignore[attr-defined]
+            wait_for(lambda: plog.sent == len(answers), 60, "every prediction acknowledged by the broker")
+            metrics = http.get("/metrics").text
+        assert f'lambda_ml_prediction_log_records_total{{outcome="sent"}} {len(answers)}' in metrics
+        assert 'lambda_ml_prediction_log_records_total{outcome="dropped"} 0' in metrics
+        records = read_topic(cfg, topic, len(answers))
+        assert sorted(map(_logged_fields, records)) == sorted(answers)
+        assert {r["source"] for r in records} == {"http"} and {r["registered_model"] for r in records} == {REGISTERED_MODEL}
+
+        # A/B: one arm per user, the documented hash, near the configured share.
+        arm_of_user: dict[str, set[str]] = {}
+        for r in records:
+            arm_of_user.setdefault(r["user_id"], set()).add(r["arm"])
+        assert all(len(a) == 1 for a in arm_of_user.values())
+        assert {u: a.pop() for u, a in arm_of_user.items()} == {u: _expected_arm(u, 0.4, cfg.serving.ab.salt) for u in arm_of_user}
+        share = sum(1 for u in users if _expected_arm(u, 0.4, cfg.serving.ab.salt) == "challenger") / len(users)
+        assert abs(share - 0.4) < 0.1, share  # about 4 standard deviations for this many users
+        assert {(r["arm"], r["version"]) for r in records} == {("champion", champion), ("challenger", toy)}
+
+        # Clicks: about a third of the impressions, half of them inside the 30-minute window, one
+        # twice, one before its impression and one on an impression never scored.
+        rng = random.Random(11)
+        window = timedelta(minutes=cfg.ctr.attribution_window_minutes)
+        times = {r["event_id"]: datetime.fromisoformat(r["event_time"]) for r in rows}
+        clicks = []
+        for event_id, at in times.items():
+            if rng.random() < 0.35:
+                clicks.append(("c", event_id, at + timedelta(minutes=rng.uniform(0, 60))))
+        clicks += [clicks[0], ("c", "ev-5", times["ev-5"] - timedelta(minutes=1)), ("c", "never-scored", SCORING_TIME)]
+        _write_clicks(spark, cfg, clicks)
+        until = SCORING_TIME + timedelta(seconds=len(rows) - 60) + window  # the last 59 impressions are too recent
+
+        run_id, (result,) = online_eval.run(spark, cfg, until=until, tag=True, min_rows=10)
+        logged = client.get_run(run_id).data.metrics
+
+        # The same join, here: one record per (event, version), labels from the click list.
+        kept: dict[tuple[str, int], dict[str, Any]] = {}
+        for r in records:
+            if times[r["event_id"]] + window <= until:
+                kept.setdefault((r["event_id"], r["version"]), r)
+        clicked = {e for _, e, at in clicks if e in times and times[e] <= at <= times[e] + window}
+        assert 0 < len(clicked) < len(kept) and len(kept) == len(rows) - 59  # ev-0 .. ev-(n - 60) inclusive
+        for version in (champion, toy):
+            mine = [r for (_, v), r in kept.items() if v == version]
+            labels = [1.0 if r["event_id"] in clicked else 0.0 for r in mine]
+            scores = [r["probability"] for r in mine]
+            assert logged[f"v{version}.rows"] == len(mine) and logged[f"v{version}.positives"] == sum(labels)
+            assert logged[f"v{version}.auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+            assert logged[f"v{version}.log_loss"] == pytest.approx(log_loss(labels, scores), rel=1e-9)
+            assert result.by_version[version].auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+            arm = "champion" if version == champion else "challenger"
+            assert logged[f"arm.{arm}.rows"] == len(mine)
+            tags = client.get_model_version(REGISTERED_MODEL, str(version)).tags
+            assert float(tags[contract.TAG_QUALITY_SCORE]) == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    finally:
+        client.delete_registered_model_alias(REGISTERED_MODEL, "challenger")
+        for version in (champion, toy):
+            try:
+                client.delete_model_version_tag(REGISTERED_MODEL, str(version), contract.TAG_QUALITY_SCORE)
+            except Exception:  # noqa: BLE001 - not written if the test failed before
+                pass
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_stream_scoring_equals_predict_and_stops_cleanly_on_sigterm(trained: Trained, tmp_path: Path) -> None:
+    """``lambda-ml serve stream`` scores impressions from the real broker into the predictions
+    topic with the probabilities /predict gives the same rows; invalid records are skipped and
+    counted; SIGTERM exits 0 with the offsets committed, so a restart scores nothing twice."""
+    from kafka import KafkaProducer
+
+    from lambda_ml import stack
+    from lambda_ml.config import write_config
+
+    cfg = isolated(trained.cfg, REGISTERED_MODEL, topic_prefix="stream")
+    stack.create_topics(cfg)
+    config_file = write_config(cfg, tmp_path / "platform.yaml")
+    rows = [{**r, "event_id": f"imp-{n}"} for n, r in enumerate(_rows_covering_every_entity(trained.bronze))]
+    producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
+    for r in rows[:20]:
+        producer.send(cfg.kafka.topics.impressions.name, key=r["user_id"].encode(), value=json.dumps(r).encode())
+    producer.send(cfg.kafka.topics.impressions.name, value=b'{"event_id": "broken"')
+    producer.send(cfg.kafka.topics.impressions.name, value=json.dumps({**rows[0], "position": "top"}).encode())
+    producer.flush()
+    log_file = tmp_path / "stream.log"
+    command = [sys.executable, "-m", "lambda_ml.cli", "--config", str(config_file), "serve", "stream", "--batch-size", "16"]
+    with log_file.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, start_new_session=True)
+    try:
+        read_topic(cfg, cfg.kafka.topics.predictions.name, 20, timeout_s=120)
+        for r in rows[20:]:  # while it runs
+            producer.send(cfg.kafka.topics.impressions.name, key=r["user_id"].encode(), value=json.dumps(r).encode())
+        producer.flush()
+        records = read_topic(cfg, cfg.kafka.topics.predictions.name, len(rows), timeout_s=120)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log_file.read_text()
+    finally:
+        producer.close()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    output = log_file.read_text()
+    assert "skipped 2 invalid" in output and "SIGTERM received" in output, output
+    assert "position: Input should be a valid integer" in output  # the bad field is named
+    by_event = {r["event_id"]: r for r in records}
+    assert len(records) == len(by_event) == len(rows) and {r["source"] for r in records} == {"stream"}
+
+    with TestClient(create_app(cfg, poll=False)) as http:
+        answer = http.post("/predict", json={"rows": rows}).json()
+    for r, p in zip(rows, answer["predictions"], strict=True):
+        streamed = by_event[r["event_id"]]
+        assert (streamed["user_id"], streamed["item_id"], streamed["version"]) == (r["user_id"], r["item_id"], answer["model"]["version"])
+        # The same code and graph; float32 kernels may differ in the last bits between batch sizes.
+        assert streamed["probability"] == pytest.approx(p["probability"], rel=1e-6)
+
+    # Restarted on the same consumer group: everything was committed, nothing is scored again.
+    again = subprocess.run([*command, "--stop-when-idle", "5"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(read_topic(cfg, cfg.kafka.topics.predictions.name, len(rows))) == len(rows)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_kafka_down_keeps_serving_and_the_prediction_log_recovers(trained: Trained, service: Service) -> None:
+    """The broker stopped (by its PID) under the running service: every request is still
+    answered, with the same views and model; the prediction log holds its records meanwhile and
+    delivers them, and the ones after, once the broker is back."""
+    from lambda_ml.stack import KafkaBroker
+
+    cfg = trained.cfg
+    topic = cfg.kafka.topics.predictions.name
+    broker = KafkaBroker(cfg)
+    assert broker.process.pid() is not None
+    base = _rows_covering_every_entity(trained.bronze)[0]
+    _, before = _post_json(f"{service.url}/predict", {**base, "event_id": "kafka-before"})
+    expected = (before["model"]["version"], before["predictions"][0]["probability"], before["views"])
+    existing = len(read_topic(cfg, topic, 1))
+    during: list[tuple[int, Any]] = []
+    try:
+        assert broker.stop() and broker.process.pid() is None and not broker.is_ready()
+        started = time.monotonic()
+        for n in range(40):
+            during.append(_post_json(f"{service.url}/predict", {**base, "event_id": f"kafka-during-{n}"}))
+        took = time.monotonic() - started
+        metrics = urllib.request.urlopen(f"{service.url}/metrics", timeout=10).read().decode()
+    finally:
+        broker.start()
+    assert {status for status, _ in during} == {200}
+    assert {(b["model"]["version"], b["predictions"][0]["probability"], json.dumps(b["views"])) for _, b in during} == {
+        (expected[0], expected[1], json.dumps(expected[2]))
+    }
+    assert took < 10, f"40 requests took {took:.1f} s with Kafka down"
+    assert 'lambda_ml_prediction_log_records_total{outcome="dropped"} 0' in metrics
+    for n in range(5):
+        assert _post_json(f"{service.url}/predict", {**base, "event_id": f"kafka-after-{n}"})[0] == 200
+    records = read_topic(cfg, topic, existing + 45, timeout_s=180)
+    ids = {r["event_id"] for r in records}
+    assert {f"kafka-during-{n}" for n in range(40)} <= ids and {f"kafka-after-{n}" for n in range(5)} <= ids

@@ -18,7 +18,8 @@ def test_topics_have_the_configured_partitions_retention_and_compaction(running_
     from kafka.admin import ConfigResource, ConfigResourceType
 
     cfg = running_stack
-    wanted = [cfg.kafka.topics.impressions, cfg.kafka.topics.clicks, cfg.kafka.topics.model_updates]
+    topics = cfg.kafka.topics
+    wanted = [topics.impressions, topics.clicks, topics.model_updates, topics.predictions]
     admin = KafkaAdminClient(bootstrap_servers=cfg.kafka.bootstrap_servers)
     try:
         described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics([t.name for t in wanted])}
@@ -31,6 +32,7 @@ def test_topics_have_the_configured_partitions_retention_and_compaction(running_
         cfg.kafka.topics.impressions.name: ("delete", "604800000"),
         cfg.kafka.topics.clicks.name: ("delete", "604800000"),
         cfg.kafka.topics.model_updates.name: ("compact", "-1"),
+        cfg.kafka.topics.predictions.name: ("delete", "604800000"),
     }
     assert stack.create_topics(cfg) == []  # a second `stack up` creates nothing
 
