@@ -12,8 +12,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deltalake import DeltaTable
+from support import isolated
 
-from lambda_ml.config import PROJECT_ROOT
+from lambda_ml import stack
+from lambda_ml.config import PROJECT_ROOT, PlatformConfig, write_config
+
+
+def app_config(running_stack: PlatformConfig, model: str, tmp_path: Path, topic_prefix: str) -> tuple[PlatformConfig, Path]:
+    """A config of its own for one application test (lake under ``tmp_path``, own topics,
+    created), micro-batches every second, no MLflow reporting; and the file it is written to."""
+    cfg = isolated(running_stack, model, lake_root=tmp_path / "lake", topic_prefix=topic_prefix)
+    cfg = cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"trigger_seconds": 1.0, "report_to_mlflow": False})})
+    config_file = write_config(cfg, tmp_path / "platform.yaml")
+    stack.create_topics(cfg)
+    return cfg, config_file
 
 
 def rows(path: str) -> int:

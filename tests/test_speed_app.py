@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 from deltalake import DeltaTable
-from speed_process import batches, kill, rows, start, terminate, total, wait_for
-from support import isolated
+from speed_process import app_config, batches, kill, rows, start, terminate, total, wait_for
 
-from lambda_ml import contract, generator, stack
-from lambda_ml.config import PlatformConfig, write_config
+from lambda_ml import contract, generator
+from lambda_ml.config import PlatformConfig
 from lambda_ml.submit import run_submit
 from speed_layer import app
 
@@ -34,10 +33,7 @@ def test_sigterm_kill_9_and_restarts_neither_lose_nor_double_an_event(running_st
     micro-batch is committed), killed with -9 mid-stream, then resumed with spark-submit until
     drained. Bronze,
     the labels and the feature increments equal the generator's ground truth exactly."""
-    cfg = isolated(running_stack, "ctr-speed-app", lake_root=tmp_path / "lake", topic_prefix="speedapp")
-    cfg = cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"trigger_seconds": 1.0, "report_to_mlflow": False})})
-    config_file = write_config(cfg, tmp_path / "platform.yaml")
-    stack.create_topics(cfg)
+    cfg, config_file = app_config(running_stack, "ctr-speed-app", tmp_path, "speedapp")
     gen = cfg.generator.model_copy(update={"impressions": 1200, "seed": 5, "span_hours": 6})
     records, truth = generator.generate(gen, timedelta(minutes=cfg.ctr.attribution_window_minutes), NOW)
     parts = [records[: len(records) // 3], records[len(records) // 3 : 2 * len(records) // 3], records[2 * len(records) // 3 :]]

@@ -8,11 +8,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from speed_process import kill, rows, start, terminate, total, wait_for
-from support import isolated
+from speed_process import app_config, kill, rows, start, terminate, total, wait_for
 
 from lambda_ml import contract, generator, stack
-from lambda_ml.config import PlatformConfig, write_config
+from lambda_ml.config import PlatformConfig
 
 NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
 
@@ -20,10 +19,7 @@ NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(running_stack: PlatformConfig, tmp_path: Path) -> None:
-    cfg = isolated(running_stack, "ctr-speed-faults", lake_root=tmp_path / "lake", topic_prefix="faults")
-    cfg = cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"trigger_seconds": 1.0, "report_to_mlflow": False})})
-    config_file = write_config(cfg, tmp_path / "platform.yaml")
-    stack.create_topics(cfg)
+    cfg, config_file = app_config(running_stack, "ctr-speed-faults", tmp_path, "faults")
     gen = cfg.generator.model_copy(update={"impressions": 1000, "seed": 17, "span_hours": 6})
     records, truth = generator.generate(gen, timedelta(minutes=cfg.ctr.attribution_window_minutes), NOW)
     half = len(records) // 2
