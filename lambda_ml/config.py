@@ -320,7 +320,15 @@ class FeaturesConfig(_Model):
         return self
 
 
-SpeedQuery = Literal["ingest", "labels", "increments"]
+SpeedQuery = Literal["ingest", "labels", "increments", "online"]
+
+
+class OnlineConfig(_Model):
+    """The speed layer's online logistic regression (the ``online`` query)."""
+
+    learning_rate: float = Field(0.001, gt=0)
+    l2: float = Field(0.0, ge=0)
+    register_every: int = Field(50, ge=0)
 
 
 class SpeedConfig(_Model):
@@ -333,6 +341,7 @@ class SpeedConfig(_Model):
     watermark_minutes: int = Field(15, gt=0)
     max_files_per_trigger: int = Field(1000, gt=0)
     report_to_mlflow: bool = True
+    online: OnlineConfig = OnlineConfig()
 
 
 class ServingConfig(_Model):
