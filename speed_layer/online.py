@@ -293,9 +293,13 @@ class Champion:
 
 def linear_from_pipeline(pipeline: Any, inputs: ModelInputs) -> tuple[tuple[str, ...], tuple[float, ...], float] | None:
     """A fitted Spark pipeline's logistic regression as (terms, weights, intercept), None when
-    its classifier is not a binary logistic regression. The batch pipeline assembles the
-    numeric inputs, then each categorical input one-hot encoded over its string indexer's
-    labels (the last, unknown category dropped): one ``<input>=<label>`` term per label."""
+    its classifier is not a binary logistic regression over ``inputs``.
+
+    The batch pipeline assembles the numeric inputs, then each categorical input one-hot encoded
+    over its string indexer's labels plus one slot for an unknown category (the indexer keeps
+    unknowns): one ``<input>=<label>`` term per label. The unknown slot never holds a 1 in
+    training, so its coefficient is 0 and unknown categories add nothing, as in the online model.
+    """
     from pyspark.ml.classification import LogisticRegressionModel
     from pyspark.ml.feature import StringIndexerModel
 
@@ -308,11 +312,16 @@ def linear_from_pipeline(pipeline: Any, inputs: ModelInputs) -> tuple[tuple[str,
             labels.update(zip(stage.getInputCols(), stage.labelsArray))
     if any(name not in labels for name in inputs.categorical):
         return None
-    terms = list(inputs.numeric) + [f"{name}{INDICATOR}{label}" for name in inputs.categorical for label in labels[name]]
     coefficients = [float(c) for c in classifier.coefficients.toArray()]
-    if len(coefficients) != len(terms):
+    if len(coefficients) != len(inputs.numeric) + sum(len(labels[n]) + 1 for n in inputs.categorical):
         return None
-    return tuple(terms), tuple(coefficients), float(classifier.intercept)
+    terms, weights = list(inputs.numeric), coefficients[: len(inputs.numeric)]
+    at = len(inputs.numeric)
+    for name in inputs.categorical:
+        terms += [f"{name}{INDICATOR}{label}" for label in labels[name]]
+        weights += coefficients[at : at + len(labels[name])]
+        at += len(labels[name]) + 1  # past the unknown slot
+    return tuple(terms), tuple(weights), float(classifier.intercept)
 
 
 def _load_spark_twin(client: Any, name: str, version: Any) -> Any:
@@ -404,6 +413,7 @@ class OnlineLearner:
     state: SavedState | None = None
     champion: Champion | None = None
     run_id: str | None = None
+    _run_key: str = ""
     published: list[ModelUpdate] = field(default_factory=list)  # this process's, for the log and tests
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
@@ -441,8 +451,23 @@ class OnlineLearner:
                 return
             auc = progressive_auc(scored, SPEED_P)
             champion_auc = progressive_auc(scored, CHAMPION_P) if champion_p is not None else None
+            self._commit(spark, batch_id, stepped, metrics, auc, champion_auc, featured)
         finally:
             featured.unpersist()
+
+    def _commit(
+        self,
+        spark: SparkSession,
+        batch_id: int,
+        stepped: LinearModel,
+        metrics: StepMetrics,
+        auc: float | None,
+        champion_auc: float | None,
+        featured: DataFrame,
+    ) -> None:
+        """Save the stepped model for ``batch_id``, then report, publish and maybe register it."""
+        cfg, online = self.cfg, self.cfg.speed.online
+        assert self.champion is not None
         state = {
             "generation_impressions": stepped.generation.impressions,
             "generation_clicks": stepped.generation.clicks,
@@ -469,7 +494,7 @@ class OnlineLearner:
         self._log_metrics(batch_id, metrics, auc, champion_auc)
         self._publish(update_of(stepped, cfg.mlflow.registered_model, auc))
         if online.register_every and stepped.updates % online.register_every == 0:
-            self._register(spark, stepped, auc, batch_id)
+            self._register(spark, stepped, auc, batch_id, featured)
 
     def _current_model(self, spark: SparkSession) -> LinearModel:
         """The model to step: the saved one, or the champion's when the champion moved."""
@@ -516,25 +541,43 @@ class OnlineLearner:
             from mlflow import MlflowClient
             from mlflow.entities import Metric
 
-            from speed_layer.monitor import metrics_experiment
-
             client = MlflowClient(self.cfg.mlflow.tracking_uri)
-            if self.run_id is None:
-                name = metrics_experiment(self.cfg)
-                experiment = client.get_experiment_by_name(name)
-                experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-                tags = {contract.TAG_LAYER: "speed", "query": "online"}
-                self.run_id = client.create_run(experiment_id, run_name="online-model", tags=tags).info.run_id
+            assert self.state is not None
+            model = self.state.model
+            key = f"{model.base_version}:{model.generation.impressions}:{model.generation.clicks}"
+            if self.run_id is None or self._run_key != key:
+                self.run_id, self._run_key = self._generation_run(client, model, key), key
             now = int(time.time() * 1000)
             client.log_batch(self.run_id, metrics=[Metric(k, v, now, batch_id) for k, v in values.items() if v is not None])
         except Exception as exc:  # noqa: BLE001 - an MLflow outage costs metrics, never the stream
             log.warning("could not send the online model's metrics to MLflow (%s)", exc)
 
-    def _register(self, spark: SparkSession, model: LinearModel, auc: float | None, batch_id: int) -> None:
+    def _generation_run(self, client: Any, model: LinearModel, key: str) -> str:
+        """The MLflow run of one generation of the online model, in ``<mlflow.experiment>-speed``,
+        found again after a restart: its metrics form one series per generation."""
+        from speed_layer.monitor import metrics_experiment
+
+        name = metrics_experiment(self.cfg)
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+        found = client.search_runs([experiment_id], f"tags.query = 'online' AND tags.generation = '{key}'", max_results=1)
+        if found:
+            return str(found[0].info.run_id)
+        tags = {
+            contract.TAG_LAYER: "speed",
+            "query": "online",
+            "generation": key,
+            "base_version": str(model.base_version),
+            **model.generation.tags(),
+        }
+        run_name = f"online-v{model.base_version}-{model.generation.impressions}-{model.generation.clicks}"
+        return str(client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id)
+
+    def _register(self, spark: SparkSession, model: LinearModel, auc: float | None, batch_id: int, rows: DataFrame) -> None:
         try:
             from speed_layer.online_registry import register_speed_version
 
-            register_speed_version(spark, self.cfg, model, self.champion.pipeline if self.champion else None, auc, batch_id)
+            register_speed_version(spark, self.cfg, model, rows, auc, batch_id)
         except Exception as exc:  # noqa: BLE001 - registration is periodic; the next one retries
             log.warning("could not register the online model in MLflow (%s)", exc)
 
