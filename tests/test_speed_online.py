@@ -21,6 +21,7 @@ import pytest
 from mlflow import MlflowClient
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
+from sklearn.metrics import roc_auc_score
 from support import isolated
 
 from batch_layer.models import build_pipeline
@@ -202,10 +203,11 @@ def test_the_online_query_learns_like_numpy_sgd_and_reaches_serving(
     w = pipeline.stages[-1].coefficients.toArray().astype(np.float64)
     b = float(pipeline.stages[-1].intercept)
     w0, b0 = w.copy(), b
-    losses, champion_losses = [], []
+    losses, champion_losses, aucs = [], [], []
     for chunk in chunks:
         x, y = _design(chunk, inputs.numeric, slots), np.array([r[LABEL] for r in chunk])
         champion_losses.append(_reference_step(w0, b0, x, y, lr, l2)[2])
+        aucs.append(roc_auc_score(y, x @ w + b))  # scored before learning from the rows
         w, b, loss = _reference_step(w, b, x, y, lr, l2)
         losses.append(loss)
     assert w[-1] == 0.0  # the unknown slot: never set, never learned
@@ -226,9 +228,11 @@ def test_the_online_query_learns_like_numpy_sgd_and_reaches_serving(
     (run,) = client.search_runs([experiment.experiment_id], "tags.query = 'online'")
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "online.log_loss")}
     champion_logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "online.champion_log_loss")}
+    auc_logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "online.auc")}
     assert sorted(logged) == [0, 1, 2]
     for step in range(3):
         assert logged[step] == pytest.approx(losses[step], rel=1e-9)
+        assert auc_logged[step] == pytest.approx(aucs[step], rel=1e-9)
         assert champion_logged[step] == pytest.approx(champion_losses[step], rel=1e-9)
     assert logged[0] == pytest.approx(champion_logged[0], rel=1e-12)  # warm start: the champion itself
 
@@ -283,7 +287,8 @@ def test_the_online_query_learns_like_numpy_sgd_and_reaches_serving(
             ModelUpdate(name, contract.SPEED_ALIAS, int(versions.onnx), snapshot.horizon, 1, None, other),
         ])  # fmt: skip
         _wait(lambda: listener.stale >= 2, 30, "the stale updates are seen")
-        assert store.current is not None and store.current.by_alias[contract.SPEED_ALIAS] is speed
+        kept = store.current.by_alias[contract.SPEED_ALIAS] if store.current is not None else None
+        assert kept is not None and (kept.linear, kept.updates) == (speed.linear, 3)
     finally:
         listener.stop()
         impressions.unpersist()
