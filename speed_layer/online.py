@@ -8,7 +8,9 @@ became known). Each micro-batch (:class:`OnlineLearner`):
    code (:func:`lambda_ml.features.add_window_features` over the bronze events before them), so
    the model sees what the batch model was trained on and what serving computes;
 2. scores every row with the current model *and* with the champion before learning from it
-   (progressive validation: log loss and AUC of both, to MLflow, step = micro-batch id);
+   (progressive validation: log loss and AUC of both, to MLflow, step = micro-batch id; the
+   champion's AUC also as its version tag ``quality.progressive_auc``, the online model's in its
+   update, so that serving's ``quality`` policy compares the two on the same rows);
 3. takes one SGD step on the mean log loss (``+ l2/2·|w|²``): a single Spark aggregate sums the
    gradient over every partition, and only that one row of sums reaches the driver;
 4. saves the model in ``speed/online_model`` (one row per micro-batch, an idempotent Delta
@@ -31,6 +33,7 @@ idempotent by key, generation and update count).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -221,6 +224,11 @@ STATE_SCHEMA = StructType(
         StructField("auc", DoubleType(), True),
         StructField("champion_auc", DoubleType(), True),
         StructField("champion_version", LongType(), True),
+        # The streaming query (its checkpoint) whose micro-batch this was: batch ids restart
+        # from 0 with a new checkpoint, and only the same query's ids mean a replay.
+        StructField("query_id", StringType(), True),
+        # Counts the saved rows: the latest is the one with the highest (batch ids restart).
+        StructField("sequence", LongType(), False),
     ]
 )
 
@@ -235,6 +243,8 @@ class SavedState:
     model: LinearModel
     champion_version: int | None
     auc: float | None
+    query_id: str | None = None
+    sequence: int = 0
 
 
 def load_state(spark: SparkSession, cfg: PlatformConfig) -> SavedState | None:
@@ -244,22 +254,36 @@ def load_state(spark: SparkSession, cfg: PlatformConfig) -> SavedState | None:
     path = model_table(cfg)
     if not DeltaTable.isDeltaTable(spark, path):
         return None
-    row = spark.read.format("delta").load(path).orderBy(F.col("batch_id").desc()).limit(1).first()
+    row = spark.read.format("delta").load(path).orderBy(F.col("sequence").desc()).limit(1).first()
     if row is None:
         return None
     generation = Horizon(row["generation_impressions"], row["generation_clicks"])
     model = LinearModel(
         tuple(row["terms"]), tuple(row["weights"]), row["intercept"], generation, row["updates"], row["base_version"]
     )
-    return SavedState(row["batch_id"], model, row["champion_version"], row["auc"])
+    return SavedState(row["batch_id"], model, row["champion_version"], row["auc"], row["query_id"], row["sequence"])
+
+
+def checkpoint_query_id(spark: SparkSession, cfg: PlatformConfig) -> str | None:
+    """The id of the online query, from its checkpoint's metadata (kept across restarts)."""
+    from pyspark.errors import AnalysisException
+
+    from speed_layer.app import checkpoint
+
+    try:
+        row = spark.read.text(f"{checkpoint(cfg, 'online')}/metadata").first()
+    except AnalysisException:
+        return None
+    return None if row is None else str(json.loads(row[0]).get("id"))
 
 
 def save_state(spark: SparkSession, cfg: PlatformConfig, batch_id: int, state: dict[str, Any]) -> None:
-    """Append one micro-batch's model, once: a replayed batch id is skipped by Delta."""
+    """Append one micro-batch's model, once: a replayed batch id of the same query (checkpoint)
+    is skipped by Delta."""
     frame = spark.createDataFrame([{"batch_id": batch_id, **state}], STATE_SCHEMA)
     (
         frame.coalesce(1).write.format("delta").mode("append")
-        .option("txnAppId", "online-model").option("txnVersion", batch_id)
+        .option("txnAppId", f"online-model:{state.get('query_id')}").option("txnVersion", batch_id)
         .save(model_table(cfg))
     )  # fmt: skip
 
@@ -413,6 +437,7 @@ class OnlineLearner:
     state: SavedState | None = None
     champion: Champion | None = None
     run_id: str | None = None
+    query_id: str | None = None  # the id in the query's checkpoint
     _run_key: str = ""
     published: list[ModelUpdate] = field(default_factory=list)  # this process's, for the log and tests
 
@@ -421,7 +446,10 @@ class OnlineLearner:
         cfg, online = self.cfg, self.cfg.speed.online
         if self.state is None:
             self.state = load_state(spark, cfg)
-        if self.state is not None and self.state.batch_id >= batch_id:
+        if self.query_id is None:
+            self.query_id = checkpoint_query_id(spark, cfg)
+        query_id = self.query_id
+        if self.state is not None and self.state.query_id == query_id and self.state.batch_id >= batch_id:
             log.info("online micro-batch %d was learned from before (replayed): no new step", batch_id)
             self._publish(update_of(self.state.model, cfg.mlflow.registered_model, self.state.auc))
             return
@@ -451,7 +479,7 @@ class OnlineLearner:
                 return
             auc = progressive_auc(scored, SPEED_P)
             champion_auc = progressive_auc(scored, CHAMPION_P) if champion_p is not None else None
-            self._commit(spark, batch_id, stepped, metrics, auc, champion_auc, featured)
+            self._commit(spark, batch_id, query_id, stepped, metrics, auc, champion_auc, featured)
         finally:
             featured.unpersist()
 
@@ -459,6 +487,7 @@ class OnlineLearner:
         self,
         spark: SparkSession,
         batch_id: int,
+        query_id: str | None,
         stepped: LinearModel,
         metrics: StepMetrics,
         auc: float | None,
@@ -468,6 +497,7 @@ class OnlineLearner:
         """Save the stepped model for ``batch_id``, then report, publish and maybe register it."""
         cfg, online = self.cfg, self.cfg.speed.online
         assert self.champion is not None
+        sequence = 0 if self.state is None else self.state.sequence + 1
         state = {
             "generation_impressions": stepped.generation.impressions,
             "generation_clicks": stepped.generation.clicks,
@@ -482,9 +512,11 @@ class OnlineLearner:
             "auc": auc,
             "champion_auc": champion_auc,
             "champion_version": self.champion.version,
+            "query_id": query_id,
+            "sequence": sequence,
         }
         save_state(spark, cfg, batch_id, state)
-        self.state = SavedState(batch_id, stepped, self.champion.version, auc)
+        self.state = SavedState(batch_id, stepped, self.champion.version, auc, query_id, sequence)
         log.info(
             "online micro-batch %d: %d labelled impressions (%d clicked); progressive log loss %.4f (champion %s), "
             "AUC %s (champion %s); update %d of %s",
@@ -549,6 +581,11 @@ class OnlineLearner:
                 self.run_id, self._run_key = self._generation_run(client, model, key), key
             now = int(time.time() * 1000)
             client.log_batch(self.run_id, metrics=[Metric(k, v, now, batch_id) for k, v in values.items() if v is not None])
+            if champion_auc is not None and self.champion is not None and self.champion.version is not None:
+                # The quality policy then compares the champion and the online model on the same rows.
+                client.set_model_version_tag(
+                    self.cfg.mlflow.registered_model, str(self.champion.version), contract.TAG_QUALITY_SCORE, repr(champion_auc)
+                )
         except Exception as exc:  # noqa: BLE001 - an MLflow outage costs metrics, never the stream
             log.warning("could not send the online model's metrics to MLflow (%s)", exc)
 
