@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--print", action="store_true", help="print the spark-submit command instead of running it")
     sub.add_argument("script", help="job script, e.g. batch_layer/train.py or speed_layer/ingest.py")
     sub.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the job")
-    sub = verb("demo", _demo, "Stack up, generate, ingest, train, serve, and print a summary; the stack stays up.")
+    sub = verb("demo", _demo, "Stack up, generate, speed layer, train, online model, serve, and print a summary; the stack stays up.")
     sub.add_argument("--impressions", type=int, help="impressions to generate (default: generator.impressions)")
     return parser
 
