@@ -348,7 +348,7 @@ class ServingConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     model_alias: str = "champion"
-    candidate_aliases: tuple[str, ...] = ("challenger",)
+    candidate_aliases: tuple[str, ...] = ("challenger", "speed")
     poll_interval_s: float = Field(10, gt=0)
     views_refresh_s: float = Field(10, gt=0)
     policy: Literal["champion", "latest", "quality", "consensus", "deadline"] = "champion"

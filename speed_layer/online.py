@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -49,6 +49,7 @@ from lambda_ml.config import PlatformConfig, parse_duration
 from lambda_ml.contract import INDICATOR, Horizon, LinearWeights, ModelInputs, ModelUpdate
 from lambda_ml.features import IMPRESSION_FIELDS, LABEL, add_window_features, attribute_clicks, dedup_events, feature_events
 from lambda_ml.schemas import CLICK, IMPRESSION
+from speed_layer.ingest import bronze_path
 
 log = logging.getLogger(__name__)
 
@@ -439,7 +440,7 @@ class OnlineLearner:
     run_id: str | None = None
     query_id: str | None = None  # the id in the query's checkpoint
     _run_key: str = ""
-    published: list[ModelUpdate] = field(default_factory=list)  # this process's, for the log and tests
+    published: int = 0  # updates this process published
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         spark = batch.sparkSession
@@ -455,8 +456,6 @@ class OnlineLearner:
             return
         labelled = batch.where(F.col("_change_type") == "insert").drop("_change_type", "_commit_version", "_commit_timestamp")
         model = self._current_model(spark)
-        from speed_layer.ingest import bronze_path
-
         impressions = spark.read.format("delta").load(bronze_path(cfg, "impressions"))
         clicks = spark.read.format("delta").load(bronze_path(cfg, "clicks"))
         inputs = contract.model_inputs(cfg.features)
@@ -554,7 +553,7 @@ class OnlineLearner:
     def _publish(self, update: ModelUpdate) -> None:
         try:
             publish_updates(self.cfg, [update])
-            self.published.append(update)
+            self.published += 1
         except Exception as exc:  # noqa: BLE001 - Kafka down: serving keeps the last update; the next one follows
             log.warning("could not publish the online model update (%s)", exc)
 
