@@ -264,7 +264,8 @@ def parse_model_update(value: bytes) -> ModelUpdate:
     if missing:
         raise ValueError(f"model update lacks {', '.join(missing)}")
     generation = body["generation"] if isinstance(body["generation"], dict) else None
-    if generation is None or not all(_is_int(generation.get(p)) or generation.get(p) is None for p in ("impressions", "clicks")):
+    parts = ("impressions", "clicks")
+    if generation is None or not all(p in generation and (_is_int(generation[p]) or generation[p] is None) for p in parts):
         raise ValueError("model update field generation must be {impressions, clicks} with integer (or null) versions")
     if not _is_int(body["version"]):
         raise ValueError("model update field version must be an integer")

@@ -119,6 +119,31 @@ def test_updates_reach_the_compacted_topic_with_their_generation(running_stack: 
     assert last["linear"] == {"terms": list(NAMES), "weights": [0.4, 0.5, 0.6], "intercept": -0.5} and last["quality"] == 0.7
 
 
+GOOD_UPDATE = {"registered_model": "ctr", "alias": "speed", "version": 2, "generation": {"impressions": 5, "clicks": 4}}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"version": "2"}, "version"),
+        ({"generation": {"impressions": 5}}, "generation"),
+        ({"generation": {"impressions": 1.5, "clicks": 4}}, "generation"),
+        ({"updates": "3"}, "updates"),
+        ({"quality": "high"}, "quality"),
+        ({"linear": {"terms": ["position"], "weights": [0.1]}}, "linear"),
+        ({"linear": {"terms": ["position", "device=mobile"], "weights": [0.1], "intercept": 0.0}}, "2 terms but 1 weights"),
+        ({"linear": {"terms": ["position"], "weights": ["NaN"], "intercept": 0.0}}, "non-finite"),
+    ],
+)
+def test_a_bad_model_update_is_refused_naming_the_field(change: dict[str, Any], field: str) -> None:
+    from lambda_ml.contract import parse_model_update
+
+    with pytest.raises(ValueError, match=field):
+        parse_model_update(json.dumps({**GOOD_UPDATE, **change}).encode())
+    listener = ModelUpdateListener("unused:9092", "model-updates", "ctr", ["champion", "speed"], lambda *_: None)
+    assert not listener.handle(json.dumps({**GOOD_UPDATE, **change}).encode()) and listener.invalid == 1
+
+
 # --------------------------------------------------------------------------- the online query
 
 
