@@ -43,7 +43,7 @@ from batch_layer.evaluation import (
     split_by_time,
 )
 from batch_layer.models import Selection, select_model
-from batch_layer.onnx_export import ParityError, check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
+from lambda_ml.onnx_export import ParityError, check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
 from batch_layer.registry import ExistingVersions, Lineage, RegisteredVersions, register_models
 from batch_layer.snapshot import Snapshot, read_snapshot
 from batch_layer.views import build_views, write_views

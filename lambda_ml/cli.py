@@ -5,7 +5,7 @@
     lambda-ml cluster up|down|status     a local Spark standalone cluster (master + one worker)
     lambda-ml generate                   send generated click-through events to Kafka
     lambda-ml speed ingest               Kafka -> bronze Delta tables (streaming)
-    lambda-ml speed run                  the whole speed layer: ingest, labels, feature increments
+    lambda-ml speed run                  the whole speed layer: ingest, labels, feature increments, online model
     lambda-ml batch train                train, register and gate a model from bronze
     lambda-ml batch rollback [--to V]    move the champion alias back (default: previous champion)
     lambda-ml batch maintenance          OPTIMIZE and VACUUM the lake, keeping pinned horizons
@@ -177,10 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = speed.add_parser("ingest", help="Kafka -> bronze Delta tables, exactly once; bad records -> quarantine.")
     ingest.add_argument("--available-now", action="store_true", help="ingest what Kafka holds now, then stop")
     run_app = speed.add_parser(
-        "run", help="The whole speed layer (ingest, labels, feature increments) as one streaming application; stops cleanly on SIGTERM."
+        "run",
+        help="The whole speed layer (ingest, labels, feature increments, online model) as one streaming application; "
+        "stops cleanly on SIGTERM.",
     )
     run_app.add_argument(
-        "--query", action="append", choices=("ingest", "labels", "increments"), dest="queries",
+        "--query", action="append", choices=("ingest", "labels", "increments", "online"), dest="queries",
         help="run only this query (repeatable; default: speed.queries)",
     )  # fmt: skip
     run_app.add_argument("--available-now", action="store_true", help="process what the sources hold now, then stop")
@@ -219,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--print", action="store_true", help="print the spark-submit command instead of running it")
     sub.add_argument("script", help="job script, e.g. batch_layer/train.py or speed_layer/ingest.py")
     sub.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the job")
-    sub = verb("demo", _demo, "Stack up, generate, ingest, train, serve, and print a summary; the stack stays up.")
+    sub = verb("demo", _demo, "Stack up, generate, speed layer, train, online model, serve, and print a summary; the stack stays up.")
     sub.add_argument("--impressions", type=int, help="impressions to generate (default: generator.impressions)")
     return parser
 

@@ -322,7 +322,15 @@ class FeaturesConfig(_Model):
         return self
 
 
-SpeedQuery = Literal["ingest", "labels", "increments"]
+SpeedQuery = Literal["ingest", "labels", "increments", "online"]
+
+
+class OnlineConfig(_Model):
+    """The speed layer's online logistic regression (the ``online`` query)."""
+
+    learning_rate: float = Field(0.001, gt=0)
+    l2: float = Field(0.0, ge=0)
+    register_every: int = Field(50, ge=0)
 
 
 class SpeedConfig(_Model):
@@ -335,6 +343,7 @@ class SpeedConfig(_Model):
     watermark_minutes: int = Field(15, gt=0)
     max_files_per_trigger: int = Field(1000, gt=0)
     report_to_mlflow: bool = True
+    online: OnlineConfig = OnlineConfig()
 
 
 class PredictionLogConfig(_Model):
@@ -357,7 +366,7 @@ class ServingConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     model_alias: str = "champion"
-    candidate_aliases: tuple[str, ...] = ("challenger",)
+    candidate_aliases: tuple[str, ...] = ("challenger", "speed")
     poll_interval_s: float = Field(10, gt=0)
     views_refresh_s: float = Field(10, gt=0)
     policy: Literal["champion", "latest", "quality", "consensus", "deadline", "ab"] = "champion"

@@ -1,6 +1,8 @@
 """``lambda-ml demo``: one event's whole journey on the embedded stack, with a summary.
 
-Kafka -> speed layer -> Delta lake -> batch training -> MLflow registry -> ONNX -> serving.
+Kafka -> speed layer (ingest, labels, feature increments) -> Delta lake -> batch training ->
+MLflow registry -> ONNX -> the speed layer's online model, warm-started from the new champion ->
+serving (champion and online model).
 The stack and the service stay up afterwards; ``make stop`` (``lambda-ml stack down``) stops them.
 """
 
@@ -52,24 +54,40 @@ def _train(cfg: PlatformConfig):  # type: ignore[no-untyped-def]
     return train.run(get_spark(cfg, "demo"), cfg)
 
 
+def _online_summary(cfg: PlatformConfig) -> str:
+    from lambda_ml.spark import get_spark
+    from speed_layer.online import load_state
+
+    state = load_state(get_spark(cfg, "demo"), cfg)
+    if state is None:
+        return "no labelled impressions to learn from yet"
+    model = state.model
+    return f"{model.updates} update(s) since champion v{model.base_version} ({model.generation}), last progressive AUC {state.auc}"
+
+
 def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
     """Run the demo end to end and print a summary; return the process exit code."""
-    from speed_layer import ingest
+    from speed_layer import app
 
     if impressions is not None:
         cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(update={"impressions": impressions})})
     started = time.monotonic()
-    steps = 7
+    steps = 8
     _step(1, steps, "resolve JVM jars", lambda: jvm.resolve_all(cfg))
     _step(2, steps, "start Kafka broker and MLflow server", lambda: stack.up(cfg))
     truth = _step(3, steps, "generate events to Kafka", lambda: generator.run(cfg))
-    _step(4, steps, "speed layer: ingest Kafka into bronze Delta tables", lambda: ingest.run(cfg, available_now=True))
+    _step(
+        4, steps, "speed layer: ingest Kafka into bronze, labels, feature increments",
+        lambda: app.run(cfg, ["ingest", "labels", "increments"], available_now=True),
+    )  # fmt: skip
     counts = _lake_counts(cfg)
     result = _step(5, steps, "batch layer: label, featurise, train, export ONNX, register", lambda: _train(cfg))
+    _step(6, steps, "speed layer: online model from the new champion", lambda: app.run(cfg, ["online"], available_now=True))
+    online = _online_summary(cfg)
     service = stack.ServingProcess(cfg)
-    _step(6, steps, "serving layer: start the prediction service", lambda: service.start(None if cfg.source.endswith("platform.yaml") else cfg.source))
+    _step(7, steps, "serving layer: start the prediction service", lambda: service.start(None if cfg.source.endswith("platform.yaml") else cfg.source))
     example = {"user_id": "u1", "item_id": "i1", "device": "mobile", "position": 1}
-    answer = _step(7, steps, "ask for one prediction", lambda: _post_json(f"{service.url}/predict", example))
+    answer = _step(8, steps, "ask for one prediction", lambda: _post_json(f"{service.url}/predict", example))
 
     print(
         "\n".join(
@@ -87,6 +105,7 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
                 f"holdout:                  AUC {result.auc:.4f}, log loss {result.log_loss:.4f} on "
                 f"{result.rows.get('holdout', 0)} impressions ({result.rows.get('train', 0)} trained on)",
                 f"horizon:                  {result.horizon}",
+                f"online model:             {online}",
                 f"one prediction:           POST {service.url}/predict {json.dumps(example)}",
                 f"                          -> {json.dumps(answer)}",
                 f"MLflow UI:                {cfg.mlflow.tracking_uri}",

@@ -4,7 +4,10 @@ graph: float tensors are numeric features, string tensors categorical ones; each
 feature the declarations in ``conf/`` define, so the service can compute it.
 
 Everything about one loaded version (session, version number, run, horizon) lives in one
-immutable ``CtrServingModel``. The ``ModelStore`` follows several aliases (``champion``,
+immutable ``CtrServingModel``. The speed layer's online model is one too: it arrives as data
+on the model-update topic (a logistic regression's weights, see ``lambda_ml.contract``), is
+scored in memory on the same feature vector, and is served under its alias (``speed``) with the
+version number of the registry version it was warm-started from. The ``ModelStore`` follows several aliases (``champion``,
 ``challenger``...) and swaps a ``ServedModels`` (alias -> model) whole; the service's poller
 calls ``ModelStore.reload()`` every ``serving.poll_interval_s``, so an alias moved in the
 registry (a new champion, a rollback) is served without a restart and without a failed request.
@@ -28,7 +31,7 @@ import onnxruntime as ort
 
 from lambda_ml import contract
 from lambda_ml.config import FeaturesConfig, PlatformConfig
-from lambda_ml.contract import Horizon, ModelInputs
+from lambda_ml.contract import Horizon, LinearWeights, ModelInputs, ModelUpdate
 from serving_layer.reloadable import Reloadable
 
 log = logging.getLogger(__name__)
@@ -52,17 +55,28 @@ class CtrServingModel:
     alias: str
     run_id: str | None
     horizon: Horizon
-    session: ort.InferenceSession
+    session: ort.InferenceSession | None  # None for a model served from memory (``linear``)
     inputs: ModelInputs  # as the graph takes them
     holdout_auc: float | None = None  # the training run's holdout AUC
     quality: float | None = None  # see quality_score()
+    linear: LinearWeights | None = None  # an online model's weights, scored in memory
+    updates: int = 0  # an online model's steps since its warm start
 
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
 
+    @property
+    def identity(self) -> tuple[int, str]:
+        """What tells loaded models apart: the registry version, and the alias of a model
+        served from memory (it shares the version number it was warm-started from)."""
+        return (self.version, "" if self.linear is None else self.alias)
+
     def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """P(click) per row, as float64 of shape [n], for one ``[n, 1]`` tensor per input."""
+        if self.linear is not None:
+            return linear_probabilities(self.linear, inputs)
+        assert self.session is not None  # a registry version always has one
         (probability,) = self.session.run([contract.ONNX_PROBABILITY_OUTPUT], inputs)
         return np.asarray(probability, dtype=np.float64)[:, 1]
 
@@ -75,6 +89,49 @@ class CtrServingModel:
         'ctr version 3 (alias champion), trained on bronze impressions v5, clicks v4 in MLflow run r1'
         """
         return f"{self.name} version {self.version} (alias {self.alias}), trained on {self.horizon} in MLflow run {self.run_id}"
+
+
+def linear_probabilities(model: LinearWeights, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """P(click) per row of a linear model over ``[n, 1]`` input tensors (as for ONNX).
+
+    >>> w = LinearWeights(("position", "device=mobile"), (-0.5, 1.0), 0.25)
+    >>> x = {"position": np.array([[1.0], [2.0]], dtype=np.float32), "device": np.array([["mobile"], ["tablet"]], dtype=object)}
+    >>> linear_probabilities(w, x).round(6).tolist()
+    [0.679179, 0.320821]
+    """
+    first = next(iter(inputs.values()))
+    margin = np.full(len(first), model.intercept, dtype=np.float64)
+    for term, weight in zip(model.terms, model.weights):
+        field, _, value = term.partition(contract.INDICATOR)
+        column = inputs[field].reshape(-1)
+        margin += weight * (column == value if value else column.astype(np.float64))
+    return np.asarray(1.0 / (1.0 + np.exp(-margin)), dtype=np.float64)
+
+
+def linear_serving_model(update: ModelUpdate, features: FeaturesConfig) -> CtrServingModel:
+    """An online model update as a servable model; ModelLoadError if it reads an input the
+    declarations do not define."""
+    assert update.linear is not None
+    inputs = update.linear.inputs()
+    declared = contract.model_inputs(features)
+    unknown = [n for n in inputs.numeric if n not in declared.numeric]
+    unknown += [n for n in inputs.categorical if n not in declared.categorical]
+    if unknown:
+        raise ModelLoadError(
+            f"the {update.alias} model update reads inputs {unknown} that the feature declarations do not define"
+        )
+    return CtrServingModel(
+        name=update.registered_model,
+        version=update.version,
+        alias=update.alias,
+        run_id=None,
+        horizon=update.generation,
+        session=None,
+        inputs=inputs,
+        quality=update.quality,
+        linear=update.linear,
+        updates=update.updates or 0,
+    )
 
 
 def open_onnx_session(model: str | Path | bytes) -> ort.InferenceSession:
@@ -268,9 +325,9 @@ class ServedModels:
 
     def distinct(self) -> list[CtrServingModel]:
         """One model per loaded version, the primary alias's first, then by alias order."""
-        seen: dict[int, CtrServingModel] = {}
+        seen: dict[tuple[int, str], CtrServingModel] = {}
         for model in (self.champion, *self.by_alias.values()):
-            seen.setdefault(model.version, model)
+            seen.setdefault(model.identity, model)
         return list(seen.values())
 
     def versions(self) -> dict[str, int]:
@@ -281,21 +338,45 @@ class ModelStore(Reloadable[ServedModels]):
     """The versions behind ``serving.aliases``; ``reload()`` (called by the poller every
     ``serving.poll_interval_s``) re-resolves every alias and swaps in a new ``ServedModels``
     when one moved. A version loaded before is reused at once (a rollback costs no download);
-    one that fails to load leaves its alias on the version it had."""
+    one that fails to load leaves its alias on the version it had.
 
-    def __init__(self, name: str, registry: Registry, aliases: Sequence[str], keep_versions: int = 8) -> None:
+    A model that travels as data (the speed layer's online model) is given to ``reload(update)``
+    and served under its alias from then on, in place of what the registry holds for that alias.
+    """
+
+    def __init__(
+        self, name: str, registry: Registry, aliases: Sequence[str], keep_versions: int = 8, features: FeaturesConfig | None = None
+    ) -> None:
         super().__init__(name, self._refresh)
         self.registry = registry
         self.aliases = tuple(aliases)
         self.keep_versions = keep_versions
+        self.features = features
         self._loaded: dict[int, CtrServingModel] = {}  # version -> model, most recently used last
+        self._inline: dict[str, CtrServingModel] = {}  # alias -> model received as data
         self.swaps = 0
 
     @classmethod
     def from_config(cls, cfg: PlatformConfig) -> ModelStore:
         return cls(
-            f"models:/{cfg.mlflow.registered_model}@{cfg.serving.model_alias}", MlflowRegistry(cfg), cfg.serving.aliases
-        )
+            f"models:/{cfg.mlflow.registered_model}@{cfg.serving.model_alias}", MlflowRegistry(cfg), cfg.serving.aliases,
+            features=cfg.features,
+        )  # fmt: skip
+
+    def reload(self, update: ModelUpdate | None = None) -> ServedModels:
+        """Re-resolve every alias and swap in what moved; with an ``update`` carrying a model as
+        data, serve that model under its alias first. Raises if the update cannot be served
+        (the alias keeps its model) or if no champion can be served."""
+        if update is not None:
+            if update.linear is None:
+                raise ValueError(f"the update of {update.alias} carries no model; reload() without it")
+            if self.features is None:
+                raise ModelLoadError("this store was built without feature declarations: it cannot check an online model")
+            model = linear_serving_model(update, self.features)
+            with self._lock:
+                self._inline[update.alias] = model
+            log.info("online model %s: %d updates since %s, %d terms", update.alias, model.updates, model.horizon, len(update.linear.terms))
+        return super().reload()
 
     def _model_for(self, info: VersionInfo, alias: str) -> CtrServingModel:
         model = self._loaded.pop(info.version, None)
@@ -326,6 +407,9 @@ class ModelStore(Reloadable[ServedModels]):
                 problems.append(f"models:/{self.registry.name}@{alias} could not be refreshed: {exc}")
                 if alias in old:
                     found[alias] = old[alias]
+        for alias, model in self._inline.items():
+            if alias in self.aliases:
+                found[alias] = model
         if primary not in found:
             # Never assigned, or removed: a champion served before keeps serving (slot keeps it).
             raise ModelLoadError(
@@ -333,7 +417,8 @@ class ModelStore(Reloadable[ServedModels]):
             )
         served = ServedModels(primary, MappingProxyType(found), tuple(problems))
         if previous is not None and (served.versions(), served.problems) == (previous.versions(), previous.problems):
-            if all(found[a].quality == old[a].quality for a in found):
+            same_inline = all(found[a] is old[a] for a in self._inline if a in found)
+            if same_inline and all(found[a].quality == old[a].quality for a in found):
                 return previous  # nothing moved: keep the very same object
         if previous is None or served.versions() != previous.versions():
             self.swaps += previous is not None

@@ -2,9 +2,11 @@
 combine. Every answer names the versions that produced it (none when the prior answered).
 
 - ``champion``: the version behind ``serving.model_alias``.
-- ``latest``: the highest loaded version number (the newest model).
+- ``latest``: the newest model: the highest loaded version number; the speed layer's online
+  model (alias ``speed``, numbered after the version it was warm-started from) ranks above that
+  version, since it has learned from the events after it, and below any later version.
 - ``quality``: the loaded version with the best quality score (its recent progressive-validation
-  AUC, else its holdout AUC; see ``model_store.quality_score``); ties go to the newer version.
+  AUC, else its holdout AUC; see ``model_store.quality_score``); ties go to the newer model.
 - ``consensus``: every loaded version; ``mean`` of the probabilities, or ``vote``: the share of
   versions whose probability is at least 0.5.
 - ``deadline``: every loaded version at once on a thread pool; the answer of the best-ranked
@@ -42,9 +44,15 @@ class Answer:
     how: str
 
 
+def newness(model: CtrServingModel) -> tuple[int, bool, int]:
+    """The order of ``latest``: version, then an online model above the version it started
+    from, then its updates."""
+    return (model.version, model.linear is not None, model.updates)
+
+
 def by_quality(models: Sequence[CtrServingModel]) -> list[CtrServingModel]:
-    """Best first: a known quality score before none, higher scores first, then newer versions."""
-    return sorted(models, key=lambda m: (m.quality is not None, m.quality or 0.0, m.version), reverse=True)
+    """Best first: a known quality score before none, higher scores first, then newer models."""
+    return sorted(models, key=lambda m: (m.quality is not None, m.quality or 0.0, *newness(m)), reverse=True)
 
 
 def combine(probabilities: Sequence[np.ndarray], how: Literal["mean", "vote"]) -> np.ndarray:
@@ -82,7 +90,7 @@ class PolicyRunner:
         if policy == "champion":
             return self._single(policy, served.champion, score)
         if policy == "latest":
-            return self._single(policy, max(served.distinct(), key=lambda m: m.version), score)
+            return self._single(policy, max(served.distinct(), key=newness), score)
         if policy == "quality":
             return self._single(policy, by_quality(served.distinct())[0], score)
         if policy == "consensus":

@@ -1,86 +1,49 @@
-"""Model updates from Kafka: a fast path for alias moves. The batch layer (or an operator)
-publishes ``{"registered_model", "alias", "version", "generation"}`` on the compacted topic
-``kafka.topics.model_updates`` (see ``lambda_ml.contract``); the listener reloads the model store
-at once instead of waiting for the next registry poll. An update from an older generation (an
-older bronze horizon) than one already applied for its alias is stale and ignored. Kafka down
-only means waiting for the poll: the listener reconnects by itself and never touches requests.
+"""Model updates from Kafka: a fast path for alias moves, and the way the speed layer's online
+model reaches the service. Records on the compacted topic ``kafka.topics.model_updates`` follow
+one format, defined in ``lambda_ml.contract`` (:class:`~lambda_ml.contract.ModelUpdate`): a
+registry alias move (``{"registered_model", "alias", "version", "generation"}``) makes the
+listener reload the model store at once instead of waiting for the next registry poll; an update
+carrying a ``linear`` model (alias ``speed``) is handed to the store as it is, to be served from
+memory. An update older than one already applied for its alias (an older generation, or fewer
+online updates in the same generation) is stale and ignored. Kafka down only means waiting for
+the poll: the listener reconnects by itself and never touches requests.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-from lambda_ml import contract
-from lambda_ml.contract import Horizon
+from lambda_ml.contract import Horizon, ModelUpdate, parse_model_update
 from serving_layer.reloadable import BackgroundLoop
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ModelUpdate:
-    registered_model: str
-    alias: str
-    version: int
-    generation: Horizon
-
-
-def parse_model_update(value: bytes) -> ModelUpdate:
-    """One update record's value; ValueError naming what is wrong.
-
-    >>> parse_model_update(b'{"registered_model": "ctr", "alias": "champion", "version": 7, '
-    ...                    b'"generation": {"impressions": 12, "clicks": 11}}')
-    ModelUpdate(registered_model='ctr', alias='champion', version=7, generation=Horizon(impressions=12, clicks=11))
-    >>> parse_model_update(b'{"alias": "champion"}')
-    Traceback (most recent call last):
-    ...
-    ValueError: model update lacks registered_model, version, generation
-    """
-    try:
-        body = json.loads(value)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"model update is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ValueError("model update is not a JSON object")
-    missing = [f for f in contract.MODEL_UPDATE_FIELDS if f not in body]
-    if missing:
-        raise ValueError(f"model update lacks {', '.join(missing)}")
-    generation = body["generation"] if isinstance(body["generation"], dict) else {}
-    parts = (generation.get("impressions"), generation.get("clicks"))
-    if not all(isinstance(p, int) and not isinstance(p, bool) for p in parts) or not isinstance(body["version"], int):
-        raise ValueError("model update needs an integer version and generation {impressions, clicks}")
-    return ModelUpdate(str(body["registered_model"]), str(body["alias"]), body["version"], Horizon(*parts))
-
-
-def is_stale(generation: Horizon, applied: Horizon | None) -> bool:
-    """True when ``generation`` is older than the one applied: either bronze version went back.
-
-    >>> is_stale(Horizon(5, 4), Horizon(6, 4)), is_stale(Horizon(6, 4), Horizon(6, 4)), is_stale(Horizon(7, 5), None)
-    (True, False, False)
-    """
-    if applied is None:
-        return False
-    return (generation.impressions or 0) < (applied.impressions or 0) or (generation.clicks or 0) < (applied.clicks or 0)
+__all__ = ["ModelUpdate", "ModelUpdateListener", "parse_model_update"]
 
 
 class ModelUpdateListener(BackgroundLoop):
     """Reads the model-update topic from its start (compacted: the last update per alias) on a
-    background thread and calls ``reload`` for each fresh update of one of ``aliases``."""
+    background thread and calls ``reload`` for each fresh update of one of ``aliases``: with no
+    argument for a registry alias move, with the update for a model that travels as data
+    (``ModelStore.reload`` accepts both)."""
 
     thread_name = "model-updates"
 
     def __init__(
-        self, bootstrap_servers: str, topic: str, registered_model: str, aliases: Sequence[str], reload: Callable[[], object]
+        self, bootstrap_servers: str, topic: str, registered_model: str, aliases: Sequence[str], reload: Callable[..., object]
     ) -> None:
         super().__init__()
         self.bootstrap_servers, self.topic = bootstrap_servers, topic
         self.registered_model, self.aliases = registered_model, tuple(aliases)
         self._reload = reload
-        self.generations: dict[str, Horizon] = {}
+        self.latest: dict[str, ModelUpdate] = {}  # alias -> the last update applied
         self.applied = self.stale = self.invalid = 0
+
+    @property
+    def generations(self) -> dict[str, Horizon]:
+        """alias -> the generation of the last update applied."""
+        return {alias: update.generation for alias, update in self.latest.items()}
 
     def handle(self, value: bytes) -> bool:
         """Apply one record; True if it triggered a reload."""
@@ -92,15 +55,19 @@ class ModelUpdateListener(BackgroundLoop):
             return False
         if update.registered_model != self.registered_model or update.alias not in self.aliases:
             return False
-        if is_stale(update.generation, self.generations.get(update.alias)):
+        applied = self.latest.get(update.alias)
+        if update.is_stale(applied):
             self.stale += 1
-            log.info("ignored a stale update of %s@%s to version %d (%s; applied %s)", update.registered_model,
-                     update.alias, update.version, update.generation, self.generations[update.alias])  # fmt: skip
+            log.info("ignored a stale update of %s@%s to version %d (%s%s; applied %s%s)", update.registered_model,
+                     update.alias, update.version, update.generation, _steps(update), applied.generation if applied else None, _steps(applied))  # fmt: skip
             return False
-        self.generations[update.alias] = update.generation
+        self.latest[update.alias] = update
         self.applied += 1
         try:
-            self._reload()
+            if update.linear is not None:
+                self._reload(update)
+            else:
+                self._reload()
         except Exception as exc:  # noqa: BLE001 - logged by the store; the poll retries
             log.warning("reload after the update of %s@%s failed: %s", update.registered_model, update.alias, exc)
         return True
@@ -129,3 +96,7 @@ class ModelUpdateListener(BackgroundLoop):
             finally:
                 if consumer is not None:
                     consumer.close()
+
+
+def _steps(update: ModelUpdate | None) -> str:
+    return "" if update is None or update.updates is None else f", {update.updates} online updates"

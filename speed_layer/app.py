@@ -7,6 +7,8 @@ its own checkpoint under ``lake.checkpoints/<query>``.
 - ``increments``: the declared features on the stream, per (entity, bucket, bronze version) ->
   the increments tables the serving layer merges on top of the batch views
   (:mod:`speed_layer.increments`).
+- ``online``: newly labelled impressions -> one SGD step of the online model, published on the
+  model-updates topic (:mod:`speed_layer.online`).
 
 ``speed.queries`` picks the queries, ``speed.trigger_seconds`` the micro-batch interval. On
 SIGTERM or Ctrl-C each query is let finish the micro-batch it is running, then stopped; a
@@ -58,8 +60,14 @@ def _increments(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger) -> S
     return increments.start_increments(spark, cfg, trigger)
 
 
+def _online(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger) -> StreamingQuery:
+    from speed_layer import online
+
+    return online.start_online(spark, cfg, trigger)
+
+
 # The queries in the order they start (downstream queries read what upstream ones write).
-QUERIES: dict[str, QueryBuilder] = {"ingest": _ingest, "labels": _labels, "increments": _increments}
+QUERIES: dict[str, QueryBuilder] = {"ingest": _ingest, "labels": _labels, "increments": _increments, "online": _online}
 
 
 def checkpoint(cfg: PlatformConfig, query: str) -> str:
@@ -162,8 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="speed_layer/app.py",
         description=(
-            "The speed layer: ingest (Kafka -> bronze), labels (stream-stream join -> silver) and feature "
-            "increments, one Spark application, each query checkpointed. Stops cleanly on SIGTERM."
+            "The speed layer: ingest (Kafka -> bronze), labels (stream-stream join -> silver), feature "
+            "increments and the online model, one Spark application, each query checkpointed. Stops cleanly on SIGTERM."
         ),
     )
     parser.add_argument("--config", help="platform config file (default: conf/platform.yaml)")

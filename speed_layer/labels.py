@@ -23,6 +23,7 @@ from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import INCREMENT_VERSION_COLUMNS, SILVER_LABELS_TABLE
 from lambda_ml.features import IMPRESSION_FIELDS, LABEL, within_attribution_window
 from lambda_ml.schemas import IMPRESSION
+from speed_layer.ingest import CHANGE_FEED
 from speed_layer.silver import silver_events
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,21 @@ def merge_labels(batch: DataFrame, batch_id: int, cfg: PlatformConfig) -> int:
     return rows
 
 
+def ensure_labels_table(spark: SparkSession, cfg: PlatformConfig) -> None:
+    """Create ``silver/labels`` if needed, with its change feed on (the online model reads the
+    newly labelled impressions from it); a table created without it gets it turned on."""
+    path = labels_path(cfg)
+    table = DeltaTable.createIfNotExists(spark).location(path).addColumns(LABEL_SCHEMA).property(CHANGE_FEED, "true").execute()
+    if table.detail().first()["properties"].get(CHANGE_FEED) != "true":
+        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{CHANGE_FEED}' = 'true')")
+        log.info("%s: change feed turned on", path)
+
+
 def start_labels(spark: SparkSession, cfg: PlatformConfig, trigger: Callable[[DataStreamWriter], DataStreamWriter]) -> StreamingQuery:
     """Start the label join: bronze impressions and clicks (deduplicated) -> ``silver/labels``."""
     from speed_layer.app import checkpoint
 
-    DeltaTable.createIfNotExists(spark).location(labels_path(cfg)).addColumns(LABEL_SCHEMA).execute()
+    ensure_labels_table(spark, cfg)
     impressions, clicks = silver_events(spark, cfg)
     joined = join_labels(impressions, clicks, cfg.ctr.attribution_window_minutes)
     writer = (

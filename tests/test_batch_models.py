@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from batch_layer import evaluation, models
 from batch_layer.evaluation import CalibrationBin, TrainingError
-from batch_layer.onnx_export import check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
+from lambda_ml.onnx_export import check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
 from lambda_ml import contract
 from lambda_ml.config import (
     DEFAULT_CONFIG,

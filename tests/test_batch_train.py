@@ -27,7 +27,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from batch_layer import registry, train
-from batch_layer.onnx_export import ParityError, check_parity, onnx_click_probabilities, onnx_inputs
+from lambda_ml.onnx_export import ParityError, check_parity, onnx_click_probabilities, onnx_inputs
 from batch_layer.registry import CHAMPION_ALIAS
 from batch_layer.snapshot import Snapshot, SnapshotError, read_snapshot
 from lambda_ml import contract

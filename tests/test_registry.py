@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 from batch_layer import registry, train
 from batch_layer.evaluation import split_by_time
-from batch_layer.onnx_export import onnx_click_probabilities, onnx_inputs
+from lambda_ml.onnx_export import onnx_click_probabilities, onnx_inputs
 from batch_layer.snapshot import SnapshotError, read_snapshot, version_as_of
 from lambda_ml import cli, contract
 from lambda_ml.config import GbtGridConfig, LrGridConfig, PlatformConfig, SearchConfig, write_config

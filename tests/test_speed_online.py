@@ -1,22 +1,50 @@
 """Online logistic regression: SGD steps computed with Spark aggregates equal a NumPy reference,
-progressive validation scores each batch before learning from it, and updates reach the
-compacted model-updates topic stamped with their generation (real Spark and broker)."""
+progressive validation scores each batch before learning from it, and the streaming
+application's ``online`` query, fed by the silver labels, learns exactly what a plain NumPy SGD
+learns from the same rows with the batch layer's features, warm-started from the champion; a
+replayed micro-batch does not step twice; its updates reach the serving layer's model store over
+the real broker (stale ones ignored) and a ``layer=speed`` version is registered (real Spark,
+Delta, Kafka and MLflow)."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+import mlflow
 import numpy as np
 import pytest
+from mlflow import MlflowClient
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+from sklearn.metrics import roc_auc_score
 from support import isolated
 
-from lambda_ml import stack
-from lambda_ml.config import PlatformConfig
-from speed_layer.online import LinearModel, publish_updates, sgd_step, update_record
+from batch_layer.models import build_pipeline
+from batch_layer.snapshot import read_snapshot
+from batch_layer.train import build_training_set, clean_events
+from lambda_ml import contract, generator, stack
+from lambda_ml.config import OnlineConfig, PlatformConfig
+from lambda_ml.contract import Horizon, LinearWeights, ModelUpdate
+from lambda_ml.features import LABEL, latest_event_time
+from lambda_ml.model_registry import register_models
+from lambda_ml.onnx_export import export_onnx
+from serving_layer.features import build_model_inputs
+from serving_layer.model_store import ModelStore
+from serving_layer.updates import ModelUpdateListener
+from speed_layer import app, ingest
+from speed_layer.labels import LABEL_SCHEMA, ensure_labels_table, merge_labels
+from speed_layer.monitor import metrics_experiment
+from speed_layer.online import LinearModel, model_table, publish_updates, sgd_step, update_of
 
 NAMES = ("x1", "x2", "x3")
 TRUE_W, TRUE_B = np.array([1.5, -2.0, 0.5]), -0.3
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+KAFKA_COLUMNS = "key binary, value binary, topic string, partition int, offset long, timestamp timestamp"
 
 
 def _data(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +67,7 @@ def test_sgd_steps_match_numpy_and_validate_before_learning(spark: SparkSession)
     rows = [(*map(float, features), float(label)) for features, label in zip(x, y)]
     frame = spark.createDataFrame(rows, "x1 double, x2 double, x3 double, label double").repartition(3)
     batches = frame.randomSplit([1.0] * 4, seed=5)
-    champion = LinearModel(NAMES, (1.0, -1.0, 0.0), 0.0, generation="impressions=5,clicks=4")
+    champion = LinearModel(NAMES, (1.0, -1.0, 0.0), 0.0, generation=Horizon(5, 4))
     model, w, b = champion, np.array(champion.weights), champion.intercept
     lr, l2 = 0.5, 0.01
     losses = []
@@ -68,11 +96,11 @@ def test_updates_reach_the_compacted_topic_with_their_generation(running_stack: 
 
     cfg = isolated(running_stack, "ctr-speed-online", topic_prefix="online")
     stack.create_topics(cfg)
-    first = LinearModel(NAMES, (0.1, 0.2, 0.3), -1.0, generation="impressions=5,clicks=4", updates=1)
-    second = LinearModel(NAMES, (0.4, 0.5, 0.6), -0.5, generation="impressions=7,clicks=6", updates=1)
-    publish_updates(cfg, [update_record(first, "ctr", 0), update_record(second, "ctr", 1)])
+    first = LinearModel(NAMES, (0.1, 0.2, 0.3), -1.0, generation=Horizon(5, 4), updates=1, base_version=2)
+    second = LinearModel(NAMES, (0.4, 0.5, 0.6), -0.5, generation=Horizon(7, 6), updates=1, base_version=4)
+    publish_updates(cfg, [update_of(first, "ctr"), update_of(second, "ctr", quality=0.7)])
     with pytest.raises(ValueError, match="non-finite"):
-        update_record(LinearModel(NAMES, (float("nan"), 0.0, 0.0), 0.0, "g"), "ctr", 2)
+        update_of(LinearModel(NAMES, (float("nan"), 0.0, 0.0), 0.0, Horizon()), "ctr")
 
     consumer = KafkaConsumer(
         cfg.kafka.topics.model_updates.name, bootstrap_servers=cfg.kafka.bootstrap_servers,
@@ -82,6 +110,213 @@ def test_updates_reach_the_compacted_topic_with_their_generation(running_stack: 
         received = [(m.key, json.loads(m.value)) for m in consumer]
     finally:
         consumer.close()
-    assert [key for key, _ in received] == [b"speed:ctr", b"speed:ctr"]
-    assert [(v["generation"], v["batch_id"]) for _, v in received] == [("impressions=5,clicks=4", 0), ("impressions=7,clicks=6", 1)]
-    assert received[-1][1]["weights"] == {"x1": 0.4, "x2": 0.5, "x3": 0.6} and received[-1][1]["intercept"] == -0.5
+    assert [key for key, _ in received] == [b"ctr@speed", b"ctr@speed"]
+    assert [(v["generation"], v["version"], v["updates"]) for _, v in received] == [
+        ({"impressions": 5, "clicks": 4}, 2, 1),
+        ({"impressions": 7, "clicks": 6}, 4, 1),
+    ]
+    last = received[-1][1]
+    assert last["linear"] == {"terms": list(NAMES), "weights": [0.4, 0.5, 0.6], "intercept": -0.5} and last["quality"] == 0.7
+
+
+GOOD_UPDATE = {"registered_model": "ctr", "alias": "speed", "version": 2, "generation": {"impressions": 5, "clicks": 4}}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"version": "2"}, "version"),
+        ({"generation": {"impressions": 5}}, "generation"),
+        ({"generation": {"impressions": 1.5, "clicks": 4}}, "generation"),
+        ({"updates": "3"}, "updates"),
+        ({"quality": "high"}, "quality"),
+        ({"linear": {"terms": ["position"], "weights": [0.1]}}, "linear"),
+        ({"linear": {"terms": ["position", "device=mobile"], "weights": [0.1], "intercept": 0.0}}, "2 terms but 1 weights"),
+        ({"linear": {"terms": ["position"], "weights": ["NaN"], "intercept": 0.0}}, "non-finite"),
+    ],
+)
+def test_a_bad_model_update_is_refused_naming_the_field(change: dict[str, Any], field: str) -> None:
+    from lambda_ml.contract import parse_model_update
+
+    with pytest.raises(ValueError, match=field):
+        parse_model_update(json.dumps({**GOOD_UPDATE, **change}).encode())
+    listener = ModelUpdateListener("unused:9092", "model-updates", "ctr", ["champion", "speed"], lambda *_: None)
+    assert not listener.handle(json.dumps({**GOOD_UPDATE, **change}).encode()) and listener.invalid == 1
+
+
+# --------------------------------------------------------------------------- the online query
+
+
+def _land(spark: SparkSession, cfg: PlatformConfig, records: list[generator.Record]) -> None:
+    """Write records to bronze as one ingest micro-batch would."""
+    topics = {name: t.name for name, t in cfg.kafka.topics.event_topics().items()}
+    rows = [(r.key, r.value, topics[r.event_type], 0, i, NOW) for i, r in enumerate(records)]
+    ingest.ingest_batch(spark.createDataFrame(rows, KAFKA_COLUMNS), 0, cfg)
+
+
+def _design(rows: list[Any], numeric: tuple[str, ...], device_slots: list[str]) -> np.ndarray:
+    """The champion pipeline's feature vector, built by hand: numbers, then the one-hot device
+    over the indexer's labels plus the unknown slot."""
+    return np.array([[float(r[n]) for n in numeric] + [float(r["device"] == d) for d in device_slots] for r in rows])
+
+
+def _wait(check: Any, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_online_query_learns_like_numpy_sgd_and_reaches_serving(
+    running_stack: PlatformConfig, spark: SparkSession, tmp_path: Path
+) -> None:
+    lr, l2 = 0.002, 0.01
+    local = isolated(running_stack, "ctr-online", lake_root=tmp_path / "lake", topic_prefix="onl")
+    local = local.model_copy(
+        update={
+            "speed": local.speed.model_copy(update={"online": OnlineConfig(learning_rate=lr, l2=l2, register_every=3)}),
+            "serving": local.serving.model_copy(update={"candidate_aliases": (contract.SPEED_ALIAS,)}),
+        }
+    )
+    stack.create_topics(local)
+    name, inputs = local.mlflow.registered_model, contract.model_inputs(local.features)
+    gen = local.generator.model_copy(
+        update={"impressions": 1600, "span_hours": 6, "users": 30, "items": 10, "seed": 11, "malformed_fraction": 0.0}
+    )
+    records, _ = generator.generate(gen, timedelta(minutes=local.ctr.attribution_window_minutes), NOW)
+    ingest.ensure_tables(spark, local)
+    _land(spark, local, records)
+
+    # The batch layer's own training rows: every labelled impression with its features.
+    snapshot = read_snapshot(spark, local)
+    impressions, clicks = (frame.cache() for frame in clean_events(snapshot))
+    as_of = latest_event_time(impressions, clicks)
+    assert as_of is not None
+    training = build_training_set(impressions, clicks, local, as_of).cache()
+    rows = sorted(training.collect(), key=lambda r: (r["event_time"], r["event_id"]))
+    assert len(rows) > 1000 and 0 < sum(r[LABEL] for r in rows) < len(rows)
+    first, rest = rows[: 2 * len(rows) // 5], rows[2 * len(rows) // 5 :]
+    chunks = [rest[i :: 3] for i in range(3)]  # three micro-batches, interleaved in time
+
+    # A champion fitted on the earliest rows, registered as the batch layer does.
+    pipeline = build_pipeline(local, {"reg_param": 0.01, "elastic_net_param": 0.0, "max_iter": 30}).fit(
+        training.where(F.col("event_id").isin([r["event_id"] for r in first]))
+    )
+    mlflow.set_tracking_uri(local.mlflow.tracking_uri)
+    mlflow.set_experiment(local.mlflow.experiment)
+    with mlflow.start_run():
+        versions = register_models(pipeline, export_onnx(pipeline, spark, inputs, name), name, snapshot.horizon)
+    client = MlflowClient(local.mlflow.tracking_uri)
+    client.set_registered_model_alias(name, contract.CHAMPION_ALIAS, versions.onnx)
+
+    # The labels arrive in the silver table one chunk at a time; the online query runs after each.
+    ensure_labels_table(spark, local)
+    label_columns = [f.name for f in LABEL_SCHEMA.fields]
+    for batch_id, chunk in enumerate(chunks):
+        labels = spark.createDataFrame([(r["event_id"], r[LABEL]) for r in chunk], "event_id string, label double")
+        silver = impressions.join(labels, "event_id").withColumn("impressions_version", F.lit(0).cast("long"))
+        merge_labels(silver.select(*label_columns), batch_id, local)
+        app.run(local, ["online"], available_now=True)
+
+    # NumPy SGD over the same rows, from the champion's coefficients, in the same batch order.
+    devices = list(pipeline.stages[0].labelsArray[0])
+    slots = devices + ["<unknown>"]
+    w = pipeline.stages[-1].coefficients.toArray().astype(np.float64)
+    b = float(pipeline.stages[-1].intercept)
+    w0, b0 = w.copy(), b
+    losses, champion_losses, aucs = [], [], []
+    for chunk in chunks:
+        x, y = _design(chunk, inputs.numeric, slots), np.array([r[LABEL] for r in chunk])
+        champion_losses.append(_reference_step(w0, b0, x, y, lr, l2)[2])
+        aucs.append(roc_auc_score(y, x @ w + b))  # scored before learning from the rows
+        w, b, loss = _reference_step(w, b, x, y, lr, l2)
+        losses.append(loss)
+    assert w[-1] == 0.0  # the unknown slot: never set, never learned
+
+    saved = spark.read.format("delta").load(model_table(local)).orderBy("batch_id").collect()
+    assert [r["batch_id"] for r in saved] == [0, 1, 2] and [r["updates"] for r in saved] == [1, 2, 3]
+    assert [r["rows"] for r in saved] == [len(c) for c in chunks]
+    final = saved[-1]
+    expected_terms = [*inputs.numeric, *(f"device={d}" for d in devices)]
+    assert list(final["terms"]) == expected_terms
+    np.testing.assert_allclose(final["weights"], w[:-1], rtol=1e-9, atol=1e-15)
+    assert final["intercept"] == pytest.approx(b, rel=1e-9)
+    assert (final["generation_impressions"], final["generation_clicks"]) == (snapshot.horizon.impressions, snapshot.horizon.clicks)
+    assert final["base_version"] == int(versions.onnx)
+
+    # Progressive validation in MLflow: the NumPy log losses, the champion's on the same rows.
+    experiment = client.get_experiment_by_name(metrics_experiment(local))
+    (run,) = client.search_runs([experiment.experiment_id], "tags.query = 'online'")
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "online.log_loss")}
+    champion_logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "online.champion_log_loss")}
+    auc_logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "online.auc")}
+    assert sorted(logged) == [0, 1, 2]
+    for step in range(3):
+        assert logged[step] == pytest.approx(losses[step], rel=1e-9)
+        assert auc_logged[step] == pytest.approx(aucs[step], rel=1e-9)
+        assert champion_logged[step] == pytest.approx(champion_losses[step], rel=1e-9)
+    assert logged[0] == pytest.approx(champion_logged[0], rel=1e-12)  # warm start: the champion itself
+
+    # A replayed micro-batch (its commit lost in a crash) does not step again.
+    commits = Path(local.lake.checkpoints) / "online" / "commits"
+    (commits / "2").unlink()
+    shutil.rmtree(commits / ".2.crc", ignore_errors=True)
+    (commits / ".2.crc").unlink(missing_ok=True)
+    app.run(local, ["online"], available_now=True)
+    again = spark.read.format("delta").load(model_table(local)).orderBy("batch_id").collect()
+    assert len(again) == 3 and list(again[-1]["weights"]) == list(final["weights"])
+    assert len(client.get_metric_history(run.info.run_id, "online.log_loss")) == 3
+
+    # A layer=speed version was registered at update 3, with its generation and update count.
+    speed_versions = client.search_model_versions(f"name = '{name}' AND tags.`{contract.TAG_LAYER}` = 'speed'")
+    assert sorted(v.tags[contract.TAG_FLAVOR] for v in speed_versions) == ["onnx", "spark"]
+    onnx_version = next(v for v in speed_versions if v.tags[contract.TAG_FLAVOR] == "onnx")
+    assert onnx_version.tags[contract.TAG_SPEED_UPDATES] == "3" and onnx_version.tags[contract.TAG_PARITY] == "passed"
+    assert Horizon.from_tags(onnx_version.tags) == snapshot.horizon
+    assert client.get_model_version_by_alias(name, contract.SPEED_ALIAS).version == onnx_version.version
+
+    # Serving: the store loads the champion and the registered speed version, then the update
+    # from the compacted topic replaces it with the model in memory; stale updates are ignored.
+    store = ModelStore.from_config(local)
+    registered_speed = store.reload().by_alias[contract.SPEED_ALIAS]
+    assert registered_speed.linear is None and registered_speed.version == int(onnx_version.version)
+    listener = ModelUpdateListener(
+        local.kafka.bootstrap_servers, local.kafka.topics.model_updates.name, name, local.serving.aliases, store.reload
+    )
+    listener.start()
+    try:
+        # The records come in order (updates 1, 2, 3, then 3 again from the replay).
+        served = _wait(lambda: (s := store.current) and s.by_alias[contract.SPEED_ALIAS].updates == 3 and s, 30, "the last update is applied")
+        speed = served.by_alias[contract.SPEED_ALIAS]
+        assert speed.linear is not None and speed.version == int(versions.onnx) and speed.horizon == snapshot.horizon
+        sample = [r.asDict() for r in chunks[0][:50]]
+        expected = 1 / (1 + np.exp(-(_design(sample, inputs.numeric, slots) @ w + b)))
+        np.testing.assert_allclose(speed.predict(build_model_inputs(sample, speed.inputs)), expected, rtol=1e-5)
+        np.testing.assert_allclose(registered_speed.predict(build_model_inputs(sample, registered_speed.inputs)), expected, rtol=1e-4)
+        # Policies: latest prefers the online model to the champion it started from.
+        from serving_layer.policies import PolicyRunner
+
+        runner = PolicyRunner("mean", 1.0, 0.05)
+        try:
+            assert runner.answer("latest", served, lambda m: np.zeros(1), 1).models == (speed,)
+        finally:
+            runner.close()
+        # An older generation, and fewer updates in the same generation: both ignored.
+        other = LinearWeights(tuple(inputs.numeric), (0.0,) * len(inputs.numeric), 5.0)
+        older = Horizon(snapshot.horizon.impressions - 1, snapshot.horizon.clicks)  # type: ignore[operator]
+        publish_updates(local, [
+            ModelUpdate(name, contract.SPEED_ALIAS, int(versions.onnx), older, 99, None, other),
+            ModelUpdate(name, contract.SPEED_ALIAS, int(versions.onnx), snapshot.horizon, 1, None, other),
+        ])  # fmt: skip
+        _wait(lambda: listener.stale >= 2, 30, "the stale updates are seen")
+        kept = store.current.by_alias[contract.SPEED_ALIAS] if store.current is not None else None
+        assert kept is not None and (kept.linear, kept.updates) == (speed.linear, 3)
+    finally:
+        listener.stop()
+        impressions.unpersist()
+        clicks.unpersist()
+        training.unpersist()
