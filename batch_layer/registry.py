@@ -34,17 +34,8 @@ from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import Horizon
 
 # The registration itself lives in the shared package (the speed layer registers its online
-# model the same way); its names stay importable from here.
-from lambda_ml.model_registry import (  # noqa: F401
-    ONNX_ARTIFACT,
-    SPARK_ARTIFACT,
-    RegisteredVersions,
-    _jvm_logger_off,
-    onnx_signature,
-    register_models,
-    spark_signature,
-    version_tags,
-)
+# model the same way).
+from lambda_ml.model_registry import RegisteredVersions, _jvm_logger_off
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,7 @@ from batch_layer.evaluation import (
     split_by_time,
 )
 from batch_layer.models import Selection, select_model
-from lambda_ml.onnx_export import ParityError, check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
-from batch_layer.registry import ExistingVersions, Lineage, RegisteredVersions, register_models
+from batch_layer.registry import ExistingVersions, Lineage
 from batch_layer.snapshot import Snapshot, read_snapshot
 from batch_layer.views import build_views, write_views
 from lambda_ml import contract
@@ -64,6 +63,8 @@ from lambda_ml.features import (
     model_input_columns,
 )
 from lambda_ml.logs import setup_logging
+from lambda_ml.model_registry import RegisteredVersions, register_models
+from lambda_ml.onnx_export import ParityError, check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
 from lambda_ml.schemas import CLICK, IMPRESSION
 from lambda_ml.spark import get_spark, shuffle_partitions
 
