@@ -4,9 +4,9 @@
    attributed clicks, JSON, the generator's compression) is drained by the real speed-layer
    queries ``ingest`` (Kafka -> bronze Delta, exactly once) and ``increments`` (bronze change
    feed -> deduplication -> stream-stream click attribution -> feature increments per entity and
-   bucket), as ``lambda-ml speed run --available-now`` runs them: ingest drains, then
-   increments. Events/s come from the queries' own progress events (first micro-batch start to
-   last micro-batch end). The peer is a plain kafka-python consumer loop doing the same work in
+   bucket), side by side in one application as ``lambda-ml speed run`` runs them. Events/s come
+   from the queries' own progress events: from the start of the first ingest micro-batch to the
+   end of the increments micro-batch that read the last event. The peer is a plain kafka-python consumer loop doing the same work in
    one Python process: the same validation, deduplication by event id, click attribution within
    the window, the declared aggregates per (entity keys, bucket), and the same output written
    as Delta tables (bronze appends and increment rows, with ``deltalake``) once per chunk of the
@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -275,21 +276,22 @@ class PlainAggregator:
 
 def plain_increments(
     records: Iterable[tuple[str, bytes | None, int | None]], cfg: PlatformConfig
-) -> tuple[dict[tuple[str, tuple[Any, ...], int], list[Any]], int]:
-    """(topic, value, Kafka time ms) records -> the plain loop's increments and the quarantined count.
+) -> tuple[dict[tuple[str, tuple[Any, ...], int], list[Any]], Counter[str]]:
+    """(topic, value, Kafka time ms) records -> the plain loop's increments and the quarantine
+    reasons counted.
 
     >>> from lambda_ml.config import load_config
     >>> cfg = load_config(env={})
     >>> rows, bad = plain_increments([("impressions", b'{"event_id":"a","event_time":"2026-01-01T10:20:00Z",'
     ...     b'"user_id":"u1","item_id":"i1","device":"mobile","position":3}', None), ("impressions", b"[1]", None)], cfg)
-    >>> rows[("user", ("u1",), 1767261600000000)], bad
-    ([1, 0, 3], 1)
+    >>> rows[("user", ("u1",), 1767261600000000)], dict(bad)
+    ([1, 0, 3], {'malformed JSON: not a JSON object': 1})
     """
-    parser, aggregator, bad = PlainParser(cfg), PlainAggregator(cfg), 0
+    parser, aggregator, bad = PlainParser(cfg), PlainAggregator(cfg), Counter[str]()
     for topic, value, ts in records:
         parsed = parser.parse(topic, value, ts)
         if isinstance(parsed, str):
-            bad += 1
+            bad[parsed] += 1
         else:
             aggregator.add(parsed)
     return aggregator.take(), bad
@@ -418,18 +420,28 @@ def run_plain_loop(cfg: PlatformConfig, expected: int, chunk_records: int, out: 
 
 
 class ProgressLog:
-    """A StreamingQueryListener writing every micro-batch's progress (JSON) as one line of a file."""
+    """A StreamingQueryListener writing every micro-batch's progress (JSON) as one line of a
+    file; with ``stop_after``, it sends this process SIGTERM (the speed layer's graceful stop)
+    once the ``increments`` query has read that many rows."""
 
-    def __new__(cls, path: Path):  # type: ignore[no-untyped-def]
+    def __new__(cls, path: Path, stop_after: int | None = None):  # type: ignore[no-untyped-def]
         from pyspark.sql.streaming import StreamingQueryListener
 
         class _Listener(StreamingQueryListener):
+            increments_rows = 0
+
             def onQueryStarted(self, event: Any) -> None:
                 pass
 
             def onQueryProgress(self, event: Any) -> None:
+                progress = event.progress
                 with path.open("a") as out:
-                    out.write(event.progress.json.replace("\n", " ") + "\n")
+                    out.write(progress.json.replace("\n", " ") + "\n")
+                if progress.name == "increments":
+                    self.increments_rows += progress.numInputRows
+                    if stop_after is not None and self.increments_rows >= stop_after:
+                        log.info("increments read %d rows: stopping", self.increments_rows)
+                        os.kill(os.getpid(), signal.SIGTERM)
 
             def onQueryIdle(self, event: Any) -> None:
                 pass
@@ -478,7 +490,7 @@ def preload_frame(spark: Any, cfg: PlatformConfig, impressions: int, now: dateti
 
 def child_spark_drain(cfg: PlatformConfig, impressions: int, progress: Path, out: Path) -> None:
     """Pre-load the topics with Spark, then drain them with the speed layer's ingest and
-    increments queries (``--available-now``), progress to ``progress``."""
+    increments queries running side by side, progress to ``progress``."""
     from speed_layer import app
 
     from lambda_ml.spark import get_spark
@@ -494,11 +506,12 @@ def child_spark_drain(cfg: PlatformConfig, impressions: int, progress: Path, out
     writer.save()
     records = frame.count()
     log.info("pre-loaded %d records in %.0f s", records, time.time() - loaded_at)
-    out.write_text(json.dumps({"records": records, "preload_s": time.time() - loaded_at, "drain_start": time.time()}))
-    spark.streams.addListener(ProgressLog(progress))
-    app.run(cfg, ["ingest", "increments"], available_now=True)
+    out.write_text(json.dumps({"records": records, "preload_s": time.time() - loaded_at}))
+    # As in production: both queries run side by side, a micro-batch every speed.trigger_seconds
+    # (or back to back when one takes longer); stopped once increments has read every event.
+    spark.streams.addListener(ProgressLog(progress, stop_after=records))
+    app.run(cfg, ["ingest", "increments"])
     time.sleep(2)  # progress reaches listeners asynchronously
-    out.write_text(json.dumps({"records": records, "preload_s": time.time() - loaded_at, "drain_end": time.time()}))
 
 
 def child_spark_steady(cfg: PlatformConfig, progress: Path) -> None:
