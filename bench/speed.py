@@ -582,6 +582,7 @@ def delta_commits(table: Path) -> list[dict[str, Any]]:
 def freshness(lake: Path, increments_entity: str) -> list[tuple[float, float]]:
     """(Kafka record time, time its increments first became visible) of every impression in bronze:
     the commit time of the first increments version counting the bronze version it landed in."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from deltalake import DeltaTable
@@ -602,9 +603,9 @@ def freshness(lake: Path, increments_entity: str) -> list[tuple[float, float]]:
         if batch is None or batch not in commit_time:
             continue  # not counted yet when the run stopped
         for add in commit["adds"]:
-            stamps = pq.read_table(bronze / add, columns=["kafka_timestamp"]).column(0)
-            seconds = pc.divide(pc.cast(pc.cast(stamps, "timestamp[us, tz=UTC]"), "int64"), 1_000_000.0).to_pylist()
-            pairs.extend((s, commit_time[batch]) for s in seconds if s is not None)
+            stamps = pc.cast(pq.read_table(bronze / add, columns=["kafka_timestamp"]).column(0), pa.timestamp("us", tz="UTC"))
+            micros = pc.cast(stamps, pa.int64()).to_pylist()
+            pairs.extend((m / 1_000_000, commit_time[batch]) for m in micros if m is not None)
     return pairs
 
 
@@ -693,6 +694,7 @@ def paced_produce(cfg: PlatformConfig, rate: int, seconds: float, seed: int = 11
         bootstrap_servers=cfg.kafka.bootstrap_servers, compression_type=compression, acks="all", linger_ms=5, batch_size=256 * 1024
     )
     clicks: list[tuple[float, bytes, bytes]] = []
+    impression_times: list[float] = []
     sent = n = 0
     start = time.time()
     try:
@@ -712,6 +714,7 @@ def paced_produce(cfg: PlatformConfig, rate: int, seconds: float, seed: int = 11
                         "position": rng.randint(1, 5),
                     }, separators=(",", ":")).encode()  # fmt: skip
                     producer.send(topics.impressions.name, key=user.encode(), value=value)
+                    impression_times.append(now)
                     if rng.random() < CLICK_PERCENT / 100:
                         click = {"event_id": f"clk-{seed}-{n}", "impression_id": event_id, "event_time": iso(stamp + timedelta(seconds=2))}
                         clicks.append((now + 2.0, event_id.encode(), json.dumps(click, separators=(",", ":")).encode()))
@@ -722,7 +725,8 @@ def paced_produce(cfg: PlatformConfig, rate: int, seconds: float, seed: int = 11
     finally:
         producer.close()
     elapsed = time.time() - start
-    return {"records": sent, "impressions": n, "seconds": round(elapsed, 1), "records_per_s": round(sent / elapsed)}
+    return {"records": sent, "impressions": n, "seconds": round(elapsed, 1), "records_per_s": round(sent / elapsed),
+            "impression_times": impression_times}  # fmt: skip
 
 
 def measure_steady(cfg: PlatformConfig, config_file: Path, work: Path, rate: int, seconds: float, warmup_s: float) -> dict[str, Any]:
@@ -755,16 +759,21 @@ def measure_steady(cfg: PlatformConfig, config_file: Path, work: Path, rate: int
     }
     pairs = [(sent_at, seen - sent_at) for sent_at, seen in freshness(Path(cfg.lake.root), "user")]
     steady = [lag for sent_at, lag in pairs if t0 + warmup_s <= sent_at <= t1]
+    # Impressions sent in the window but not counted when the run stopped: later than any figure.
+    sent_in_window = sum(1 for at in sent.pop("impression_times") if t0 + warmup_s <= at <= t1)
+    unseen = max(0, sent_in_window - len(steady))
+    lags = steady + [float("inf")] * unseen
     result = {
         "rate_target": rate,
         "produced": sent,
         "warmup_s": warmup_s,
         "trigger_seconds": cfg.speed.trigger_seconds,
-        "impressions_measured": len(steady),
-        "impressions_visible": len(pairs),
-        "freshness_p50_s": _round(percentile(steady, 50)),
-        "freshness_p95_s": _round(percentile(steady, 95)),
-        "freshness_max_s": _round(max(steady, default=None)),
+        "impressions_sent_in_window": sent_in_window,
+        "impressions_visible_in_window": len(steady),
+        "impressions_not_visible_at_stop": unseen,
+        "freshness_p50_s": _round(percentile(lags, 50)),
+        "freshness_p95_s": _round(percentile(lags, 95)),
+        "freshness_max_visible_s": _round(max(steady, default=None)),
         "cpu_s": round(sampler.cpu_s(t0, t1), 1),
         "load_average": round(sampler.mean_load(t0, t1) or load_average(), 2),
     }
@@ -792,7 +801,8 @@ def _state_times(progress: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
+    """Rounded; None for no value and for an infinite one (an event never seen)."""
+    return None if value is None or value == float("inf") else round(value, digits)
 
 
 def log_bytes(cfg: PlatformConfig, topic: str) -> int:
@@ -863,7 +873,7 @@ def print_tables(result: dict[str, Any]) -> None:
             ["steady rate", "records/s sent", "ingest p50/p95 s", "increments p50/p95 s", "freshness p50/p95 s", "load"],
             [[f"{s['rate_target']:,}/s, trigger {s['trigger_seconds']:g} s", s["produced"]["records_per_s"],
               f"{s['ingest_batch_p50_s']} / {s['ingest_batch_p95_s']}", f"{s['increments_batch_p50_s']} / {s['increments_batch_p95_s']}",
-              f"{s['freshness_p50_s']} / {s['freshness_p95_s']}", s["load_average"]]],
+              f"{s['freshness_p50_s'] or 'not seen'} / {s['freshness_p95_s'] or 'not seen'}", s["load_average"]]],
         ))  # fmt: skip
         print()
     if "bytes" in r:
@@ -918,35 +928,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-speed-"))
     results: dict[str, Any] = {}
     peer: dict[str, Any] = {}
+    errors: dict[str, str] = {}
     params = {"impressions": impressions, "click_percent": CLICK_PERCENT, "rate": args.rate, "fresh_seconds": fresh_s,
               "bytes_impressions": bytes_events, "parts": sorted(parts)}  # fmt: skip
     broker = None
     try:
         extra = {} if args.trigger_seconds is None else {"speed.trigger_seconds": args.trigger_seconds}
-        if "bytes" in parts:
-            cfg = bench_config(root / "bytes")
+        for part in ("bytes", "throughput", "steady"):
+            if part not in parts:
+                continue
+            cfg = bench_config(root / part, **({} if part == "bytes" else extra))
+            config_file = write_config(cfg, root / f"{part}.yaml")
             broker = start_broker(cfg)
-            results["bytes"] = measure_bytes(cfg, bytes_events)
-            broker.stop()
-            broker = None
-        if "throughput" in parts:
-            cfg = bench_config(root / "drain", **extra)
-            config_file = write_config(cfg, root / "drain.yaml")
-            broker = start_broker(cfg)
-            measured = measure_throughput(cfg, config_file, root, impressions, timeout_s=3600)
-            results["throughput"], peer["throughput"] = measured["ours"], measured["peer"]
-            params["max_offsets_per_trigger"] = cfg.speed.max_offsets_per_trigger
-            params["shuffle_partitions"] = cfg.spark.shuffle_partitions
-            params["compression"] = cfg.generator.compression
-            broker.stop()
-            broker = None
-        if "steady" in parts:
-            cfg = bench_config(root / "steady", **extra)
-            config_file = write_config(cfg, root / "steady.yaml")
-            broker = start_broker(cfg)
-            results["steady"] = measure_steady(cfg, config_file, root, args.rate, fresh_s, warmup_s=min(20.0, fresh_s / 3))
-            broker.stop()
-            broker = None
+            try:
+                if part == "bytes":
+                    results["bytes"] = measure_bytes(cfg, bytes_events)
+                elif part == "throughput":
+                    measured = measure_throughput(cfg, config_file, root, impressions, timeout_s=3600)
+                    results["throughput"], peer["throughput"] = measured["ours"], measured["peer"]
+                    params.update(max_offsets_per_trigger=cfg.speed.max_offsets_per_trigger,
+                                  shuffle_partitions=cfg.spark.shuffle_partitions, compression=cfg.generator.compression)  # fmt: skip
+                else:
+                    results["steady"] = measure_steady(cfg, config_file, root, args.rate, fresh_s, warmup_s=min(20.0, fresh_s / 3))
+            except Exception as exc:  # one failed part must not lose the others' figures
+                log.exception("the %s measurement failed", part)
+                errors[part] = f"{type(exc).__name__}: {exc}"
+            finally:
+                broker.stop()
+                broker = None
     finally:
         if broker is not None:
             broker.stop()
@@ -964,7 +973,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         ratios["events_per_s_target_met"] = ours_rate >= TARGET_EVENTS_PER_S
         ratios["vs_plain_loop_target_met"] = ours_rate >= TARGET_RATIO * peer_rate
     if "steady" in results:
-        ratios["freshness_p95_target_met"] = (results["steady"]["freshness_p95_s"] or 1e9) <= TARGET_FRESHNESS_P95_S
+        p95 = results["steady"]["freshness_p95_s"]
+        ratios["freshness_p95_target_met"] = p95 is not None and p95 <= TARGET_FRESHNESS_P95_S
     if "bytes" in results:
         best = max(results["bytes"].items(), key=lambda kv: kv[1]["saved_vs_json_none"])
         ratios["bytes_best"] = best[0]
@@ -979,10 +989,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "results": results,
         "peer": peer,
         "ratios": ratios,
+        "errors": errors,
     }
     write_result(result, out)
     print_tables(result)
     log.info("wrote %s", out)
+    if errors:
+        raise SystemExit(f"failed: {', '.join(errors)}")
 
 
 if __name__ == "__main__":
