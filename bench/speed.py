@@ -33,6 +33,7 @@ their own.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ log = logging.getLogger("bench.speed")
 
 NAME = "speed"
 PACKAGES = ("pyspark", "delta-spark", "kafka-python", "deltalake", "pyarrow")
-EVENTS, QUICK_EVENTS = 2_000_000, 200_000
+EVENTS, QUICK_EVENTS = 1_000_000, 200_000
 RATE = 10_000
 FRESH_SECONDS, QUICK_FRESH_SECONDS = 90.0, 30.0
 BYTES_EVENTS, QUICK_BYTES_EVENTS = 50_000, 10_000
@@ -755,7 +756,7 @@ def measure_steady(cfg: PlatformConfig, config_file: Path, work: Path, rate: int
             process.wait()
     lines = read_progress(progress)
     durations = {
-        q: [e - s for s, e, _ in batch_spans(lines, q) if s >= t0 + warmup_s and e <= t1] for q in ("ingest", "increments")
+        q: [e - s for s, e, _ in batch_spans(lines, q) if t0 + warmup_s <= s <= t1] for q in ("ingest", "increments")
     }
     pairs = [(sent_at, seen - sent_at) for sent_at, seen in freshness(Path(cfg.lake.root), "user")]
     steady = [lag for sent_at, lag in pairs if t0 + warmup_s <= sent_at <= t1]
@@ -906,11 +907,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--bytes-events", type=parse_count, help=f"impressions per format and codec (default {human_count(BYTES_EVENTS)}, --quick {human_count(QUICK_BYTES_EVENTS)})")
     parser.add_argument("--parts", default="throughput,steady,bytes", help="which measurements, comma-separated (default: all three)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (lake, logs) for inspection")
-    parser.add_argument("--child", help="internal: run one workload in this process")
-    parser.add_argument("--config", type=Path, help="internal: the config of a child")
-    parser.add_argument("--progress", type=Path, help="internal")
-    parser.add_argument("--marks", type=Path, help="internal")
-    parser.add_argument("--chunk", type=int, help="internal")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--progress", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--marks", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     setup_logging()
     if args.child:
