@@ -26,9 +26,9 @@ Everything runs on loopback in a temporary directory: a Kafka broker (stopped by
 end); each Spark workload and the peer run as child processes so that their CPU and memory are
 their own.
 
-    python bench/speed.py --quick            # about two minutes
-    python bench/speed.py                    # several million events
-    python bench/speed.py --events 1M --rate 10000 --fresh-seconds 60
+    python bench/speed.py --quick            # 200k impressions, 30 s steady (minutes on 2 cores)
+    python bench/speed.py                    # 1M impressions, 90 s steady
+    python bench/speed.py --events 3M --rate 10000 --fresh-seconds 60 --parts throughput,steady
 """
 
 from __future__ import annotations
