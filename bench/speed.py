@@ -41,7 +41,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,7 @@ from bench.common import (  # noqa: E402
     bench_parser,
     default_out,
     format_table,
+    free_port,
     gib,
     human_count,
     load_average,
@@ -86,12 +86,6 @@ TARGET_RATIO = 3.0
 TARGET_FRESHNESS_P95_S = 5.0
 TARGET_BYTES_SAVED = 0.80
 _INT_TEXT = re.compile(r"-?\d{1,9}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bench_config(root: Path, **extra: Any) -> PlatformConfig:
