@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -260,6 +261,14 @@ class MemorySampler:
 
 
 # --------------------------------------------------------------------------- child processes
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for a component the benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
 
 
 @dataclass(frozen=True)

@@ -99,11 +99,14 @@ def _avro_fields(event: EventType, cfg: PlatformConfig) -> Column:
     return F.when(decoded.isNotNull() & decodes, F.struct(*fields, F.lit(None).cast("string").alias(_CORRUPT)))
 
 
-def parse_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
-    """Split a frame of Kafka records into one valid-event frame per event type plus quarantine.
+def checked_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
+    """Every record of a frame of Kafka records, checked: one frame per event type with the
+    event's typed fields, the Kafka columns, ``reason`` (null for a valid event) and
+    ``raw_value`` (kept for invalid records only), plus ``"quarantine"``: the records of topics
+    no event type reads, in the quarantine schema.
 
-    Returns ``{"impressions": df, "clicks": df, "quarantine": df}`` with the bronze and
-    quarantine schemas of :mod:`lambda_ml.schemas`.
+    Each record is parsed once here; :func:`split_checked` derives the bronze and quarantine
+    frames from these, so a caller that caches them parses every record once.
     """
     records = raw.select(
         F.col("topic").alias("kafka_topic"),
@@ -115,7 +118,6 @@ def parse_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
     )
     topics = {topic.name: name for name, topic in cfg.kafka.topics.event_topics().items()}
     out: dict[str, DataFrame] = {}
-    bad: list[DataFrame] = []
     for topic_name, event_name in topics.items():
         event = EVENT_TYPES[event_name]
         topic = cfg.kafka.topics.event_topics()[event_name]
@@ -126,19 +128,44 @@ def parse_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
             parsed, undecodable = subset.withColumn("_json", _json_fields(event)), "malformed JSON: not a JSON object"
         typed = parsed.select("*", *[_typed(f, F.col(f"_json.{f.name}")).alias(f.name) for f in event.fields])
         checked = typed.withColumn("reason", _reason(event, cfg, undecodable))
-        out[event_name] = checked.where(F.col("reason").isNull()).select(
-            *event.field_names, *[c.name for c in KAFKA_COLUMNS.fields]
+        out[event_name] = checked.select(
+            *event.field_names,
+            *[c.name for c in KAFKA_COLUMNS.fields],
+            F.when(F.col("reason").isNotNull(), F.col("raw_value")).alias("raw_value"),
+            "reason",
         )
-        bad.append(checked.where(F.col("reason").isNotNull()).select(*[c.name for c in QUARANTINE_SCHEMA.fields]))
     unknown = records.where(~F.col("kafka_topic").isin(list(topics))).withColumn(
         "reason", F.concat(F.lit("unknown event topic: "), F.col("kafka_topic"))
     )
-    bad.append(unknown.select(*[c.name for c in QUARANTINE_SCHEMA.fields]))
-    quarantine = bad[0]
-    for frame in bad[1:]:
-        quarantine = quarantine.unionByName(frame)
+    out[QUARANTINE] = unknown.select(*[c.name for c in QUARANTINE_SCHEMA.fields])
+    return out
+
+
+def split_checked(checked: dict[str, DataFrame]) -> dict[str, DataFrame]:
+    """:func:`checked_events` -> one valid-event frame per event type plus quarantine, in the
+    bronze and quarantine schemas of :mod:`lambda_ml.schemas`."""
+    out: dict[str, DataFrame] = {}
+    bad: list[DataFrame] = []
+    for event_name, frame in checked.items():
+        if event_name == QUARANTINE:
+            continue
+        event = EVENT_TYPES[event_name]
+        out[event_name] = frame.where(F.col("reason").isNull()).select(*event.field_names, *[c.name for c in KAFKA_COLUMNS.fields])
+        bad.append(frame.where(F.col("reason").isNotNull()).select(*[c.name for c in QUARANTINE_SCHEMA.fields]))
+    quarantine = checked[QUARANTINE]
+    for frame in reversed(bad):
+        quarantine = frame.unionByName(quarantine)
     out[QUARANTINE] = quarantine
     return out
+
+
+def parse_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
+    """Split a frame of Kafka records into one valid-event frame per event type plus quarantine.
+
+    Returns ``{"impressions": df, "clicks": df, "quarantine": df}`` with the bronze and
+    quarantine schemas of :mod:`lambda_ml.schemas`.
+    """
+    return split_checked(checked_events(raw, cfg))
 
 
 def table_paths(cfg: PlatformConfig) -> dict[str, str]:
@@ -182,10 +209,11 @@ def ingest_batch(batch: DataFrame, batch_id: int, cfg: PlatformConfig, app_id: s
     ``(app_id, batch_id)`` identifies the write: Delta skips it if it was already committed.
     """
     batch.persist()
+    # Parsed once: the bronze and quarantine frames of each event type read the same cached rows.
+    checked = {name: frame.persist() for name, frame in checked_events(batch, cfg).items()}
     try:
         counts: dict[str, int] = {}
-        for name, frame in parse_events(batch, cfg).items():
-            frame = frame.persist()
+        for name, frame in split_checked(checked).items():
             counts[name] = frame.count()
             if counts[name]:
                 (
@@ -195,8 +223,9 @@ def ingest_batch(batch: DataFrame, batch_id: int, cfg: PlatformConfig, app_id: s
                     .option("txnVersion", batch_id)
                     .save(table_paths(cfg)[name])
                 )
-            frame.unpersist()
     finally:
+        for frame in checked.values():
+            frame.unpersist()
         batch.unpersist()
     log.info(
         "micro-batch %d: %s",
