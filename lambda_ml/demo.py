@@ -62,7 +62,8 @@ def _online_summary(cfg: PlatformConfig) -> str:
     if state is None:
         return "no labelled impressions to learn from yet"
     model = state.model
-    return f"{model.updates} update(s) since champion v{model.base_version} ({model.generation}), last progressive AUC {state.auc}"
+    auc = "not measured yet" if state.auc is None else f"{state.auc:.4f}"
+    return f"{model.updates} update(s) since champion v{model.base_version} ({model.generation}), last progressive AUC {auc}"
 
 
 def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
