@@ -52,7 +52,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from lambda_ml import contract
-from lambda_ml.config import ConfigError, MaintenanceConfig, PlatformConfig, load_config
+from lambda_ml.config import MaintenanceConfig, PlatformConfig, load_command_config
 from lambda_ml.contract import Horizon
 from lambda_ml.logs import setup_logging
 from lambda_ml.spark import get_spark
@@ -484,10 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0: every table maintained)."""
     args = parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+    cfg = load_command_config(args.config)
+    if cfg is None:
         return 2
     # A session already running (a notebook, a test) is borrowed and left running.
     owns_session = SparkSession.getActiveSession() is None

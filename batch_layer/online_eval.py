@@ -35,7 +35,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, IntegerType, LongType, StringType, StructField, StructType
 
 from lambda_ml import contract
-from lambda_ml.config import ConfigError, PlatformConfig, load_config
+from lambda_ml.config import PlatformConfig, load_command_config
 from lambda_ml.logs import setup_logging
 from lambda_ml.spark import get_spark
 
@@ -293,10 +293,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+    cfg = load_command_config(args.config)
+    if cfg is None:
         return 2
     owns_session = SparkSession.getActiveSession() is None
     spark = get_spark(cfg, "online-eval")

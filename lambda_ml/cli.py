@@ -26,7 +26,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from lambda_ml.config import ConfigError, PlatformConfig, load_config
+from lambda_ml.config import PlatformConfig, load_command_config
 from lambda_ml.jvm import SetupError
 from lambda_ml.logs import setup_logging
 from lambda_ml.stack import StackError
@@ -231,10 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     if getattr(args, "job_args", None) and args.job_args[0] == "--":
         args.job_args = args.job_args[1:]
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+    cfg = load_command_config(args.config)
+    if cfg is None:
         return 2
     try:
         return int(args.handler(cfg, args))

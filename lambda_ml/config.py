@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from datetime import timedelta
 from typing import Annotated, Any, Literal
@@ -570,6 +571,16 @@ def load_config(
         update={"root": _absolute_uri(config.lake.root), "checkpoints": _absolute_uri(config.lake.checkpoints)}
     )
     return config.model_copy(update={"lake": lake})
+
+
+def load_command_config(path: str | Path | None) -> PlatformConfig | None:
+    """The config of a command-line entry point, or None after saying on stderr why it is
+    invalid (file and key named); the command then exits with 2."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return None
 
 
 def write_config(cfg: PlatformConfig, path: str | Path) -> Path:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lambda_ml.config import ConfigError, load_config
+from lambda_ml.config import load_command_config
 from lambda_ml.logs import setup_logging
 
 
@@ -35,10 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.port is not None and not 0 < args.port < 65536:
         parser.error(f"--port must be between 1 and 65535, not {args.port}")
     setup_logging(args.verbose)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = load_command_config(args.config)
+    if cfg is None:
         return 2
     from serving_layer.app import serve  # after logging is set up: it imports onnxruntime, deltalake
 

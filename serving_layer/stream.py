@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lambda_ml.config import ConfigError, PlatformConfig, load_config
+from lambda_ml.config import ConfigError, PlatformConfig, load_command_config
 from lambda_ml.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -254,10 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = load_command_config(args.config)
+    if cfg is None:
         return 2
     return run_from_args(cfg, args)
 
