@@ -86,7 +86,7 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
     _step(6, steps, "speed layer: online model from the new champion", lambda: app.run(cfg, ["online"], available_now=True))
     online = _online_summary(cfg)
     service = stack.ServingProcess(cfg)
-    _step(7, steps, "serving layer: start the prediction service", lambda: service.start(None if cfg.source.endswith("platform.yaml") else cfg.source))
+    _step(7, steps, "serving layer: start the prediction service", lambda: service.start(cfg.source))
     example = {"user_id": "u1", "item_id": "i1", "device": "mobile", "position": 1}
     answer = _step(8, steps, "ask for one prediction", lambda: _post_json(f"{service.url}/predict", example))
 
