@@ -55,7 +55,7 @@ from lambda_ml import contract
 from lambda_ml.config import MaintenanceConfig, PlatformConfig, load_command_config
 from lambda_ml.contract import Horizon
 from lambda_ml.logs import setup_logging
-from lambda_ml.spark import get_spark
+from lambda_ml.spark import job_session
 
 log = logging.getLogger(__name__)
 
@@ -487,14 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_command_config(args.config)
     if cfg is None:
         return 2
-    # A session already running (a notebook, a test) is borrowed and left running.
-    owns_session = SparkSession.getActiveSession() is None
-    spark = get_spark(cfg, "maintenance")
-    try:
+    with job_session(cfg, "maintenance") as spark:
         report = run(spark, cfg, dry_run=args.dry_run)
-    finally:
-        if owns_session:
-            spark.stop()
     failed = [t.table for t in report.tables if not t.ok]
     if failed:
         log.error("maintenance incomplete for %s", ", ".join(failed))

@@ -37,7 +37,7 @@ from pyspark.sql.types import ArrayType, DoubleType, IntegerType, LongType, Stri
 from lambda_ml import contract
 from lambda_ml.config import PlatformConfig, load_command_config
 from lambda_ml.logs import setup_logging
-from lambda_ml.spark import get_spark
+from lambda_ml.spark import job_session
 
 log = logging.getLogger(__name__)
 
@@ -296,19 +296,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_command_config(args.config)
     if cfg is None:
         return 2
-    owns_session = SparkSession.getActiveSession() is None
-    spark = get_spark(cfg, "online-eval")
     try:
-        run_id, _ = run(
-            spark, cfg, until=args.until, topic=args.topic, passes=0 if args.every else 1, every_s=args.every or 0,
-            tag=args.tag, min_rows=args.min_rows,
-        )  # fmt: skip
-        log.info("online evaluation logged to MLflow run %s", run_id)
+        with job_session(cfg, "online-eval") as spark:
+            run_id, _ = run(
+                spark, cfg, until=args.until, topic=args.topic, passes=0 if args.every else 1, every_s=args.every or 0,
+                tag=args.tag, min_rows=args.min_rows,
+            )  # fmt: skip
     except KeyboardInterrupt:
         return 130
-    finally:
-        if owns_session:
-            spark.stop()
+    log.info("online evaluation logged to MLflow run %s", run_id)
     return 0
 
 

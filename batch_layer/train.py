@@ -66,7 +66,7 @@ from lambda_ml.logs import setup_logging
 from lambda_ml.model_registry import RegisteredVersions, register_models
 from lambda_ml.onnx_export import ParityError, check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
 from lambda_ml.schemas import CLICK, IMPRESSION
-from lambda_ml.spark import get_spark, shuffle_partitions
+from lambda_ml.spark import job_session, shuffle_partitions
 
 log = logging.getLogger(__name__)
 
@@ -429,14 +429,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     args = parse_args(argv)
     setup_logging(args.verbose)
     cfg = load_config(args.config)
-    # A session already running (a notebook, a test) is borrowed and left running.
-    owns_session = SparkSession.getActiveSession() is None
-    spark = get_spark(cfg, "batch-train")
-    try:
+    with job_session(cfg, "batch-train") as spark:
         result = run(spark, cfg, args.impressions_version, args.clicks_version, args.as_of)
-    finally:
-        if owns_session:
-            spark.stop()
     log.info("%s", result.summary())
     return result
 

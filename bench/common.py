@@ -263,6 +263,11 @@ class MemorySampler:
 # --------------------------------------------------------------------------- child processes
 
 
+def local_paths(root: Path) -> dict[str, str]:
+    """Config overrides putting a benchmark's data, lake and checkpoints under ``root``."""
+    return {"data_dir": str(root / "data"), "lake.root": str(root / "lake"), "lake.checkpoints": str(root / "checkpoints")}
+
+
 def free_port() -> int:
     """A TCP port free on loopback now, for a component the benchmark starts."""
     with socket.socket() as s:

@@ -27,7 +27,6 @@ import multiprocessing
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,8 @@ from bench.common import (  # noqa: E402
     bench_parser,
     default_out,
     format_table,
+    free_port,
+    local_paths,
     load_average,
     machine_info,
     process_tree,
@@ -67,23 +68,12 @@ TARGET_RATIO = 3.0
 TARGET_P99_MS = 10.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# --------------------------------------------------------------------------- the set-up
-
-
 def bench_config(root: Path) -> PlatformConfig:
     mlflow_port = free_port()
     return load_config(
         env={},
         overrides={
-            "data_dir": str(root / "data"),
-            "lake.root": str(root / "lake"),
-            "lake.checkpoints": str(root / "checkpoints"),
+            **local_paths(root),
             "mlflow.port": mlflow_port,
             "mlflow.tracking_uri": f"http://127.0.0.1:{mlflow_port}",
             "mlflow.registered_model": MODEL,

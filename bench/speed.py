@@ -63,6 +63,7 @@ from bench.common import (  # noqa: E402
     gib,
     human_count,
     load_average,
+    local_paths,
     machine_info,
     parse_count,
     run_measured,
@@ -93,9 +94,7 @@ def bench_config(root: Path, **extra: Any) -> PlatformConfig:
     return load_config(
         env={},
         overrides={
-            "data_dir": str(root / "data"),
-            "lake.root": str(root / "lake"),
-            "lake.checkpoints": str(root / "checkpoints"),
+            **local_paths(root),
             "kafka.port": kafka_port,
             "kafka.controller_port": controller_port,
             "kafka.bootstrap_servers": f"127.0.0.1:{kafka_port}",

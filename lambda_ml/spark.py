@@ -60,6 +60,19 @@ def get_spark(cfg: PlatformConfig, app_suffix: str = "") -> SparkSession:
 
 
 @contextmanager
+def job_session(cfg: PlatformConfig, app_suffix: str) -> Iterator[SparkSession]:
+    """The session of a command-line job: a session already running (a notebook, a test) is
+    borrowed and left running; one started here is stopped at the end."""
+    owns_session = SparkSession.getActiveSession() is None
+    spark = get_spark(cfg, app_suffix)
+    try:
+        yield spark
+    finally:
+        if owns_session:
+            spark.stop()
+
+
+@contextmanager
 def shuffle_partitions(spark: SparkSession, partitions: int) -> Iterator[None]:
     """Run a block with ``partitions`` shuffle partitions, then restore the session's setting
     (a batch job and the streaming queries of one session want different ones)."""
