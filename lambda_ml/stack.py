@@ -184,6 +184,15 @@ logger.server.level = INFO
 """
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id (22 URL-safe base64 characters) that does not start with "-":
+    the storage tool would read such an id as an option and fail (as Kafka's own ids avoid)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 class KafkaBroker:
     """A single-node KRaft broker run from the jars in ``.jvm/kafka-broker``."""
 
@@ -208,7 +217,7 @@ class KafkaBroker:
         if (data / "meta.properties").exists():
             return
         self.home.mkdir(parents=True, exist_ok=True)
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         done = subprocess.run(
             self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.home / "server.properties")),
             capture_output=True,

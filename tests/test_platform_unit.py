@@ -13,7 +13,7 @@ from lambda_ml import generator
 from lambda_ml.cli import build_parser
 from lambda_ml.config import DEFAULT_CONFIG, ConfigError, GeneratorConfig, load_config
 from lambda_ml.jvm import artifact_name
-from lambda_ml.stack import broker_properties
+from lambda_ml.stack import broker_properties, new_cluster_id
 
 
 def test_default_config_loads_with_every_section() -> None:
@@ -117,3 +117,10 @@ def test_every_cli_verb_has_help(capsys: pytest.CaptureFixture[str]) -> None:
             build_parser().parse_args([*verb, "--help"])
         assert done.value.code == 0
         assert "usage: lambda-ml" in capsys.readouterr().out
+
+
+def test_kafka_cluster_ids_never_start_with_a_dash() -> None:
+    # One id in 64 drawn plainly starts with "-", which the storage tool reads as an option.
+    ids = [new_cluster_id() for _ in range(2000)]
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)
+    assert len(set(ids)) == 2000
