@@ -11,7 +11,10 @@
    the window, the declared aggregates per (entity keys, bucket), and the same output written
    as Delta tables (bronze appends and increment rows, with ``deltalake``) once per chunk of the
    size of one of our micro-batches. It commits its Kafka offsets after each chunk (at least
-   once: a crash between the write and the commit would write a chunk twice).
+   once: a crash between the write and the commit would write a chunk twice). Beside them, the
+   **Spark ceiling**: a Structured Streaming query doing only the unavoidable part (read the
+   same topics with the same micro-batch size, parse the JSON, append to one Delta table). No
+   Spark speed layer on this machine can beat its rate, so it says how far a target is in reach.
 2. **Latency at a steady rate.** The speed layer runs continuously (``ingest`` and
    ``increments``, a micro-batch every ``speed.trigger_seconds``) while a paced kafka-python
    producer sends impressions (and some clicks) at a fixed rate. Reported: micro-batch
@@ -82,6 +85,7 @@ FRESH_SECONDS, QUICK_FRESH_SECONDS = 90.0, 30.0
 BYTES_EVENTS, QUICK_BYTES_EVENTS = 50_000, 10_000
 CLICK_PERCENT = 5  # share of impressions clicked in the generated streams
 CODECS = ("none", "gzip", "lz4", "zstd")
+CEILING = "ceiling"  # the bare Kafka -> parse -> Delta query (see child_spark_ceiling)
 TARGET_EVENTS_PER_S = 100_000
 TARGET_RATIO = 3.0
 TARGET_FRESHNESS_P95_S = 5.0
@@ -508,6 +512,35 @@ def child_spark_drain(cfg: PlatformConfig, impressions: int, progress: Path, out
     time.sleep(2)  # progress reaches listeners asynchronously
 
 
+def child_spark_ceiling(cfg: PlatformConfig, progress: Path) -> None:
+    """The ceiling of any Spark speed layer here: a Structured Streaming query doing only the
+    unavoidable part (read the pre-loaded topics with the ingest's micro-batch size, parse each
+    record's JSON, append the rows to one Delta table), with no validation, quarantine,
+    deduplication, join or aggregation; progress to ``progress``."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    from lambda_ml.schemas import EVENT_TYPES
+    from lambda_ml.spark import get_spark
+    from speed_layer.ingest import kafka_source
+
+    spark = get_spark(cfg, "bench-speed-ceiling")
+    spark.streams.addListener(ProgressLog(progress))
+    fields = dict.fromkeys(name for event in EVENT_TYPES.values() for name in event.field_names)
+    schema = StructType([StructField(name, StringType()) for name in fields])
+    parsed = kafka_source(spark, cfg).select(
+        F.from_json(F.col("value").cast("string"), schema).alias("e"), "topic", "partition", "offset"
+    ).select("e.*", "topic", "partition", "offset")
+    query = (
+        parsed.writeStream.queryName(CEILING).format("delta")
+        .option("checkpointLocation", f"{cfg.lake.checkpoints.rstrip('/')}/{CEILING}")
+        .trigger(availableNow=True)
+        .start(cfg.lake.table(CEILING))
+    )  # fmt: skip
+    query.awaitTermination()
+    time.sleep(2)  # progress reaches listeners asynchronously
+
+
 def child_spark_steady(cfg: PlatformConfig, progress: Path) -> None:
     """Run ingest + increments continuously (until SIGTERM), progress to ``progress``."""
     from speed_layer import app
@@ -671,7 +704,24 @@ def measure_throughput(cfg: PlatformConfig, config_file: Path, work: Path, impre
     if peer["records"] != records:
         raise RuntimeError(f"the plain loop read {peer['records']} of {records} records")
     log.info("plain loop: %d records in %.1f s (%s events/s)", records, plain["seconds"], f"{peer['events_per_s']:,}")
-    return {"ours": ours, "peer": peer}
+
+    progress = work / "ceiling.progress.jsonl"
+    done = run_measured(_child(CEILING, config_file, "--progress", str(progress)), timeout_s)
+    spans = batch_spans(read_progress(progress), CEILING)
+    if not done.ok or sum(n for *_, n in spans) != records:
+        raise RuntimeError(f"the ceiling query failed (exit {done.returncode}, read {sum(n for *_, n in spans)} of {records} records)")
+    start, end = spans[0][0], spans[-1][1]
+    ceiling = {
+        "records": records,
+        "seconds": round(end - start, 2),
+        "events_per_s": round(records / (end - start)),
+        "batches": len(spans),
+        "cpu_s": round(done.sampler.cpu_s(start, end), 1),
+        "load_average": round(done.sampler.mean_load(start, end) or load_average(), 2),
+    }
+    log.info("ceiling (Kafka -> parse -> Delta, nothing else): %d records in %.1f s (%s events/s)",
+             records, end - start, f"{ceiling['events_per_s']:,}")  # fmt: skip
+    return {"ours": ours, "peer": peer, "ceiling": ceiling}
 
 
 def paced_produce(cfg: PlatformConfig, rate: int, seconds: float, seed: int = 11) -> dict[str, Any]:
@@ -858,7 +908,9 @@ def print_tables(result: dict[str, Any]) -> None:
             ["drain", "records", "seconds", "events/s", "CPU s", "events/CPU s", "peak GiB", "load"],
             [["speed layer (ingest + increments)", f"{ours['records']:,}", ours["seconds"], ours["events_per_s"], ours["cpu_s"], ours["events_per_cpu_s"], ours["peak_memory_gib"], ours["load_average"]],
              ["  ingest alone (its batches)", "", ours["ingest_seconds"], ours["ingest_events_per_s"], None, None, None, None],
-             ["plain kafka-python loop", f"{peer['records']:,}", peer["seconds"], peer["events_per_s"], peer["cpu_s"], peer["events_per_cpu_s"], peer["peak_memory_gib"], peer["load_average"]]],
+             ["plain kafka-python loop", f"{peer['records']:,}", peer["seconds"], peer["events_per_s"], peer["cpu_s"], peer["events_per_cpu_s"], peer["peak_memory_gib"], peer["load_average"]]]
+            + ([["Spark ceiling: Kafka -> parse -> Delta only", f"{c['records']:,}", c["seconds"], c["events_per_s"], c["cpu_s"], None, None, c["load_average"]]]
+               if (c := r.get("ceiling")) else []),
         ))  # fmt: skip
         print()
     if "steady" in r:
@@ -886,6 +938,8 @@ def child_main(args: Any) -> None:
         run_plain_loop(cfg, args.events, args.chunk, args.marks)
     elif args.child == "steady":
         child_spark_steady(cfg, args.progress)
+    elif args.child == CEILING:
+        child_spark_ceiling(cfg, args.progress)
     else:
         raise SystemExit(f"unknown child mode {args.child}")
 
@@ -940,6 +994,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 elif part == "throughput":
                     measured = measure_throughput(cfg, config_file, root, impressions, timeout_s=3600)
                     results["throughput"], peer["throughput"] = measured["ours"], measured["peer"]
+                    results["ceiling"] = measured["ceiling"]
                     params.update(max_offsets_per_trigger=cfg.speed.max_offsets_per_trigger,
                                   shuffle_partitions=cfg.spark.shuffle_partitions, compression=cfg.generator.compression)  # fmt: skip
                 else:
@@ -966,6 +1021,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         ratios["events_per_cpu_s_vs_plain_loop"] = round(ours_cpu / peer_cpu, 2) if ours_cpu and peer_cpu else None
         ratios["events_per_s_target_met"] = ours_rate >= TARGET_EVENTS_PER_S
         ratios["vs_plain_loop_target_met"] = ours_rate >= TARGET_RATIO * peer_rate
+        if "ceiling" in results:
+            # Share of the bare Kafka -> Delta query's rate the whole speed layer reaches, and
+            # whether the targets are within that ceiling on this machine at all.
+            ceiling_rate = results["ceiling"]["events_per_s"]
+            ratios["events_per_s_vs_ceiling"] = round(ours_rate / ceiling_rate, 2)
+            ratios["ceiling_reaches_events_per_s_target"] = ceiling_rate >= TARGET_EVENTS_PER_S
+            ratios["ceiling_reaches_plain_loop_target"] = ceiling_rate >= TARGET_RATIO * peer_rate
     if "steady" in results:
         p95 = results["steady"]["freshness_p95_s"]
         ratios["freshness_p95_target_met"] = p95 is not None and p95 <= TARGET_FRESHNESS_P95_S
