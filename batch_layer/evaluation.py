@@ -88,25 +88,49 @@ def auc(scored: DataFrame) -> float:
     classes).
 
     One aggregation: positives and negatives per bin of log-odds (width :data:`AUC_LOGIT_BIN`,
-    at most ~70,000 bins whatever the row count), then the Mann-Whitney sum on the driver,
-    each (positive, negative) pair in one bin counted as a tie (one half). That is exact for
-    probabilities more than a bin apart, and off by at most half the share of pairs sharing a
-    bin otherwise (about 1e-5 on a click model's scores); Spark's evaluator, which sorts every
-    row and down-samples the curve to 1,000 points, is both slower and coarser.
+    at most ~70,000 bins whatever the row count; :func:`auc_bins`), then the Mann-Whitney sum on
+    the driver, each (positive, negative) pair in one bin counted as a tie (one half). That is
+    exact for probabilities more than a bin apart, and off by at most half the share of pairs
+    sharing a bin otherwise (about 1e-5 on a click model's scores); Spark's evaluator, which
+    sorts every row and down-samples the curve to 1,000 points, is both slower and coarser.
 
     Ranks on the probability rather than on a model-specific raw score, so any two models
     scored on the same rows (the gate's new model and champion) are measured the same way.
     """
-    p = F.least(F.greatest(F.col(CLICK_PROBABILITY).cast("double"), F.lit(_EPSILON)), F.lit(1 - _EPSILON))
+    return area_under_roc(sorted_bins(auc_bins(scored)))
+
+
+AucBins = dict[int, tuple[float, float]]  # log-odds bin -> (positives, negatives)
+
+
+def auc_bins(scored: DataFrame, probability: str = CLICK_PROBABILITY) -> AucBins:
+    """Positives and negatives of ``label`` per log-odds bin of the ``probability`` column: what
+    :func:`auc` sums. Bins of several sets of rows add up (:func:`add_bins`), so an AUC over
+    rows seen in many passes needs only the bins, never the rows."""
+    p = F.least(F.greatest(F.col(probability).cast("double"), F.lit(_EPSILON)), F.lit(1 - _EPSILON))
     index = F.floor(F.log(p / (F.lit(1.0) - p)) / F.lit(AUC_LOGIT_BIN))
     label = F.col(LABEL).cast("double")
-    counts = (
-        scored.groupBy(index.alias("bin"))
-        .agg(F.sum(label).alias("positives"), F.sum(F.lit(1.0) - label).alias("negatives"))
-        .orderBy("bin")
-        .collect()
-    )
-    return area_under_roc([(r["positives"], r["negatives"]) for r in counts])
+    counts = scored.groupBy(index.alias("bin")).agg(F.sum(label).alias("positives"), F.sum(F.lit(1.0) - label).alias("negatives"))
+    return {int(r["bin"]): (float(r["positives"]), float(r["negatives"])) for r in counts.collect()}
+
+
+def add_bins(*parts: AucBins) -> AucBins:
+    """The bins of the union of the rows ``parts`` were counted over.
+
+    >>> add_bins({1: (1.0, 0.0)}, {1: (0.0, 2.0), 3: (1.0, 1.0)})
+    {1: (1.0, 2.0), 3: (1.0, 1.0)}
+    """
+    total: AucBins = {}
+    for part in parts:
+        for index, (positives, negatives) in part.items():
+            before = total.get(index, (0.0, 0.0))
+            total[index] = (before[0] + positives, before[1] + negatives)
+    return total
+
+
+def sorted_bins(bins: AucBins) -> list[tuple[float, float]]:
+    """The (positives, negatives) of ``bins`` in increasing score order, for :func:`area_under_roc`."""
+    return [bins[index] for index in sorted(bins)]
 
 
 def area_under_roc(bins: Sequence[tuple[float, float]]) -> float:

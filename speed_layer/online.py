@@ -8,9 +8,12 @@ became known). Each micro-batch (:class:`OnlineLearner`):
    code (:func:`lambda_ml.features.add_window_features` over the bronze events before them), so
    the model sees what the batch model was trained on and what serving computes;
 2. scores every row with the current model *and* with the champion before learning from it
-   (progressive validation: log loss and AUC of both, to MLflow, step = micro-batch id; the
-   champion's AUC also as its version tag ``quality.progressive_auc``, the online model's in its
-   update, so that serving's ``quality`` policy compares the two on the same rows);
+   (progressive validation: log loss and AUC of both, to MLflow, step = micro-batch id). The
+   AUC is also kept over the whole generation so far (``cumulative_auc``: the micro-batches'
+   log-odds bins, :func:`batch_layer.evaluation.auc_bins`, add up, so no row is kept): the
+   champion's as its version tag ``quality.progressive_auc``, the online model's in its update,
+   so that serving's ``quality`` policy compares the two on the same rows, and on all of them
+   rather than on the last micro-batch's few hundred;
 3. takes one SGD step on the mean log loss (``+ l2/2·|w|²``): a single Spark aggregate sums the
    gradient over every partition, and only that one row of sums reaches the driver;
 4. saves the model in ``speed/online_model`` (one row per micro-batch, an idempotent Delta
@@ -44,6 +47,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, LongType, StringType, StructField, StructType
 
+from batch_layer.evaluation import AucBins, add_bins, area_under_roc, auc_bins, sorted_bins
 from lambda_ml import buckets, contract
 from lambda_ml.config import PlatformConfig, parse_duration
 from lambda_ml.contract import INDICATOR, Horizon, LinearWeights, ModelInputs, ModelUpdate
@@ -209,6 +213,9 @@ def labelled_features(labelled: DataFrame, impressions: DataFrame, clicks: DataF
 # --------------------------------------------------------------------------- state
 
 
+BIN_TYPE = StructType(
+    [StructField("bin", LongType(), False), StructField("positives", DoubleType(), False), StructField("negatives", DoubleType(), False)]
+)
 STATE_SCHEMA = StructType(
     [
         StructField("batch_id", LongType(), False),
@@ -225,6 +232,12 @@ STATE_SCHEMA = StructType(
         StructField("auc", DoubleType(), True),
         StructField("champion_auc", DoubleType(), True),
         StructField("champion_version", LongType(), True),
+        # Progressive AUC over the generation so far, and this micro-batch's log-odds bins it
+        # sums (bin, positives, negatives): a restart adds the bins of the generation's rows.
+        StructField("cumulative_auc", DoubleType(), True),
+        StructField("champion_cumulative_auc", DoubleType(), True),
+        StructField("auc_bins", ArrayType(BIN_TYPE, False), True),
+        StructField("champion_auc_bins", ArrayType(BIN_TYPE, False), True),
         # The streaming query (its checkpoint) whose micro-batch this was: batch ids restart
         # from 0 with a new checkpoint, and only the same query's ids mean a replay.
         StructField("query_id", StringType(), True),
@@ -243,9 +256,30 @@ class SavedState:
     batch_id: int
     model: LinearModel
     champion_version: int | None
-    auc: float | None
+    auc: float | None  # progressive AUC over the generation so far (the update's quality)
     query_id: str | None = None
     sequence: int = 0
+    bins: AucBins | None = None  # the generation's log-odds bins, the online model's
+    champion_bins: AucBins | None = None  # and the champion's, on the same rows
+
+    def continues(self, model: LinearModel, champion_version: int | None) -> bool:
+        """Whether ``model`` belongs to this state's generation (its bins go on adding up)."""
+        mine = self.model
+        return (mine.generation, mine.base_version, self.champion_version) == (model.generation, model.base_version, champion_version)
+
+
+def _bins_of(rows: Any) -> AucBins:
+    return {int(r["bin"]): (float(r["positives"]), float(r["negatives"])) for r in rows or ()}
+
+
+def _bin_rows(bins: AucBins) -> list[dict[str, Any]]:
+    return [{"bin": index, "positives": p, "negatives": n} for index, (p, n) in sorted(bins.items())]
+
+
+def cumulative_auc(bins: AucBins | None) -> float | None:
+    """The AUC of bins (None without both classes)."""
+    value = area_under_roc(sorted_bins(bins or {}))
+    return None if math.isnan(value) else value
 
 
 def load_state(spark: SparkSession, cfg: PlatformConfig) -> SavedState | None:
@@ -255,14 +289,26 @@ def load_state(spark: SparkSession, cfg: PlatformConfig) -> SavedState | None:
     path = model_table(cfg)
     if not DeltaTable.isDeltaTable(spark, path):
         return None
-    row = spark.read.format("delta").load(path).orderBy(F.col("sequence").desc()).limit(1).first()
+    saved = spark.read.format("delta").load(path)
+    row = saved.orderBy(F.col("sequence").desc()).limit(1).first()
     if row is None:
         return None
     generation = Horizon(row["generation_impressions"], row["generation_clicks"])
     model = LinearModel(
         tuple(row["terms"]), tuple(row["weights"]), row["intercept"], generation, row["updates"], row["base_version"]
     )
-    return SavedState(row["batch_id"], model, row["champion_version"], row["auc"], row["query_id"], row["sequence"])
+    # The progressive-validation bins of every micro-batch of the same generation.
+    same = F.lit(True)
+    for column in ("generation_impressions", "generation_clicks", "base_version", "champion_version"):
+        same = same & F.col(column).eqNullSafe(row[column])
+    bins: AucBins = {}
+    champion_bins: AucBins = {}
+    if "auc_bins" in saved.columns:  # rows saved before the bins were kept have none
+        for part in saved.where(same).select("auc_bins", "champion_auc_bins").collect():
+            bins, champion_bins = add_bins(bins, _bins_of(part[0])), add_bins(champion_bins, _bins_of(part[1]))
+    return SavedState(
+        row["batch_id"], model, row["champion_version"], cumulative_auc(bins), row["query_id"], row["sequence"], bins, champion_bins
+    )
 
 
 def checkpoint_query_id(spark: SparkSession, cfg: PlatformConfig) -> str | None:
@@ -283,7 +329,8 @@ def save_state(spark: SparkSession, cfg: PlatformConfig, batch_id: int, state: d
     is skipped by Delta."""
     frame = spark.createDataFrame([{"batch_id": batch_id, **state}], STATE_SCHEMA)
     (
-        frame.coalesce(1).write.format("delta").mode("append")
+        # mergeSchema: a table saved before a column was added gains it.
+        frame.coalesce(1).write.format("delta").mode("append").option("mergeSchema", "true")
         .option("txnAppId", f"online-model:{state.get('query_id')}").option("txnVersion", batch_id)
         .save(model_table(cfg))
     )  # fmt: skip
@@ -418,16 +465,13 @@ def champion_version(cfg: PlatformConfig) -> int | None:
 # --------------------------------------------------------------------------- the query
 
 
-def progressive_auc(scored: DataFrame, column: str) -> float | None:
-    """Exact AUC of ``column`` against ``label`` (None unless both classes are present)."""
-    from pyspark.ml.evaluation import BinaryClassificationEvaluator
+@dataclass(frozen=True)
+class Progress:
+    """Progressive-validation log-odds bins of the online model and of the champion (empty
+    without a champion), over one micro-batch or a whole generation."""
 
-    counts = scored.agg(F.count(F.lit(1)), F.sum(LABEL)).first()
-    assert counts is not None
-    if not counts[0] or counts[1] in (0, counts[0]):
-        return None
-    evaluator = BinaryClassificationEvaluator(rawPredictionCol=column, labelCol=LABEL, metricName="areaUnderROC", numBins=0)
-    return float(evaluator.evaluate(scored))
+    bins: AucBins
+    champion_bins: AucBins
 
 
 @dataclass
@@ -476,9 +520,8 @@ class OnlineLearner:
             if metrics.rows == 0:
                 log.info("online micro-batch %d: no newly labelled impressions", batch_id)
                 return
-            auc = progressive_auc(scored, SPEED_P)
-            champion_auc = progressive_auc(scored, CHAMPION_P) if champion_p is not None else None
-            self._commit(spark, batch_id, query_id, stepped, metrics, auc, champion_auc, featured)
+            bins = Progress(auc_bins(scored, SPEED_P), auc_bins(scored, CHAMPION_P) if champion_p is not None else {})
+            self._commit(spark, batch_id, query_id, stepped, metrics, bins, featured)
         finally:
             featured.unpersist()
 
@@ -489,14 +532,18 @@ class OnlineLearner:
         query_id: str | None,
         stepped: LinearModel,
         metrics: StepMetrics,
-        auc: float | None,
-        champion_auc: float | None,
+        batch: Progress,
         featured: DataFrame,
     ) -> None:
         """Save the stepped model for ``batch_id``, then report, publish and maybe register it."""
         cfg, online = self.cfg, self.cfg.speed.online
         assert self.champion is not None
         sequence = 0 if self.state is None else self.state.sequence + 1
+        so_far = batch
+        if self.state is not None and self.state.continues(stepped, self.champion.version):
+            so_far = Progress(add_bins(self.state.bins or {}, batch.bins), add_bins(self.state.champion_bins or {}, batch.champion_bins))
+        auc, champion_auc = cumulative_auc(batch.bins), cumulative_auc(batch.champion_bins)
+        total_auc, champion_total_auc = cumulative_auc(so_far.bins), cumulative_auc(so_far.champion_bins)
         state = {
             "generation_impressions": stepped.generation.impressions,
             "generation_clicks": stepped.generation.clicks,
@@ -511,21 +558,28 @@ class OnlineLearner:
             "auc": auc,
             "champion_auc": champion_auc,
             "champion_version": self.champion.version,
+            "cumulative_auc": total_auc,
+            "champion_cumulative_auc": champion_total_auc,
+            "auc_bins": _bin_rows(batch.bins),
+            "champion_auc_bins": _bin_rows(batch.champion_bins),
             "query_id": query_id,
             "sequence": sequence,
         }
         save_state(spark, cfg, batch_id, state)
-        self.state = SavedState(batch_id, stepped, self.champion.version, auc, query_id, sequence)
+        self.state = SavedState(batch_id, stepped, self.champion.version, total_auc, query_id, sequence, so_far.bins, so_far.champion_bins)
         log.info(
             "online micro-batch %d: %d labelled impressions (%d clicked); progressive log loss %.4f (champion %s), "
-            "AUC %s (champion %s); update %d of %s",
+            "AUC %s (champion %s), over the generation so far %s (champion %s); update %d of %s",
             batch_id, metrics.rows, metrics.positives, metrics.log_loss or 0.0, _fmt(metrics.baseline_log_loss),
-            _fmt(auc), _fmt(champion_auc), stepped.updates, stepped.generation,
+            _fmt(auc), _fmt(champion_auc), _fmt(total_auc), _fmt(champion_total_auc), stepped.updates, stepped.generation,
         )  # fmt: skip
-        self._log_metrics(batch_id, metrics, auc, champion_auc)
-        self._publish(update_of(stepped, cfg.mlflow.registered_model, auc))
+        self._log_metrics(batch_id, metrics, {
+            "online.auc": auc, "online.champion_auc": champion_auc,
+            "online.cumulative_auc": total_auc, "online.champion_cumulative_auc": champion_total_auc,
+        })  # fmt: skip
+        self._publish(update_of(stepped, cfg.mlflow.registered_model, total_auc))
         if online.register_every and stepped.updates % online.register_every == 0:
-            self._register(spark, stepped, auc, batch_id, featured)
+            self._register(spark, stepped, total_auc, batch_id, featured)
 
     def _current_model(self, spark: SparkSession) -> LinearModel:
         """The model to step: the saved one, or the champion's when the champion moved."""
@@ -557,17 +611,17 @@ class OnlineLearner:
         except Exception as exc:  # noqa: BLE001 - Kafka down: serving keeps the last update; the next one follows
             log.warning("could not publish the online model update (%s)", exc)
 
-    def _log_metrics(self, batch_id: int, metrics: StepMetrics, auc: float | None, champion_auc: float | None) -> None:
+    def _log_metrics(self, batch_id: int, metrics: StepMetrics, aucs: dict[str, float | None]) -> None:
         if not self.cfg.speed.report_to_mlflow:
             return
         values = {
             "online.rows": float(metrics.rows),
             "online.log_loss": metrics.log_loss,
             "online.champion_log_loss": metrics.baseline_log_loss,
-            "online.auc": auc,
-            "online.champion_auc": champion_auc,
+            **aucs,
             "online.updates": float(self.state.model.updates) if self.state else None,
         }
+        champion_auc = aucs["online.champion_cumulative_auc"]
         try:
             from mlflow import MlflowClient
             from mlflow.entities import Metric

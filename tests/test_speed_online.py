@@ -39,7 +39,7 @@ from serving_layer.updates import ModelUpdateListener
 from speed_layer import app, ingest
 from speed_layer.labels import LABEL_SCHEMA, ensure_labels_table, merge_labels
 from speed_layer.monitor import metrics_experiment
-from speed_layer.online import LinearModel, model_table, publish_updates, sgd_step, update_of
+from speed_layer.online import LinearModel, load_state, model_table, publish_updates, sgd_step, update_of
 
 NAMES = ("x1", "x2", "x3")
 TRUE_W, TRUE_B = np.array([1.5, -2.0, 0.5]), -0.3
@@ -229,12 +229,21 @@ def test_the_online_query_learns_like_numpy_sgd_and_reaches_serving(
     b = float(pipeline.stages[-1].intercept)
     w0, b0 = w.copy(), b
     losses, champion_losses, aucs = [], [], []
+    seen_y, seen_scores, seen_champion = [], [], []  # every row so far: the progressive AUC over the generation
+    cumulative, champion_cumulative = [], []
     for chunk in chunks:
         x, y = _design(chunk, inputs.numeric, slots), np.array([r[LABEL] for r in chunk])
         champion_losses.append(_reference_step(w0, b0, x, y, lr, l2)[2])
         aucs.append(roc_auc_score(y, x @ w + b))  # scored before learning from the rows
+        seen_y.append(y)
+        seen_scores.append(x @ w + b)
+        seen_champion.append(x @ w0 + b0)
+        cumulative.append(roc_auc_score(np.concatenate(seen_y), np.concatenate(seen_scores)))
+        champion_cumulative.append(roc_auc_score(np.concatenate(seen_y), np.concatenate(seen_champion)))
         w, b, loss = _reference_step(w, b, x, y, lr, l2)
         losses.append(loss)
+    # The later chunks' AUCs differ from the first's, so a per-batch figure would not pass for the whole.
+    assert abs(cumulative[-1] - aucs[-1]) > 1e-3 or abs(cumulative[-1] - aucs[0]) > 1e-3
     assert w[-1] == 0.0  # the unknown slot: never set, never learned
 
     saved = spark.read.format("delta").load(model_table(local)).orderBy("batch_id").collect()
@@ -254,11 +263,22 @@ def test_the_online_query_learns_like_numpy_sgd_and_reaches_serving(
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "online.log_loss")}
     champion_logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "online.champion_log_loss")}
     auc_logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "online.auc")}
+    history = lambda metric: {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}  # noqa: E731
+    cumulative_logged, champion_cumulative_logged = history("online.cumulative_auc"), history("online.champion_cumulative_auc")
     assert sorted(logged) == [0, 1, 2]
     for step in range(3):
         assert logged[step] == pytest.approx(losses[step], rel=1e-9)
-        assert auc_logged[step] == pytest.approx(aucs[step], rel=1e-9)
         assert champion_logged[step] == pytest.approx(champion_losses[step], rel=1e-9)
+        # AUCs rank the rows in log-odds bins of 1e-3 (pairs inside one bin are ties): within 5e-4.
+        assert auc_logged[step] == pytest.approx(aucs[step], abs=5e-4)
+        assert cumulative_logged[step] == pytest.approx(cumulative[step], abs=5e-4)
+        assert champion_cumulative_logged[step] == pytest.approx(champion_cumulative[step], abs=5e-4)
+    assert [r["cumulative_auc"] for r in saved] == [cumulative_logged[s] for s in range(3)]
+    # The champion's tag, which the quality policy compares, is its AUC over the whole generation.
+    champion_tag = client.get_model_version(name, versions.onnx).tags[contract.TAG_QUALITY_SCORE]
+    assert float(champion_tag) == pytest.approx(champion_cumulative_logged[2], abs=1e-12)
+    # A restart adds the saved micro-batches' bins up again to the same AUC.
+    assert load_state(spark, local).auc == pytest.approx(cumulative_logged[2], abs=1e-12)
     assert logged[0] == pytest.approx(champion_logged[0], rel=1e-12)  # warm start: the champion itself
 
     # A replayed micro-batch (its commit lost in a crash) does not step again.
@@ -293,6 +313,7 @@ def test_the_online_query_learns_like_numpy_sgd_and_reaches_serving(
         served = _wait(lambda: (s := store.current) and s.by_alias[contract.SPEED_ALIAS].updates == 3 and s, 30, "the last update is applied")
         speed = served.by_alias[contract.SPEED_ALIAS]
         assert speed.linear is not None and speed.version == int(versions.onnx) and speed.horizon == snapshot.horizon
+        assert speed.quality == pytest.approx(cumulative_logged[2], abs=1e-12)  # what the quality policy compares
         sample = [r.asDict() for r in chunks[0][:50]]
         expected = 1 / (1 + np.exp(-(_design(sample, inputs.numeric, slots) @ w + b)))
         np.testing.assert_allclose(speed.predict(build_model_inputs(sample, speed.inputs)), expected, rtol=1e-5)
