@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 help:
 	@echo "make demo    run the platform end to end on the embedded stack (left running)"
 	@echo "make test    run the test suite (starts and stops its own stack)"
-	@echo "make stop    stop the demo's stack (service, MLflow, Kafka)"
+	@echo "make stop    stop the demo's stack (service, speed layer, MLflow, Kafka)"
 	@echo "make status  show what is running"
 
 $(STAMP): pyproject.toml

@@ -1,7 +1,7 @@
 """``lambda-ml``: one command line for every part of the platform.
 
     lambda-ml setup                      resolve the JVM jars from Maven Central
-    lambda-ml stack up|down|status       the embedded Kafka broker, MLflow server (and service)
+    lambda-ml stack up|down|status       the embedded Kafka broker, MLflow server (and the demo's service and speed layer)
     lambda-ml cluster up|down|status     a local Spark standalone cluster (master + one worker)
     lambda-ml generate                   send generated click-through events to Kafka
     lambda-ml speed ingest               Kafka -> bronze Delta tables (streaming)
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     verb("setup", _setup, "Resolve the Delta, Kafka-connector, Avro and Kafka-broker jars from Maven Central (idempotent).")
-    sub = verb("stack", _stack, "Start, stop or inspect the embedded Kafka broker and MLflow server.")
+    sub = verb("stack", _stack, "Start, stop or inspect the embedded Kafka broker and MLflow server (down and status also cover the demo's service and speed layer).")
     sub.add_argument("action", choices=("up", "down", "status"))
     sub = verb("generate", _generate, "Send generated impressions and clicks (with a known ground truth) to Kafka.")
     sub.add_argument("--impressions", type=int, help="impressions to generate (default: generator.impressions)")

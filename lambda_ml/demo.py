@@ -1,9 +1,11 @@
 """``lambda-ml demo``: one event's whole journey on the embedded stack, with a summary.
 
 Kafka -> speed layer (ingest, labels, feature increments) -> Delta lake -> batch training ->
-MLflow registry -> ONNX -> the speed layer's online model, warm-started from the new champion ->
-serving (champion and online model).
-The stack and the service stay up afterwards; ``make stop`` (``lambda-ml stack down``) stops them.
+MLflow registry -> ONNX -> the speed layer running continuously (its online model warm-started
+from the new champion) -> serving (champion and online model, batch views merged with the speed
+layer's increments), then fresh events followed until serving counts them.
+The stack, the speed layer and the service stay up afterwards; ``make stop`` (``lambda-ml stack
+down``) stops them.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable
-from typing import TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
-from lambda_ml import generator, jvm, stack
+from lambda_ml import contract, generator, jvm, stack
 from lambda_ml.config import PlatformConfig
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,55 @@ def _post_json(url: str, payload: dict[str, object]) -> dict[str, object]:
         return result
 
 
+def _get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        result: dict[str, Any] = json.loads(response.read())
+        return result
+
+
+FRESH_USER, FRESH_IMPRESSIONS = "u1", 5
+
+
+def follow_fresh_events(cfg: PlatformConfig, service_url: str, timeout_s: float = 300) -> str:
+    """Send ``FRESH_IMPRESSIONS`` new impressions of user ``FRESH_USER`` (event time now) and
+    wait until the service's merged features count them (batch view ⊕ the running speed layer's
+    increments); say how long that took."""
+    feature = contract.window_feature_name("user", "impressions", cfg.features.windows[0])
+    sent_at = datetime.now(UTC)
+    # One instant for every read: the window does not move while we wait.
+    at = urllib.parse.quote((sent_at + timedelta(seconds=1)).isoformat())
+    url = f"{service_url}/features/user/{FRESH_USER}?at={at}"
+    before = float(_get_json(url)["merged"]["features"][feature])
+    records = [
+        generator.Record("impressions", FRESH_USER.encode(), json.dumps({
+            "event_id": f"demo-{uuid.uuid4().hex}", "event_time": generator.iso(sent_at), "user_id": FRESH_USER,
+            "item_id": "i1", "device": "mobile", "position": 1,
+        }).encode())  # fmt: skip
+        for _ in range(FRESH_IMPRESSIONS)
+    ]
+    started = time.monotonic()
+    generator.produce(cfg, records, progress=False)
+    while time.monotonic() - started < timeout_s:
+        now = float(_get_json(url)["merged"]["features"][feature])
+        if now >= before + FRESH_IMPRESSIONS:
+            return (
+                f"{FRESH_IMPRESSIONS} new impressions of {FRESH_USER} counted by serving after "
+                f"{time.monotonic() - started:.0f} s ({feature}: {before:g} -> {now:g})"
+            )
+        time.sleep(1)
+    return f"{FRESH_IMPRESSIONS} new impressions of {FRESH_USER} not counted by serving within {timeout_s:.0f} s"
+
+
+def _wait_for_online_model(cfg: PlatformConfig, timeout_s: float = 300) -> str:
+    """The online model's summary once the running speed layer has saved its first step."""
+    deadline = time.monotonic() + timeout_s
+    summary = _online_summary(cfg)
+    while summary is None and time.monotonic() < deadline:
+        time.sleep(5)
+        summary = _online_summary(cfg)
+    return summary or f"no step saved within {timeout_s:.0f} s (see the speed layer's log)"
+
+
 def _lake_counts(cfg: PlatformConfig) -> dict[str, int]:
     from lambda_ml.spark import get_spark
     from speed_layer.ingest import table_paths
@@ -54,16 +108,16 @@ def _train(cfg: PlatformConfig):  # type: ignore[no-untyped-def]
     return train.run(get_spark(cfg, "demo"), cfg)
 
 
-def _online_summary(cfg: PlatformConfig) -> str:
+def _online_summary(cfg: PlatformConfig) -> str | None:
     from lambda_ml.spark import get_spark
     from speed_layer.online import load_state
 
     state = load_state(get_spark(cfg, "demo"), cfg)
     if state is None:
-        return "no labelled impressions to learn from yet"
+        return None
     model = state.model
     auc = "not measured yet" if state.auc is None else f"{state.auc:.4f}"
-    return f"{model.updates} update(s) since champion v{model.base_version} ({model.generation}), last progressive AUC {auc}"
+    return f"{model.updates} update(s) since champion v{model.base_version} ({model.generation}), progressive AUC {auc}"
 
 
 def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
@@ -73,7 +127,7 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
     if impressions is not None:
         cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(update={"impressions": impressions})})
     started = time.monotonic()
-    steps = 8
+    steps = 9
     _step(1, steps, "resolve JVM jars", lambda: jvm.resolve_all(cfg))
     _step(2, steps, "start Kafka broker and MLflow server", lambda: stack.up(cfg))
     truth = _step(3, steps, "generate events to Kafka", lambda: generator.run(cfg))
@@ -83,12 +137,16 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
     )  # fmt: skip
     counts = _lake_counts(cfg)
     result = _step(5, steps, "batch layer: label, featurise, train, export ONNX, register", lambda: _train(cfg))
-    _step(6, steps, "speed layer: online model from the new champion", lambda: app.run(cfg, ["online"], available_now=True))
-    online = _online_summary(cfg)
+    # From here on the speed layer runs continuously, its online model learning from the champion.
+    queries = list(dict.fromkeys([*cfg.speed.queries, "online"]))
+    speed = stack.SpeedProcess(cfg)
+    speed_pid = _step(6, steps, f"speed layer: run continuously ({', '.join(queries)})", lambda: speed.start(cfg.source, queries))
+    online = _wait_for_online_model(cfg)
     service = stack.ServingProcess(cfg)
     _step(7, steps, "serving layer: start the prediction service", lambda: service.start(cfg.source))
-    example = {"user_id": "u1", "item_id": "i1", "device": "mobile", "position": 1}
-    answer = _step(8, steps, "ask for one prediction", lambda: _post_json(f"{service.url}/predict", example))
+    fresh = _step(8, steps, "fresh events: send some and wait until serving counts them", lambda: follow_fresh_events(cfg, service.url))
+    example = {"user_id": FRESH_USER, "item_id": "i1", "device": "mobile", "position": 1}
+    answer = _step(9, steps, "ask for one prediction", lambda: _post_json(f"{service.url}/predict", example))
 
     print(
         "\n".join(
@@ -106,7 +164,9 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
                 f"holdout:                  AUC {result.auc:.4f}, log loss {result.log_loss:.4f} on "
                 f"{result.rows.get('holdout', 0)} impressions ({result.rows.get('train', 0)} trained on)",
                 f"horizon:                  {result.horizon}",
+                f"speed layer:              running (pid {speed_pid}): {', '.join(queries)}; log {speed.process.log_file}",
                 f"online model:             {online}",
+                f"fresh events:             {fresh}",
                 f"one prediction:           POST {service.url}/predict {json.dumps(example)}",
                 f"                          -> {json.dumps(answer)}",
                 f"MLflow UI:                {cfg.mlflow.tracking_uri}",
@@ -115,7 +175,7 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
                 + ("" if cfg.serving.prediction_log.enabled else " (off: serving.prediction_log.enabled)")
                 + "; `lambda-ml batch evaluate` joins it with later clicks (live AUC per version in MLflow)",
                 f"total time:               {time.monotonic() - started:.0f} s",
-                "The stack is still running; stop it with `make stop` (lambda-ml stack down).",
+                "The stack, the speed layer and the service are still running; stop them with `make stop` (lambda-ml stack down).",
             ]
         )
     )

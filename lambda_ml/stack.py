@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -386,6 +386,46 @@ class ServingProcess:
         return self.process.stop(timeout_s=15)
 
 
+class SpeedProcess:
+    """The speed layer (``lambda-ml speed run``) run continuously in the background by the demo:
+    its queries resume from their checkpoints, and SIGTERM (``stop``) lets each finish its
+    micro-batch."""
+
+    READY_LINE = "speed layer running:"  # what speed_layer.app logs once every query has started
+
+    def __init__(self, cfg: PlatformConfig) -> None:
+        self.cfg = cfg
+        self.process = ManagedProcess("speed", cfg.data_path / "speed")
+
+    def start(self, config_file: str | None = None, queries: Sequence[str] = ()) -> int:
+        """Start the application (``queries``, default ``speed.queries``); return its PID once
+        every query has started."""
+        if (pid := self.process.pid()) is not None:
+            log.info("speed layer already running (pid %d): restarting it", pid)
+            self.stop()
+        command = [sys.executable, "-m", "lambda_ml.cli"]
+        if config_file:
+            command += ["--config", config_file]
+        command += ["speed", "run"]
+        for query in queries:
+            command += ["--query", query]
+        logged_before = self.process.log_file.stat().st_size if self.process.log_file.exists() else 0
+        pid = self.process.start(command)
+        log.info("starting the speed layer (pid %d): %s", pid, ", ".join(queries or self.cfg.speed.queries))
+        wait_until(lambda: self._logged_since(logged_before, self.READY_LINE), 300, "speed layer", self.process)
+        log.info("speed layer running (pid %d); log: %s", pid, self.process.log_file)
+        return pid
+
+    def _logged_since(self, offset: int, text: str) -> bool:
+        with self.process.log_file.open("rb") as log_file:
+            log_file.seek(offset)
+            return text.encode() in log_file.read()
+
+    def stop(self) -> bool:
+        # Every query may take speed.stop_timeout_seconds to finish its micro-batch first.
+        return self.process.stop(timeout_s=self.cfg.speed.stop_timeout_seconds + 60)
+
+
 # --------------------------------------------------------------------------- the stack
 
 
@@ -397,10 +437,12 @@ def up(cfg: PlatformConfig) -> None:
 
 
 def down(cfg: PlatformConfig) -> list[str]:
-    """Stop every running part (service, MLflow, broker) by its PID; return those stopped."""
+    """Stop every running part (service, speed layer, MLflow, broker) by its PID; return those
+    stopped."""
     stopped = []
-    parts: tuple[tuple[str, ServingProcess | MlflowServer | KafkaBroker], ...] = (
+    parts: tuple[tuple[str, ServingProcess | SpeedProcess | MlflowServer | KafkaBroker], ...] = (
         ("prediction service", ServingProcess(cfg)),
+        ("speed layer", SpeedProcess(cfg)),
         ("MLflow server", MlflowServer(cfg)),
         ("Kafka broker", KafkaBroker(cfg)),
     )
@@ -413,7 +455,7 @@ def down(cfg: PlatformConfig) -> list[str]:
 
 def status(cfg: PlatformConfig) -> dict[str, dict[str, object]]:
     """Each part's PID, address, readiness and log file."""
-    broker, server, service = KafkaBroker(cfg), MlflowServer(cfg), ServingProcess(cfg)
+    broker, server, service, speed = KafkaBroker(cfg), MlflowServer(cfg), ServingProcess(cfg), SpeedProcess(cfg)
     broker_pid, server_pid, service_pid = broker.process.pid(), server.process.pid(), service.process.pid()
     return {
         "kafka": {
@@ -434,4 +476,5 @@ def status(cfg: PlatformConfig) -> dict[str, dict[str, object]]:
             "ready": service_pid is not None and service.is_ready(),
             "log": str(service.process.log_file),
         },
+        "speed": {"pid": speed.process.pid(), "log": str(speed.process.log_file)},
     }

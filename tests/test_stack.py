@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,43 @@ def test_missing_jars_say_how_to_resolve_them(cfg: PlatformConfig, tmp_path: Pat
     empty = cfg.model_copy(update={"jvm": cfg.jvm.model_copy(update={"dir": tmp_path / "jvm"})})
     with pytest.raises(jvm.SetupError, match="run `lambda-ml setup`"):
         jvm.resolved_jars(empty, jvm.SPARK_JARS)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_demo_speed_layer_runs_in_the_background_until_stack_down(running_stack: PlatformConfig, tmp_path: Path) -> None:
+    """``SpeedProcess`` (what the demo leaves running) starts the application with the given
+    config and queries, lands every event sent to it, shows in the status, and ``stack down``
+    stops it by its PID with SIGTERM: it finishes its micro-batch and exits cleanly."""
+    from datetime import timedelta
+
+    from speed_process import rows
+    from support import isolated
+
+    from lambda_ml import generator
+    from lambda_ml.config import write_config
+
+    cfg = isolated(running_stack, "ctr-speed-bg", lake_root=tmp_path / "lake", topic_prefix="speedbg")
+    # A data directory of its own: `down` finds only this speed layer there, not the session's stack.
+    cfg = cfg.model_copy(update={"data_dir": tmp_path / "data", "speed": cfg.speed.model_copy(update={"trigger_seconds": 1.0, "report_to_mlflow": False})})
+    config_file = write_config(cfg, tmp_path / "platform.yaml")
+    stack.create_topics(cfg)
+    gen = cfg.generator.model_copy(update={"impressions": 300, "seed": 3, "malformed_fraction": 0.0})
+    records, truth = generator.generate(gen, timedelta(minutes=cfg.ctr.attribution_window_minutes))
+    generator.produce(cfg, records, progress=False)
+
+    speed = stack.SpeedProcess(cfg)
+    pid = speed.start(str(config_file), ["ingest"])
+    try:
+        assert stack.status(cfg)["speed"]["pid"] == pid
+        bronze = [cfg.lake.table("bronze", name) for name in ("impressions", "clicks")]
+        deadline = time.monotonic() + 180
+        while sum(max(0, rows(path)) for path in bronze) < truth.valid_records and time.monotonic() < deadline:
+            time.sleep(1)
+        assert sum(rows(path) for path in bronze) == truth.valid_records
+        assert stack.down(cfg) == ["speed layer"]  # the session's broker and MLflow live elsewhere
+    finally:
+        speed.stop()
+    assert speed.process.pid() is None and not speed.process.pid_file.exists()
+    text = speed.process.log_file.read_text()
+    assert "received SIGTERM" in text and "speed layer stopped" in text
