@@ -62,7 +62,7 @@ from serving_layer.api_models import (
     check_scoring_time,
     predict_request_type,
 )
-from serving_layer.features import build_model_inputs, lookup_features
+from serving_layer.features import lookup_features
 from serving_layer.metrics import CONTENT_TYPE, ServiceMetrics
 from serving_layer.model_store import CtrServingModel, ModelStore, ServedModels
 from serving_layer.policies import PolicyRunner
@@ -181,7 +181,7 @@ def score_rows(
     if policy == "ab":
         answers = _ab_answers(rows, found, served, runner, ab or AbConfig())
     else:
-        answer = runner.answer(policy, served, lambda m: m.predict(build_model_inputs(found, m.inputs)), len(rows), deadline_s)
+        answer = runner.answer(policy, served, lambda m: m.predict_rows(found), len(rows), deadline_s)
         version = answer.models[0].version if len(answer.models) == 1 else None
         answers = [(float(p), version, None) for p in answer.probabilities]
         how, models = answer.how, list(answer.models)
@@ -228,7 +228,7 @@ def _ab_answers(
             continue
         arm_served = served if arm == CHAMPION_ARM else ServedModels(ab.challenger_alias, served.by_alias)
         subset = [found[n] for n in indexes]
-        answer = runner.answer("champion", arm_served, lambda m: m.predict(build_model_inputs(subset, m.inputs)), len(indexes))
+        answer = runner.answer("champion", arm_served, lambda m: m.predict_rows(subset), len(indexes))
         (model,) = answer.models
         for n, p in zip(indexes, answer.probabilities, strict=True):
             answers[n] = (float(p), model.version, arm)

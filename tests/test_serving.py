@@ -30,6 +30,7 @@ import pytest
 import schemathesis
 from deltalake import write_deltalake
 from fastapi.testclient import TestClient
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lambda_ml import contract
@@ -49,6 +50,7 @@ from serving_layer.model_store import (
     check_session,
     find_onnx_file,
     open_onnx_session,
+    open_serving_session,
 )
 from serving_layer.policies import PolicyRunner
 from serving_layer.reloadable import NotReadyError, Reloadable
@@ -304,6 +306,45 @@ def test_toy_model_scores_like_its_formula() -> None:
     features = [{**U1_I1_MOBILE, "position": 2, "device": "mobile"}, {**STRANGER, "position": 1, "device": "tv"}]
     expected = [toy_probability(f) for f in features]
     np.testing.assert_allclose(toy_model().predict(build_model_inputs(features, TOY_INPUTS)), expected, atol=1e-6)
+
+
+def with_opset(graph: bytes, version: int) -> bytes:
+    """The graph declaring another version of the default ONNX opset."""
+    model = onnx.load_from_string(graph)
+    for opset in model.opset_import:
+        if opset.domain == "":
+            opset.version = version
+    return bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize("opset", [11, 17])  # Split takes its sizes as an attribute before 13
+def test_a_packed_graph_scores_exactly_like_the_graph_it_was_made_from(opset: int) -> None:
+    graph = with_opset(toy_onnx_bytes(), opset)
+    session, inputs, packed = open_serving_session(graph, "models:/ctr/3", unit_cfg().features)
+    assert inputs == TOY_INPUTS and packed is not None
+    # Two tensors to feed instead of six: the numbers in one, in the graph's input order.
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [("numeric_features", [None, 5]), ("device", [None, 1])]
+    rows = [
+        {**U1_I1_MOBILE, "position": 2, "device": "mobile"},
+        {**U2_I2_DESKTOP, "position": 9, "device": "desktop"},
+        {**STRANGER, "position": 1, "device": "fridge"},
+        {**STRANGER, "user_impressions_24h": 1234.5, "item_ctr_7d": 0.3, "position": 40, "device": "tablet"},
+    ]
+    model = CtrServingModel("ctr", 3, "champion", "run-1", HORIZON, session, inputs, packed=packed)
+    (plain,) = open_onnx_session(graph).run([contract.ONNX_PROBABILITY_OUTPUT], build_model_inputs(rows, TOY_INPUTS))
+    np.testing.assert_array_equal(model.predict_rows(rows), plain[:, 1].astype(np.float64))
+    np.testing.assert_array_equal(model.predict(build_model_inputs(rows, TOY_INPUTS)), plain[:, 1].astype(np.float64))
+    np.testing.assert_allclose(model.predict_rows(rows), [toy_probability(r) for r in rows], rtol=1e-6)
+    # One row alone gets what it gets within the batch.
+    assert model.predict_rows(rows[1:2])[0] == model.predict_rows(rows)[1]
+
+
+def test_a_graph_with_one_numeric_input_is_served_as_it_is() -> None:
+    session, inputs, packed = open_serving_session(toy_onnx_bytes(("position",)), "models:/ctr/3", unit_cfg().features)
+    assert packed is None and [i.name for i in session.get_inputs()] == ["position", "device"]
+    model = CtrServingModel("ctr", 3, "champion", "run-1", HORIZON, session, inputs)
+    expected = 1 / (1 + math.exp(-(TOY_BIAS + TOY_WEIGHTS["position"] * 4 + TOY_DEVICE_WEIGHTS["tablet"])))
+    assert model.predict_rows([{"position": 4, "device": "tablet"}])[0] == pytest.approx(expected, rel=1e-6)
 
 
 def _view_table(key_columns: dict[str, list[str]], hours: list[int], **columns: list[Any]) -> pa.Table:
@@ -724,8 +765,11 @@ class MemoryRegistry:
     def load(self, info: VersionInfo, alias: str) -> CtrServingModel:
         self.loads.append(info.version)
         bias, tags = self.versions[info.version]
-        session = open_onnx_session(toy_onnx_bytes(bias=bias))
-        return CtrServingModel("ctr", info.version, alias, info.run_id, HORIZON, session, TOY_INPUTS, 0.6, quality_score(tags, 0.6))
+        # Opened as the MLflow registry opens a version: its numeric inputs packed.
+        session, inputs, packed = open_serving_session(toy_onnx_bytes(bias=bias), f"models:/ctr/{info.version}", unit_cfg().features)
+        return CtrServingModel(
+            "ctr", info.version, alias, info.run_id, HORIZON, session, inputs, 0.6, quality_score(tags, 0.6), packed=packed
+        )
 
 
 def test_the_store_follows_alias_moves_and_reuses_loaded_versions() -> None:
