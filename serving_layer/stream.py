@@ -102,6 +102,7 @@ class StreamScorer:
         """Prediction-log records (``source`` "stream") for the valid impressions among
         ``values`` ((where, raw value) pairs); invalid ones are logged, counted and skipped."""
         from serving_layer.api_models import PredictRow
+        from serving_layer.answers import predict_response
         from serving_layer.app import prediction_records, score_rows
 
         rows: list[PredictRow] = []
@@ -125,11 +126,12 @@ class StreamScorer:
         step = self.cfg.serving.max_rows
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]
-            response = score_rows(
+            scored = score_rows(
                 chunk, served, views, self.cfg.features, now, self.runner, self.policy, None, self.cfg.serving.ab,
                 uuid.uuid4().hex,
             )  # fmt: skip
-            records += prediction_records(response, chunk, self.cfg.mlflow.registered_model, now, "stream")
+            predict_response(scored)  # checked as /predict checks its answers (a probability outside [0, 1] raises)
+            records += prediction_records(scored, self.cfg.mlflow.registered_model, now, "stream")
         self.progress.scored += len(records)
         return records
 

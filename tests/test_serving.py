@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,16 @@ from deltalake import write_deltalake
 from fastapi.testclient import TestClient
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from lambda_ml import contract
 from lambda_ml.buckets import EntityBuckets, to_micros, window_features
 from lambda_ml.config import DEFAULT_CONFIG, PROJECT_ROOT, PlatformConfig, load_config, parse_duration
 from lambda_ml.contract import Horizon, ModelInputs
-from serving_layer.app import create_app, format_validation_errors, max_body_bytes
+from serving_layer.answers import AnswerWriter, Scored, predict_response
+from serving_layer.api_models import PredictRow
+from serving_layer.app import create_app, format_validation_errors, max_body_bytes, score_rows
 from serving_layer.features import build_model_inputs, lookup_features
 from serving_layer.model_store import (
     CtrServingModel,
@@ -69,6 +73,7 @@ from support import isolated
 
 SERVING_MODULES = [
     "serving_layer.ab",
+    "serving_layer.answers",
     "serving_layer.app",
     "serving_layer.api_models",
     "serving_layer.features",
@@ -948,6 +953,64 @@ def test_the_ab_policy_scores_each_user_with_its_arms_version() -> None:
     with TestClient(app) as client:
         body = client.post("/predict?policy=ab", json={"rows": rows}).json()
     assert {(p["arm"], p["version"]) for p in body["predictions"]} == {("champion", 1)}
+
+
+def test_the_written_answer_is_what_the_response_model_dumps() -> None:
+    """The JSON /predict sends is written without building the pydantic models: byte for byte
+    what ``PredictResponse`` dumps, on real answers of every policy, and where it cannot be
+    written directly (a probability out of range, a number JSON cannot hold, a string UTF-8
+    cannot encode) the model's own result or error."""
+    registry = MemoryRegistry()
+    registry.versions = {1: (-1.0, {}), 2: (0.5, {contract.TAG_QUALITY_SCORE: "0.9"})}
+    registry.aliases = {"champion": 1, "challenger": 2}
+    store = ModelStore("models:/ctr@champion", registry, ["champion", "challenger"])
+    models = store.reload()
+    views = toy_views()
+    cfg = unit_cfg(**{"serving.ab.challenger_fraction": 0.5, "serving.ab.salt": "t"})
+    rows = [
+        PredictRow(user_id="u1", item_id="i1", device="mobile", position=2, event_id="imp-1"),
+        PredictRow(user_id="u2", item_id="i2", device="desktop", position=9, event_time=NOW - timedelta(hours=30)),
+        PredictRow(user_id="Zoë 🚲", item_id="i\"3\"\n", device="fridge", position=1, event_id="é"),
+        *(PredictRow(user_id=f"x{n}", item_id="i1", device="tablet", position=1 + n) for n in range(6)),
+    ]
+    writer = AnswerWriter()
+    runner = PolicyRunner("mean", deadline_s=5, prior=0.05)
+    try:
+        scored = {
+            policy: score_rows(rows, models, views, cfg.features, NOW, runner, policy, None, cfg.serving.ab, f"req-{policy}")
+            for policy in ("champion", "latest", "quality", "consensus", "deadline", "ab")
+        }
+    finally:
+        runner.close()
+    assert {a for _, _, a in scored["ab"].answers} == {"champion", "challenger"}  # both arms are in it
+    names = contract.model_inputs(cfg.features).names
+    prior = Scored("req-prior", "deadline", "prior: no version answered within 1 ms", [], views, rows,
+                   lookup_features(rows, views, cfg.features, NOW), [(0.05, None, None)] * len(rows), names)  # fmt: skip
+    for answer in [*scored.values(), prior]:
+        expected = predict_response(answer).model_dump_json().encode()
+        assert writer.write(answer) == expected, answer.policy
+        assert writer.write(answer) == expected  # its parts now reused
+    body = json.loads(writer.write(scored["consensus"]))
+    assert [m["version"] for m in body["models"]] == [1, 2] and body["predictions"][2]["user_id"] == "Zoë 🚲"
+    assert json.loads(writer.write(prior))["model"] is None
+
+    # A version swapped in (here: its quality score changed) is written as it is now.
+    champion = scored["champion"]
+    rescored = replace(champion, models=[replace(champion.models[0], quality=0.75)])
+    assert json.loads(writer.write(rescored))["model"]["quality"] == 0.75 == json.loads(writer.write(rescored))["models"][0]["quality"]
+
+    one = replace(champion, rows=rows[:1], features=champion.features[:1], answers=champion.answers[:1])
+    infinite = replace(one, features=[{**one.features[0], "user_clicks_24h": math.inf}])
+    assert writer.write(infinite) == predict_response(infinite).model_dump_json().encode()
+    assert json.loads(writer.write(infinite))["predictions"][0]["features"]["user_clicks_24h"] is None
+    for bad in (math.nan, 1.5, -0.1):
+        with pytest.raises(ValidationError, match="probability"):
+            writer.write(replace(one, answers=[(bad, 1, None)]))
+    surrogate = replace(one, request_id="\ud800")
+    with pytest.raises(PydanticSerializationError, match="surrogates not allowed"):
+        predict_response(surrogate).model_dump_json()
+    with pytest.raises(PydanticSerializationError, match="surrogates not allowed"):
+        writer.write(surrogate)
 
 
 def test_ready_and_metrics_report_what_is_loaded() -> None:
