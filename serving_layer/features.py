@@ -12,12 +12,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Protocol
 
 import numpy as np
 
-from lambda_ml.buckets import window_features
+from lambda_ml.buckets import WindowPlan, to_micros, window_plan
 from lambda_ml.config import FeaturesConfig
 from lambda_ml.contract import ModelInputs
 from serving_layer.views import BatchViews
@@ -42,16 +42,55 @@ class ScoringRow(Protocol):
 
 def row_features(row: ScoringRow, views: BatchViews, features: FeaturesConfig, now: datetime) -> dict[str, FeatureValue]:
     """Every declared feature of one row: each entity's window features, then the context."""
-    at = row.event_time or now
+    plan = _row_plan(features)
+    micros = to_micros(row.event_time or now)
     found: dict[str, FeatureValue] = {}
-    for name, entity in features.entities.items():
-        key = tuple(str(getattr(row, field)) for field in entity.keys)
-        found.update(window_features(features, name, views.lookup(name, key), at))
-    for field in features.context.numeric:
+    for entity, key_of, windows in plan.entities:
+        windows.add_features(found, views.lookup(entity, key_of(row)), micros)
+    for field in plan.numeric:
         found[field] = getattr(row, field)
-    for field in features.context.categorical:
+    for field in plan.categorical:
         found[field] = str(getattr(row, field))
     return found
+
+
+@dataclass(frozen=True)
+class _RowPlan:
+    """What :func:`row_features` needs of the declarations, worked out once per config."""
+
+    entities: tuple[tuple[str, Callable[[ScoringRow], tuple[str, ...]], WindowPlan], ...]  # name, key of a row, windows
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+
+
+_ROW_PLANS: dict[int, tuple[FeaturesConfig, _RowPlan]] = {}
+
+
+def _row_plan(features: FeaturesConfig) -> _RowPlan:
+    cached = _ROW_PLANS.get(id(features))
+    if cached is not None and cached[0] is features:
+        return cached[1]
+    plan = _RowPlan(
+        tuple((name, _key_of(entity.keys), window_plan(features, name)) for name, entity in features.entities.items()),
+        tuple(features.context.numeric),
+        tuple(features.context.categorical),
+    )
+    _ROW_PLANS[id(features)] = (features, plan)  # keeps the config alive: its id stays its own
+    return plan
+
+
+def _key_of(fields: Sequence[str]) -> Callable[[ScoringRow], tuple[str, ...]]:
+    """A row's key of an entity: the values of its key fields, as strings.
+
+    >>> from types import SimpleNamespace
+    >>> row = SimpleNamespace(user_id="u1", device="mobile", item_id=7)
+    >>> _key_of(["user_id", "device"])(row), _key_of(["item_id"])(row)
+    (('u1', 'mobile'), ('7',))
+    """
+    get = attrgetter(*fields)
+    if len(fields) == 1:
+        return lambda row: (str(get(row)),)
+    return lambda row: tuple(map(str, get(row)))
 
 
 def lookup_features(
