@@ -1167,6 +1167,60 @@ def test_stream_scoring_and_online_evaluation_have_help(capsys: pytest.CaptureFi
     assert done.value.code == 2 and "--until needs a time zone" in capsys.readouterr().err
 
 
+def avro_impressions(cfg: PlatformConfig) -> PlatformConfig:
+    """The config with its impressions topic in Avro."""
+    topics = cfg.kafka.topics
+    impressions = topics.impressions.model_copy(update={"format": "avro"})
+    return cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"topics": topics.model_copy(update={"impressions": impressions})})})
+
+
+def test_stream_scoring_decodes_avro_impressions_and_skips_what_does_not_decode(caplog: pytest.LogCaptureFixture) -> None:
+    from lambda_ml import avro
+    from serving_layer.stream import StreamScorer
+
+    def scorer(cfg: PlatformConfig) -> StreamScorer:
+        models = Reloadable("models:/ctr@champion", lambda: served(toy_model()))
+        return StreamScorer(cfg, models=models, views=Reloadable("views", toy_views), clock=lambda: NOW)
+
+    cfg = avro_impressions(unit_cfg())
+    schema = avro.load_schema(avro.schema_path(cfg.kafka.avro_schemas, "impressions"))
+    at = NOW.isoformat()
+    rows = [
+        {"event_id": "imp-1", "event_time": at, "user_id": "u1", "item_id": "i1", "device": "mobile", "position": 2},
+        {"event_id": "imp-2", "event_time": at, "user_id": "u2", "item_id": "i2", "device": "desktop", "position": 9},
+        {"event_id": "imp-3", "event_time": at, "user_id": "nobody", "item_id": "nothing", "device": "fridge", "position": 1},
+    ]
+    encoded = [avro.encode(r, schema) for r in rows]
+    bad = [encoded[0][:-1], encoded[1] + b"\x00", avro.encode({**rows[2], "position": 0}, schema), json.dumps(rows[0]).encode()]
+    values = [(f"impressions/0@{n}", v) for n, v in enumerate([encoded[0], *bad[:2], encoded[1], *bad[2:], encoded[2]])]
+    with caplog.at_level("WARNING", logger="serving_layer.stream"):
+        streamed = scorer(cfg).score(values)
+    from_json = scorer(unit_cfg()).score([(f"impressions/0@{n}", json.dumps(r).encode()) for n, r in enumerate(rows)])
+
+    hand_made = [U1_I1_MOBILE | {"position": 2, "device": "mobile"}, U2_I2_DESKTOP | {"position": 9, "device": "desktop"},
+                 STRANGER | {"position": 1, "device": "fridge"}]  # fmt: skip
+    assert [r["event_id"] for r in streamed] == ["imp-1", "imp-2", "imp-3"]
+    for record, json_record, features in zip(streamed, from_json, hand_made, strict=True):
+        assert record["probability"] == json_record["probability"]
+        assert record["probability"] == pytest.approx(toy_probability(features), rel=1e-6)
+        assert (record["event_time"], record["source"], record["version"]) == (NOW, "stream", 3)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert [m.split(": ", 1)[0] for m in skipped] == [f"skipped the record at impressions/0@{n}" for n in (1, 2, 4, 5)]
+    assert "not an Avro impression: field position: the record ends inside the value" in skipped[0]
+    assert "not an Avro impression: 1 byte(s) left after the last field (position)" in skipped[1]
+    assert "not a valid impression: position: Input should be greater than or equal to 1" in skipped[2]
+    assert "not an Avro impression" in skipped[3]  # JSON on an Avro topic
+
+
+def test_stream_scoring_of_avro_needs_a_readable_schema(tmp_path: Path) -> None:
+    from lambda_ml.config import ConfigError
+    from serving_layer.stream import StreamScorer
+
+    cfg = avro_impressions(unit_cfg(**{"kafka.avro_schemas": str(tmp_path)}))
+    with pytest.raises(ConfigError, match=f"kafka.avro_schemas: cannot decode Avro impressions with {tmp_path}/impressions.avsc"):
+        StreamScorer(cfg, models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("v", toy_views))
+
+
 def test_the_prediction_log_never_holds_up_a_request_and_counts_what_it_drops() -> None:
     """No broker listens on the log's port: requests answer at once, the log keeps at most its
     buffer and /metrics counts the rest as dropped."""
@@ -2208,6 +2262,61 @@ def test_stream_scoring_equals_predict_and_stops_cleanly_on_sigterm(trained: Tra
     again = subprocess.run([*command, "--stop-when-idle", "5"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stdout + again.stderr
     assert len(read_topic(cfg, cfg.kafka.topics.predictions.name, len(rows))) == len(rows)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_stream_scoring_reads_an_avro_impressions_topic_as_predict_scores_its_rows(trained: Trained) -> None:
+    """With kafka.topics.impressions.format avro, the impressions the producers' encoder wrote to
+    the real broker are scored with the probabilities /predict gives the same rows; a record
+    that does not decode is skipped and counted, and the stream goes on."""
+    import threading
+
+    from kafka import KafkaProducer
+
+    from lambda_ml import avro, stack
+    from serving_layer.stream import StreamScorer
+
+    cfg = avro_impressions(isolated(trained.cfg, REGISTERED_MODEL, topic_prefix="stream-avro"))
+    stack.create_topics(cfg)
+    topic = cfg.kafka.topics.impressions.name
+    schema = avro.load_schema(avro.schema_path(cfg.kafka.avro_schemas, "impressions"))
+    rows = [{**r, "event_id": f"avro-{n}"} for n, r in enumerate(_rows_covering_every_entity(trained.bronze))]
+    producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
+    try:
+        for n, r in enumerate(rows):
+            producer.send(topic, key=r["user_id"].encode(), value=avro.encode(r, schema))
+            if n == 10:
+                producer.send(topic, key=r["user_id"].encode(), value=json.dumps(r).encode())  # JSON on an Avro topic
+                producer.send(topic, key=r["user_id"].encode(), value=avro.encode(r, schema)[:-1])  # cut short
+        producer.flush()
+    finally:
+        producer.close()
+
+    scorer = StreamScorer(cfg, group_id="stream-avro-test", batch_size=16)
+    stop = threading.Event()
+    running = threading.Thread(target=scorer.run, args=(stop,), daemon=True)
+    running.start()
+    try:
+        records = read_topic(cfg, cfg.kafka.topics.predictions.name, len(rows), timeout_s=120)
+    finally:
+        stop.set()
+        running.join(timeout=60)
+    assert not running.is_alive()
+    assert (scorer.progress.read, scorer.progress.scored, scorer.progress.invalid) == (len(rows) + 2, len(rows), 2)
+    by_event = {r["event_id"]: r for r in records}
+    assert len(records) == len(by_event) == len(rows) and {r["source"] for r in records} == {"stream"}
+
+    with TestClient(create_app(cfg, poll=False)) as http:
+        answer = http.post("/predict", json={"rows": rows}).json()
+    assert answer["predictions"] and len(answer["predictions"]) == len(rows)
+    for r, p in zip(rows, answer["predictions"], strict=True):
+        streamed = by_event[r["event_id"]]
+        assert (streamed["user_id"], streamed["item_id"], streamed["device"], streamed["position"], streamed["event_time"]) == (
+            r["user_id"], r["item_id"], r["device"], r["position"], r["event_time"])  # fmt: skip
+        assert streamed["version"] == answer["model"]["version"]
+        # The same code and graph; float32 kernels may differ in the last bits between batch sizes.
+        assert streamed["probability"] == pytest.approx(p["probability"], rel=1e-6)
 
 
 @pytest.mark.integration
