@@ -13,10 +13,11 @@ or largest value present (None when empty).
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
+from functools import lru_cache, partial
+from typing import Any, cast
 
 from lambda_ml import contract
 from lambda_ml.config import FeaturesConfig, parse_duration
@@ -66,6 +67,28 @@ def combine(aggregation: str, values: Iterable[float | None]) -> float | None:
     if aggregation == "max":
         return max(present, default=None)
     raise ValueError(f"unknown aggregation {aggregation!r}: expected count, sum, min or max")
+
+
+def _sum_of(values: Sequence[float | None]) -> float:
+    try:
+        return float(sum(cast("Sequence[float]", values)))
+    except TypeError:  # a missing value among them
+        return float(sum(v for v in values if v is not None))
+
+
+def _extreme_of(pick: Callable[..., float | None], values: Sequence[float | None]) -> float | None:
+    try:
+        value = pick(values, default=None)  # min or max
+    except TypeError:  # a missing value among them
+        value = pick((v for v in values if v is not None), default=None)
+    return None if value is None else float(value)
+
+
+# combine() for a sequence of bucket values, one function per aggregation: the service calls
+# these a few dozen times per request row, so each skips combine()'s dispatch and list.
+COMBINE_SEQUENCE: Mapping[str, Callable[[Sequence[float | None]], float | None]] = {
+    "count": _sum_of, "sum": _sum_of, "min": partial(_extreme_of, min), "max": partial(_extreme_of, max),
+}  # fmt: skip
 
 
 def ratio(numerator: float, denominator: float, prior_alpha: float, prior_beta: float) -> float:
@@ -163,62 +186,68 @@ def window_features(features: FeaturesConfig, entity: str, buckets: EntityBucket
     >>> window_features(cfg, "user", rows, from_micros(9 * hour + 60_000_000))  # 09:01: 08:00-09:01, 07:00-09:01
     {'user_clicks_1h': 3.0, 'user_clicks_2h': 4.0, 'user_shown_1h': 9.0, 'user_shown_2h': 11.0, 'user_ctr_1h': 0.36363636363636365, 'user_ctr_2h': 0.38461538461538464}
     """
-    plan = _window_plan(features, entity)
-    micros = to_micros(at)
-    current = micros - micros % plan.width
-    starts = buckets.starts
-    last = bisect_right(starts, current)
-    totals: dict[tuple[str, str], float | None] = {}
     found: dict[str, float] = {}
-    # The same buckets for every aggregate of a window: search them once per window.
-    for window, length in plan.windows:
-        first = bisect_left(starts, current - length, 0, last)
-        for name, aggregation, empty, feature in plan.aggregates[window]:
-            column = buckets.values.get(name)
-            value = combine(aggregation, column[first:last]) if column is not None else combine(aggregation, ())
-            totals[(name, window)] = value
-            found[feature] = empty if value is None else value
-    for name, numerator, denominator, alpha, beta, window, feature in plan.ratios:
-        top, bottom = totals[(numerator, window)], totals[(denominator, window)]
-        assert top is not None and bottom is not None  # counts and sums are never None
-        found[feature] = ratio(top, bottom, alpha, beta)
-    # In the contract's order: aggregates by name then window, then ratios.
-    return {name: found[name] for name in plan.order}
+    window_plan(features, entity).add_features(found, buckets, to_micros(at))
+    return found
 
 
 @dataclass(frozen=True)
-class _WindowPlan:
-    """What ``window_features`` needs of the declarations for one entity, worked out once."""
+class WindowPlan:
+    """What :func:`window_features` needs of the declarations for one entity, worked out once
+    (the service computes every entity's features per request row)."""
 
-    width: int
-    windows: tuple[tuple[str, int], ...]
-    aggregates: Mapping[str, tuple[tuple[str, str, float | None, str], ...]]
-    ratios: tuple[tuple[str, str, str, float, float, str, str], ...]
-    order: tuple[str, ...]
+    width: int  # of a bucket, in microseconds
+    lengths: tuple[int, ...]  # of each window, in microseconds, in declaration order
+    # (aggregate, how its bucket values combine, value of an empty window, its feature per window)
+    aggregates: tuple[tuple[str, Callable[[Sequence[float | None]], float | None], float | None, tuple[str, ...]], ...]
+    # (index of the numerator in aggregates, of the denominator, prior alpha, beta, feature per window)
+    ratios: tuple[tuple[int, int, float, float, tuple[str, ...]], ...]
+
+    def add_features(self, found: dict[str, Any], buckets: EntityBuckets, micros: int) -> None:
+        """Add the entity's window features at ``micros`` (epoch microseconds) to ``found`` (a
+        row's features so far), in the contract's order: aggregates by name then window, then
+        ratios."""
+        current = micros - micros % self.width
+        starts = buckets.starts
+        last = bisect_right(starts, current)
+        # The same buckets for every aggregate of a window: search them once per window.
+        firsts = [bisect_left(starts, current - length, 0, last) for length in self.lengths]
+        values = buckets.values
+        totals: list[list[float | None]] = []
+        for name, combine_values, empty, names in self.aggregates:
+            column = values.get(name, ())
+            per_window = [combine_values(column[first:last]) for first in firsts]
+            for feature, value in zip(names, per_window):
+                found[feature] = empty if value is None else value
+            totals.append(per_window)
+        for numerator, denominator, alpha, beta, names in self.ratios:
+            for feature, top, bottom in zip(names, totals[numerator], totals[denominator]):
+                assert top is not None and bottom is not None  # counts and sums are never None
+                found[feature] = ratio(top, bottom, alpha, beta)
 
 
-_PLANS: dict[tuple[int, str], tuple[FeaturesConfig, _WindowPlan]] = {}
+_PLANS: dict[tuple[int, str], tuple[FeaturesConfig, WindowPlan]] = {}
 
 
-def _window_plan(features: FeaturesConfig, entity: str) -> _WindowPlan:
+def window_plan(features: FeaturesConfig, entity: str) -> WindowPlan:
+    """The window plan of one declared entity (made once per config object)."""
     cached = _PLANS.get((id(features), entity))
     if cached is not None and cached[0] is features:
         return cached[1]
     name_of = contract.window_feature_name
-    plan = _WindowPlan(
+    aggregates = list(features.aggregates)
+    plan = WindowPlan(
         width=to_micros(features.bucket_width),
-        windows=tuple((w, window_micros(w)) for w in features.windows),
-        aggregates={
-            w: tuple((n, a.aggregation, a.empty, name_of(entity, n, w)) for n, a in features.aggregates.items())
-            for w in features.windows
-        },
-        ratios=tuple(
-            (n, r.numerator, r.denominator, r.prior_alpha, r.prior_beta, w, name_of(entity, n, w))
-            for n, r in features.ratios.items()
-            for w in features.windows
+        lengths=tuple(window_micros(w) for w in features.windows),
+        aggregates=tuple(
+            (n, COMBINE_SEQUENCE[a.aggregation], a.empty, tuple(name_of(entity, n, w) for w in features.windows))
+            for n, a in features.aggregates.items()
         ),
-        order=tuple(name_of(entity, n, w) for n in features.aggregates for w in features.windows)
-        + tuple(name_of(entity, n, w) for n in features.ratios for w in features.windows),
+        ratios=tuple(
+            (aggregates.index(r.numerator), aggregates.index(r.denominator), r.prior_alpha, r.prior_beta,
+             tuple(name_of(entity, n, w) for w in features.windows))
+            for n, r in features.ratios.items()
+        ),  # fmt: skip
     )
     _PLANS[(id(features), entity)] = (features, plan)  # keeps the config alive: its id stays its own
     return plan

@@ -35,7 +35,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lambda_ml import contract
 from lambda_ml.buckets import EntityBuckets, bucket_start, from_micros, to_micros, window_features
 from lambda_ml.config import AbConfig, FeaturesConfig, PlatformConfig, parse_duration
-from lambda_ml.contract import Horizon
 from serving_layer.ab import CHALLENGER_ARM, CHAMPION_ARM, split_rows
 from serving_layer.api_models import (
     BATCH_EXAMPLE,
@@ -47,24 +46,21 @@ from serving_layer.api_models import (
     FeaturesResponse,
     HealthResponse,
     IncrementsOut,
-    HorizonOut,
-    ModelOut,
     ModelsResponse,
     PolicyName,
-    Prediction,
     PredictBatch,
     PredictResponse,
     PredictRow,
     ReadyResponse,
     ValidationErrorResponse,
-    ViewsOut,
     batch_type_with_limit,
     check_scoring_time,
     predict_request_type,
 )
-from serving_layer.features import build_model_inputs, lookup_features
+from serving_layer.answers import AnswerWriter, Scored, horizon_out, model_out, views_out
+from serving_layer.features import lookup_features
 from serving_layer.metrics import CONTENT_TYPE, ServiceMetrics
-from serving_layer.model_store import CtrServingModel, ModelStore, ServedModels
+from serving_layer.model_store import ModelStore, ServedModels
 from serving_layer.policies import PolicyRunner
 from serving_layer.prediction_log import PredictionLog
 from serving_layer.reloadable import NotReadyError, Poller, Reloadable
@@ -142,25 +138,6 @@ def is_json_content_type(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-def model_out(model: CtrServingModel) -> ModelOut:
-    return ModelOut(
-        name=model.name,
-        version=model.version,
-        alias=model.alias,
-        run_id=model.run_id,
-        horizon=horizon_out(model.horizon),
-        quality=model.quality,
-    )
-
-
-def horizon_out(horizon: Horizon) -> HorizonOut:
-    return HorizonOut(impressions=horizon.impressions, clicks=horizon.clicks)
-
-
-def views_out(views: BatchViews) -> ViewsOut:
-    return ViewsOut(horizon=horizon_out(views.horizon), users=views.size("user"), items=views.size("item"))
-
-
 def score_rows(
     rows: Sequence[PredictRow],
     served: ServedModels,
@@ -172,16 +149,17 @@ def score_rows(
     deadline_s: float | None = None,
     ab: AbConfig | None = None,
     request_id: str = "",
-) -> PredictResponse:
+) -> Scored:
     """Compute the rows' features at ``now`` (or their own ``event_time``), answer with
     ``policy`` over the loaded versions and shape the answer with the inputs the first answering
     version took (all declared features when the prior answered). Under the ``ab`` policy each
-    row's user picks its arm (``ab``: the split), and each arm's rows are scored by its version."""
+    row's user picks its arm (``ab``: the split), and each arm's rows are scored by its version.
+    ``answers.predict_response`` makes it the /predict answer, an ``AnswerWriter`` its JSON."""
     found = lookup_features(rows, views, features, now)
     if policy == "ab":
         answers = _ab_answers(rows, found, served, runner, ab or AbConfig())
     else:
-        answer = runner.answer(policy, served, lambda m: m.predict(build_model_inputs(found, m.inputs)), len(rows), deadline_s)
+        answer = runner.answer(policy, served, lambda m: m.predict_rows(found), len(rows), deadline_s)
         version = answer.models[0].version if len(answer.models) == 1 else None
         answers = [(float(p), version, None) for p in answer.probabilities]
         how, models = answer.how, list(answer.models)
@@ -191,28 +169,7 @@ def score_rows(
         arms = {arm: sum(1 for _, _, a in answers if a == arm) for arm in (CHAMPION_ARM, CHALLENGER_ARM)}
         how = ", ".join(f"{n} row(s) to {arm}" for arm, n in arms.items() if n)
     names = models[0].inputs.names if models else contract.model_inputs(features).names
-    predictions = [
-        Prediction(
-            user_id=row.user_id,
-            item_id=row.item_id,
-            event_id=row.event_id,
-            probability=p,
-            version=version,
-            arm=arm,  # type: ignore[arg-type]
-            features={name: f[name] for name in names},
-        )
-        for row, f, (p, version, arm) in zip(rows, found, answers, strict=True)
-    ]
-    outs = [model_out(m) for m in models]
-    return PredictResponse(
-        model=outs[0] if outs else None,
-        models=outs,
-        request_id=request_id,
-        policy=policy,  # type: ignore[arg-type]
-        how=how,
-        views=views_out(views),
-        predictions=predictions,
-    )
+    return Scored(request_id, policy, how, models, views, rows, found, answers, names)
 
 
 def _ab_answers(
@@ -228,26 +185,24 @@ def _ab_answers(
             continue
         arm_served = served if arm == CHAMPION_ARM else ServedModels(ab.challenger_alias, served.by_alias)
         subset = [found[n] for n in indexes]
-        answer = runner.answer("champion", arm_served, lambda m: m.predict(build_model_inputs(subset, m.inputs)), len(indexes))
+        answer = runner.answer("champion", arm_served, lambda m: m.predict_rows(subset), len(indexes))
         (model,) = answer.models
         for n, p in zip(indexes, answer.probabilities, strict=True):
             answers[n] = (float(p), model.version, arm)
     return answers
 
 
-def prediction_records(
-    response: PredictResponse, rows: Sequence[PredictRow], registered_model: str, scored_at: datetime, source: str
-) -> list[dict[str, Any]]:
+def prediction_records(scored: Scored, registered_model: str, scored_at: datetime, source: str) -> list[dict[str, Any]]:
     """The prediction-log records of an answer, one per row (see ``serving_layer.prediction_log``)."""
-    versions = [m.version for m in response.models]
+    versions = [m.version for m in scored.models]
     return [
         {
-            "request_id": response.request_id, "event_id": row.event_id, "user_id": row.user_id, "item_id": row.item_id,
+            "request_id": scored.request_id, "event_id": row.event_id, "user_id": row.user_id, "item_id": row.item_id,
             "device": row.device, "position": row.position, "event_time": row.event_time, "scored_at": scored_at,
-            "registered_model": registered_model, "policy": response.policy, "arm": p.arm, "version": p.version,
-            "versions": versions, "probability": p.probability, "source": source,
+            "registered_model": registered_model, "policy": scored.policy, "arm": arm, "version": version,
+            "versions": versions, "probability": p, "source": source,
         }  # fmt: skip
-        for row, p in zip(rows, response.predictions, strict=True)
+        for row, (p, version, arm) in zip(scored.rows, scored.answers, strict=True)
     ]
 
 
@@ -526,21 +481,24 @@ def create_app(
             return JSONResponse(status_code=415, content={"detail": [{"field": "body", "message": message}]})
         return JSONResponse(status_code=422, content={"detail": format_validation_errors(exc.errors())})
 
+    writer = AnswerWriter()
+
     def answer(
         rows: list[PredictRow], served: ServedModels, views_now: BatchViews, chosen: str, budget_s: float | None, request_id: str
     ) -> bytes:
         now = clock()
         try:
-            response = score_rows(rows, served, views_now, cfg.features, now, runner, chosen, budget_s, cfg.serving.ab, request_id)
+            scored = score_rows(rows, served, views_now, cfg.features, now, runner, chosen, budget_s, cfg.serving.ab, request_id)
+            body = writer.write(scored)
         except Exception as exc:
             # A request that passed validation should always score; if the graph still fails,
             # say which version failed rather than answer a bare 500.
             log.exception("%s failed to score %d row(s)", served.champion.uri, len(rows))
             raise HTTPException(status_code=500, detail=f"{chosen} policy failed to score the request: {exc}") from exc
-        metrics.observe_predictions(chosen, (m.version for m in response.models), len(rows))
+        metrics.observe_predictions(chosen, (m.version for m in scored.models), len(rows))
         if prediction_log is not None:
-            prediction_log.submit(prediction_records(response, rows, cfg.mlflow.registered_model, now, "http"))
-        return response.model_dump_json().encode()
+            prediction_log.submit(prediction_records(scored, cfg.mlflow.registered_model, now, "http"))
+        return body
 
     request_adapter: TypeAdapter[Any] = TypeAdapter(request_type)
 

@@ -8,13 +8,16 @@ declarations and definitions the batch layer trains with: at scoring time ``t`` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
+from operator import attrgetter, itemgetter
 from typing import Protocol
 
 import numpy as np
 
-from lambda_ml.buckets import window_features
+from lambda_ml.buckets import WindowPlan, to_micros, window_plan
 from lambda_ml.config import FeaturesConfig
 from lambda_ml.contract import ModelInputs
 from serving_layer.views import BatchViews
@@ -39,16 +42,55 @@ class ScoringRow(Protocol):
 
 def row_features(row: ScoringRow, views: BatchViews, features: FeaturesConfig, now: datetime) -> dict[str, FeatureValue]:
     """Every declared feature of one row: each entity's window features, then the context."""
-    at = row.event_time or now
+    plan = _row_plan(features)
+    micros = to_micros(row.event_time or now)
     found: dict[str, FeatureValue] = {}
-    for name, entity in features.entities.items():
-        key = tuple(str(getattr(row, field)) for field in entity.keys)
-        found.update(window_features(features, name, views.lookup(name, key), at))
-    for field in features.context.numeric:
+    for entity, key_of, windows in plan.entities:
+        windows.add_features(found, views.lookup(entity, key_of(row)), micros)
+    for field in plan.numeric:
         found[field] = getattr(row, field)
-    for field in features.context.categorical:
+    for field in plan.categorical:
         found[field] = str(getattr(row, field))
     return found
+
+
+@dataclass(frozen=True)
+class _RowPlan:
+    """What :func:`row_features` needs of the declarations, worked out once per config."""
+
+    entities: tuple[tuple[str, Callable[[ScoringRow], tuple[str, ...]], WindowPlan], ...]  # name, key of a row, windows
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+
+
+_ROW_PLANS: dict[int, tuple[FeaturesConfig, _RowPlan]] = {}
+
+
+def _row_plan(features: FeaturesConfig) -> _RowPlan:
+    cached = _ROW_PLANS.get(id(features))
+    if cached is not None and cached[0] is features:
+        return cached[1]
+    plan = _RowPlan(
+        tuple((name, _key_of(entity.keys), window_plan(features, name)) for name, entity in features.entities.items()),
+        tuple(features.context.numeric),
+        tuple(features.context.categorical),
+    )
+    _ROW_PLANS[id(features)] = (features, plan)  # keeps the config alive: its id stays its own
+    return plan
+
+
+def _key_of(fields: Sequence[str]) -> Callable[[ScoringRow], tuple[str, ...]]:
+    """A row's key of an entity: the values of its key fields, as strings.
+
+    >>> from types import SimpleNamespace
+    >>> row = SimpleNamespace(user_id="u1", device="mobile", item_id=7)
+    >>> _key_of(["user_id", "device"])(row), _key_of(["item_id"])(row)
+    (('u1', 'mobile'), ('7',))
+    """
+    get = attrgetter(*fields)
+    if len(fields) == 1:
+        return lambda row: (str(get(row)),)
+    return lambda row: tuple(map(str, get(row)))
 
 
 def lookup_features(
@@ -78,3 +120,46 @@ def build_model_inputs(rows: Sequence[Mapping[str, FeatureValue]], inputs: Model
     for name in inputs.categorical:
         tensors[name] = np.asarray([str(row[name]) for row in rows], dtype=object).reshape(-1, 1)
     return tensors
+
+
+@dataclass(frozen=True)
+class PackedInputs:
+    """The feeds of a graph whose numeric inputs come packed in one ``[n, k]`` float32 tensor
+    ``name`` (columns in ``inputs.numeric`` order), categorical ones as ``[n, 1]`` strings:
+    two tensors to hand to onnxruntime instead of one per feature.
+
+    >>> packed = PackedInputs("numeric_features", ModelInputs(("user_clicks_1h", "position"), ("device",)))
+    >>> x = packed.build([{"user_clicks_1h": 2.0, "position": 3, "device": "mobile", "unused": 1.0}])
+    >>> list(x), x["numeric_features"].tolist(), x["numeric_features"].dtype.name, x["device"].tolist()
+    (['numeric_features', 'device'], [[2.0, 3.0]], 'float32', [['mobile']])
+    """
+
+    name: str
+    inputs: ModelInputs
+
+    def build(self, rows: Sequence[Mapping[str, FeatureValue]]) -> dict[str, np.ndarray]:
+        """The feeds for ``rows`` of feature values by name."""
+        if not rows:
+            raise ValueError("at least one row is needed to build model inputs")
+        numeric = self._numeric_values
+        try:
+            feeds = {self.name: np.array([numeric(row) for row in rows], dtype=np.float32)}
+            for name in self.inputs.categorical:
+                feeds[name] = np.array([[str(row[name])] for row in rows], dtype=object)
+        except KeyError as exc:
+            # The model store refuses such a model at load; reaching this is a bug, not a bad request.
+            raise RuntimeError(f"the model needs input {exc} that the feature declarations do not define") from None
+        return feeds
+
+    def from_tensors(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The feeds for one ``[n, 1]`` tensor per input (as :func:`build_model_inputs` gives)."""
+        numeric = np.hstack([tensors[name] for name in self.inputs.numeric]).astype(np.float32)
+        return {self.name: numeric, **{name: tensors[name] for name in self.inputs.categorical}}
+
+    @cached_property
+    def _numeric_values(self) -> Callable[[Mapping[str, FeatureValue]], tuple[FeatureValue, ...]]:
+        # Worked out once per loaded model rather than per request.
+        getter = itemgetter(*self.inputs.numeric)
+        if len(self.inputs.numeric) == 1:
+            return lambda row: (getter(row),)
+        return getter

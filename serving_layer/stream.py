@@ -9,9 +9,12 @@ impression's event id, and ``lambda-ml batch evaluate`` keeps one per (event id,
 It is not exactly once: the scores would have to be written in a Kafka transaction with the
 offsets, which kafka-python does not offer here.
 
-SIGTERM or Ctrl-C lets the batch in hand finish (sent, then committed) before the process
-exits 0. A record that is not a valid impression is skipped, counted and logged with its
-partition, offset and reason; it never stops the stream.
+Impressions are read in the encoding ``kafka.topics.impressions.format`` declares: JSON, or
+Avro binary with the schema in ``kafka.avro_schemas`` (decoded by ``lambda_ml.avro``, the
+module the producers encode with). SIGTERM or Ctrl-C lets the batch in hand finish (sent, then
+committed) before the process exits 0. A record that is not a valid impression (it does not
+decode, or a field is wrong) is skipped, counted and logged with its partition, offset and
+reason; it never stops the stream.
 
 Run it with ``lambda-ml serve stream`` (see ``--help``).
 """
@@ -32,6 +35,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from lambda_ml import avro
 from lambda_ml.config import ConfigError, PlatformConfig, load_command_config
 from lambda_ml.logs import setup_logging
 
@@ -72,6 +76,7 @@ class StreamScorer:
         *,
         policy: str | None = None,
         input_topic: str | None = None,
+        input_format: str | None = None,
         output_topic: str | None = None,
         group_id: str = "lambda-ml-stream-scoring",
         batch_size: int = 500,
@@ -92,16 +97,23 @@ class StreamScorer:
         self.views = views if views is not None else ViewStore.from_config(cfg)
         self.runner = PolicyRunner(cfg.serving.consensus, cfg.serving.deadline_ms / 1000, cfg.serving.prior_probability)
         self.progress = StreamProgress()
-        if self.input_topic == cfg.kafka.topics.impressions.name and cfg.kafka.topics.impressions.format != "json":
-            raise ConfigError(
-                f"kafka.topics.impressions.format: stream scoring reads JSON impressions; {self.input_topic} is "
-                f"{cfg.kafka.topics.impressions.format}"
-            )
+        self.input_format = input_format or cfg.kafka.topics.impressions.format
+        self.schema: dict[str, Any] | None = None  # the Avro schema of an Avro input topic
+        if self.input_format == "avro":
+            path = avro.schema_path(cfg.kafka.avro_schemas, "impressions")
+            try:
+                self.schema = avro.load_schema(path)
+                avro.check_schema(self.schema)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"kafka.avro_schemas: cannot decode Avro impressions with {path}: {exc}") from exc
+        elif self.input_format != "json":
+            raise ValueError(f"unknown input format {self.input_format!r}: expected json or avro")
 
     def score(self, values: Sequence[tuple[str, bytes | None]]) -> list[dict[str, Any]]:
         """Prediction-log records (``source`` "stream") for the valid impressions among
         ``values`` ((where, raw value) pairs); invalid ones are logged, counted and skipped."""
         from serving_layer.api_models import PredictRow
+        from serving_layer.answers import predict_response
         from serving_layer.app import prediction_records, score_rows
 
         rows: list[PredictRow] = []
@@ -109,10 +121,16 @@ class StreamScorer:
             try:
                 if value is None:
                     raise ValueError("empty record")
-                rows.append(PredictRow.model_validate_json(value, strict=False))
+                if self.schema is None:
+                    rows.append(PredictRow.model_validate_json(value, strict=False))
+                else:
+                    rows.append(PredictRow.model_validate(avro.decode(value, self.schema), strict=False))
             except ValidationError as exc:
                 self.progress.invalid += 1
                 log.warning("skipped the record at %s: not a valid impression: %s", where, describe_error(exc))
+            except avro.AvroDecodeError as exc:
+                self.progress.invalid += 1
+                log.warning("skipped the record at %s: not an Avro impression: %s", where, exc)
             except ValueError as exc:
                 self.progress.invalid += 1
                 log.warning("skipped the record at %s: %s", where, exc)
@@ -125,11 +143,12 @@ class StreamScorer:
         step = self.cfg.serving.max_rows
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]
-            response = score_rows(
+            scored = score_rows(
                 chunk, served, views, self.cfg.features, now, self.runner, self.policy, None, self.cfg.serving.ab,
                 uuid.uuid4().hex,
             )  # fmt: skip
-            records += prediction_records(response, chunk, self.cfg.mlflow.registered_model, now, "stream")
+            predict_response(scored)  # checked as /predict checks its answers (a probability outside [0, 1] raises)
+            records += prediction_records(scored, self.cfg.mlflow.registered_model, now, "stream")
         self.progress.scored += len(records)
         return records
 
@@ -165,8 +184,8 @@ class StreamScorer:
             auto_offset_reset="earliest", max_poll_records=self.batch_size,
         )  # fmt: skip
         producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=20)
-        log.info("scoring %s into %s with the %s policy (consumer group %s)", self.input_topic, self.output_topic,
-                 self.policy, self.group_id)  # fmt: skip
+        log.info("scoring %s (%s) into %s with the %s policy (consumer group %s)", self.input_topic, self.input_format,
+                 self.output_topic, self.policy, self.group_id)  # fmt: skip
         last_record = last_report = time.monotonic()
         try:
             while not stop.is_set():
@@ -213,7 +232,10 @@ def build_parser(prog: str = "python -m serving_layer.stream") -> argparse.Argum
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-topic", help="topic of JSON impressions (default: kafka.topics.impressions.name)")
+    parser.add_argument("--input-topic", help="topic of impressions (default: kafka.topics.impressions.name)")
+    parser.add_argument("--input-format", choices=("json", "avro"),
+                        help="encoding of the input topic's records (default: kafka.topics.impressions.format; "
+                        "Avro with the schema kafka.avro_schemas/impressions.avsc)")  # fmt: skip
     parser.add_argument("--output-topic", help="topic the predictions go to (default: kafka.topics.predictions.name)")
     parser.add_argument("--policy", choices=("champion", "latest", "quality", "consensus", "deadline", "ab"),
                         help="serving policy (default: serving.policy)")  # fmt: skip
@@ -238,8 +260,8 @@ def run_from_args(cfg: PlatformConfig, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         scorer = StreamScorer(
-            cfg, policy=args.policy, input_topic=args.input_topic, output_topic=args.output_topic,
-            group_id=args.group, batch_size=args.batch_size,
+            cfg, policy=args.policy, input_topic=args.input_topic, input_format=args.input_format,
+            output_topic=args.output_topic, group_id=args.group, batch_size=args.batch_size,
         )  # fmt: skip
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -582,3 +582,21 @@ def test_buckets_are_aligned_on_the_epoch() -> None:
     assert buckets.bucket_start(at("10:59", 59), width) == at("10:00")
     assert buckets.bucket_start(datetime(2026, 1, 1, 10, 7, tzinfo=UTC), timedelta(minutes=15)) == at("10:00")
     assert math.isclose(buckets.ratio(1, 3, 1, 1), 0.4)
+
+
+def test_bucket_values_combine_per_aggregation_with_missing_values_left_out() -> None:
+    rng = random.Random(11)
+    for _ in range(500):
+        values = tuple(
+            rng.choice([None, rng.randint(0, 50), round(rng.uniform(-5, 5), 3)]) for _ in range(rng.randint(0, 6))
+        )
+        present = [float(v) for v in values if v is not None]
+        expected = {
+            "count": math.fsum(present), "sum": math.fsum(present),
+            "min": min(present) if present else None, "max": max(present) if present else None,
+        }  # fmt: skip
+        for aggregation, want in expected.items():
+            got = buckets.COMBINE_SEQUENCE[aggregation](values)
+            assert got == pytest.approx(want, abs=1e-9) if want is not None else got is None, (aggregation, values)
+            assert got == buckets.combine(aggregation, values), (aggregation, values)
+            assert got is None or type(got) is float

@@ -166,6 +166,31 @@ def test_avro_records_parse_to_the_same_events_as_json(spark: SparkSession, cfg:
 
 
 @pytest.mark.integration
+def test_avro_decoding_reads_what_spark_avro_writes(spark: SparkSession, cfg: PlatformConfig) -> None:
+    """Stream scoring decodes Avro impressions with lambda_ml.avro; spark-avro (the speed layer's
+    reader and writer) writes the bytes here, so the two agree on the wire format."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.avro.functions import to_avro
+    from pyspark.sql.types import StructField, StructType
+
+    from lambda_ml import avro
+    from lambda_ml.schemas import IMPRESSION
+
+    path = avro.schema_path(cfg.kafka.avro_schemas, "impressions")
+    schema = avro.load_schema(path)
+    rows = [
+        ("imp-1", datetime(2026, 11, 22, 10, 0, 0, 250_000, tzinfo=UTC), "u1", "i1", "mobile", 1),
+        ("imp-2", datetime(1999, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC), "Zoë 🚲", "", "smart-tv", 2**31 - 1),
+        ("imp-3", datetime(2026, 1, 1, tzinfo=UTC), "u" * 300, "i\n\"x\"", "tablet", -(2**31)),
+    ]
+    frame = spark.createDataFrame(rows, StructType([StructField(f.name, f.spark_type, nullable=False) for f in IMPRESSION.fields]))
+    fields = [f["name"] for f in schema["fields"]]
+    written = frame.select(to_avro(F.struct(*fields), path.read_text()).alias("value")).collect()
+    decoded = sorted((avro.decode(bytes(r.value), schema) for r in written), key=lambda d: d["event_id"])
+    assert [tuple(d[f] for f in fields) for d in decoded] == rows
+
+
+@pytest.mark.integration
 def test_avro_and_json_topics_with_lz4_zstd_and_gzip_land_exactly_once(running_stack: PlatformConfig, spark: SparkSession, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from lambda_ml import stack
     from support import isolated

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lambda_ml import generator
+from lambda_ml import avro, generator
 from lambda_ml.cli import build_parser
 from lambda_ml.config import DEFAULT_CONFIG, ConfigError, GeneratorConfig, load_config
 from lambda_ml.jvm import artifact_name
@@ -124,3 +124,34 @@ def test_kafka_cluster_ids_never_start_with_a_dash() -> None:
     ids = [new_cluster_id() for _ in range(2000)]
     assert all(len(i) == 22 and not i.startswith("-") for i in ids)
     assert len(set(ids)) == 2000
+
+
+def test_avro_impressions_decode_to_what_was_encoded_and_bad_bytes_name_the_field() -> None:
+    schema = avro.load_schema(avro.schema_path(load_config(DEFAULT_CONFIG, env={}).kafka.avro_schemas, "impressions"))
+    impression = {"event_id": "imp-7", "event_time": "2026-11-22T10:00:00.250+00:00", "user_id": "Zoë 🚲",
+                  "item_id": "", "device": "mobile", "position": -3}  # fmt: skip
+    data = avro.encode(impression, schema)
+    # By hand: zig-zag varints, strings as length + UTF-8, the time in milliseconds since 1970.
+    millis = 1_795_341_600_250
+    assert data.startswith(b"\x0aimp-7") and data.endswith(b"\x0cmobile\x05")
+    assert avro.decode(data, schema) == {
+        **impression, "event_time": datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis),
+    }  # fmt: skip
+    assert avro.decode(data, schema)["event_time"] == datetime(2026, 11, 22, 10, 0, 0, 250_000, tzinfo=UTC)
+
+    for cut in range(len(data)):  # every record cut short
+        with pytest.raises(avro.AvroDecodeError, match="field "):
+            avro.decode(data[:cut], schema)
+    with pytest.raises(avro.AvroDecodeError, match=r"1 byte\(s\) left after the last field \(position\)"):
+        avro.decode(data + b"\x00", schema)
+    as_long = {**schema, "fields": [{**f, "type": "long"} if f["name"] == "position" else f for f in schema["fields"]]}
+    with pytest.raises(avro.AvroDecodeError, match="field position: 2147483648 does not fit an int"):
+        avro.decode(avro.encode({**impression, "position": 2**31}, as_long), schema)
+    bad_utf8 = data.replace(b"\x0cmobile", b"\x0cmob\xffle")
+    with pytest.raises(avro.AvroDecodeError, match="field device: not UTF-8"):
+        avro.decode(bad_utf8, schema)
+    with pytest.raises(avro.AvroDecodeError, match="field event_id: a variable-length integer of more than 10 bytes"):
+        avro.decode(b"\xff" * 11, schema)
+    with pytest.raises(ValueError, match="field tags: Avro type"):
+        avro.check_schema({**schema, "fields": [*schema["fields"], {"name": "tags", "type": ["null", "string"]}]})
+    avro.check_schema(schema)

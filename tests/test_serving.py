@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,18 @@ import pytest
 import schemathesis
 from deltalake import write_deltalake
 from fastapi.testclient import TestClient
+import onnx
 from onnx import TensorProto, helper, numpy_helper
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from lambda_ml import contract
 from lambda_ml.buckets import EntityBuckets, to_micros, window_features
 from lambda_ml.config import DEFAULT_CONFIG, PROJECT_ROOT, PlatformConfig, load_config, parse_duration
 from lambda_ml.contract import Horizon, ModelInputs
-from serving_layer.app import create_app, format_validation_errors, max_body_bytes
+from serving_layer.answers import AnswerWriter, Scored, predict_response
+from serving_layer.api_models import PredictRow
+from serving_layer.app import create_app, format_validation_errors, max_body_bytes, score_rows
 from serving_layer.features import build_model_inputs, lookup_features
 from serving_layer.model_store import (
     CtrServingModel,
@@ -49,6 +54,7 @@ from serving_layer.model_store import (
     check_session,
     find_onnx_file,
     open_onnx_session,
+    open_serving_session,
 )
 from serving_layer.policies import PolicyRunner
 from serving_layer.reloadable import NotReadyError, Reloadable
@@ -67,6 +73,7 @@ from support import isolated
 
 SERVING_MODULES = [
     "serving_layer.ab",
+    "serving_layer.answers",
     "serving_layer.app",
     "serving_layer.api_models",
     "serving_layer.features",
@@ -304,6 +311,45 @@ def test_toy_model_scores_like_its_formula() -> None:
     features = [{**U1_I1_MOBILE, "position": 2, "device": "mobile"}, {**STRANGER, "position": 1, "device": "tv"}]
     expected = [toy_probability(f) for f in features]
     np.testing.assert_allclose(toy_model().predict(build_model_inputs(features, TOY_INPUTS)), expected, atol=1e-6)
+
+
+def with_opset(graph: bytes, version: int) -> bytes:
+    """The graph declaring another version of the default ONNX opset."""
+    model = onnx.load_from_string(graph)
+    for opset in model.opset_import:
+        if opset.domain == "":
+            opset.version = version
+    return bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize("opset", [11, 17])  # Split takes its sizes as an attribute before 13
+def test_a_packed_graph_scores_exactly_like_the_graph_it_was_made_from(opset: int) -> None:
+    graph = with_opset(toy_onnx_bytes(), opset)
+    session, inputs, packed = open_serving_session(graph, "models:/ctr/3", unit_cfg().features)
+    assert inputs == TOY_INPUTS and packed is not None
+    # Two tensors to feed instead of six: the numbers in one, in the graph's input order.
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [("numeric_features", [None, 5]), ("device", [None, 1])]
+    rows = [
+        {**U1_I1_MOBILE, "position": 2, "device": "mobile"},
+        {**U2_I2_DESKTOP, "position": 9, "device": "desktop"},
+        {**STRANGER, "position": 1, "device": "fridge"},
+        {**STRANGER, "user_impressions_24h": 1234.5, "item_ctr_7d": 0.3, "position": 40, "device": "tablet"},
+    ]
+    model = CtrServingModel("ctr", 3, "champion", "run-1", HORIZON, session, inputs, packed=packed)
+    (plain,) = open_onnx_session(graph).run([contract.ONNX_PROBABILITY_OUTPUT], build_model_inputs(rows, TOY_INPUTS))
+    np.testing.assert_array_equal(model.predict_rows(rows), plain[:, 1].astype(np.float64))
+    np.testing.assert_array_equal(model.predict(build_model_inputs(rows, TOY_INPUTS)), plain[:, 1].astype(np.float64))
+    np.testing.assert_allclose(model.predict_rows(rows), [toy_probability(r) for r in rows], rtol=1e-6)
+    # One row alone gets what it gets within the batch.
+    assert model.predict_rows(rows[1:2])[0] == model.predict_rows(rows)[1]
+
+
+def test_a_graph_with_one_numeric_input_is_served_as_it_is() -> None:
+    session, inputs, packed = open_serving_session(toy_onnx_bytes(("position",)), "models:/ctr/3", unit_cfg().features)
+    assert packed is None and [i.name for i in session.get_inputs()] == ["position", "device"]
+    model = CtrServingModel("ctr", 3, "champion", "run-1", HORIZON, session, inputs)
+    expected = 1 / (1 + math.exp(-(TOY_BIAS + TOY_WEIGHTS["position"] * 4 + TOY_DEVICE_WEIGHTS["tablet"])))
+    assert model.predict_rows([{"position": 4, "device": "tablet"}])[0] == pytest.approx(expected, rel=1e-6)
 
 
 def _view_table(key_columns: dict[str, list[str]], hours: list[int], **columns: list[Any]) -> pa.Table:
@@ -724,8 +770,11 @@ class MemoryRegistry:
     def load(self, info: VersionInfo, alias: str) -> CtrServingModel:
         self.loads.append(info.version)
         bias, tags = self.versions[info.version]
-        session = open_onnx_session(toy_onnx_bytes(bias=bias))
-        return CtrServingModel("ctr", info.version, alias, info.run_id, HORIZON, session, TOY_INPUTS, 0.6, quality_score(tags, 0.6))
+        # Opened as the MLflow registry opens a version: its numeric inputs packed.
+        session, inputs, packed = open_serving_session(toy_onnx_bytes(bias=bias), f"models:/ctr/{info.version}", unit_cfg().features)
+        return CtrServingModel(
+            "ctr", info.version, alias, info.run_id, HORIZON, session, inputs, 0.6, quality_score(tags, 0.6), packed=packed
+        )
 
 
 def test_the_store_follows_alias_moves_and_reuses_loaded_versions() -> None:
@@ -906,6 +955,64 @@ def test_the_ab_policy_scores_each_user_with_its_arms_version() -> None:
     assert {(p["arm"], p["version"]) for p in body["predictions"]} == {("champion", 1)}
 
 
+def test_the_written_answer_is_what_the_response_model_dumps() -> None:
+    """The JSON /predict sends is written without building the pydantic models: byte for byte
+    what ``PredictResponse`` dumps, on real answers of every policy, and where it cannot be
+    written directly (a probability out of range, a number JSON cannot hold, a string UTF-8
+    cannot encode) the model's own result or error."""
+    registry = MemoryRegistry()
+    registry.versions = {1: (-1.0, {}), 2: (0.5, {contract.TAG_QUALITY_SCORE: "0.9"})}
+    registry.aliases = {"champion": 1, "challenger": 2}
+    store = ModelStore("models:/ctr@champion", registry, ["champion", "challenger"])
+    models = store.reload()
+    views = toy_views()
+    cfg = unit_cfg(**{"serving.ab.challenger_fraction": 0.5, "serving.ab.salt": "t"})
+    rows = [
+        PredictRow(user_id="u1", item_id="i1", device="mobile", position=2, event_id="imp-1"),
+        PredictRow(user_id="u2", item_id="i2", device="desktop", position=9, event_time=NOW - timedelta(hours=30)),
+        PredictRow(user_id="Zoë 🚲", item_id="i\"3\"\n", device="fridge", position=1, event_id="é"),
+        *(PredictRow(user_id=f"x{n}", item_id="i1", device="tablet", position=1 + n) for n in range(6)),
+    ]
+    writer = AnswerWriter()
+    runner = PolicyRunner("mean", deadline_s=5, prior=0.05)
+    try:
+        scored = {
+            policy: score_rows(rows, models, views, cfg.features, NOW, runner, policy, None, cfg.serving.ab, f"req-{policy}")
+            for policy in ("champion", "latest", "quality", "consensus", "deadline", "ab")
+        }
+    finally:
+        runner.close()
+    assert {a for _, _, a in scored["ab"].answers} == {"champion", "challenger"}  # both arms are in it
+    names = contract.model_inputs(cfg.features).names
+    prior = Scored("req-prior", "deadline", "prior: no version answered within 1 ms", [], views, rows,
+                   lookup_features(rows, views, cfg.features, NOW), [(0.05, None, None)] * len(rows), names)  # fmt: skip
+    for answer in [*scored.values(), prior]:
+        expected = predict_response(answer).model_dump_json().encode()
+        assert writer.write(answer) == expected, answer.policy
+        assert writer.write(answer) == expected  # its parts now reused
+    body = json.loads(writer.write(scored["consensus"]))
+    assert [m["version"] for m in body["models"]] == [1, 2] and body["predictions"][2]["user_id"] == "Zoë 🚲"
+    assert json.loads(writer.write(prior))["model"] is None
+
+    # A version swapped in (here: its quality score changed) is written as it is now.
+    champion = scored["champion"]
+    rescored = replace(champion, models=[replace(champion.models[0], quality=0.75)])
+    assert json.loads(writer.write(rescored))["model"]["quality"] == 0.75 == json.loads(writer.write(rescored))["models"][0]["quality"]
+
+    one = replace(champion, rows=rows[:1], features=champion.features[:1], answers=champion.answers[:1])
+    infinite = replace(one, features=[{**one.features[0], "user_clicks_24h": math.inf}])
+    assert writer.write(infinite) == predict_response(infinite).model_dump_json().encode()
+    assert json.loads(writer.write(infinite))["predictions"][0]["features"]["user_clicks_24h"] is None
+    for bad in (math.nan, 1.5, -0.1):
+        with pytest.raises(ValidationError, match="probability"):
+            writer.write(replace(one, answers=[(bad, 1, None)]))
+    surrogate = replace(one, request_id="\ud800")
+    with pytest.raises(PydanticSerializationError, match="surrogates not allowed"):
+        predict_response(surrogate).model_dump_json()
+    with pytest.raises(PydanticSerializationError, match="surrogates not allowed"):
+        writer.write(surrogate)
+
+
 def test_ready_and_metrics_report_what_is_loaded() -> None:
     registry = MemoryRegistry()
     registry.versions = {4: (-1.0, {})}
@@ -1058,6 +1165,60 @@ def test_stream_scoring_and_online_evaluation_have_help(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit) as done:
         online_eval.parse_args(["--until", "2026-11-22T10:00:00"])
     assert done.value.code == 2 and "--until needs a time zone" in capsys.readouterr().err
+
+
+def avro_impressions(cfg: PlatformConfig) -> PlatformConfig:
+    """The config with its impressions topic in Avro."""
+    topics = cfg.kafka.topics
+    impressions = topics.impressions.model_copy(update={"format": "avro"})
+    return cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"topics": topics.model_copy(update={"impressions": impressions})})})
+
+
+def test_stream_scoring_decodes_avro_impressions_and_skips_what_does_not_decode(caplog: pytest.LogCaptureFixture) -> None:
+    from lambda_ml import avro
+    from serving_layer.stream import StreamScorer
+
+    def scorer(cfg: PlatformConfig) -> StreamScorer:
+        models = Reloadable("models:/ctr@champion", lambda: served(toy_model()))
+        return StreamScorer(cfg, models=models, views=Reloadable("views", toy_views), clock=lambda: NOW)
+
+    cfg = avro_impressions(unit_cfg())
+    schema = avro.load_schema(avro.schema_path(cfg.kafka.avro_schemas, "impressions"))
+    at = NOW.isoformat()
+    rows = [
+        {"event_id": "imp-1", "event_time": at, "user_id": "u1", "item_id": "i1", "device": "mobile", "position": 2},
+        {"event_id": "imp-2", "event_time": at, "user_id": "u2", "item_id": "i2", "device": "desktop", "position": 9},
+        {"event_id": "imp-3", "event_time": at, "user_id": "nobody", "item_id": "nothing", "device": "fridge", "position": 1},
+    ]
+    encoded = [avro.encode(r, schema) for r in rows]
+    bad = [encoded[0][:-1], encoded[1] + b"\x00", avro.encode({**rows[2], "position": 0}, schema), json.dumps(rows[0]).encode()]
+    values = [(f"impressions/0@{n}", v) for n, v in enumerate([encoded[0], *bad[:2], encoded[1], *bad[2:], encoded[2]])]
+    with caplog.at_level("WARNING", logger="serving_layer.stream"):
+        streamed = scorer(cfg).score(values)
+    from_json = scorer(unit_cfg()).score([(f"impressions/0@{n}", json.dumps(r).encode()) for n, r in enumerate(rows)])
+
+    hand_made = [U1_I1_MOBILE | {"position": 2, "device": "mobile"}, U2_I2_DESKTOP | {"position": 9, "device": "desktop"},
+                 STRANGER | {"position": 1, "device": "fridge"}]  # fmt: skip
+    assert [r["event_id"] for r in streamed] == ["imp-1", "imp-2", "imp-3"]
+    for record, json_record, features in zip(streamed, from_json, hand_made, strict=True):
+        assert record["probability"] == json_record["probability"]
+        assert record["probability"] == pytest.approx(toy_probability(features), rel=1e-6)
+        assert (record["event_time"], record["source"], record["version"]) == (NOW, "stream", 3)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert [m.split(": ", 1)[0] for m in skipped] == [f"skipped the record at impressions/0@{n}" for n in (1, 2, 4, 5)]
+    assert "not an Avro impression: field position: the record ends inside the value" in skipped[0]
+    assert "not an Avro impression: 1 byte(s) left after the last field (position)" in skipped[1]
+    assert "not a valid impression: position: Input should be greater than or equal to 1" in skipped[2]
+    assert "not an Avro impression" in skipped[3]  # JSON on an Avro topic
+
+
+def test_stream_scoring_of_avro_needs_a_readable_schema(tmp_path: Path) -> None:
+    from lambda_ml.config import ConfigError
+    from serving_layer.stream import StreamScorer
+
+    cfg = avro_impressions(unit_cfg(**{"kafka.avro_schemas": str(tmp_path)}))
+    with pytest.raises(ConfigError, match=f"kafka.avro_schemas: cannot decode Avro impressions with {tmp_path}/impressions.avsc"):
+        StreamScorer(cfg, models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("v", toy_views))
 
 
 def test_the_prediction_log_never_holds_up_a_request_and_counts_what_it_drops() -> None:
@@ -2101,6 +2262,61 @@ def test_stream_scoring_equals_predict_and_stops_cleanly_on_sigterm(trained: Tra
     again = subprocess.run([*command, "--stop-when-idle", "5"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stdout + again.stderr
     assert len(read_topic(cfg, cfg.kafka.topics.predictions.name, len(rows))) == len(rows)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_stream_scoring_reads_an_avro_impressions_topic_as_predict_scores_its_rows(trained: Trained) -> None:
+    """With kafka.topics.impressions.format avro, the impressions the producers' encoder wrote to
+    the real broker are scored with the probabilities /predict gives the same rows; a record
+    that does not decode is skipped and counted, and the stream goes on."""
+    import threading
+
+    from kafka import KafkaProducer
+
+    from lambda_ml import avro, stack
+    from serving_layer.stream import StreamScorer
+
+    cfg = avro_impressions(isolated(trained.cfg, REGISTERED_MODEL, topic_prefix="stream-avro"))
+    stack.create_topics(cfg)
+    topic = cfg.kafka.topics.impressions.name
+    schema = avro.load_schema(avro.schema_path(cfg.kafka.avro_schemas, "impressions"))
+    rows = [{**r, "event_id": f"avro-{n}"} for n, r in enumerate(_rows_covering_every_entity(trained.bronze))]
+    producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
+    try:
+        for n, r in enumerate(rows):
+            producer.send(topic, key=r["user_id"].encode(), value=avro.encode(r, schema))
+            if n == 10:
+                producer.send(topic, key=r["user_id"].encode(), value=json.dumps(r).encode())  # JSON on an Avro topic
+                producer.send(topic, key=r["user_id"].encode(), value=avro.encode(r, schema)[:-1])  # cut short
+        producer.flush()
+    finally:
+        producer.close()
+
+    scorer = StreamScorer(cfg, group_id="stream-avro-test", batch_size=16)
+    stop = threading.Event()
+    running = threading.Thread(target=scorer.run, args=(stop,), daemon=True)
+    running.start()
+    try:
+        records = read_topic(cfg, cfg.kafka.topics.predictions.name, len(rows), timeout_s=120)
+    finally:
+        stop.set()
+        running.join(timeout=60)
+    assert not running.is_alive()
+    assert (scorer.progress.read, scorer.progress.scored, scorer.progress.invalid) == (len(rows) + 2, len(rows), 2)
+    by_event = {r["event_id"]: r for r in records}
+    assert len(records) == len(by_event) == len(rows) and {r["source"] for r in records} == {"stream"}
+
+    with TestClient(create_app(cfg, poll=False)) as http:
+        answer = http.post("/predict", json={"rows": rows}).json()
+    assert answer["predictions"] and len(answer["predictions"]) == len(rows)
+    for r, p in zip(rows, answer["predictions"], strict=True):
+        streamed = by_event[r["event_id"]]
+        assert (streamed["user_id"], streamed["item_id"], streamed["device"], streamed["position"], streamed["event_time"]) == (
+            r["user_id"], r["item_id"], r["device"], r["position"], r["event_time"])  # fmt: skip
+        assert streamed["version"] == answer["model"]["version"]
+        # The same code and graph; float32 kernels may differ in the last bits between batch sizes.
+        assert streamed["probability"] == pytest.approx(p["probability"], rel=1e-6)
 
 
 @pytest.mark.integration
