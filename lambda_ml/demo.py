@@ -84,13 +84,15 @@ def follow_fresh_events(cfg: PlatformConfig, service_url: str, timeout_s: float 
 
 
 def _wait_for_online_model(cfg: PlatformConfig, timeout_s: float = 300) -> str:
-    """The online model's summary once the running speed layer has saved its first step."""
+    """The online model's summary once the running speed layer has saved a step from the
+    current champion (a step of an earlier run's champion does not count)."""
+    from speed_layer.online import champion_version
+
+    champion = champion_version(cfg)
     deadline = time.monotonic() + timeout_s
-    summary = _online_summary(cfg)
-    while summary is None and time.monotonic() < deadline:
+    while (summary := _online_summary(cfg, champion)) is None and time.monotonic() < deadline:
         time.sleep(5)
-        summary = _online_summary(cfg)
-    return summary or f"no step saved within {timeout_s:.0f} s (see the speed layer's log)"
+    return summary or f"no step from champion v{champion} saved within {timeout_s:.0f} s (see the speed layer's log)"
 
 
 def _lake_counts(cfg: PlatformConfig) -> dict[str, int]:
@@ -108,12 +110,13 @@ def _train(cfg: PlatformConfig):  # type: ignore[no-untyped-def]
     return train.run(get_spark(cfg, "demo"), cfg)
 
 
-def _online_summary(cfg: PlatformConfig) -> str | None:
+def _online_summary(cfg: PlatformConfig, champion: int | None) -> str | None:
+    """The online model's last saved step, if it learned from version ``champion``."""
     from lambda_ml.spark import get_spark
     from speed_layer.online import load_state
 
     state = load_state(get_spark(cfg, "demo"), cfg)
-    if state is None:
+    if state is None or state.champion_version != champion:
         return None
     model = state.model
     auc = "not measured yet" if state.auc is None else f"{state.auc:.4f}"
