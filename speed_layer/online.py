@@ -14,8 +14,10 @@ became known). Each micro-batch (:class:`OnlineLearner`):
    champion's as its version tag ``quality.progressive_auc``, the online model's in its update,
    so that serving's ``quality`` policy compares the two on the same rows, and on all of them
    rather than on the last micro-batch's few hundred;
-3. takes one SGD step on the mean log loss (``+ l2/2·|w|²``): a single Spark aggregate sums the
-   gradient over every partition, and only that one row of sums reaches the driver;
+3. takes one step on the mean log loss, SGD (``+ l2/2·|w|²``) or FTRL-Proximal
+   (``speed.online.algorithm``: per-coordinate step sizes, exact zeros with ``l1``): a single
+   Spark aggregate sums the gradient over every partition, and only that one row of sums
+   reaches the driver;
 4. saves the model in ``speed/online_model`` (one row per micro-batch, an idempotent Delta
    append keyed by the batch id) and publishes it to the compacted model-updates topic
    (``lambda_ml.contract.ModelUpdate``, alias ``speed``, stamped with its generation);
@@ -49,7 +51,7 @@ from pyspark.sql.types import ArrayType, DoubleType, LongType, StringType, Struc
 
 from batch_layer.evaluation import AucBins, add_bins, area_under_roc, auc_bins, sorted_bins
 from lambda_ml import buckets, contract
-from lambda_ml.config import PlatformConfig, parse_duration
+from lambda_ml.config import OnlineConfig, PlatformConfig, parse_duration
 from lambda_ml.contract import INDICATOR, Horizon, LinearWeights, ModelInputs, ModelUpdate
 from lambda_ml.features import IMPRESSION_FIELDS, LABEL, add_window_features, attribute_clicks, dedup_events, feature_events
 from lambda_ml.schemas import CLICK, IMPRESSION
@@ -73,6 +75,14 @@ def term_column(term: str) -> Column:
 
 
 @dataclass(frozen=True)
+class FtrlState:
+    """FTRL-Proximal's accumulators per coordinate: the weights' in order, the intercept's last."""
+
+    z: tuple[float, ...]
+    n: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class LinearModel:
     """A logistic regression over named terms (see :func:`term_column`), and where it comes from."""
 
@@ -80,12 +90,15 @@ class LinearModel:
     weights: tuple[float, ...]
     intercept: float
     generation: Horizon  # the batch horizon it was warm-started from
-    updates: int = 0  # SGD steps taken since the warm start
+    updates: int = 0  # steps taken since the warm start
     base_version: int = 0  # the registry version it was warm-started from (0: none)
+    ftrl: FtrlState | None = None  # FTRL-Proximal's per-coordinate state, when it learns with FTRL
 
     def __post_init__(self) -> None:
         if len(self.names) != len(self.weights):
             raise ValueError(f"{len(self.names)} feature names but {len(self.weights)} weights")
+        if self.ftrl is not None and len(self.ftrl.z) != len(self.weights) + 1:
+            raise ValueError(f"FTRL state for {len(self.ftrl.z) - 1} weights, the model has {len(self.weights)}")
 
     def probability(self) -> Column:
         """P(click) of each row as a Spark column: ``sigmoid(intercept + Σ w·x)``."""
@@ -97,7 +110,13 @@ class LinearModel:
     def with_terms(self, terms: list[str]) -> LinearModel:
         """The model with ``terms`` it lacks appended at weight 0 (same predictions)."""
         new = [t for t in terms if t not in self.names]
-        return replace(self, names=self.names + tuple(new), weights=self.weights + (0.0,) * len(new)) if new else self
+        if not new:
+            return self
+        ftrl = self.ftrl
+        if ftrl is not None:  # a new weight 0 is z = n = 0; the intercept's state stays last
+            zeros = (0.0,) * len(new)
+            ftrl = FtrlState(ftrl.z[:-1] + zeros + ftrl.z[-1:], ftrl.n[:-1] + zeros + ftrl.n[-1:])
+        return replace(self, names=self.names + tuple(new), weights=self.weights + (0.0,) * len(new), ftrl=ftrl)
 
     def as_weights(self) -> LinearWeights:
         return LinearWeights(self.names, self.weights, self.intercept)
@@ -121,18 +140,19 @@ def _log_loss(p: Column, y: Column) -> Column:
     return -(y * F.log(clipped) + (F.lit(1.0) - y) * F.log(F.lit(1.0) - clipped))
 
 
-def sgd_step(
-    batch: DataFrame,
-    model: LinearModel,
-    learning_rate: float,
-    l2: float = 0.0,
-    baseline: LinearModel | Column | None = None,
-) -> tuple[LinearModel, StepMetrics]:
-    """One step of SGD on the mean log loss (+ ``l2/2·|w|²``) over ``batch`` (the model's
-    columns and ``label``), with the log loss before the step of the model and of ``baseline``
-    (a model, or a column holding its probability); the model unchanged if the batch is empty."""
-    if learning_rate <= 0:
-        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+@dataclass(frozen=True)
+class Gradient:
+    """The mean log-loss gradient of a model over a batch, and what it was scored (before the step)."""
+
+    weights: tuple[float, ...]
+    intercept: float
+    metrics: StepMetrics
+
+
+def batch_gradient(batch: DataFrame, model: LinearModel, baseline: LinearModel | Column | None = None) -> Gradient | None:
+    """The mean gradient of the log loss over ``batch`` (the model's columns and ``label``) in
+    one Spark aggregate, with the log loss of the model and of ``baseline`` (a model, or a
+    column holding its probability) on the same rows; None for an empty batch."""
     p, y = model.probability(), F.col(LABEL).cast("double")
     error = p - y
     sums = [
@@ -149,12 +169,98 @@ def sgd_step(
     assert row is not None  # a global aggregate has one row
     n = int(row["rows"])
     if n == 0:
-        return model, StepMetrics(0, None, None)
-    weights = tuple(w - learning_rate * (float(row[f"g_{i}"]) / n + l2 * w) for i, w in enumerate(model.weights))
-    intercept = model.intercept - learning_rate * float(row["g_intercept"]) / n
+        return None
     baseline_loss = float(row["baseline_loss"]) / n if baseline is not None else None
-    stepped = replace(model, weights=weights, intercept=intercept, updates=model.updates + 1)
-    return stepped, StepMetrics(n, float(row["loss"]) / n, baseline_loss, int(row["positives"] or 0))
+    return Gradient(
+        tuple(float(row[f"g_{i}"]) / n for i in range(len(model.names))),
+        float(row["g_intercept"]) / n,
+        StepMetrics(n, float(row["loss"]) / n, baseline_loss, int(row["positives"] or 0)),
+    )
+
+
+def sgd_step(
+    batch: DataFrame,
+    model: LinearModel,
+    learning_rate: float,
+    l2: float = 0.0,
+    baseline: LinearModel | Column | None = None,
+) -> tuple[LinearModel, StepMetrics]:
+    """One step of SGD on the mean log loss (+ ``l2/2·|w|²``) over ``batch`` (the model's
+    columns and ``label``), with the log loss before the step of the model and of ``baseline``
+    (a model, or a column holding its probability); the model unchanged if the batch is empty."""
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    gradient = batch_gradient(batch, model, baseline)
+    if gradient is None:
+        return model, StepMetrics(0, None, None)
+    weights = tuple(w - learning_rate * (g + l2 * w) for w, g in zip(model.weights, gradient.weights))
+    intercept = model.intercept - learning_rate * gradient.intercept
+    # An FTRL state no longer matches the weights once SGD moved them.
+    return replace(model, weights=weights, intercept=intercept, updates=model.updates + 1, ftrl=None), gradient.metrics
+
+
+def _ftrl_weight(z: float, n: float, alpha: float, beta: float, l1: float, l2: float) -> float:
+    """FTRL-Proximal's closed-form weight of one coordinate."""
+    if abs(z) <= l1:
+        return 0.0
+    return -(z - math.copysign(l1, z)) / ((beta + math.sqrt(n)) / alpha + l2)
+
+
+def ftrl_start(model: LinearModel, alpha: float, beta: float, l1: float, l2: float) -> LinearModel:
+    """The model with an FTRL state (n = 0) whose weights are its own: the warm start. A weight
+    w needs ``z = -(w·(beta/alpha + l2) + sign(w)·l1)``; the intercept is not penalised."""
+
+    def z_of(w: float, l1: float, l2: float) -> float:
+        return -(w * (beta / alpha + l2) + math.copysign(l1, w)) if w else 0.0
+
+    z = tuple(z_of(w, l1, l2) for w in model.weights) + (z_of(model.intercept, 0.0, 0.0),)
+    return replace(model, ftrl=FtrlState(z, (0.0,) * len(z)))
+
+
+def ftrl_step(
+    batch: DataFrame,
+    model: LinearModel,
+    alpha: float,
+    beta: float = 1.0,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    baseline: LinearModel | Column | None = None,
+) -> tuple[LinearModel, StepMetrics]:
+    """One FTRL-Proximal step (McMahan et al., 2013) on the batch's mean log-loss gradient:
+    per coordinate ``sigma = (sqrt(n + g²) - sqrt(n)) / alpha``, ``z += g - sigma·w``,
+    ``n += g²``, then the closed-form weight
+    ``-(z - sign(z)·l1) / ((beta + sqrt(n)) / alpha + l2)``, exactly 0 while ``|z| <= l1``
+    (sparse; the intercept is not penalised). Starts from :func:`ftrl_start` of the model if it has no state yet;
+    the model unchanged if the batch is empty."""
+    if alpha <= 0:
+        raise ValueError(f"alpha must be positive, got {alpha}")
+    if model.ftrl is None:
+        model = ftrl_start(model, alpha, beta, l1, l2)
+    assert model.ftrl is not None
+    gradient = batch_gradient(batch, model, baseline)
+    if gradient is None:
+        return model, StepMetrics(0, None, None)
+    z, n, weights = [], [], []
+    coordinates = zip((*model.weights, model.intercept), (*gradient.weights, gradient.intercept), model.ftrl.z, model.ftrl.n)
+    for i, (w, g, z_i, n_i) in enumerate(coordinates):
+        sigma = (math.sqrt(n_i + g * g) - math.sqrt(n_i)) / alpha
+        z.append(z_i + g - sigma * w)
+        n.append(n_i + g * g)
+        penalised = i < len(model.weights)
+        weights.append(_ftrl_weight(z[-1], n[-1], alpha, beta, l1 if penalised else 0.0, l2 if penalised else 0.0))
+    stepped = replace(
+        model, weights=tuple(weights[:-1]), intercept=weights[-1], updates=model.updates + 1, ftrl=FtrlState(tuple(z), tuple(n))
+    )
+    return stepped, gradient.metrics
+
+
+def learn_step(
+    batch: DataFrame, model: LinearModel, online: OnlineConfig, baseline: LinearModel | Column | None = None
+) -> tuple[LinearModel, StepMetrics]:
+    """One step of the configured algorithm (``speed.online.algorithm``)."""
+    if online.algorithm == "ftrl":
+        return ftrl_step(batch, model, online.ftrl_alpha, online.ftrl_beta, online.l1, online.l2, baseline)
+    return sgd_step(batch, model, online.learning_rate, online.l2, baseline)
 
 
 def update_of(model: LinearModel, registered_model: str, quality: float | None = None) -> ModelUpdate:
@@ -238,6 +344,9 @@ STATE_SCHEMA = StructType(
         StructField("champion_cumulative_auc", DoubleType(), True),
         StructField("auc_bins", ArrayType(BIN_TYPE, False), True),
         StructField("champion_auc_bins", ArrayType(BIN_TYPE, False), True),
+        # FTRL-Proximal's z and n per coordinate (the weights', then the intercept's); null for SGD.
+        StructField("ftrl_z", ArrayType(DoubleType(), False), True),
+        StructField("ftrl_n", ArrayType(DoubleType(), False), True),
         # The streaming query (its checkpoint) whose micro-batch this was: batch ids restart
         # from 0 with a new checkpoint, and only the same query's ids mean a replay.
         StructField("query_id", StringType(), True),
@@ -294,8 +403,11 @@ def load_state(spark: SparkSession, cfg: PlatformConfig) -> SavedState | None:
     if row is None:
         return None
     generation = Horizon(row["generation_impressions"], row["generation_clicks"])
+    ftrl = None
+    if "ftrl_z" in saved.columns and row["ftrl_z"] is not None:
+        ftrl = FtrlState(tuple(row["ftrl_z"]), tuple(row["ftrl_n"]))
     model = LinearModel(
-        tuple(row["terms"]), tuple(row["weights"]), row["intercept"], generation, row["updates"], row["base_version"]
+        tuple(row["terms"]), tuple(row["weights"]), row["intercept"], generation, row["updates"], row["base_version"], ftrl
     )
     # The progressive-validation bins of every micro-batch of the same generation.
     same = F.lit(True)
@@ -516,7 +628,7 @@ class OnlineLearner:
             terms = sorted({f"{n}{INDICATOR}{row[n]}" for row in seen for n in inputs.categorical if row[n] is not None})
             model = model.with_terms(terms)
             scored = featured.withColumn(SPEED_P, model.probability())
-            stepped, metrics = sgd_step(scored, model, online.learning_rate, online.l2, F.col(CHAMPION_P) if champion_p is not None else None)
+            stepped, metrics = learn_step(scored, model, online, F.col(CHAMPION_P) if champion_p is not None else None)
             if metrics.rows == 0:
                 log.info("online micro-batch %d: no newly labelled impressions", batch_id)
                 return
@@ -562,6 +674,8 @@ class OnlineLearner:
             "champion_cumulative_auc": champion_total_auc,
             "auc_bins": _bin_rows(batch.bins),
             "champion_auc_bins": _bin_rows(batch.champion_bins),
+            "ftrl_z": None if stepped.ftrl is None else list(stepped.ftrl.z),
+            "ftrl_n": None if stepped.ftrl is None else list(stepped.ftrl.n),
             "query_id": query_id,
             "sequence": sequence,
         }

@@ -39,7 +39,7 @@ from serving_layer.updates import ModelUpdateListener
 from speed_layer import app, ingest
 from speed_layer.labels import LABEL_SCHEMA, ensure_labels_table, merge_labels
 from speed_layer.monitor import metrics_experiment
-from speed_layer.online import LinearModel, load_state, model_table, publish_updates, sgd_step, update_of
+from speed_layer.online import FtrlState, LinearModel, ftrl_step, load_state, model_table, publish_updates, save_state, sgd_step, update_of
 
 NAMES = ("x1", "x2", "x3")
 TRUE_W, TRUE_B = np.array([1.5, -2.0, 0.5]), -0.3
@@ -88,6 +88,90 @@ def test_sgd_steps_match_numpy_and_validate_before_learning(spark: SparkSession)
     # An empty batch changes nothing.
     same, nothing = sgd_step(frame.limit(0), model, lr)
     assert same == model and nothing.rows == 0
+
+
+def _reference_ftrl(theta: np.ndarray, z: np.ndarray, n: np.ndarray, x: np.ndarray, y: np.ndarray,
+                    alpha: float, beta: float, l1: np.ndarray, l2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FTRL-Proximal (McMahan et al., 2013, algorithm 1) on the batch's mean gradient, over
+    theta = (weights, intercept)."""
+    p = 1 / (1 + np.exp(-(x @ theta[:-1] + theta[-1])))
+    g = np.append((p - y) @ x / len(y), np.mean(p - y))
+    sigma = (np.sqrt(n + g**2) - np.sqrt(n)) / alpha
+    z, n = z + g - sigma * theta, n + g**2
+    theta = np.where(np.abs(z) <= l1, 0.0, -(z - np.sign(z) * l1) / ((beta + np.sqrt(n)) / alpha + l2))
+    return theta, z, n
+
+
+@pytest.mark.integration
+def test_ftrl_steps_match_numpy_keep_the_warm_start_and_zero_weak_weights(spark: SparkSession) -> None:
+    x, y = _data(2400, seed=2)
+    rows = [(*map(float, features), float(label)) for features, label in zip(x, y)]
+    frame = spark.createDataFrame(rows, "x1 double, x2 double, x3 double, label double").repartition(3)
+    batches = frame.randomSplit([1.0] * 4, seed=7)
+    champion = LinearModel(NAMES, (1.0, -1.0, 0.0), -0.2, generation=Horizon(5, 4))
+    alpha, beta, l1, l2 = 0.5, 1.0, 0.3, 0.01
+    # The reference's own warm start: z such that the closed form gives the champion's weights at n = 0.
+    theta = np.array([*champion.weights, champion.intercept])
+    l1s, l2s = np.array([l1, l1, l1, 0.0]), np.array([l2, l2, l2, 0.0])  # the intercept is not penalised
+    z = np.where(theta == 0, 0.0, -(theta * (beta / alpha + l2s) + np.sign(theta) * l1s))
+    n = np.zeros(4)
+    model = champion
+    for step, batch in enumerate(batches):
+        part = np.array([[r.x1, r.x2, r.x3, r.label] for r in batch.collect()])
+        model, metrics = ftrl_step(batch, model, alpha, beta, l1, l2, baseline=champion)
+        if step == 0:  # scored before learning, from the warm start: the champion itself
+            assert metrics.log_loss == pytest.approx(metrics.baseline_log_loss, rel=1e-12)
+        theta, z, n = _reference_ftrl(theta, z, n, part[:, :3], part[:, 3], alpha, beta, l1s, l2s)
+        np.testing.assert_allclose([*model.weights, model.intercept], theta, rtol=1e-9, atol=1e-15)
+        assert model.ftrl is not None
+        np.testing.assert_allclose(model.ftrl.z, z, rtol=1e-9)
+        np.testing.assert_allclose(model.ftrl.n, n, rtol=1e-9)
+    # x3 started at 0 and its evidence over four batches stays under l1: exactly 0 (sparse), the others learned.
+    assert model.weights[2] == 0.0 and theta[2] == 0.0 and model.weights[0] != champion.weights[0]
+    assert model.updates == 4
+    # A new category joins at weight 0 with an empty FTRL state; the intercept's stays last.
+    wider = model.with_terms(["device=tablet"])
+    assert wider.weights[-1] == 0.0 and wider.ftrl is not None
+    assert (wider.ftrl.z[-2:], wider.ftrl.n[-2:]) == ((0.0, model.ftrl.z[-1]), (0.0, model.ftrl.n[-1]))
+
+
+def test_the_online_config_picks_the_algorithm_and_refuses_bad_values() -> None:
+    from lambda_ml.config import ConfigError, load_config
+
+    cfg = load_config(env={}, overrides={"speed.online.algorithm": "ftrl", "speed.online.l1": 0.5})
+    assert (cfg.speed.online.algorithm, cfg.speed.online.l1, cfg.speed.online.ftrl_alpha) == ("ftrl", 0.5, 0.05)
+    for key, value in (("speed.online.algorithm", "adam"), ("speed.online.ftrl_alpha", 0), ("speed.online.l1", -1)):
+        with pytest.raises(ConfigError, match=key.rsplit(".", 1)[1]):
+            load_config(env={}, overrides={key: value})
+
+
+@pytest.mark.integration
+def test_the_saved_state_brings_back_ftrl_accumulators_and_the_generation_auc(spark: SparkSession, cfg: PlatformConfig, tmp_path: Path) -> None:
+    """What a restart of the online query reads back: the FTRL state of the last step, and the
+    progressive AUC of every saved micro-batch of its generation (bins summed), not of other
+    generations."""
+    from batch_layer.evaluation import area_under_roc
+
+    local = isolated(cfg, "ctr-online-state", lake_root=tmp_path / "lake")
+
+    def saved(batch_id: int, generation: int, bins: list[tuple[int, float, float]], z: list[float] | None) -> None:
+        save_state(spark, local, batch_id, {
+            "generation_impressions": generation, "generation_clicks": generation, "base_version": 3, "updates": batch_id + 1,
+            "terms": ["x1"], "weights": [0.5], "intercept": -1.0, "rows": 10, "log_loss": 0.5, "champion_log_loss": 0.6,
+            "auc": None, "champion_auc": None, "champion_version": 3, "cumulative_auc": None, "champion_cumulative_auc": None,
+            "auc_bins": [{"bin": b, "positives": p, "negatives": q} for b, p, q in bins],
+            "champion_auc_bins": [{"bin": b, "positives": q, "negatives": p} for b, p, q in bins],
+            "ftrl_z": z, "ftrl_n": None if z is None else [4.0, 9.0], "query_id": "q", "sequence": batch_id,
+        })  # fmt: skip
+
+    saved(0, 1, [(5, 9.0, 1.0)], None)  # an older generation: its bins do not count
+    saved(1, 2, [(-3, 1.0, 4.0), (2, 2.0, 1.0)], [0.1, 0.2])
+    saved(2, 2, [(2, 1.0, 0.0), (7, 3.0, 1.0)], [-0.3, 0.4])
+    state = load_state(spark, local)
+    assert state is not None and state.batch_id == 2 and state.model.ftrl == FtrlState((-0.3, 0.4), (4.0, 9.0))
+    # Bins of batches 1 and 2 in score order: -3 -> (1, 4), 2 -> (3, 1), 7 -> (3, 1).
+    assert state.auc == pytest.approx(area_under_roc([(1.0, 4.0), (3.0, 1.0), (3.0, 1.0)]), abs=1e-15)
+    assert state.champion_bins == {-3: (4.0, 1.0), 2: (1.0, 3.0), 7: (1.0, 3.0)}
 
 
 @pytest.mark.integration
