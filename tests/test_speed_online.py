@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from sklearn.metrics import roc_auc_score
 from support import isolated
@@ -54,6 +54,14 @@ def _data(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _frame_in_batches(spark: SparkSession, seed: int, split_seed: int) -> tuple[DataFrame, list[DataFrame]]:
+    """2,400 generated rows (x1, x2, x3, label) as a Spark frame, and the same split in four micro-batches."""
+    x, y = _data(2400, seed=seed)
+    rows = [(*map(float, features), float(label)) for features, label in zip(x, y)]
+    frame = spark.createDataFrame(rows, "x1 double, x2 double, x3 double, label double").repartition(3)
+    return frame, frame.randomSplit([1.0] * 4, seed=split_seed)
+
+
 def _reference_step(w: np.ndarray, b: float, x: np.ndarray, y: np.ndarray, lr: float, l2: float) -> tuple[np.ndarray, float, float]:
     p = 1 / (1 + np.exp(-(x @ w + b)))
     clipped = np.clip(p, 1e-15, 1 - 1e-15)
@@ -63,10 +71,7 @@ def _reference_step(w: np.ndarray, b: float, x: np.ndarray, y: np.ndarray, lr: f
 
 @pytest.mark.integration
 def test_sgd_steps_match_numpy_and_validate_before_learning(spark: SparkSession) -> None:
-    x, y = _data(2400, seed=1)
-    rows = [(*map(float, features), float(label)) for features, label in zip(x, y)]
-    frame = spark.createDataFrame(rows, "x1 double, x2 double, x3 double, label double").repartition(3)
-    batches = frame.randomSplit([1.0] * 4, seed=5)
+    frame, batches = _frame_in_batches(spark, seed=1, split_seed=5)
     champion = LinearModel(NAMES, (1.0, -1.0, 0.0), 0.0, generation=Horizon(5, 4))
     model, w, b = champion, np.array(champion.weights), champion.intercept
     lr, l2 = 0.5, 0.01
@@ -104,10 +109,7 @@ def _reference_ftrl(theta: np.ndarray, z: np.ndarray, n: np.ndarray, x: np.ndarr
 
 @pytest.mark.integration
 def test_ftrl_steps_match_numpy_keep_the_warm_start_and_zero_weak_weights(spark: SparkSession) -> None:
-    x, y = _data(2400, seed=2)
-    rows = [(*map(float, features), float(label)) for features, label in zip(x, y)]
-    frame = spark.createDataFrame(rows, "x1 double, x2 double, x3 double, label double").repartition(3)
-    batches = frame.randomSplit([1.0] * 4, seed=7)
+    _, batches = _frame_in_batches(spark, seed=2, split_seed=7)
     champion = LinearModel(NAMES, (1.0, -1.0, 0.0), -0.2, generation=Horizon(5, 4))
     alpha, beta, l1, l2 = 0.5, 1.0, 0.3, 0.01
     # The reference's own warm start: z such that the closed form gives the champion's weights at n = 0.
