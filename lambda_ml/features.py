@@ -373,12 +373,19 @@ def event_window_features(
     return _with_ratios(frame, features)
 
 
-def add_window_features(targets: DataFrame, events: DataFrame, features: FeaturesConfig) -> DataFrame:
+def add_window_features(
+    targets: DataFrame, events: DataFrame, features: FeaturesConfig, bucket_rows: Mapping[str, DataFrame] | None = None
+) -> DataFrame:
     """``targets`` with every declared window feature at its own ``event_time``.
 
     ``targets`` need ``event_time`` and every entity's keys; ``events`` are
     :func:`feature_events`. A target sees what :func:`event_window_features` gives an event at
     its instant; targets add nothing to any feature.
+
+    ``bucket_rows`` (per entity: a view merged with the increments after its horizon) give the
+    whole buckets before each target's bucket instead of ``events``, which then need to hold
+    only the events of the targets' own buckets (from the earliest one's start): the same
+    features, without reading the events of the longest window.
     """
     width = buckets.to_micros(features.bucket_width)
     probes = targets.drop(KIND).withColumn(_PROBE, F.lit(True))
@@ -387,7 +394,11 @@ def add_window_features(targets: DataFrame, events: DataFrame, features: Feature
         keys = list(entity.keys)
         # The targets' own buckets join the series: a target's bucket may hold no event.
         wanted = targets.select(*keys, _bucket_index(F.unix_micros("event_time"), width).alias(_INDEX)).distinct()
-        series = bucket_series(bucket_increments(events, entity, features), entity, features, wanted)
+        if bucket_rows is None:
+            rows = bucket_increments(events, entity, features)
+        else:  # only the targets' keys
+            rows = bucket_rows[name].join(wanted.select(*keys).distinct(), keys, "left_semi")
+        series = bucket_series(rows, entity, features, wanted)
         frame = _entity_window_features(frame, series, name, entity, features)
     event_only = [column for column in events.columns if column not in targets.columns]
     return _with_ratios(frame.where(F.col(_PROBE)).drop(_PROBE, *event_only), features)

@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,7 +54,16 @@ from batch_layer.evaluation import AucBins, add_bins, area_under_roc, auc_bins, 
 from lambda_ml import buckets, contract
 from lambda_ml.config import OnlineConfig, PlatformConfig, parse_duration
 from lambda_ml.contract import INDICATOR, Horizon, LinearWeights, ModelInputs, ModelUpdate
-from lambda_ml.features import IMPRESSION_FIELDS, LABEL, add_window_features, attribute_clicks, dedup_events, feature_events
+from lambda_ml.features import (
+    IMPRESSION_FIELDS,
+    LABEL,
+    add_window_features,
+    after_horizon,
+    attribute_clicks,
+    dedup_events,
+    feature_events,
+    merge_buckets,
+)
 from lambda_ml.schemas import CLICK, IMPRESSION
 from speed_layer.ingest import bronze_path
 
@@ -289,13 +299,22 @@ def publish_updates(cfg: PlatformConfig, updates: list[ModelUpdate]) -> None:
 # --------------------------------------------------------------------------- features
 
 
-def labelled_features(labelled: DataFrame, impressions: DataFrame, clicks: DataFrame, cfg: PlatformConfig) -> DataFrame:
+def labelled_features(
+    labelled: DataFrame,
+    impressions: DataFrame,
+    clicks: DataFrame,
+    cfg: PlatformConfig,
+    bucket_rows: Mapping[str, DataFrame] | None = None,
+) -> DataFrame:
     """Labelled impressions (silver label rows) with their point-in-time window features.
 
     ``impressions`` and ``clicks`` are bronze events (deliveries; deduplicated here). Only the
     events that can fall in a window of some labelled row are read: from the start of the
     earliest row's bucket less the longest window (less the attribution window for the
-    impressions a click is attributed to) up to the latest row's time.
+    impressions a click is attributed to) up to the latest row's time. With ``bucket_rows``
+    (:func:`merged_bucket_rows`: each entity's view ⊕ the increments after its horizon, what
+    serving merges), the whole buckets come from them and bronze is read from the earliest
+    row's bucket on only: an hour or so instead of the longest window.
     """
     features = cfg.features
     bounds = labelled.agg(F.min(F.unix_micros("event_time")), F.max(F.unix_micros("event_time"))).first()
@@ -306,14 +325,39 @@ def labelled_features(labelled: DataFrame, impressions: DataFrame, clicks: DataF
         earliest, latest = int(bounds[0]), int(bounds[1])
     width = buckets.to_micros(features.bucket_width)
     longest = max(buckets.to_micros(parse_duration(w)) for w in features.windows)
-    lower = earliest - earliest % width - longest
+    lower = earliest - earliest % width - (0 if bucket_rows is not None else longest)
     attribution = cfg.ctr.attribution_window_minutes * 60_000_000
     micros = F.unix_micros("event_time")
     imp = dedup_events(impressions.select(*IMPRESSION.field_names).where((micros >= lower - attribution) & (micros < latest)))
     clk = dedup_events(clicks.select(*CLICK.field_names).where((micros >= lower) & (micros < latest)))
     events = feature_events(imp, attribute_clicks(imp, clk, cfg.ctr.attribution_window_minutes), features)
     targets = labelled.select("event_id", "event_time", *IMPRESSION_FIELDS, F.col(LABEL).cast("double").alias(LABEL))
-    return add_window_features(targets, events, features)
+    return add_window_features(targets, events, features, bucket_rows)
+
+
+def merged_bucket_rows(spark: SparkSession, cfg: PlatformConfig) -> dict[str, DataFrame] | None:
+    """Each entity's bucket rows as serving merges them: its batch view ⊕ the speed layer's
+    increments after the view's horizon; None while some entity has no view (no batch run yet).
+
+    They equal the bucket rows of every event in bronze (the lambda contract) for the buckets
+    the increments query has caught up with; events its watermark dropped count from the next
+    batch run on, as in serving.
+    """
+    from delta.tables import DeltaTable
+
+    from speed_layer.increments import increments_path, view_horizon
+
+    rows = {}
+    for name, entity in cfg.features.entities.items():
+        view_path = cfg.lake.table(*contract.view_table(name))
+        if not DeltaTable.isDeltaTable(spark, view_path):
+            return None
+        parts = [spark.read.format("delta").load(view_path)]
+        if DeltaTable.isDeltaTable(spark, increments_path(cfg, name)):
+            increments = spark.read.format("delta").load(increments_path(cfg, name))
+            parts.append(after_horizon(increments, view_horizon(spark, cfg, name)))
+        rows[name] = merge_buckets(parts, entity, cfg.features)
+    return rows
 
 
 # --------------------------------------------------------------------------- state
@@ -597,6 +641,7 @@ class OnlineLearner:
     query_id: str | None = None  # the id in the query's checkpoint
     _run_key: str = ""
     published: int = 0  # updates this process published
+    _merged_views: bool | None = None  # where the last micro-batch's whole buckets came from
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         spark = batch.sparkSession
@@ -615,7 +660,15 @@ class OnlineLearner:
         impressions = spark.read.format("delta").load(bronze_path(cfg, "impressions"))
         clicks = spark.read.format("delta").load(bronze_path(cfg, "clicks"))
         inputs = contract.model_inputs(cfg.features)
-        featured = labelled_features(labelled, impressions, clicks, cfg).select(
+        bucket_rows = merged_bucket_rows(spark, cfg)
+        if (bucket_rows is not None) != self._merged_views:
+            self._merged_views = bucket_rows is not None
+            log.info(
+                "online features: whole buckets from %s",
+                "the batch views merged with the speed increments (as serving)" if bucket_rows is not None
+                else "bronze over the longest window (no batch views yet)",
+            )  # fmt: skip
+        featured = labelled_features(labelled, impressions, clicks, cfg, bucket_rows).select(
             *[F.col(n).cast("double").alias(n) for n in inputs.numeric],
             *[F.col(n).cast("string").alias(n) for n in inputs.categorical],
             F.col(LABEL),

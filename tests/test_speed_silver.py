@@ -32,6 +32,7 @@ from lambda_ml.features import (
 from speed_layer import app, ingest
 from speed_layer.increments import increments_path
 from speed_layer.labels import labels_path
+from speed_layer.online import labelled_features, merged_bucket_rows
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 KAFKA_COLUMNS = "key binary, value binary, topic string, partition int, offset long, timestamp timestamp"
@@ -110,3 +111,20 @@ def test_silver_labels_and_increments_equal_the_batch_layer(spark: SparkSession,
         columns = [*entity.keys, contract.VIEW_BUCKET_COLUMN, *local.features.aggregates]
         merged = merge_buckets([view, increments], entity, local.features)
         assert _sorted_rows(merged, columns) == _sorted_rows(bucket_increments(everything, entity, local.features), columns)
+
+    # The online model's features: whole buckets from the views merged with the increments (as
+    # serving does), bronze read from the earliest labelled row's bucket on only, give every
+    # labelled impression the features bronze over the longest window gives.
+    labelled = spark.read.format("delta").load(labels_path(local))
+    merged_rows = merged_bucket_rows(spark, local)
+    assert merged_rows is not None
+    from_bronze = labelled_features(labelled, bronze.impressions, bronze.clicks, local)
+    from_views = labelled_features(labelled, bronze.impressions, bronze.clicks, local, merged_rows)
+    columns = sorted(from_bronze.columns)
+    assert sorted(from_views.columns) == columns and from_bronze.count() == labelled.count() > 1000
+    assert _sorted_rows(from_views, columns) == _sorted_rows(from_bronze, columns)
+    # The whole buckets do come from the merged rows: without them, the narrow bronze read alone
+    # misses the older buckets.
+    nothing = {name: rows.limit(0) for name, rows in merged_rows.items()}
+    narrow = labelled_features(labelled, bronze.impressions, bronze.clicks, local, nothing)
+    assert _sorted_rows(narrow, columns) != _sorted_rows(from_bronze, columns)
