@@ -240,8 +240,8 @@ def ftrl_step(
     per coordinate ``sigma = (sqrt(n + g²) - sqrt(n)) / alpha``, ``z += g - sigma·w``,
     ``n += g²``, then the closed-form weight
     ``-(z - sign(z)·l1) / ((beta + sqrt(n)) / alpha + l2)``, exactly 0 while ``|z| <= l1``
-    (sparse; the intercept is not penalised). Starts from :func:`ftrl_start` of the model if it has no state yet;
-    the model unchanged if the batch is empty."""
+    (sparse; the intercept is not penalised). Starts from :func:`ftrl_start` of the model if it
+    has no state yet; the model unchanged if the batch is empty."""
     if alpha <= 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
     if model.ftrl is None:
