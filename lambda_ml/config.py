@@ -343,7 +343,7 @@ class SpeedConfig(_Model):
     max_future_days: float = Field(1, gt=0)
     min_event_date: str = "2000-01-01"
     max_offsets_per_trigger: int = Field(200000, gt=0)
-    queries: tuple[SpeedQuery, ...] = Field(("ingest", "labels", "increments"), min_length=1)
+    queries: tuple[SpeedQuery, ...] = Field(("ingest", "labels", "increments", "online"), min_length=1)
     stop_timeout_seconds: float = Field(60, gt=0)
     watermark_minutes: int = Field(15, gt=0)
     max_files_per_trigger: int = Field(1000, gt=0)

@@ -141,7 +141,7 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
     counts = _lake_counts(cfg)
     result = _step(5, steps, "batch layer: label, featurise, train, export ONNX, register", lambda: _train(cfg))
     # From here on the speed layer runs continuously, its online model learning from the champion.
-    queries = list(dict.fromkeys([*cfg.speed.queries, "online"]))
+    queries = list(dict.fromkeys([*cfg.speed.queries, "online"]))  # online even if the config leaves it out
     speed = stack.SpeedProcess(cfg)
     speed_pid = _step(6, steps, f"speed layer: run continuously ({', '.join(queries)})", lambda: speed.start(cfg.source, queries))
     online = _wait_for_online_model(cfg)

@@ -7,7 +7,7 @@ its own checkpoint under ``lake.checkpoints/<query>``.
 - ``increments``: the declared features on the stream, per (entity, bucket, bronze version) ->
   the increments tables the serving layer merges on top of the batch views
   (:mod:`speed_layer.increments`).
-- ``online``: newly labelled impressions -> one SGD step of the online model, published on the
+- ``online``: newly labelled impressions -> one SGD or FTRL-Proximal step of the online model, published on the
   model-updates topic (:mod:`speed_layer.online`).
 
 ``speed.queries`` picks the queries, ``speed.trigger_seconds`` the micro-batch interval. On
