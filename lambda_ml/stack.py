@@ -76,13 +76,20 @@ class ManagedProcess:
         self.pid_file.write_text(f"{process.pid}\n")
         return process.pid
 
-    def stop(self, timeout_s: float = 30) -> bool:
-        """SIGTERM the process group, SIGKILL it after ``timeout_s``; True if it was running."""
+    def stop(self, timeout_s: float = 30, leader_first: bool = False) -> bool:
+        """SIGTERM the process group, SIGKILL it after ``timeout_s``; True if it was running.
+
+        ``leader_first``: SIGTERM goes to the process alone, which stops its children itself
+        (the speed layer's driver needs its JVM for its graceful stop); whatever is left of
+        its group once it has exited is then stopped too."""
         pid = self.pid()
         if pid is None:
             self.pid_file.unlink(missing_ok=True)
             return False
-        _signal_group(pid, signal.SIGTERM)
+        if leader_first:
+            os.kill(pid, signal.SIGTERM)
+        else:
+            _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.pid() is not None:
             time.sleep(0.2)
@@ -91,6 +98,7 @@ class ManagedProcess:
             _signal_group(pid, signal.SIGKILL)
             while self.pid() is not None:
                 time.sleep(0.1)
+        _stop_leftovers(pid)
         self.pid_file.unlink(missing_ok=True)
         return True
 
@@ -111,6 +119,34 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def group_members(group: int) -> list[int]:
+    """The live processes of a process group (zombies left for their new parent to reap are not)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _stop_leftovers(group: int, timeout_s: float = 10) -> None:
+    """Stop what is left of a process group whose leader has exited (started with its own
+    session, so the group id is the leader's PID): SIGTERM, then SIGKILL after ``timeout_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not group_members(group):
+            return
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and group_members(group):
+            time.sleep(0.2)
 
 
 def _is_zombie(pid: int) -> bool:
@@ -422,8 +458,9 @@ class SpeedProcess:
             return text.encode() in log_file.read()
 
     def stop(self) -> bool:
-        # Every query may take speed.stop_timeout_seconds to finish its micro-batch first.
-        return self.process.stop(timeout_s=self.cfg.speed.stop_timeout_seconds + 60)
+        # SIGTERM to the driver alone: it lets every query finish its micro-batch (at most
+        # speed.stop_timeout_seconds) before its Spark JVM goes.
+        return self.process.stop(timeout_s=self.cfg.speed.stop_timeout_seconds + 60, leader_first=True)
 
 
 # --------------------------------------------------------------------------- the stack

@@ -109,5 +109,7 @@ def test_the_demo_speed_layer_runs_in_the_background_until_stack_down(running_st
     finally:
         speed.stop()
     assert speed.process.pid() is None and not speed.process.pid_file.exists()
+    assert stack.group_members(pid) == []  # its Spark JVM is gone too: nothing left in its group
+    # SIGTERM reached the driver alone, which stopped its queries before its JVM went.
     text = speed.process.log_file.read_text()
     assert "received SIGTERM" in text and "speed layer stopped" in text
