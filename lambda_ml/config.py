@@ -330,7 +330,7 @@ class OnlineConfig(_Model):
     """The speed layer's online logistic regression (the ``online`` query)."""
 
     algorithm: Literal["sgd", "ftrl"] = "sgd"
-    learning_rate: float = Field(0.001, gt=0)
+    learning_rate: float = Field(0.05, gt=0)
     l2: float = Field(0.0, ge=0)
     ftrl_alpha: float = Field(0.05, gt=0)
     ftrl_beta: float = Field(1.0, gt=0)

@@ -103,10 +103,16 @@ class LinearModel:
     updates: int = 0  # steps taken since the warm start
     base_version: int = 0  # the registry version it was warm-started from (0: none)
     ftrl: FtrlState | None = None  # FTRL-Proximal's per-coordinate state, when it learns with FTRL
+    # Each term's scale (root mean square on the first micro-batch it appeared in; None until
+    # then): steps are taken on the standardised terms x / scale, so that a count in the
+    # thousands and a rate near 0.05 move the margin alike.
+    scales: tuple[float | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.names) != len(self.weights):
             raise ValueError(f"{len(self.names)} feature names but {len(self.weights)} weights")
+        if self.scales is not None and len(self.scales) != len(self.weights):
+            raise ValueError(f"{len(self.scales)} scales for {len(self.weights)} weights")
         if self.ftrl is not None and len(self.ftrl.z) != len(self.weights) + 1:
             raise ValueError(f"FTRL state for {len(self.ftrl.z) - 1} weights, the model has {len(self.weights)}")
 
@@ -126,7 +132,14 @@ class LinearModel:
         if ftrl is not None:  # a new weight 0 is z = n = 0; the intercept's state stays last
             zeros = (0.0,) * len(new)
             ftrl = FtrlState(ftrl.z[:-1] + zeros + ftrl.z[-1:], ftrl.n[:-1] + zeros + ftrl.n[-1:])
-        return replace(self, names=self.names + tuple(new), weights=self.weights + (0.0,) * len(new), ftrl=ftrl)
+        scales = None if self.scales is None else self.scales + (None,) * len(new)
+        return replace(self, names=self.names + tuple(new), weights=self.weights + (0.0,) * len(new), ftrl=ftrl, scales=scales)
+
+    def scaled(self, rms: tuple[float, ...]) -> LinearModel:
+        """The model with a scale for every term: those it has kept, ``rms`` (of this batch)
+        for the others (1 for a term that was 0 on every row)."""
+        known = self.scales or (None,) * len(self.weights)
+        return replace(self, scales=tuple(s if s is not None else (r if r > 0 else 1.0) for s, r in zip(known, rms)))
 
     def as_weights(self) -> LinearWeights:
         return LinearWeights(self.names, self.weights, self.intercept)
@@ -157,6 +170,7 @@ class Gradient:
     weights: tuple[float, ...]
     intercept: float
     metrics: StepMetrics
+    rms: tuple[float, ...]  # root mean square of each term over the batch
 
 
 def batch_gradient(batch: DataFrame, model: LinearModel, baseline: LinearModel | Column | None = None) -> Gradient | None:
@@ -172,6 +186,7 @@ def batch_gradient(batch: DataFrame, model: LinearModel, baseline: LinearModel |
         F.sum(_log_loss(p, y)).alias("loss"),
     ]
     sums += [F.sum(error * term_column(name)).alias(f"g_{i}") for i, name in enumerate(model.names)]
+    sums += [F.sum(term_column(name) * term_column(name)).alias(f"x2_{i}") for i, name in enumerate(model.names)]
     if baseline is not None:
         q = baseline.probability() if isinstance(baseline, LinearModel) else baseline
         sums.append(F.sum(_log_loss(q, y)).alias("baseline_loss"))
@@ -185,6 +200,7 @@ def batch_gradient(batch: DataFrame, model: LinearModel, baseline: LinearModel |
         tuple(float(row[f"g_{i}"]) / n for i in range(len(model.names))),
         float(row["g_intercept"]) / n,
         StepMetrics(n, float(row["loss"]) / n, baseline_loss, int(row["positives"] or 0)),
+        tuple(math.sqrt(float(row[f"x2_{i}"] or 0.0) / n) for i in range(len(model.names))),
     )
 
 
@@ -195,15 +211,22 @@ def sgd_step(
     l2: float = 0.0,
     baseline: LinearModel | Column | None = None,
 ) -> tuple[LinearModel, StepMetrics]:
-    """One step of SGD on the mean log loss (+ ``l2/2·|w|²``) over ``batch`` (the model's
+    """One step of SGD on the mean log loss (+ ``l2/2·|w̃|²``) over ``batch`` (the model's
     columns and ``label``), with the log loss before the step of the model and of ``baseline``
-    (a model, or a column holding its probability); the model unchanged if the batch is empty."""
+    (a model, or a column holding its probability); the model unchanged if the batch is empty.
+
+    The step is taken on the standardised terms (``x / scale``, weights ``w̃ = w·scale``): in
+    the raw weights, ``w -= learning_rate · (g / scale² + l2·w)``."""
     if learning_rate <= 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate}")
     gradient = batch_gradient(batch, model, baseline)
     if gradient is None:
         return model, StepMetrics(0, None, None)
-    weights = tuple(w - learning_rate * (g + l2 * w) for w, g in zip(model.weights, gradient.weights))
+    model = model.scaled(gradient.rms)
+    assert model.scales is not None
+    weights = tuple(
+        w - learning_rate * (g / (s * s) + l2 * w) for w, g, s in zip(model.weights, gradient.weights, model.scales)  # type: ignore[operator]
+    )
     intercept = model.intercept - learning_rate * gradient.intercept
     # An FTRL state no longer matches the weights once SGD moved them.
     return replace(model, weights=weights, intercept=intercept, updates=model.updates + 1, ftrl=None), gradient.metrics
@@ -217,13 +240,15 @@ def _ftrl_weight(z: float, n: float, alpha: float, beta: float, l1: float, l2: f
 
 
 def ftrl_start(model: LinearModel, alpha: float, beta: float, l1: float, l2: float) -> LinearModel:
-    """The model with an FTRL state (n = 0) whose weights are its own: the warm start. A weight
-    w needs ``z = -(w·(beta/alpha + l2) + sign(w)·l1)``; the intercept is not penalised."""
+    """The model with an FTRL state (n = 0) whose weights are its own: the warm start. FTRL
+    works on the standardised weights ``w̃ = w·scale`` (the model must have its scales); one
+    needs ``z = -(w̃·(beta/alpha + l2) + sign(w̃)·l1)``; the intercept is not penalised."""
+    assert model.scales is not None and None not in model.scales
 
     def z_of(w: float, l1: float, l2: float) -> float:
         return -(w * (beta / alpha + l2) + math.copysign(l1, w)) if w else 0.0
 
-    z = tuple(z_of(w, l1, l2) for w in model.weights) + (z_of(model.intercept, 0.0, 0.0),)
+    z = tuple(z_of(w * s, l1, l2) for w, s in zip(model.weights, model.scales)) + (z_of(model.intercept, 0.0, 0.0),)  # type: ignore[operator]
     return replace(model, ftrl=FtrlState(z, (0.0,) * len(z)))
 
 
@@ -237,27 +262,31 @@ def ftrl_step(
     baseline: LinearModel | Column | None = None,
 ) -> tuple[LinearModel, StepMetrics]:
     """One FTRL-Proximal step (McMahan et al., 2013) on the batch's mean log-loss gradient:
-    per coordinate ``sigma = (sqrt(n + g²) - sqrt(n)) / alpha``, ``z += g - sigma·w``,
+    per coordinate of the standardised weights ``w̃ = w·scale`` (gradient ``g / scale``),
+    ``sigma = (sqrt(n + g²) - sqrt(n)) / alpha``, ``z += g - sigma·w``,
     ``n += g²``, then the closed-form weight
     ``-(z - sign(z)·l1) / ((beta + sqrt(n)) / alpha + l2)``, exactly 0 while ``|z| <= l1``
     (sparse; the intercept is not penalised). Starts from :func:`ftrl_start` of the model if it
     has no state yet; the model unchanged if the batch is empty."""
     if alpha <= 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
-    if model.ftrl is None:
-        model = ftrl_start(model, alpha, beta, l1, l2)
-    assert model.ftrl is not None
     gradient = batch_gradient(batch, model, baseline)
     if gradient is None:
         return model, StepMetrics(0, None, None)
+    model = model.scaled(gradient.rms)
+    if model.ftrl is None:
+        model = ftrl_start(model, alpha, beta, l1, l2)
+    assert model.ftrl is not None and model.scales is not None
+    scales = (*model.scales, 1.0)  # the intercept's term is 1
     z, n, weights = [], [], []
-    coordinates = zip((*model.weights, model.intercept), (*gradient.weights, gradient.intercept), model.ftrl.z, model.ftrl.n)
-    for i, (w, g, z_i, n_i) in enumerate(coordinates):
-        sigma = (math.sqrt(n_i + g * g) - math.sqrt(n_i)) / alpha
-        z.append(z_i + g - sigma * w)
-        n.append(n_i + g * g)
+    coordinates = zip((*model.weights, model.intercept), (*gradient.weights, gradient.intercept), scales, model.ftrl.z, model.ftrl.n)
+    for i, (w, g, s, z_i, n_i) in enumerate(coordinates):
+        w_s, g_s = w * s, g / s  # the standardised weight and its gradient
+        sigma = (math.sqrt(n_i + g_s * g_s) - math.sqrt(n_i)) / alpha
+        z.append(z_i + g_s - sigma * w_s)
+        n.append(n_i + g_s * g_s)
         penalised = i < len(model.weights)
-        weights.append(_ftrl_weight(z[-1], n[-1], alpha, beta, l1 if penalised else 0.0, l2 if penalised else 0.0))
+        weights.append(_ftrl_weight(z[-1], n[-1], alpha, beta, l1 if penalised else 0.0, l2 if penalised else 0.0) / s)
     stepped = replace(
         model, weights=tuple(weights[:-1]), intercept=weights[-1], updates=model.updates + 1, ftrl=FtrlState(tuple(z), tuple(n))
     )
@@ -391,6 +420,8 @@ STATE_SCHEMA = StructType(
         # FTRL-Proximal's z and n per coordinate (the weights', then the intercept's); null for SGD.
         StructField("ftrl_z", ArrayType(DoubleType(), False), True),
         StructField("ftrl_n", ArrayType(DoubleType(), False), True),
+        # Each term's scale (see LinearModel.scales; null for a term not seen in a batch yet).
+        StructField("scales", ArrayType(DoubleType(), True), True),
         # The streaming query (its checkpoint) whose micro-batch this was: batch ids restart
         # from 0 with a new checkpoint, and only the same query's ids mean a replay.
         StructField("query_id", StringType(), True),
@@ -450,8 +481,9 @@ def load_state(spark: SparkSession, cfg: PlatformConfig) -> SavedState | None:
     ftrl = None
     if "ftrl_z" in saved.columns and row["ftrl_z"] is not None:
         ftrl = FtrlState(tuple(row["ftrl_z"]), tuple(row["ftrl_n"]))
+    scales = tuple(row["scales"]) if "scales" in saved.columns and row["scales"] is not None else None
     model = LinearModel(
-        tuple(row["terms"]), tuple(row["weights"]), row["intercept"], generation, row["updates"], row["base_version"], ftrl
+        tuple(row["terms"]), tuple(row["weights"]), row["intercept"], generation, row["updates"], row["base_version"], ftrl, scales
     )
     # The progressive-validation bins of every micro-batch of the same generation.
     same = F.lit(True)
@@ -729,6 +761,7 @@ class OnlineLearner:
             "champion_auc_bins": _bin_rows(batch.champion_bins),
             "ftrl_z": None if stepped.ftrl is None else list(stepped.ftrl.z),
             "ftrl_n": None if stepped.ftrl is None else list(stepped.ftrl.n),
+            "scales": None if stepped.scales is None else list(stepped.scales),
             "query_id": query_id,
             "sequence": sequence,
         }

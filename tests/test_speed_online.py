@@ -62,11 +62,21 @@ def _frame_in_batches(spark: SparkSession, seed: int, split_seed: int) -> tuple[
     return frame, frame.randomSplit([1.0] * 4, seed=split_seed)
 
 
-def _reference_step(w: np.ndarray, b: float, x: np.ndarray, y: np.ndarray, lr: float, l2: float) -> tuple[np.ndarray, float, float]:
+def _scales(x: np.ndarray) -> np.ndarray:
+    """Each column's root mean square (1 for a column of zeros): the terms' scales."""
+    rms = np.sqrt(np.mean(x**2, axis=0))
+    return np.where(rms > 0, rms, 1.0)
+
+
+def _reference_step(
+    w: np.ndarray, b: float, x: np.ndarray, y: np.ndarray, lr: float, l2: float, s: np.ndarray
+) -> tuple[np.ndarray, float, float]:
+    """SGD on the standardised columns x / s (weights w·s), written back on the raw scale."""
     p = 1 / (1 + np.exp(-(x @ w + b)))
     clipped = np.clip(p, 1e-15, 1 - 1e-15)
     loss = float(np.mean(-(y * np.log(clipped) + (1 - y) * np.log(1 - clipped))))
-    return w - lr * ((p - y) @ x / len(y) + l2 * w), b - lr * float(np.mean(p - y)), loss
+    w_s = w * s - lr * ((p - y) @ (x / s) / len(y) + l2 * w * s)
+    return w_s / s, b - lr * float(np.mean(p - y)), loss
 
 
 @pytest.mark.integration
@@ -76,11 +86,14 @@ def test_sgd_steps_match_numpy_and_validate_before_learning(spark: SparkSession)
     model, w, b = champion, np.array(champion.weights), champion.intercept
     lr, l2 = 0.5, 0.01
     losses = []
+    scales = None
     for batch in batches:
         part = np.array([[r.x1, r.x2, r.x3, r.label] for r in batch.collect()])  # the reference's copy only
+        scales = _scales(part[:, :3]) if scales is None else scales  # fixed by the first batch
         model, metrics = sgd_step(batch, model, lr, l2, baseline=champion)
-        w_ref, b_ref, loss_ref = _reference_step(w, b, part[:, :3], part[:, 3], lr, l2)
-        champion_loss = _reference_step(np.array(champion.weights), champion.intercept, part[:, :3], part[:, 3], lr, l2)[2]
+        w_ref, b_ref, loss_ref = _reference_step(w, b, part[:, :3], part[:, 3], lr, l2, scales)
+        champion_loss = _reference_step(np.array(champion.weights), champion.intercept, part[:, :3], part[:, 3], lr, l2, scales)[2]
+        np.testing.assert_allclose(model.scales, scales, rtol=1e-12)
         assert metrics.rows == len(part)
         np.testing.assert_allclose(model.weights, w_ref, rtol=1e-9)
         assert model.intercept == pytest.approx(b_ref, rel=1e-9)
@@ -113,18 +126,20 @@ def test_ftrl_steps_match_numpy_keep_the_warm_start_and_zero_weak_weights(spark:
     champion = LinearModel(NAMES, (1.0, -1.0, 0.0), -0.2, generation=Horizon(5, 4))
     alpha, beta, l1, l2 = 0.5, 1.0, 0.3, 0.01
     # The reference's own warm start: z such that the closed form gives the champion's weights at n = 0.
-    theta = np.array([*champion.weights, champion.intercept])
+    parts = [np.array([[r.x1, r.x2, r.x3, r.label] for r in batch.collect()]) for batch in batches]
+    # FTRL works on the standardised columns (x / s, weights w·s), s fixed by the first batch.
+    s = np.append(_scales(parts[0][:, :3]), 1.0)  # the intercept's column is 1
+    theta = np.array([*champion.weights, champion.intercept]) * s
     l1s, l2s = np.array([l1, l1, l1, 0.0]), np.array([l2, l2, l2, 0.0])  # the intercept is not penalised
     z = np.where(theta == 0, 0.0, -(theta * (beta / alpha + l2s) + np.sign(theta) * l1s))
     n = np.zeros(4)
     model = champion
-    for step, batch in enumerate(batches):
-        part = np.array([[r.x1, r.x2, r.x3, r.label] for r in batch.collect()])
+    for step, (batch, part) in enumerate(zip(batches, parts)):
         model, metrics = ftrl_step(batch, model, alpha, beta, l1, l2, baseline=champion)
         if step == 0:  # scored before learning, from the warm start: the champion itself
             assert metrics.log_loss == pytest.approx(metrics.baseline_log_loss, rel=1e-12)
-        theta, z, n = _reference_ftrl(theta, z, n, part[:, :3], part[:, 3], alpha, beta, l1s, l2s)
-        np.testing.assert_allclose([*model.weights, model.intercept], theta, rtol=1e-9, atol=1e-15)
+        theta, z, n = _reference_ftrl(theta, z, n, part[:, :3] / s[:3], part[:, 3], alpha, beta, l1s, l2s)
+        np.testing.assert_allclose([*model.weights, model.intercept], theta / s, rtol=1e-9, atol=1e-15)
         assert model.ftrl is not None
         np.testing.assert_allclose(model.ftrl.z, z, rtol=1e-9)
         np.testing.assert_allclose(model.ftrl.n, n, rtol=1e-9)
@@ -163,7 +178,8 @@ def test_the_saved_state_brings_back_ftrl_accumulators_and_the_generation_auc(sp
             "auc": None, "champion_auc": None, "champion_version": 3, "cumulative_auc": None, "champion_cumulative_auc": None,
             "auc_bins": [{"bin": b, "positives": p, "negatives": q} for b, p, q in bins],
             "champion_auc_bins": [{"bin": b, "positives": q, "negatives": p} for b, p, q in bins],
-            "ftrl_z": z, "ftrl_n": None if z is None else [4.0, 9.0], "query_id": "q", "sequence": batch_id,
+            "ftrl_z": z, "ftrl_n": None if z is None else [4.0, 9.0], "scales": None if z is None else [2.5],
+            "query_id": "q", "sequence": batch_id,
         })  # fmt: skip
 
     saved(0, 1, [(5, 9.0, 1.0)], None)  # an older generation: its bins do not count
@@ -171,6 +187,7 @@ def test_the_saved_state_brings_back_ftrl_accumulators_and_the_generation_auc(sp
     saved(2, 2, [(2, 1.0, 0.0), (7, 3.0, 1.0)], [-0.3, 0.4])
     state = load_state(spark, local)
     assert state is not None and state.batch_id == 2 and state.model.ftrl == FtrlState((-0.3, 0.4), (4.0, 9.0))
+    assert state.model.scales == (2.5,)
     # Bins of batches 1 and 2 in score order: -3 -> (1, 4), 2 -> (3, 1), 7 -> (3, 1).
     assert state.auc == pytest.approx(area_under_roc([(1.0, 4.0), (3.0, 1.0), (3.0, 1.0)]), abs=1e-15)
     assert state.champion_bins == {-3: (4.0, 1.0), 2: (1.0, 3.0), 7: (1.0, 3.0)}
@@ -317,16 +334,17 @@ def test_the_online_query_learns_like_numpy_sgd_and_reaches_serving(
     losses, champion_losses, aucs = [], [], []
     seen_y, seen_scores, seen_champion = [], [], []  # every row so far: the progressive AUC over the generation
     cumulative, champion_cumulative = [], []
+    scales = _scales(_design(chunks[0], inputs.numeric, slots))  # each term's, on the first micro-batch
     for chunk in chunks:
         x, y = _design(chunk, inputs.numeric, slots), np.array([r[LABEL] for r in chunk])
-        champion_losses.append(_reference_step(w0, b0, x, y, lr, l2)[2])
+        champion_losses.append(_reference_step(w0, b0, x, y, lr, l2, scales)[2])
         aucs.append(roc_auc_score(y, x @ w + b))  # scored before learning from the rows
         seen_y.append(y)
         seen_scores.append(x @ w + b)
         seen_champion.append(x @ w0 + b0)
         cumulative.append(roc_auc_score(np.concatenate(seen_y), np.concatenate(seen_scores)))
         champion_cumulative.append(roc_auc_score(np.concatenate(seen_y), np.concatenate(seen_champion)))
-        w, b, loss = _reference_step(w, b, x, y, lr, l2)
+        w, b, loss = _reference_step(w, b, x, y, lr, l2, scales)
         losses.append(loss)
     # The later chunks' AUCs differ from the first's, so a per-batch figure would not pass for the whole.
     assert abs(cumulative[-1] - aucs[-1]) > 1e-3 or abs(cumulative[-1] - aucs[0]) > 1e-3
