@@ -133,6 +133,9 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
     steps = 9
     _step(1, steps, "resolve JVM jars", lambda: jvm.resolve_all(cfg))
     _step(2, steps, "start Kafka broker and MLflow server", lambda: stack.up(cfg))
+    speed = stack.SpeedProcess(cfg)
+    if speed.stop():  # its queries share the checkpoints the drain below uses
+        log.info("stopped the speed layer an earlier demo left running; it starts again after training")
     truth = _step(3, steps, "generate events to Kafka", lambda: generator.run(cfg))
     _step(
         4, steps, "speed layer: ingest Kafka into bronze, labels, feature increments",
@@ -142,7 +145,6 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
     result = _step(5, steps, "batch layer: label, featurise, train, export ONNX, register", lambda: _train(cfg))
     # From here on the speed layer runs continuously, its online model learning from the champion.
     queries = list(dict.fromkeys([*cfg.speed.queries, "online"]))  # online even if the config leaves it out
-    speed = stack.SpeedProcess(cfg)
     speed_pid = _step(6, steps, f"speed layer: run continuously ({', '.join(queries)})", lambda: speed.start(cfg.source, queries))
     online = _wait_for_online_model(cfg)
     service = stack.ServingProcess(cfg)
