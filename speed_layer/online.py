@@ -584,12 +584,16 @@ def linear_from_pipeline(pipeline: Any, inputs: ModelInputs) -> tuple[tuple[str,
     return tuple(terms), tuple(weights), float(classifier.intercept)
 
 
-def _load_spark_twin(client: Any, name: str, version: Any) -> Any:
+def _load_spark_twin(cfg: PlatformConfig, name: str, version: Any) -> Any:
     import mlflow.spark
 
     twin = version.version if version.tags.get(contract.TAG_FLAVOR) == "spark" else version.tags.get(contract.TAG_SPARK_VERSION)
     if twin is None:
         return None
+    # models:/ URIs resolve through the process-wide tracking URI, which nothing else in a
+    # `lambda-ml speed run` process sets: without it they went to a local store and the
+    # registered model was "not found".
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     return mlflow.spark.load_model(f"models:/{name}/{twin}")
 
 
@@ -608,7 +612,7 @@ def find_champion(cfg: PlatformConfig) -> Champion:
             log.info("no %s@%s yet: the online model starts from zeros", name, contract.CHAMPION_ALIAS)
             return Champion(None, start=zero_model(inputs))
         raise
-    pipeline = _load_spark_twin(client, name, version)
+    pipeline = _load_spark_twin(cfg, name, version)
     number, horizon = int(version.version), Horizon.from_tags(version.tags)
     linear = linear_from_pipeline(pipeline, inputs) if pipeline is not None else None
     if linear is not None:
@@ -626,7 +630,7 @@ def find_champion(cfg: PlatformConfig) -> Champion:
             continue
         if client.get_run(candidate.run_id).data.params.get("ctr.model") != "lr":
             continue
-        other = _load_spark_twin(client, name, candidate)
+        other = _load_spark_twin(cfg, name, candidate)
         found = linear_from_pipeline(other, inputs) if other is not None else None
         if found is not None:
             log.info("online model starts from logistic regression %s v%s", name, candidate.version)

@@ -317,13 +317,19 @@ def test_the_online_query_learns_like_numpy_sgd_and_reaches_serving(
     client.set_registered_model_alias(name, contract.CHAMPION_ALIAS, versions.onnx)
 
     # The labels arrive in the silver table one chunk at a time; the online query runs after each.
+    # As in a `lambda-ml speed run` process, the process-wide MLflow URI is not the server's:
+    # the query must reach the registry through its config alone.
+    mlflow.set_tracking_uri(f"file:{tmp_path / 'not-the-registry'}")
     ensure_labels_table(spark, local)
     label_columns = [f.name for f in LABEL_SCHEMA.fields]
-    for batch_id, chunk in enumerate(chunks):
-        labels = spark.createDataFrame([(r["event_id"], r[LABEL]) for r in chunk], "event_id string, label double")
-        silver = impressions.join(labels, "event_id").withColumn("impressions_version", F.lit(0).cast("long"))
-        merge_labels(silver.select(*label_columns), batch_id, local)
-        app.run(local, ["online"], available_now=True)
+    try:
+        for batch_id, chunk in enumerate(chunks):
+            labels = spark.createDataFrame([(r["event_id"], r[LABEL]) for r in chunk], "event_id string, label double")
+            silver = impressions.join(labels, "event_id").withColumn("impressions_version", F.lit(0).cast("long"))
+            merge_labels(silver.select(*label_columns), batch_id, local)
+            app.run(local, ["online"], available_now=True)
+    finally:
+        mlflow.set_tracking_uri(local.mlflow.tracking_uri)
 
     # NumPy SGD over the same rows, from the champion's coefficients, in the same batch order.
     devices = list(pipeline.stages[0].labelsArray[0])
