@@ -204,6 +204,15 @@ def batch_gradient(batch: DataFrame, model: LinearModel, baseline: LinearModel |
     )
 
 
+def scaled_gradient(
+    batch: DataFrame, model: LinearModel, baseline: LinearModel | Column | None = None
+) -> tuple[LinearModel, Gradient] | None:
+    """:func:`batch_gradient`, and the model with a scale for every term (new terms take this
+    batch's root mean square); None for an empty batch. What every step starts from."""
+    gradient = batch_gradient(batch, model, baseline)
+    return None if gradient is None else (model.scaled(gradient.rms), gradient)
+
+
 def sgd_step(
     batch: DataFrame,
     model: LinearModel,
@@ -219,10 +228,10 @@ def sgd_step(
     the raw weights, ``w -= learning_rate · (g / scale² + l2·w)``."""
     if learning_rate <= 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate}")
-    gradient = batch_gradient(batch, model, baseline)
-    if gradient is None:
+    found = scaled_gradient(batch, model, baseline)
+    if found is None:
         return model, StepMetrics(0, None, None)
-    model = model.scaled(gradient.rms)
+    model, gradient = found
     assert model.scales is not None
     weights = tuple(
         w - learning_rate * (g / (s * s) + l2 * w) for w, g, s in zip(model.weights, gradient.weights, model.scales)  # type: ignore[operator]
@@ -270,10 +279,10 @@ def ftrl_step(
     has no state yet; the model unchanged if the batch is empty."""
     if alpha <= 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
-    gradient = batch_gradient(batch, model, baseline)
-    if gradient is None:
+    found = scaled_gradient(batch, model, baseline)
+    if found is None:
         return model, StepMetrics(0, None, None)
-    model = model.scaled(gradient.rms)
+    model, gradient = found
     if model.ftrl is None:
         model = ftrl_start(model, alpha, beta, l1, l2)
     assert model.ftrl is not None and model.scales is not None
