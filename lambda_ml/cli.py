@@ -74,7 +74,11 @@ def _speed(cfg: PlatformConfig, args: argparse.Namespace) -> int:
     from speed_layer import app
 
     queries = ["ingest"] if args.job == "ingest" else args.queries
-    app.run(cfg, queries, available_now=args.available_now)
+    try:
+        app.run(cfg, queries, available_now=args.available_now)
+    except app.CheckpointInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

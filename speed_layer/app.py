@@ -20,12 +20,17 @@ Run it with ``lambda-ml speed run`` or ``spark-submit speed_layer/app.py``.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from types import FrameType
+from urllib.parse import urlparse
 
 from pyspark.sql import SparkSession
 from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
@@ -75,6 +80,54 @@ def checkpoint(cfg: PlatformConfig, query: str) -> str:
     return f"{cfg.lake.checkpoints.rstrip('/')}/{query}"
 
 
+class CheckpointInUse(RuntimeError):
+    """Another process runs a query on the same checkpoint."""
+
+
+def _local_path(uri: str) -> Path | None:
+    """The local file-system path of a ``file:`` URI or a plain path; None for other schemes."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else uri)
+    return None
+
+
+@contextmanager
+def checkpoint_locks(cfg: PlatformConfig, names: Sequence[str]) -> Iterator[None]:
+    """Hold an exclusive lock on ``<checkpoint>.lock`` of each query while the block runs.
+
+    Spark refuses a second run of a query on the same checkpoint only within one session: two
+    processes would both run it, and the second one's commits clash with the first one's. Here
+    the second process fails at once, naming the PID that holds the checkpoint. The lock is
+    ``flock``: the kernel drops it when its holder dies, even by ``kill -9``, so a restart after
+    a crash is never refused. Checkpoints on other file systems (``hdfs://``, ``s3a://``) are
+    not guarded; the log says so.
+    """
+    with ExitStack() as held:
+        for name in names:
+            path = _local_path(checkpoint(cfg, name))
+            if path is None:
+                log.warning("query %s: checkpoint %s is not on a local file system; a second run on it is not refused", name, checkpoint(cfg, name))
+                continue
+            lock_path = path.with_name(f"{path.name}.lock")
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            handle = held.enter_context(lock_path.open("a+"))
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise CheckpointInUse(
+                    f"query {name}: its checkpoint {path} is in use by another speed layer (PID {holder}); "
+                    "stop that one first (lambda-ml stack down stops the one the demo started)"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        yield
+
+
 def processing_trigger(cfg: PlatformConfig) -> Trigger:
     """A micro-batch every ``speed.trigger_seconds``."""
     return lambda writer: writer.trigger(processingTime=f"{cfg.speed.trigger_seconds:g} seconds")
@@ -118,13 +171,20 @@ def run(cfg: PlatformConfig, names: Sequence[str] | None = None, available_now: 
     """Run the application until SIGTERM / Ctrl-C, or, with ``available_now``, until every
     query has processed what its sources hold (one query after the other, upstream first).
 
-    Raises ``RuntimeError`` if a query fails; the other queries are stopped gracefully first.
+    Raises ``RuntimeError`` if a query fails; the other queries are stopped gracefully first;
+    :class:`CheckpointInUse` if another process runs one of the queries on its checkpoint.
     """
     names = list(names or cfg.speed.queries)
     unknown = [n for n in names if n not in QUERIES]
     if unknown:
         raise ValueError(f"unknown speed-layer queries {unknown}; known: {list(QUERIES)}")
     ordered = [n for n in QUERIES if n in names]
+    with checkpoint_locks(cfg, ordered):
+        _run(cfg, ordered, available_now)
+    log.info("speed layer stopped")
+
+
+def _run(cfg: PlatformConfig, ordered: Sequence[str], available_now: bool) -> None:
     spark = get_spark(cfg, "speed")
     stop = threading.Event()
 
@@ -163,7 +223,6 @@ def run(cfg: PlatformConfig, names: Sequence[str] | None = None, available_now: 
         reporter.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    log.info("speed layer stopped")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,7 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    run(load_config(args.config), args.queries, available_now=args.available_now)
+    try:
+        run(load_config(args.config), args.queries, available_now=args.available_now)
+    except CheckpointInUse as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@ running micro-batch finish, a restart resumes from the checkpoints (real broker,
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,8 +14,8 @@ import pytest
 from deltalake import DeltaTable
 from speed_process import app_config, batches, kill, rows, start, terminate, total, wait_for
 
-from lambda_ml import contract, generator
-from lambda_ml.config import PlatformConfig
+from lambda_ml import cli, contract, generator
+from lambda_ml.config import PlatformConfig, write_config
 from lambda_ml.submit import run_submit
 from speed_layer import app
 
@@ -24,6 +27,41 @@ def test_the_application_entry_point_has_help(capsys: pytest.CaptureFixture[str]
         app.main(["--help"])
     assert done.value.code == 0
     assert "usage: speed_layer/app.py" in capsys.readouterr().out
+
+
+# A process holding the ingest query's checkpoint, as a running speed layer does.
+HOLD_INGEST = """
+import sys, time
+from lambda_ml.config import load_config
+from speed_layer import app
+with app.checkpoint_locks(load_config(sys.argv[1]), ["ingest"]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_process_cannot_run_a_query_on_a_checkpoint_in_use(
+    cfg: PlatformConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    local = cfg.model_copy(update={"lake": cfg.lake.model_copy(update={"checkpoints": str(tmp_path / "checkpoints")})})
+    config_file = write_config(local, tmp_path / "platform.yaml")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_INGEST, str(config_file)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(app.CheckpointInUse, match=rf"query ingest: its checkpoint .* in use by another speed layer \(PID {holder.pid}\)"):
+            with app.checkpoint_locks(local, ["labels", "ingest"]):
+                pass
+        # The failed attempt let go of the lock it had taken; other queries stay free.
+        with app.checkpoint_locks(local, ["labels", "increments"]):
+            pass
+        # The command says so and exits before starting Spark.
+        assert cli.main(["--config", str(config_file), "speed", "run", "--query", "ingest"]) == 1
+        assert f"in use by another speed layer (PID {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()  # kill -9: the kernel drops the lock with the process
+        holder.wait()
+    with app.checkpoint_locks(local, ["ingest"]):
+        assert (tmp_path / "checkpoints" / "ingest.lock").read_text().strip() == str(os.getpid())
 
 
 @pytest.mark.integration
