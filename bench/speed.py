@@ -21,6 +21,10 @@
    duration p50/p95 per query, and freshness p50/p95: from an impression's Kafka record time
    (stamped by the producer when it sends) to the commit of the increments table version that
    first counts it (the table serving reads), from the Delta logs of bronze and increments.
+   Beside it, at the same rate, the **Spark ceiling, one hop**: one query, a micro-batch every
+   second, that only parses each record, appends it to its bronze table and appends one count
+   per (user, hour) stamped with the bronze version just committed (no validation,
+   deduplication, join or state). No Spark speed layer here makes events servable faster.
 3. **Kafka bytes per event.** The same generated events sent with the platform's producer to
    fresh topics in JSON and in Avro, uncompressed and with gzip, lz4 and zstd (kafka-python
    cannot produce snappy); bytes are the broker's log segment sizes divided by the records.
@@ -47,6 +51,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -86,6 +91,9 @@ BYTES_EVENTS, QUICK_BYTES_EVENTS = 50_000, 10_000
 CLICK_PERCENT = 5  # share of impressions clicked in the generated streams
 CODECS = ("none", "gzip", "lz4", "zstd")
 CEILING = "ceiling"  # the bare Kafka -> parse -> Delta query (see child_spark_ceiling)
+STEADY_CEILING = "steady-ceiling"  # its one-hop twin at a steady rate (see child_spark_steady_ceiling)
+# Its trigger: the shortest that helps (0.2 s gave the same freshness; batches take longer).
+STEADY_CEILING_TRIGGER_S = 1.0
 TARGET_EVENTS_PER_S = 100_000
 TARGET_RATIO = 3.0
 TARGET_FRESHNESS_P95_S = 5.0
@@ -541,6 +549,65 @@ def child_spark_ceiling(cfg: PlatformConfig, progress: Path) -> None:
     time.sleep(2)  # progress reaches listeners asynchronously
 
 
+def child_spark_steady_ceiling(cfg: PlatformConfig, progress: Path) -> None:
+    """The freshness ceiling of any Spark speed layer here: one Structured Streaming query, a
+    micro-batch every ``STEADY_CEILING_TRIGGER_S``, doing only the unavoidable part of making an
+    event servable, in one hop: parse each record's JSON, append the impressions and the clicks
+    to their bronze Delta tables, then append one count per (user, hour) stamped with the bronze
+    version just committed (what serving needs of an increment). No validation, quarantine,
+    deduplication, join, state or second query. Runs until SIGTERM; progress to ``progress``."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    from lambda_ml import contract
+    from lambda_ml.schemas import EVENT_TYPES
+    from lambda_ml.spark import get_spark
+    from speed_layer.ingest import bronze_path, kafka_source
+
+    spark = get_spark(cfg, "bench-speed-steady-ceiling")
+    spark.streams.addListener(ProgressLog(progress))
+    fields = dict.fromkeys(name for event in EVENT_TYPES.values() for name in event.field_names)
+    schema = StructType([StructField(name, StringType()) for name in fields])
+    topics = {event: topic.name for event, topic in cfg.kafka.topics.event_topics().items()}
+    increments = cfg.lake.table(*contract.increments_table("user"))
+    version_column = contract.INCREMENT_VERSION_COLUMNS["impressions"]
+
+    def land(batch: Any, batch_id: int) -> None:
+        batch = batch.persist()
+        for event, topic in topics.items():
+            rows = batch.where(F.col("topic") == topic).select(
+                *[F.col(f"e.{name}") for name in EVENT_TYPES[event].field_names if name != "event_time"],
+                F.to_timestamp("e.event_time").alias("event_time"), F.col("timestamp").alias("kafka_timestamp"),
+            )  # fmt: skip
+            rows.write.format("delta").mode("append").option("txnAppId", f"{CEILING}:{event}").option("txnVersion", batch_id).save(bronze_path(cfg, event))
+        version = DeltaTable.forPath(spark, bronze_path(cfg, "impressions")).history(1).first()["version"]  # type: ignore[index]
+        counts = (
+            batch.where(F.col("topic") == topics["impressions"])
+            .groupBy(F.col("e.user_id").alias("user_id"), F.date_trunc("hour", F.to_timestamp("e.event_time")).alias("bucket"))
+            .count()
+            .withColumn(version_column, F.lit(version).cast("long"))
+            .withColumn(contract.INCREMENT_BATCH_COLUMN, F.lit(batch_id).cast("long"))
+        )  # fmt: skip
+        counts.write.format("delta").mode("append").option("txnAppId", f"{CEILING}:increments").option("txnVersion", batch_id).save(increments)
+        batch.unpersist()
+
+    query = (
+        kafka_source(spark, cfg).select(F.from_json(F.col("value").cast("string"), schema).alias("e"), "topic", "timestamp")
+        .writeStream.queryName(CEILING)
+        .option("checkpointLocation", f"{cfg.lake.checkpoints.rstrip('/')}/{CEILING}")
+        .foreachBatch(land)
+        .trigger(processingTime=f"{STEADY_CEILING_TRIGGER_S:g} seconds")
+        .start()
+    )  # fmt: skip
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while query.isActive and not stop.is_set():
+        stop.wait(1)
+    query.stop()
+    time.sleep(2)
+
+
 def child_spark_steady(cfg: PlatformConfig, progress: Path) -> None:
     """Run ingest + increments continuously (until SIGTERM), progress to ``progress``."""
     from speed_layer import app
@@ -773,17 +840,22 @@ def paced_produce(cfg: PlatformConfig, rate: int, seconds: float, seed: int = 11
             "impression_times": impression_times}  # fmt: skip
 
 
-def measure_steady(cfg: PlatformConfig, config_file: Path, work: Path, rate: int, seconds: float, warmup_s: float) -> dict[str, Any]:
-    progress = work / "steady.progress.jsonl"
-    process = subprocess.Popen(_child("steady", config_file, "--progress", str(progress)), start_new_session=True)
+def measure_steady(
+    cfg: PlatformConfig, config_file: Path, work: Path, rate: int, seconds: float, warmup_s: float,
+    mode: str = "steady", queries: Sequence[str] = ("ingest", "increments"),
+) -> dict[str, Any]:
+    """Run the child ``mode`` (the speed layer, or the ceiling) while producing ``rate`` records/s
+    for ``seconds``; micro-batch durations of its ``queries`` and freshness after ``warmup_s``."""
+    progress = work / f"{mode}.progress.jsonl"
+    process = subprocess.Popen(_child(mode, config_file, "--progress", str(progress)), start_new_session=True)
     sampler = MemorySampler(process.pid).start()
     try:
         deadline = time.monotonic() + 300
-        while {p.get("name") for p in read_progress(progress)} < {"ingest", "increments"}:
+        while {p.get("name") for p in read_progress(progress)} < set(queries):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the speed layer did not start its queries")
             time.sleep(1)
-        log.info("speed layer running; producing %d records/s for %.0f s", rate, seconds)
+        log.info("%s running; producing %d records/s for %.0f s", mode, rate, seconds)
         t0 = time.time()
         sent = paced_produce(cfg, rate, seconds)
         t1 = time.time()
@@ -798,9 +870,7 @@ def measure_steady(cfg: PlatformConfig, config_file: Path, work: Path, rate: int
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     lines = read_progress(progress)
-    durations = {
-        q: [e - s for s, e, _ in batch_spans(lines, q) if t0 + warmup_s <= s <= t1] for q in ("ingest", "increments")
-    }
+    durations = {q: [e - s for s, e, _ in batch_spans(lines, q) if t0 + warmup_s <= s <= t1] for q in queries}
     pairs = [(sent_at, seen - sent_at) for sent_at, seen in freshness(Path(cfg.lake.root), "user")]
     steady = [lag for sent_at, lag in pairs if t0 + warmup_s <= sent_at <= t1]
     # Impressions sent in the window but not counted when the run stopped: later than any figure.
@@ -811,7 +881,7 @@ def measure_steady(cfg: PlatformConfig, config_file: Path, work: Path, rate: int
         "rate_target": rate,
         "produced": sent,
         "warmup_s": warmup_s,
-        "trigger_seconds": cfg.speed.trigger_seconds,
+        "trigger_seconds": STEADY_CEILING_TRIGGER_S if mode == STEADY_CEILING else cfg.speed.trigger_seconds,
         "impressions_sent_in_window": sent_in_window,
         "impressions_visible_in_window": len(steady),
         "impressions_not_visible_at_stop": unseen,
@@ -913,14 +983,16 @@ def print_tables(result: dict[str, Any]) -> None:
                if (c := r.get("ceiling")) else []),
         ))  # fmt: skip
         print()
-    if "steady" in r:
-        s = r["steady"]
-        print(format_table(
-            ["steady rate", "records/s sent", "ingest p50/p95 s", "increments p50/p95 s", "freshness p50/p95 s", "load"],
-            [[f"{s['rate_target']:,}/s, trigger {s['trigger_seconds']:g} s", s["produced"]["records_per_s"],
-              f"{s['ingest_batch_p50_s']} / {s['ingest_batch_p95_s']}", f"{s['increments_batch_p50_s']} / {s['increments_batch_p95_s']}",
-              f"{s['freshness_p50_s'] or 'not seen'} / {s['freshness_p95_s'] or 'not seen'}", s["load_average"]]],
-        ))  # fmt: skip
+    rows = []
+    for key, label in (("steady", "speed layer"), ("steady_ceiling", "Spark ceiling, one hop")):
+        if (s := r.get(key)) is None:
+            continue
+        ingest = f"{s['ingest_batch_p50_s']} / {s['ingest_batch_p95_s']}" if key == "steady" else f"{s[CEILING + '_batch_p50_s']} / {s[CEILING + '_batch_p95_s']}"
+        increments = f"{s['increments_batch_p50_s']} / {s['increments_batch_p95_s']}" if key == "steady" else "same micro-batch"
+        rows.append([f"{label}: {s['rate_target']:,}/s, trigger {s['trigger_seconds']:g} s", s["produced"]["records_per_s"], ingest, increments,
+                     f"{s['freshness_p50_s'] or 'not seen'} / {s['freshness_p95_s'] or 'not seen'}", s["load_average"]])  # fmt: skip
+    if rows:
+        print(format_table(["steady rate", "records/s sent", "ingest p50/p95 s", "increments p50/p95 s", "freshness p50/p95 s", "load"], rows))
         print()
     if "bytes" in r:
         rows = [[key, v["bytes_per_event"], f"{100 * v['saved_vs_json_none']:.0f} %"] for key, v in r["bytes"].items()]
@@ -940,6 +1012,8 @@ def child_main(args: Any) -> None:
         child_spark_steady(cfg, args.progress)
     elif args.child == CEILING:
         child_spark_ceiling(cfg, args.progress)
+    elif args.child == STEADY_CEILING:
+        child_spark_steady_ceiling(cfg, args.progress)
     else:
         raise SystemExit(f"unknown child mode {args.child}")
 
@@ -982,8 +1056,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     broker = None
     try:
         extra = {} if args.trigger_seconds is None else {"speed.trigger_seconds": args.trigger_seconds}
-        for part in ("bytes", "throughput", "steady"):
-            if part not in parts:
+        for part in ("bytes", "throughput", "steady", STEADY_CEILING):
+            if (part if part != STEADY_CEILING else "steady") not in parts:
                 continue
             cfg = bench_config(root / part, **({} if part == "bytes" else extra))
             config_file = write_config(cfg, root / f"{part}.yaml")
@@ -997,8 +1071,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                     results["ceiling"] = measured["ceiling"]
                     params.update(max_offsets_per_trigger=cfg.speed.max_offsets_per_trigger,
                                   shuffle_partitions=cfg.spark.shuffle_partitions, compression=cfg.generator.compression)  # fmt: skip
-                else:
+                elif part == "steady":
                     results["steady"] = measure_steady(cfg, config_file, root, args.rate, fresh_s, warmup_s=min(20.0, fresh_s / 3))
+                else:  # the same rate through the bare one-hop query: the best any Spark speed layer does here
+                    results["steady_ceiling"] = measure_steady(
+                        cfg, config_file, root, args.rate, fresh_s, warmup_s=min(20.0, fresh_s / 3), mode=STEADY_CEILING, queries=(CEILING,)
+                    )
             except Exception as exc:  # one failed part must not lose the others' figures
                 log.exception("the %s measurement failed", part)
                 errors[part] = f"{type(exc).__name__}: {exc}"
@@ -1031,6 +1109,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "steady" in results:
         p95 = results["steady"]["freshness_p95_s"]
         ratios["freshness_p95_target_met"] = p95 is not None and p95 <= TARGET_FRESHNESS_P95_S
+    if "steady_ceiling" in results:
+        # Whether even the bare one-hop query makes events servable within the target here.
+        p95 = results["steady_ceiling"]["freshness_p95_s"]
+        ratios["ceiling_reaches_freshness_target"] = p95 is not None and p95 <= TARGET_FRESHNESS_P95_S
     if "bytes" in results:
         best = max(results["bytes"].items(), key=lambda kv: kv[1]["saved_vs_json_none"])
         ratios["bytes_best"] = best[0]
