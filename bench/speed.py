@@ -824,8 +824,10 @@ def paced_produce(cfg: PlatformConfig, rate: int, seconds: float, seed: int = 11
                         "item_id": f"i{rng.randrange(cfg.generator.items)}", "device": rng.choice(("mobile", "desktop", "tablet")),
                         "position": rng.randint(1, 5),
                     }, separators=(",", ":")).encode()  # fmt: skip
-                    producer.send(topics.impressions.name, key=user.encode(), value=value)
-                    impression_times.append(now)
+                    # The record time freshness starts from, and the one the window counts by.
+                    sent_ms = int(time.time() * 1000)
+                    producer.send(topics.impressions.name, key=user.encode(), value=value, timestamp_ms=sent_ms)
+                    impression_times.append(sent_ms / 1000)
                     if rng.random() < CLICK_PERCENT / 100:
                         click = {"event_id": f"clk-{seed}-{n}", "impression_id": event_id, "event_time": iso(stamp + timedelta(seconds=2))}
                         clicks.append((now + 2.0, event_id.encode(), json.dumps(click, separators=(",", ":")).encode()))
@@ -853,7 +855,7 @@ def measure_steady(
         deadline = time.monotonic() + 300
         while {p.get("name") for p in read_progress(progress)} < set(queries):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the speed layer did not start its queries")
+                raise RuntimeError(f"the {mode} child did not start its queries {list(queries)}")
             time.sleep(1)
         log.info("%s running; producing %d records/s for %.0f s", mode, rate, seconds)
         t0 = time.time()

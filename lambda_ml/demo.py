@@ -35,17 +35,14 @@ def _step(number: int, total: int, title: str, action: Callable[[], T]) -> T:
     return result
 
 
-def _post_json(url: str, payload: dict[str, object]) -> dict[str, object]:
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
+def _json(url: str, payload: dict[str, object] | None = None) -> dict[str, Any]:
+    """GET ``url`` (or POST ``payload`` to it as JSON) and return the JSON answer."""
+    request = urllib.request.Request(url)
+    if payload is not None:
+        request = urllib.request.Request(
+            url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
+        )
     with urllib.request.urlopen(request, timeout=30) as response:
-        result: dict[str, object] = json.loads(response.read())
-        return result
-
-
-def _get_json(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=30) as response:
         result: dict[str, Any] = json.loads(response.read())
         return result
 
@@ -62,7 +59,7 @@ def follow_fresh_events(cfg: PlatformConfig, service_url: str, timeout_s: float 
     # One instant for every read: the window does not move while we wait.
     at = urllib.parse.quote((sent_at + timedelta(seconds=1)).isoformat())
     url = f"{service_url}/features/user/{FRESH_USER}?at={at}"
-    before = float(_get_json(url)["merged"]["features"][feature])
+    before = float(_json(url)["merged"]["features"][feature])
     records = [
         generator.Record("impressions", FRESH_USER.encode(), json.dumps({
             "event_id": f"demo-{uuid.uuid4().hex}", "event_time": generator.iso(sent_at), "user_id": FRESH_USER,
@@ -73,7 +70,7 @@ def follow_fresh_events(cfg: PlatformConfig, service_url: str, timeout_s: float 
     started = time.monotonic()
     generator.produce(cfg, records, progress=False)
     while time.monotonic() - started < timeout_s:
-        now = float(_get_json(url)["merged"]["features"][feature])
+        now = float(_json(url)["merged"]["features"][feature])
         if now >= before + FRESH_IMPRESSIONS:
             return (
                 f"{FRESH_IMPRESSIONS} new impressions of {FRESH_USER} counted by serving after "
@@ -151,7 +148,7 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
     _step(7, steps, "serving layer: start the prediction service", lambda: service.start(cfg.source))
     fresh = _step(8, steps, "fresh events: send some and wait until serving counts them", lambda: follow_fresh_events(cfg, service.url))
     example = {"user_id": FRESH_USER, "item_id": "i1", "device": "mobile", "position": 1}
-    answer = _step(9, steps, "ask for one prediction", lambda: _post_json(f"{service.url}/predict", example))
+    answer = _step(9, steps, "ask for one prediction", lambda: _json(f"{service.url}/predict", example))
 
     print(
         "\n".join(
