@@ -520,25 +520,32 @@ def child_spark_drain(cfg: PlatformConfig, impressions: int, progress: Path, out
     time.sleep(2)  # progress reaches listeners asynchronously
 
 
+def _parsed_records(spark: Any, cfg: PlatformConfig) -> Any:
+    """The event topics as a stream, each record's JSON parsed as text fields into ``e``, beside
+    Kafka's ``topic, partition, offset, timestamp``: all the ceiling queries parse."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    from lambda_ml.schemas import EVENT_TYPES
+    from speed_layer.ingest import kafka_source
+
+    fields = dict.fromkeys(name for event in EVENT_TYPES.values() for name in event.field_names)
+    schema = StructType([StructField(name, StringType()) for name in fields])
+    return kafka_source(spark, cfg).select(
+        F.from_json(F.col("value").cast("string"), schema).alias("e"), "topic", "partition", "offset", "timestamp"
+    )
+
+
 def child_spark_ceiling(cfg: PlatformConfig, progress: Path) -> None:
     """The ceiling of any Spark speed layer here: a Structured Streaming query doing only the
     unavoidable part (read the pre-loaded topics with the ingest's micro-batch size, parse each
     record's JSON, append the rows to one Delta table), with no validation, quarantine,
     deduplication, join or aggregation; progress to ``progress``."""
-    from pyspark.sql import functions as F
-    from pyspark.sql.types import StringType, StructField, StructType
-
-    from lambda_ml.schemas import EVENT_TYPES
     from lambda_ml.spark import get_spark
-    from speed_layer.ingest import kafka_source
 
     spark = get_spark(cfg, "bench-speed-ceiling")
     spark.streams.addListener(ProgressLog(progress))
-    fields = dict.fromkeys(name for event in EVENT_TYPES.values() for name in event.field_names)
-    schema = StructType([StructField(name, StringType()) for name in fields])
-    parsed = kafka_source(spark, cfg).select(
-        F.from_json(F.col("value").cast("string"), schema).alias("e"), "topic", "partition", "offset"
-    ).select("e.*", "topic", "partition", "offset")
+    parsed = _parsed_records(spark, cfg).select("e.*", "topic", "partition", "offset")
     query = (
         parsed.writeStream.queryName(CEILING).format("delta")
         .option("checkpointLocation", f"{cfg.lake.checkpoints.rstrip('/')}/{CEILING}")
@@ -558,17 +565,14 @@ def child_spark_steady_ceiling(cfg: PlatformConfig, progress: Path) -> None:
     deduplication, join, state or second query. Runs until SIGTERM; progress to ``progress``."""
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
-    from pyspark.sql.types import StringType, StructField, StructType
 
     from lambda_ml import contract
     from lambda_ml.schemas import EVENT_TYPES
     from lambda_ml.spark import get_spark
-    from speed_layer.ingest import bronze_path, kafka_source
+    from speed_layer.ingest import bronze_path
 
     spark = get_spark(cfg, "bench-speed-steady-ceiling")
     spark.streams.addListener(ProgressLog(progress))
-    fields = dict.fromkeys(name for event in EVENT_TYPES.values() for name in event.field_names)
-    schema = StructType([StructField(name, StringType()) for name in fields])
     topics = {event: topic.name for event, topic in cfg.kafka.topics.event_topics().items()}
     increments = cfg.lake.table(*contract.increments_table("user"))
     version_column = contract.INCREMENT_VERSION_COLUMNS["impressions"]
@@ -593,7 +597,7 @@ def child_spark_steady_ceiling(cfg: PlatformConfig, progress: Path) -> None:
         batch.unpersist()
 
     query = (
-        kafka_source(spark, cfg).select(F.from_json(F.col("value").cast("string"), schema).alias("e"), "topic", "timestamp")
+        _parsed_records(spark, cfg)
         .writeStream.queryName(CEILING)
         .option("checkpointLocation", f"{cfg.lake.checkpoints.rstrip('/')}/{CEILING}")
         .foreachBatch(land)

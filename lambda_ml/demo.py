@@ -37,11 +37,8 @@ def _step(number: int, total: int, title: str, action: Callable[[], T]) -> T:
 
 def _json(url: str, payload: dict[str, object] | None = None) -> dict[str, Any]:
     """GET ``url`` (or POST ``payload`` to it as JSON) and return the JSON answer."""
-    request = urllib.request.Request(url)
-    if payload is not None:
-        request = urllib.request.Request(
-            url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
-        )
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={} if data is None else {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         result: dict[str, Any] = json.loads(response.read())
         return result

@@ -105,9 +105,10 @@ def checkpoint_locks(cfg: PlatformConfig, names: Sequence[str]) -> Iterator[None
     """
     with ExitStack() as held:
         for name in names:
-            path = _local_path(checkpoint(cfg, name))
+            uri = checkpoint(cfg, name)
+            path = _local_path(uri)
             if path is None:
-                log.warning("query %s: checkpoint %s is not on a local file system; a second run on it is not refused", name, checkpoint(cfg, name))
+                log.warning("query %s: checkpoint %s is not on a local file system; a second run on it is not refused", name, uri)
                 continue
             lock_path = path.with_name(f"{path.name}.lock")
             lock_path.parent.mkdir(parents=True, exist_ok=True)
