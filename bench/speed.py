@@ -161,7 +161,7 @@ class PlainParser:
         from lambda_ml.schemas import EVENT_TYPES
 
         self.types = {topic.name: EVENT_TYPES[name] for name, topic in cfg.kafka.topics.event_topics().items()}
-        self.min_us = _epoch_us(cfg.speed.min_event_date) or 0
+        self.min_us = _epoch_us(cfg.speed.min_event_date.isoformat()) or 0
         self.future_us = int(cfg.speed.max_future_days * 86400 * 1_000_000)
         self.min_date = cfg.speed.min_event_date
         self.max_future_days = cfg.speed.max_future_days

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+from datetime import date, timedelta
 from pathlib import Path
-from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -35,6 +35,29 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 class ConfigError(ValueError):
     """A configuration file is unreadable or invalid; the message names the file and key."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as the config reads it: a date-like scalar stays a string.
+
+    YAML 1.1 turns an unquoted ``1990-01-01`` into a ``date``; the config's fields parse their
+    own values, so the file (quoted or not) and an environment override give the same type.
+    """
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML document or scalar, read as the config reads it (see :class:`_ConfigLoader`).
+
+    >>> parse_yaml("1990-01-01"), parse_yaml("19092"), parse_yaml("[a, b]")
+    ('1990-01-01', 19092, ['a', 'b'])
+    """
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Model(BaseModel):
@@ -341,7 +364,8 @@ class OnlineConfig(_Model):
 class SpeedConfig(_Model):
     trigger_seconds: float = Field(5, gt=0)
     max_future_days: float = Field(1, gt=0)
-    min_event_date: str = "2000-01-01"
+    min_event_date: date = date(1970, 1, 1)
+    quarantine_warning_share: float = Field(0.5, gt=0, le=1)
     max_offsets_per_trigger: int = Field(200000, gt=0)
     queries: tuple[SpeedQuery, ...] = Field(("ingest", "labels", "increments", "online"), min_length=1)
     stop_timeout_seconds: float = Field(60, gt=0)
@@ -515,29 +539,59 @@ def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 
 def env_overrides(env: dict[str, str]) -> dict[str, Any]:
-    """``LAMBDA_ML__KAFKA__PORT=19092`` becomes ``{"kafka.port": 19092}`` (YAML-typed value).
+    """``LAMBDA_ML__KAFKA__PORT=19092`` becomes ``{"kafka.port": 19092}``: the value typed as the
+    same text would be in the file (see :func:`parse_yaml`).
 
-    >>> env_overrides({"LAMBDA_ML__KAFKA__PORT": "19092", "HOME": "/root"})
-    {'kafka.port': 19092}
+    >>> env_overrides({"LAMBDA_ML__KAFKA__PORT": "19092", "LAMBDA_ML__SPEED__MIN_EVENT_DATE": "1990-01-01", "HOME": "/root"})
+    {'kafka.port': 19092, 'speed.min_event_date': '1990-01-01'}
     """
     found: dict[str, Any] = {}
-    for name, raw in env.items():
-        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
-            key = ".".join(p.lower() for p in name[len(ENV_PREFIX) :].split("__"))
-            found[key] = yaml.safe_load(raw) if raw != "" else ""
+    for key, name in env_override_names(env).items():
+        raw = env[name]
+        found[key] = parse_yaml(raw) if raw != "" else ""
     return found
+
+
+def env_override_names(env: dict[str, str]) -> dict[str, str]:
+    """The dotted key each ``LAMBDA_ML__...`` variable overrides -> the variable's name.
+
+    >>> env_override_names({"LAMBDA_ML__SPEED__MIN_EVENT_DATE": "1990-01-01"})
+    {'speed.min_event_date': 'LAMBDA_ML__SPEED__MIN_EVENT_DATE'}
+    """
+    return {
+        ".".join(p.lower() for p in name[len(ENV_PREFIX) :].split("__")): name
+        for name in env
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX)
+    }
 
 
 def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
-def _format_error(source: str, error: ValidationError) -> str:
+def _format_error(source: str, error: ValidationError, env_names: dict[str, str] | None = None) -> str:
+    """One line per error naming where the value came from: the file and the key, or the
+    environment variable that overrides the key (or a section holding it).
+
+    >>> class S(BaseModel):
+    ...     port: int
+    >>> try:
+    ...     S.model_validate({"port": "x"})
+    ... except ValidationError as exc:
+    ...     print(_format_error("conf/a.yaml", exc, {"port": "LAMBDA_ML__PORT"}))
+    environment variable LAMBDA_ML__PORT: port: Input should be a valid integer, unable to parse string as an integer
+    """
+    env_names = env_names or {}
     lines = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        parts = [str(p) for p in item["loc"]]
+        key = ".".join(parts) or "<root>"
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        lines.append(f"{source}: {key}: {message}")
+        origin = next(
+            (f"environment variable {env_names[k]}" for k in (".".join(parts[:n]) for n in range(len(parts), 0, -1)) if k in env_names),
+            source,
+        )
+        lines.append(f"{origin}: {key}: {message}")
     return "\n".join(lines)
 
 
@@ -555,7 +609,7 @@ def load_config(
     config_path = Path(path or env.get("LAMBDA_ML_CONFIG") or DEFAULT_CONFIG)
     source = str(config_path)
     try:
-        raw = yaml.safe_load(config_path.read_text()) or {}
+        raw = parse_yaml(config_path.read_text()) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"{source}: file not found") from exc
     except yaml.YAMLError as exc:
@@ -567,10 +621,12 @@ def load_config(
     except KeyError as exc:
         raise ConfigError(f"{source}: environment variable {exc.args[0]} is not set") from exc
     tree = apply_overrides(tree, {**env_overrides(env), **(overrides or {})})
+    # A key the caller's overrides set is not blamed on the environment.
+    env_names = {k: v for k, v in env_override_names(env).items() if k not in (overrides or {})}
     try:
         config = PlatformConfig.model_validate({**tree, "source": source})
     except ValidationError as exc:
-        raise ConfigError(_format_error(source, exc)) from None
+        raise ConfigError(_format_error(source, exc, env_names)) from None
     lake = config.lake.model_copy(
         update={"root": _absolute_uri(config.lake.root), "checkpoints": _absolute_uri(config.lake.checkpoints)}
     )

@@ -99,7 +99,7 @@ def _malformed(kind: str, rng: random.Random, now: datetime) -> Record:
     elif kind == "bad_time":
         value = _encode({**good, "event_time": "yesterday"})
     elif kind == "absurd_time":
-        value = _encode({**good, "event_time": "1970-01-01T00:00:00.000Z"})
+        value = _encode({**good, "event_time": "1900-01-01T00:00:00.000Z"})
     else:  # empty
         value = b""
     return Record("impressions", b"bad", value)

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from urllib.parse import urlparse
@@ -38,6 +39,7 @@ from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 from lambda_ml.config import PlatformConfig, load_config
 from lambda_ml.logs import setup_logging
 from lambda_ml.spark import get_spark
+from speed_layer.ingest import IngestTotals
 from speed_layer.monitor import ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -47,10 +49,10 @@ Trigger = Callable[[DataStreamWriter], DataStreamWriter]
 QueryBuilder = Callable[[SparkSession, PlatformConfig, Trigger], StreamingQuery]
 
 
-def _ingest(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger) -> StreamingQuery:
+def _ingest(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger, totals: IngestTotals | None = None) -> StreamingQuery:
     from speed_layer import ingest
 
-    return ingest.start_ingest(spark, cfg, trigger=trigger)
+    return ingest.start_ingest(spark, cfg, trigger=trigger, totals=totals)
 
 
 def _labels(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger) -> StreamingQuery:
@@ -82,6 +84,10 @@ def checkpoint(cfg: PlatformConfig, query: str) -> str:
 
 class CheckpointInUse(RuntimeError):
     """Another process runs a query on the same checkpoint."""
+
+
+class NothingLanded(RuntimeError):
+    """An ``--available-now`` run read records from Kafka and quarantined every one of them."""
 
 
 def _local_path(uri: str) -> Path | None:
@@ -168,24 +174,33 @@ def _failed(queries: Sequence[StreamingQuery]) -> StreamingQuery | None:
     return next((q for q in queries if not q.isActive and q.exception() is not None), None)
 
 
-def run(cfg: PlatformConfig, names: Sequence[str] | None = None, available_now: bool = False) -> None:
+def run(cfg: PlatformConfig, names: Sequence[str] | None = None, available_now: bool = False) -> IngestTotals:
     """Run the application until SIGTERM / Ctrl-C, or, with ``available_now``, until every
     query has processed what its sources hold (one query after the other, upstream first).
+    Returns what the ingest query read, landed and quarantined (zeros if it did not run).
 
     Raises ``RuntimeError`` if a query fails; the other queries are stopped gracefully first;
-    :class:`CheckpointInUse` if another process runs one of the queries on its checkpoint.
+    :class:`CheckpointInUse` if another process runs one of the queries on its checkpoint;
+    :class:`NothingLanded` if an ``available_now`` run read records and landed none.
     """
     names = list(names or cfg.speed.queries)
     unknown = [n for n in names if n not in QUERIES]
     if unknown:
         raise ValueError(f"unknown speed-layer queries {unknown}; known: {list(QUERIES)}")
     ordered = [n for n in QUERIES if n in names]
+    totals = IngestTotals()
     with checkpoint_locks(cfg, ordered):
-        _run(cfg, ordered, available_now)
+        _run(cfg, ordered, available_now, {**QUERIES, "ingest": partial(_ingest, totals=totals)})
     log.info("speed layer stopped")
+    if totals.read:
+        log.info("ingest: %d records read, %d landed in bronze, %d quarantined", totals.read, totals.landed, totals.quarantined)
+    failure = totals.nothing_landed()
+    if available_now and failure:
+        raise NothingLanded(failure)
+    return totals
 
 
-def _run(cfg: PlatformConfig, ordered: Sequence[str], available_now: bool) -> None:
+def _run(cfg: PlatformConfig, ordered: Sequence[str], available_now: bool, builders: dict[str, QueryBuilder]) -> None:
     spark = get_spark(cfg, "speed")
     stop = threading.Event()
 
@@ -202,7 +217,7 @@ def _run(cfg: PlatformConfig, ordered: Sequence[str], available_now: bool) -> No
             for name in ordered:
                 if stop.is_set():
                     break
-                query = QUERIES[name](spark, cfg, available_now_trigger)
+                query = builders[name](spark, cfg, available_now_trigger)
                 queries.append(query)
                 while query.isActive and not stop.is_set():
                     query.awaitTermination(1)
@@ -210,7 +225,7 @@ def _run(cfg: PlatformConfig, ordered: Sequence[str], available_now: bool) -> No
                     break
         else:
             for name in ordered:
-                queries.append(QUERIES[name](spark, cfg, processing_trigger(cfg)))
+                queries.append(builders[name](spark, cfg, processing_trigger(cfg)))
             log.info("speed layer running: %s (every %g s)", ", ".join(ordered), cfg.speed.trigger_seconds)
             while not stop.is_set() and _failed(queries) is None:
                 stop.wait(1)
@@ -245,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.verbose)
     try:
         run(load_config(args.config), args.queries, available_now=args.available_now)
-    except CheckpointInUse as exc:
+    except (CheckpointInUse, NothingLanded) as exc:
         raise SystemExit(f"error: {exc}") from None
 
 

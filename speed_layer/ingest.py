@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -202,15 +204,72 @@ class BatchCounts:
     batch_id: int
     rows: dict[str, int]
 
+    @property
+    def read(self) -> int:
+        """Kafka records the micro-batch read: each lands in bronze or in quarantine."""
+        return sum(self.rows.values())
 
-def ingest_batch(batch: DataFrame, batch_id: int, cfg: PlatformConfig, app_id: str = "ingest") -> BatchCounts:
+    @property
+    def quarantined(self) -> int:
+        return self.rows.get(QUARANTINE, 0)
+
+
+@dataclass
+class IngestTotals:
+    """What the ingest query read, landed and quarantined since this process started it."""
+
+    batches: int = 0
+    read: int = 0
+    quarantined: int = 0
+    reasons: Counter[str] = dataclass_field(default_factory=Counter)
+
+    @property
+    def landed(self) -> int:
+        return self.read - self.quarantined
+
+    def nothing_landed(self) -> str | None:
+        """Why a run that read records but landed none of them failed, or None if it did not.
+
+        >>> IngestTotals(2, 5, 5, Counter({"missing field: user_id": 5})).nothing_landed()
+        'ingest read 5 records and quarantined every one of them (missing field: user_id: 5); nothing landed in bronze'
+        """
+        if self.read == 0 or self.landed > 0:
+            return None
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in self.reasons.most_common(3))
+        return f"ingest read {self.read} records and quarantined every one of them ({reasons}); nothing landed in bronze"
+
+
+def quarantine_warning(batch_id: int, read: int, reasons: Counter[str], share: float) -> str | None:
+    """The warning a micro-batch deserves when it quarantined more than ``share`` of what it read.
+
+    >>> quarantine_warning(3, 10, Counter({"empty payload": 6, "missing field: user_id": 2}), 0.5)
+    'micro-batch 3 quarantined 8 of 10 records (80 %, more than speed.quarantine_warning_share 50 %); most frequent reasons: empty payload (6), missing field: user_id (2)'
+    >>> quarantine_warning(3, 10, Counter({"empty payload": 5}), 0.5) is None
+    True
+    """
+    quarantined = sum(reasons.values())
+    if read == 0 or quarantined <= share * read:
+        return None
+    top = ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common(3))
+    return (
+        f"micro-batch {batch_id} quarantined {quarantined} of {read} records ({100 * quarantined / read:.0f} %, "
+        f"more than speed.quarantine_warning_share {100 * share:.0f} %); most frequent reasons: {top}"
+    )
+
+
+def ingest_batch(
+    batch: DataFrame, batch_id: int, cfg: PlatformConfig, app_id: str = "ingest", totals: IngestTotals | None = None
+) -> BatchCounts:
     """Write one micro-batch of Kafka records to bronze and quarantine, idempotently.
 
     ``(app_id, batch_id)`` identifies the write: Delta skips it if it was already committed.
+    A micro-batch that quarantines more than ``speed.quarantine_warning_share`` of its records
+    logs a warning naming the most frequent reasons; ``totals`` (if given) adds up the counts.
     """
     batch.persist()
     # Parsed once: the bronze and quarantine frames of each event type read the same cached rows.
     checked = {name: frame.persist() for name, frame in checked_events(batch, cfg).items()}
+    reasons: Counter[str] = Counter()
     try:
         counts: dict[str, int] = {}
         for name, frame in split_checked(checked).items():
@@ -223,16 +282,23 @@ def ingest_batch(batch: DataFrame, batch_id: int, cfg: PlatformConfig, app_id: s
                     .option("txnVersion", batch_id)
                     .save(table_paths(cfg)[name])
                 )
+            if name == QUARANTINE and counts[name]:
+                reasons.update({row["reason"]: row["count"] for row in frame.groupBy("reason").count().collect()})
     finally:
         for frame in checked.values():
             frame.unpersist()
         batch.unpersist()
-    log.info(
-        "micro-batch %d: %s",
-        batch_id,
-        ", ".join(f"{n} {name}" for name, n in counts.items()),
-    )
-    return BatchCounts(batch_id, counts)
+    result = BatchCounts(batch_id, counts)
+    log.info("micro-batch %d: %s", batch_id, ", ".join(f"{n} {name}" for name, n in counts.items()))
+    warning = quarantine_warning(batch_id, result.read, reasons, cfg.speed.quarantine_warning_share)
+    if warning:
+        log.warning(warning)
+    if totals is not None:
+        totals.batches += 1
+        totals.read += result.read
+        totals.quarantined += result.quarantined
+        totals.reasons.update(reasons)
+    return result
 
 
 def kafka_source(spark: SparkSession, cfg: PlatformConfig) -> DataFrame:
@@ -252,17 +318,19 @@ def start_ingest(
     cfg: PlatformConfig,
     available_now: bool = False,
     trigger: Callable[[DataStreamWriter], DataStreamWriter] | None = None,
+    totals: IngestTotals | None = None,
 ) -> StreamingQuery:
     """Start the checkpointed ingest query; ``available_now`` drains what is in Kafka and stops.
 
     ``trigger`` (set by the speed application) overrides both: it sets the writer's trigger.
+    ``totals`` adds up what each micro-batch read, landed and quarantined.
     """
     ensure_tables(spark, cfg)
     writer = (
         kafka_source(spark, cfg)
         .writeStream.queryName("ingest")
         .option("checkpointLocation", f"{cfg.lake.checkpoints.rstrip('/')}/ingest")
-        .foreachBatch(lambda batch, batch_id: ingest_batch(batch, batch_id, cfg))
+        .foreachBatch(lambda batch, batch_id: ingest_batch(batch, batch_id, cfg, totals=totals))
     )
     if trigger is not None:
         writer = trigger(writer)

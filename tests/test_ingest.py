@@ -23,7 +23,7 @@ EXPECTED_REASONS = {
     "missing_field": "missing field: user_id",
     "wrong_type": "bad value for position: expected an integer, got top",
     "bad_time": "bad value for event_time: expected an ISO-8601 timestamp, got yesterday",
-    "absurd_time": "event_time before 2000-01-01: absurd timestamp",
+    "absurd_time": "event_time before 1970-01-01: absurd timestamp",
     "empty": "empty payload",
 }
 

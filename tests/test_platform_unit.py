@@ -42,9 +42,43 @@ def test_unknown_key_is_named_with_the_file(tmp_path: Path) -> None:
 
 
 def test_wrong_type_is_named_with_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEFAULT_CONFIG.read_text().replace("  port: 8000", "  port: eighty"))
+    with pytest.raises(ConfigError) as error:
+        load_config(bad, env={})
+    assert str(error.value).startswith(f"{bad}: serving.port: Input should be a valid integer")
+
+
+def test_a_bad_environment_override_is_named_by_its_variable_not_the_file() -> None:
     with pytest.raises(ConfigError) as error:
         load_config(DEFAULT_CONFIG, env={"LAMBDA_ML__SERVING__PORT": "eighty"})
-    assert str(error.value).startswith(f"{DEFAULT_CONFIG}: serving.port: ")
+    assert str(error.value).startswith("environment variable LAMBDA_ML__SERVING__PORT: serving.port: Input should be a valid integer")
+    with pytest.raises(ConfigError) as error:
+        load_config(DEFAULT_CONFIG, env={"LAMBDA_ML__SPEED__MIN_EVENT_DATE": "the nineties"})
+    assert str(error.value).startswith("environment variable LAMBDA_ML__SPEED__MIN_EVENT_DATE: speed.min_event_date: Input should be a valid date")
+    with pytest.raises(ConfigError) as error:
+        load_config(DEFAULT_CONFIG, env={"LAMBDA_ML__SPEED__MIN_EVENT_DAT": "1990-01-01"})
+    assert str(error.value) == "environment variable LAMBDA_ML__SPEED__MIN_EVENT_DAT: speed.min_event_dat: unknown key"
+    # A whole section replaced by a variable is named by that variable too.
+    with pytest.raises(ConfigError) as error:
+        load_config(DEFAULT_CONFIG, env={"LAMBDA_ML__SPEED": "{trigger_seconds: -1}"})
+    assert str(error.value).startswith("environment variable LAMBDA_ML__SPEED: speed.trigger_seconds: Input should be greater than 0")
+
+
+def test_environment_overrides_are_typed_like_the_file(tmp_path: Path) -> None:
+    """A date given unquoted in the file or through the environment is the same date; lists
+    and numbers are read as YAML reads them."""
+    from datetime import date
+
+    by_env = load_config(DEFAULT_CONFIG, env={"LAMBDA_ML__SPEED__MIN_EVENT_DATE": "1990-01-01", "LAMBDA_ML__SPEED__QUERIES": "[ingest, labels]"})
+    assert by_env.speed.min_event_date == date(1990, 1, 1)
+    assert by_env.speed.queries == ("ingest", "labels")
+    unquoted = tmp_path / "unquoted.yaml"
+    unquoted.write_text(DEFAULT_CONFIG.read_text().replace('min_event_date: "1970-01-01"', "min_event_date: 1990-01-01"))
+    assert load_config(unquoted, env={}).speed.min_event_date == date(1990, 1, 1)
+    assert load_config(DEFAULT_CONFIG, env={}).speed.min_event_date == date(1970, 1, 1)
+    # A string field keeps a date-like value as the text it was given.
+    assert load_config(DEFAULT_CONFIG, env={"LAMBDA_ML__MLFLOW__EXPERIMENT": "2026-12-05"}).mlflow.experiment == "2026-12-05"
 
 
 def test_missing_env_var_without_default_is_named(tmp_path: Path) -> None:
@@ -112,7 +146,7 @@ def test_generator_is_deterministic_and_its_ground_truth_matches_the_records() -
 
 
 def test_every_cli_verb_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    for verb in (["setup"], ["stack"], ["generate"], ["speed", "ingest"], ["speed", "run"], ["batch", "train"], ["batch", "evaluate"], ["serve"], ["serve", "stream"], ["submit"], ["demo"], []):
+    for verb in (["setup"], ["stack"], ["generate"], ["speed", "ingest"], ["speed", "run"], ["speed", "reprocess-quarantine"], ["batch", "train"], ["batch", "evaluate"], ["serve"], ["serve", "stream"], ["submit"], ["demo"], []):
         with pytest.raises(SystemExit) as done:
             build_parser().parse_args([*verb, "--help"])
         assert done.value.code == 0
