@@ -6,7 +6,6 @@ land once after a config fix."""
 from __future__ import annotations
 
 import json
-import logging
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -18,8 +17,8 @@ from speed_process import app_config
 
 from batch_layer.snapshot import read_snapshot
 from batch_layer.views import build_views
-from lambda_ml import contract, generator
-from lambda_ml.config import PlatformConfig
+from lambda_ml import cli, contract, generator
+from lambda_ml.config import PlatformConfig, write_config
 from lambda_ml.features import LABEL, attribute_clicks, dedup_events, feature_events
 from speed_layer import app, reprocess
 from speed_layer.increments import increments_path
@@ -57,7 +56,7 @@ def _rows(frame: DataFrame, columns: list[str]) -> list[tuple[object, ...]]:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_history_is_quarantined_loudly_then_lands_once_after_a_config_fix_and_the_speed_layer_treats_it_as_late(
-    running_stack: PlatformConfig, spark: SparkSession, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    running_stack: PlatformConfig, spark: SparkSession, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base, _ = app_config(running_stack, "ctr-backfill", tmp_path, "backfill")
     window = timedelta(minutes=base.ctr.attribution_window_minutes)
@@ -68,11 +67,11 @@ def test_history_is_quarantined_loudly_then_lands_once_after_a_config_fix_and_th
     #    and the available-now run fails instead of exiting 0.
     strict = _with_min_date(base, date(2000, 1, 1))
     generator.produce(strict, history, progress=False)
-    with caplog.at_level(logging.WARNING, logger="speed_layer.ingest"):
-        with pytest.raises(app.NothingLanded, match=rf"ingest read {len(history)} records and quarantined every one of them"):
-            app.run(strict, ["ingest"], available_now=True)
-    warnings = [r.getMessage() for r in caplog.records if "more than speed.quarantine_warning_share 50 %" in r.getMessage()]
-    assert warnings and "event_time before 2000-01-01: absurd timestamp" in warnings[0]
+    assert cli.main(["--config", str(write_config(strict, tmp_path / "strict.yaml")), "speed", "ingest", "--available-now"]) == 3
+    err = capsys.readouterr().err
+    assert f"error: ingest read {len(history)} records and quarantined every one of them" in err
+    warnings = [line for line in err.splitlines() if "WARN" in line and "more than speed.quarantine_warning_share 50 %" in line]
+    assert warnings and "most frequent reasons: event_time before 2000-01-01: absurd timestamp" in warnings[0]
     quarantine = spark.read.format("delta").load(base.lake.table("quarantine"))
     assert Counter(r.reason for r in quarantine.select("reason").collect()) == Counter({"event_time before 2000-01-01: absurd timestamp": len(history)})
     assert _bronze(spark, base, "impressions").count() == _bronze(spark, base, "clicks").count() == 0
