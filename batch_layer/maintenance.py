@@ -22,7 +22,7 @@ changed: that would be a metadata commit, failing the ingest stream's concurrent
 
 If the registry cannot be read, or a version in use does not say which bronze version it came
 from, the table is not vacuumed and the job exits 1 saying why; OPTIMIZE still runs (it deletes
-nothing), and tables no model pins (quarantine, views) do not wait for the registry. Delta also
+nothing), and tables no model pins (quarantine, views, increments...) do not wait for the registry. Delta also
 refuses time travel beyond a table's ``delta.deletedFileRetentionDuration`` (and loses commits
 beyond its ``delta.logRetentionDuration``) whatever VACUUM keeps; a version in use that old is
 reported, and the job exits 1.
@@ -52,6 +52,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from lambda_ml import contract
+from lambda_ml.catalog import lake_tables, table_names
 from lambda_ml.config import MaintenanceConfig, PlatformConfig, load_command_config
 from lambda_ml.contract import Horizon
 from lambda_ml.logs import setup_logging
@@ -59,8 +60,6 @@ from lambda_ml.spark import job_session
 
 log = logging.getLogger(__name__)
 
-# Lake tables a model version pins, and the horizon part (Horizon attribute) pinning each.
-PINNED_TABLES = {f"bronze/{part}": part for part in contract.VIEW_HORIZON_COLUMNS}
 
 # Table properties bounding time travel, and Delta's defaults for them.
 DELETED_FILE_RETENTION = "delta.deletedFileRetentionDuration"
@@ -213,17 +212,17 @@ class MaintenanceReport:
 # --------------------------------------------------------------------------- the rule
 
 
-def pinned_versions(table: str, in_use: Sequence[ModelInUse]) -> tuple[int, ...] | None:
-    """Versions of ``table`` the models in use were trained on: () if none, None if unknown.
+def pinned_versions(part: str | None, in_use: Sequence[ModelInUse]) -> tuple[int, ...] | None:
+    """Versions of the table a horizon ``part`` names (None: a table no horizon pins) that the
+    models in use were trained on: () if none, None if unknown.
 
     >>> champion = ModelInUse("4", ("champion",), Horizon(impressions=7, clicks=3))
     >>> untagged = ModelInUse("2", ("challenger",), Horizon())
-    >>> pinned_versions("bronze/clicks", [champion]), pinned_versions("quarantine", [champion, untagged])
+    >>> pinned_versions("clicks", [champion]), pinned_versions(None, [champion, untagged])
     ((3,), ())
-    >>> pinned_versions("bronze/impressions", [champion, untagged]) is None
+    >>> pinned_versions("impressions", [champion, untagged]) is None
     True
     """
-    part = PINNED_TABLES.get(table)
     if part is None:
         return ()
     versions = [getattr(model.horizon, part) for model in in_use]
@@ -429,7 +428,8 @@ def maintain_table(spark: SparkSession, cfg: PlatformConfig, table: str, dry_run
         report.files_after = report.files_before
     # The registry is read just before the table is vacuumed, so an alias moved meanwhile counts.
     pinned: tuple[int, ...] | None = ()
-    if table in PINNED_TABLES:
+    part = pinned_tables(cfg).get(table)
+    if part is not None:
         try:
             in_use = models_in_use(cfg.mlflow.tracking_uri, cfg.mlflow.registered_model, cfg.maintenance.registry_timeout_s)
         except RegistryUnavailable as exc:
@@ -438,7 +438,7 @@ def maintain_table(spark: SparkSession, cfg: PlatformConfig, table: str, dry_run
             return report
         for model in in_use:
             log.info("%s: in use: %s", table, model)
-        pinned = pinned_versions(table, in_use)
+        pinned = pinned_versions(part, in_use)
     commits = commit_times(spark, path) if pinned else {}
     report.plan = plan_vacuum(table, cfg.maintenance, int(time.time() * 1000), pinned, commits, limits)
     if not report.plan.allowed:
@@ -451,10 +451,21 @@ def maintain_table(spark: SparkSession, cfg: PlatformConfig, table: str, dry_run
     return report
 
 
+def maintained_tables(cfg: PlatformConfig) -> list[str]:
+    """The lake catalog's tables less ``maintenance.exclude``."""
+    return [name for name in table_names(cfg) if name not in cfg.maintenance.exclude]
+
+
+def pinned_tables(cfg: PlatformConfig) -> dict[str, str]:
+    """Lake tables a model version pins -> the horizon part (Horizon attribute) pinning each."""
+    return {t.name: t.pinned_by for t in lake_tables(cfg) if t.pinned_by is not None}
+
+
 def run(spark: SparkSession, cfg: PlatformConfig, dry_run: bool = False) -> MaintenanceReport:
-    """Maintain every configured table; one failing table does not stop the others."""
+    """Maintain every table of the lake catalog (less ``maintenance.exclude``); one failing
+    table does not stop the others."""
     report = MaintenanceReport()
-    for table in cfg.maintenance.tables:
+    for table in maintained_tables(cfg):
         try:
             result = maintain_table(spark, cfg, table, dry_run)
         except (PySparkException, Py4JError) as exc:
@@ -467,7 +478,7 @@ def run(spark: SparkSession, cfg: PlatformConfig, dry_run: bool = False) -> Main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="batch_layer/maintenance.py",
-        description="OPTIMIZE and VACUUM the lake's Delta tables (maintenance.tables) with the configured "
+        description="OPTIMIZE and VACUUM the lake's Delta tables (every table of the lake catalog, less maintenance.exclude) with the configured "
         "retention, lengthened so that every bronze version a model version holding an alias was "
         "trained on stays readable. Exits 1 if a table could not be maintained or safely vacuumed.",
         epilog="Override a setting for one run with e.g. LAMBDA_ML__MAINTENANCE__RETENTION_HOURS=24.",

@@ -441,22 +441,8 @@ class MaintenanceConfig(_Model):
     retention_hours: float = Field(168, ge=0)
     safety_margin_minutes: float = Field(60, ge=0)
     optimize: bool = True
-    tables: tuple[str, ...] = (
-        "bronze/impressions",
-        "bronze/clicks",
-        "quarantine",
-        "views/user_counts",
-        "views/item_counts",
-    )
+    exclude: tuple[str, ...] = ()
     registry_timeout_s: int = Field(30, gt=0)
-
-    @field_validator("tables")
-    @classmethod
-    def _relative_paths(cls, tables: tuple[str, ...]) -> tuple[str, ...]:
-        for table in tables:
-            if not table or table.startswith("/") or "://" in table or ".." in table.split("/"):
-                raise ValueError(f"{table!r} is not a table path relative to lake.root, e.g. bronze/impressions")
-        return tables
 
 
 class PlatformConfig(_Model):
@@ -473,6 +459,16 @@ class PlatformConfig(_Model):
     generator: GeneratorConfig = GeneratorConfig()
     maintenance: MaintenanceConfig = MaintenanceConfig()
     source: str = Field("<defaults>", exclude=True)
+
+    @model_validator(mode="after")
+    def _excluded_tables_exist(self) -> PlatformConfig:
+        from lambda_ml.catalog import table_names
+
+        known = table_names(self)
+        unknown = [name for name in self.maintenance.exclude if name not in known]
+        if unknown:
+            raise ValueError(f"maintenance.exclude names {unknown}, which are not lake tables; the lake's tables are {list(known)}")
+        return self
 
     @property
     def jvm_dir(self) -> Path:

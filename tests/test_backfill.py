@@ -16,8 +16,10 @@ from pyspark.sql import functions as F
 from speed_process import app_config
 
 from batch_layer.snapshot import read_snapshot
-from batch_layer.views import build_views
+from batch_layer import maintenance
+from batch_layer.views import build_views, write_views
 from lambda_ml import cli, contract, generator
+from lambda_ml.catalog import table_names
 from lambda_ml.config import PlatformConfig, write_config
 from lambda_ml.features import LABEL, attribute_clicks, dedup_events, feature_events
 from speed_layer import app, reprocess
@@ -124,3 +126,11 @@ def test_history_is_quarantined_loudly_then_lands_once_after_a_config_fix_and_th
         per_year[row.year] += row.impressions
     sent_per_year = Counter(t[1].year for t in _sent(history + today + late, "impressions"))  # type: ignore[attr-defined]
     assert per_year == sent_per_year and set(sent_per_year) == {1998, 1999, NOW.year}
+
+    # 5. Every table the layers wrote is in the lake catalog, so Delta maintenance sees it.
+    write_views(build_views(events, base.features, snapshot.horizon), base)
+    root = Path(base.lake.root.removeprefix("file:"))
+    written = {str(log.parent.relative_to(root)) for log in root.rglob("_delta_log")}
+    assert written == set(table_names(base)) - {"speed/online_model"}
+    report = maintenance.run(spark, base, dry_run=True)
+    assert report.ok and {t.table for t in report.tables if t.exists} == written

@@ -24,7 +24,9 @@ from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 
 from batch_layer import maintenance
-from lambda_ml.config import MaintenanceConfig, PlatformConfig, write_config
+from lambda_ml import contract
+from lambda_ml.catalog import table_names
+from lambda_ml.config import DEFAULT_CONFIG, ConfigError, MaintenanceConfig, PlatformConfig, load_config, write_config
 from lambda_ml.contract import Horizon
 from lambda_ml.schemas import CLICK, IMPRESSION, QUARANTINE_SCHEMA
 from lambda_ml.submit import run_submit, submit_command, submit_env
@@ -86,15 +88,30 @@ def test_unknown_or_unmatched_horizons_refuse_to_vacuum() -> None:
         maintenance.vacuum_table(None, "/nowhere", unknown)  # type: ignore[arg-type]
 
 
+def test_the_job_maintains_every_table_of_the_catalog_but_the_excluded_ones() -> None:
+    cfg = load_config(DEFAULT_CONFIG, env={})
+    entities = ("user", "item", "user_device")
+    assert maintenance.maintained_tables(cfg) == [
+        "bronze/impressions", "bronze/clicks", "quarantine",
+        *(f"views/{e}_buckets" for e in entities), *(f"speed/{e}_increments" for e in entities),
+        "silver/labels", "speed/online_model",
+    ]  # fmt: skip
+    assert maintenance.pinned_tables(cfg) == {"bronze/impressions": "impressions", "bronze/clicks": "clicks"}
+    fewer = load_config(DEFAULT_CONFIG, env={"LAMBDA_ML__MAINTENANCE__EXCLUDE": "[speed/online_model, quarantine]"})
+    assert "quarantine" not in maintenance.maintained_tables(fewer) and len(maintenance.maintained_tables(fewer)) == 9
+    with pytest.raises(ConfigError, match=r"maintenance.exclude names \['views/user_counts'\], which are not lake tables"):
+        load_config(DEFAULT_CONFIG, env={"LAMBDA_ML__MAINTENANCE__EXCLUDE": "[views/user_counts]"})
+
+
 def test_pinned_versions_come_from_every_model_in_use() -> None:
     champion = maintenance.ModelInUse("7", ("champion",), Horizon(impressions=5, clicks=2))
     previous = maintenance.ModelInUse("3", ("challenger", "previous-champion"), Horizon(impressions=3, clicks=2))
     untagged = maintenance.ModelInUse("1", ("old",), Horizon(impressions=None, clicks=1))
-    assert maintenance.pinned_versions("bronze/impressions", [champion, previous]) == (3, 5)
-    assert maintenance.pinned_versions("bronze/clicks", [champion, previous, untagged]) == (1, 2)
-    assert maintenance.pinned_versions("bronze/impressions", [champion, untagged]) is None
-    assert maintenance.pinned_versions("views/user_counts", [champion, untagged]) == ()
-    assert maintenance.pinned_versions("bronze/impressions", []) == ()
+    assert maintenance.pinned_versions("impressions", [champion, previous]) == (3, 5)
+    assert maintenance.pinned_versions("clicks", [champion, previous, untagged]) == (1, 2)
+    assert maintenance.pinned_versions("impressions", [champion, untagged]) is None
+    assert maintenance.pinned_versions(None, [champion, untagged]) == ()
+    assert maintenance.pinned_versions("impressions", []) == ()
 
 
 def test_command_line_has_help_and_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
@@ -176,7 +193,7 @@ def build_lake(spark: SparkSession, cfg: PlatformConfig) -> Lake:
         cfg.lake.table("bronze", "impressions"),
         cfg.lake.table("bronze", "clicks"),
         cfg.lake.table("quarantine"),
-        cfg.lake.table("views", "user_counts"),
+        cfg.lake.table(*contract.view_table("user")),
     )
     imp = IMPRESSION.bronze_schema()
     append(spark, lake.impressions, impression_rows(range(0, 6)), imp, 3)  # v0
@@ -262,9 +279,9 @@ def test_dry_run_plans_from_the_registry_and_changes_nothing(spark: SparkSession
     assert impressions.files_to_delete == 6  # the three files each of v0 and v1, removed 4.5 h ago
     clicks = report.table("bronze/clicks")
     assert clicks.plan is not None and (clicks.plan.pinned, clicks.plan.retention_hours) == ((1,), 3)
-    users = report.table("views/user_counts")
+    users = report.table("views/user_buckets")
     assert users.plan is not None and (users.plan.pinned, users.plan.retention_hours, users.files_to_delete) == ((), 1, 2)
-    assert report.table("views/item_counts").exists is False  # absent tables are skipped, not failed
+    assert report.table("views/item_buckets").exists is False  # absent tables are skipped, not failed
 
     assert {path: files(spark, path) for path in before} == before
     assert event_ids(spark, lake.impressions, 0) == [f"e{k}" for k in range(6)]
@@ -309,7 +326,9 @@ def test_unreachable_registry_leaves_pinned_tables_unvacuumed(
     running_stack: PlatformConfig, spark: SparkSession, tmp_path: Path
 ) -> None:
     # One pinned and one unpinned table are enough here.
-    cfg = maintenance_cfg(running_stack, "ctr-maintenance-offline", tmp_path, tables=("bronze/impressions", "views/user_counts"))
+    cfg = maintenance_cfg(running_stack, "ctr-maintenance-offline", tmp_path)
+    keep = ("bronze/impressions", "views/user_buckets")
+    cfg = cfg.model_copy(update={"maintenance": cfg.maintenance.model_copy(update={"exclude": tuple(n for n in table_names(cfg) if n not in keep)})})
     closed = free_port()  # nothing listens there
     cfg = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": f"http://127.0.0.1:{closed}"})})
     lake = build_lake(spark, cfg)

@@ -1,0 +1,50 @@
+"""The lake catalog: every Delta table the platform writes under ``lake.root``, named once.
+
+Jobs that act on the whole lake (Delta maintenance, checks of the lake) take their list from
+here instead of keeping one by hand, so a table a layer adds is maintained from the day it
+exists. Names are relative to ``lake.root``; :meth:`lambda_ml.config.LakeConfig.table` gives
+the path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lambda_ml import contract
+from lambda_ml.config import PlatformConfig
+
+QUARANTINE_TABLE = ("quarantine",)
+ONLINE_MODEL_TABLE = ("speed", "online_model")
+
+
+@dataclass(frozen=True)
+class LakeTable:
+    """One Delta table of the lake: its name under ``lake.root``, who writes it, and the horizon
+    part (a bronze table's event type) whose versions registered models pin, if any."""
+
+    name: str
+    writer: str
+    pinned_by: str | None = None
+
+
+def lake_tables(cfg: PlatformConfig) -> tuple[LakeTable, ...]:
+    """Every table of the lake for this config, in the order data flows through them.
+
+    >>> from lambda_ml.config import DEFAULT_CONFIG, load_config
+    >>> [t.name for t in lake_tables(load_config(DEFAULT_CONFIG, env={}))][:4]
+    ['bronze/impressions', 'bronze/clicks', 'quarantine', 'views/user_buckets']
+    """
+    entities = list(cfg.features.entities)
+    return (
+        *(LakeTable(f"bronze/{event}", "speed layer ingest", pinned_by=event) for event in cfg.kafka.topics.event_topics()),
+        LakeTable("/".join(QUARANTINE_TABLE), "speed layer ingest"),
+        *(LakeTable("/".join(contract.view_table(entity)), "batch layer") for entity in entities),
+        *(LakeTable("/".join(contract.increments_table(entity)), "speed layer increments") for entity in entities),
+        LakeTable("/".join(contract.SILVER_LABELS_TABLE), "speed layer labels"),
+        LakeTable("/".join(ONLINE_MODEL_TABLE), "speed layer online model"),
+    )
+
+
+def table_names(cfg: PlatformConfig) -> tuple[str, ...]:
+    """The names of :func:`lake_tables`."""
+    return tuple(t.name for t in lake_tables(cfg))
