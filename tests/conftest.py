@@ -73,3 +73,14 @@ def spark(cfg: PlatformConfig):  # type: ignore[no-untyped-def]
         yield session
     finally:
         session.stop()
+
+
+# Fixtures that start a real component: a test using one (directly or through another fixture)
+# is an integration test, so that `pytest -m "not integration"` runs the pure tests alone.
+REAL_COMPONENT_FIXTURES = frozenset({"spark", "running_stack"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_COMPONENT_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
