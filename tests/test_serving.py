@@ -72,6 +72,7 @@ from serving_layer.views import (
 from support import isolated
 
 SERVING_MODULES = [
+    "lambda_ml.partial_buckets",
     "serving_layer.ab",
     "serving_layer.answers",
     "serving_layer.app",
@@ -2356,3 +2357,189 @@ def test_kafka_down_keeps_serving_and_the_prediction_log_recovers(trained: Train
     records = read_topic(cfg, topic, existing + 45, timeout_s=180)
     ids = {r["event_id"] for r in records}
     assert {f"kafka-during-{n}" for n in range(40)} <= ids and {f"kafka-after-{n}" for n in range(5)} <= ids
+
+
+# --------------------------------------------------------------------------- point in time
+# Features at a past time t count [start of t's bucket - window, t): the views' whole buckets
+# before t's bucket, and t's own bucket's events strictly before t, read from bronze. Checked
+# against the batch layer's point-in-time training set on generated events landed by the
+# ingest's micro-batch body, for impressions whose bucket holds later events and clicks.
+
+PIT_NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+PIT_KAFKA_COLUMNS = "key binary, value binary, topic string, partition int, offset long, timestamp timestamp"
+
+
+@dataclass(frozen=True)
+class PitLake:
+    cfg: PlatformConfig
+    training: list[dict[str, Any]]  # the training set's rows, in event-time order
+    events: list[dict[str, Any]]  # the snapshot's feature events (kind, event_time, user_id, item_id, device)
+    impressions: dict[str, bytes]  # event id -> the impression's Kafka record value
+
+
+@pytest.fixture(scope="module")
+def pit_lake(cfg: PlatformConfig, spark: Any, tmp_path_factory: pytest.TempPathFactory) -> PitLake:
+    """Generated events landed in bronze in two micro-batches, then the batch layer's views and
+    training set of that snapshot (its own code, as ``lambda-ml batch train`` runs it)."""
+    from pyspark.sql import functions as F
+
+    from batch_layer.snapshot import read_snapshot
+    from batch_layer.train import clean_events, labelled_events, training_rows
+    from batch_layer.views import build_views, write_views
+    from lambda_ml import generator
+    from lambda_ml.features import KIND, latest_event_time
+    from speed_layer import ingest
+
+    lake = isolated(cfg, "pit-serving", lake_root=tmp_path_factory.mktemp("pit") / "lake")
+    window = timedelta(minutes=lake.ctr.attribution_window_minutes)
+    # Dense enough that most impressions share their hour with later events of their user.
+    gen = lake.generator.model_copy(update={"impressions": 2500, "users": 25, "items": 12, "span_hours": 10, "seed": 23})
+    records, truth = generator.generate(gen, window, PIT_NOW)
+    topics = lake.kafka.topics.event_topics()
+    ingest.ensure_tables(spark, lake)
+    half = len(records) // 2
+    for batch_id, part in enumerate((records[:half], records[half:])):
+        rows = [(b"k", r.value, topics[r.event_type].name, 0, half * batch_id + n, PIT_NOW) for n, r in enumerate(part)]
+        ingest.ingest_batch(spark.createDataFrame(rows, PIT_KAFKA_COLUMNS), batch_id, lake)
+
+    snapshot = read_snapshot(spark, lake)
+    impressions, clicks = clean_events(snapshot)
+    as_of = latest_event_time(impressions, clicks)
+    assert as_of is not None
+    events = labelled_events(impressions, clicks, lake, as_of).cache()
+    try:
+        paths = write_views(build_views(events, lake.features, snapshot.horizon), lake)
+        views = {entity: spark.read.format("delta").load(path) for entity, path in paths.items()}
+        training = [r.asDict() for r in training_rows(events, lake, views).orderBy("event_time", "event_id").collect()]
+        feature_events = [
+            r.asDict() for r in events.select(KIND, "event_time", "user_id", "item_id", "device").where(F.col(KIND).isNotNull()).collect()
+        ]
+    finally:
+        events.unpersist()
+    shown = {}
+    for record in records:
+        try:
+            shown[json.loads(record.value)["event_id"]] = record.value
+        except (ValueError, KeyError, TypeError):
+            pass  # a malformed record: quarantined, never an impression
+    assert len(training) >= 2000 and truth.impressions == 2500
+    return PitLake(lake, training, feature_events, shown)
+
+
+def _as_utc(value: datetime) -> datetime:
+    # Spark hands naive datetimes in the session's time zone (UTC in the tests' sessions).
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _pit_row(training_row: dict[str, Any]) -> PredictRow:
+    fields = ("user_id", "item_id", "device")
+    return PredictRow(
+        **{f: training_row[f] for f in fields}, position=int(training_row["position"]), event_time=_as_utc(training_row["event_time"]),
+        event_id=training_row["event_id"],
+    )  # fmt: skip
+
+
+def _later_in_bucket(lake: PitLake) -> tuple[int, int]:
+    """Training rows whose user's bucket holds a feature event after the row's time, and those
+    whose user's bucket holds an attributed click at or after it (the lake's own events,
+    counted here without the service)."""
+    def hour_of(at: datetime) -> datetime:
+        return at.replace(minute=0, second=0, microsecond=0)
+
+    by_user: dict[tuple[str, datetime], list[tuple[datetime, str]]] = {}
+    for event in lake.events:
+        at = _as_utc(event["event_time"])
+        by_user.setdefault((event["user_id"], hour_of(at)), []).append((at, event["kind"]))
+    later = later_clicks = 0
+    for r in lake.training:
+        at = _as_utc(r["event_time"])
+        mine = by_user[(r["user_id"], hour_of(at))]
+        later += any(t > at for t, _ in mine)
+        later_clicks += any(t >= at and kind == "clicks" for t, kind in mine)
+    return later, later_clicks
+
+
+@pytest.mark.integration
+def test_features_at_each_impressions_time_equal_its_training_row(pit_lake: PitLake) -> None:
+    from serving_layer.features import row_features
+    from serving_layer.views import load_batch_views
+
+    cfg, training = pit_lake.cfg, pit_lake.training
+    inputs = contract.model_inputs(cfg.features)
+    views = load_batch_views(cfg)
+    assert views.lake is not None and views.lake.newest is not None
+    whole_bucket = replace(views, lake=None)  # what the service counted before: the bucket's row whole
+    mismatched = leaked = 0
+    for r in training:
+        found = row_features(_pit_row(r), views, cfg.features, PIT_NOW)
+        assert {n: float(found[n]) for n in inputs.numeric} == {n: r[n] for n in inputs.numeric}, r["event_id"]
+        assert {n: str(found[n]) for n in inputs.categorical} == {n: r[n] for n in inputs.categorical}, r["event_id"]
+        old = row_features(_pit_row(r), whole_bucket, cfg.features, PIT_NOW)
+        mismatched += old != found
+        leaked += any(old[f"{e}_clicks_1h"] > found[f"{e}_clicks_1h"] for e in cfg.features.entities)
+    later, later_clicks = _later_in_bucket(pit_lake)
+    assert len(training) >= 2000 and later >= len(training) // 2 and later_clicks >= 300, (len(training), later, later_clicks)
+    # Counting whole buckets would have got most rows wrong, and shown many their bucket's later clicks.
+    assert mismatched >= len(training) // 2 and leaked >= 300, (mismatched, leaked)
+    buckets = {to_micros(_as_utc(r["event_time"])) // 3_600_000_000 for r in training}
+    assert views.lake.reads == len(buckets)  # each bucket read from bronze once
+
+    # After every event of the lake the bucket's row is exact as it is: no bronze read.
+    after = views.lake.newest + 1
+    assert views.current_part(after) is None and not views.reads_lake(after)
+
+
+@pytest.mark.integration
+def test_features_and_predict_over_http_at_past_times_equal_the_training_rows(pit_lake: PitLake) -> None:
+    from serving_layer.views import load_batch_views
+
+    cfg = pit_lake.cfg
+    sample = pit_lake.training[::7]
+    app = create_app(
+        cfg, models=Reloadable("models", lambda: served(toy_model())), views=Reloadable("views", lambda: load_batch_views(cfg)),
+        clock=lambda: PIT_NOW, poll=False,
+    )  # fmt: skip
+    with TestClient(app) as test_client:
+        for r in sample:
+            at = _as_utc(r["event_time"]).isoformat()
+            for entity, spec in cfg.features.entities.items():
+                key = "/".join(str(r[k]) for k in spec.keys)
+                response = test_client.get(f"/features/{entity}/{key}", params={"at": at})
+                assert response.status_code == 200, response.text
+                body = response.json()
+                expected = {name: r[name] for name in body["merged"]["features"]}
+                assert body["merged"]["features"] == expected, (entity, key, at)
+                statistics = [*cfg.features.aggregates, *cfg.features.ratios]
+                assert set(expected) == {contract.window_feature_name(entity, s, w) for s in statistics for w in cfg.features.windows}
+        for start in range(0, len(sample), 100):
+            rows = sample[start : start + 100]
+            body = [{**_pit_row(r).model_dump(mode="json", exclude_none=True)} for r in rows]
+            response = test_client.post("/predict", json={"rows": body})
+            assert response.status_code == 200, response.text
+            for r, prediction in zip(rows, response.json()["predictions"], strict=True):
+                assert prediction["features"] == {n: r[n] for n in prediction["features"]}
+                assert prediction["probability"] == pytest.approx(toy_probability(r), rel=1e-5)
+
+
+@pytest.mark.integration
+def test_stream_scoring_of_a_backlog_sees_only_the_past_of_each_impression(pit_lake: PitLake) -> None:
+    from serving_layer.stream import StreamScorer
+    from serving_layer.views import load_batch_views
+
+    loaded = load_batch_views(pit_lake.cfg)
+    scorer = StreamScorer(
+        pit_lake.cfg, models=Reloadable("models", lambda: served(toy_model())), views=Reloadable("views", lambda: loaded),
+        clock=lambda: PIT_NOW,
+    )  # fmt: skip
+    by_id = {r["event_id"]: r for r in pit_lake.training}
+    backlog = [(f"impressions/0@{n}", pit_lake.impressions[r["event_id"]]) for n, r in enumerate(pit_lake.training)]
+    records = []
+    for start in range(0, len(backlog), 500):
+        records += scorer.score(backlog[start : start + 500])
+    assert len(records) == len(pit_lake.training)
+    for record in records:
+        r = by_id[record["event_id"]]
+        assert record["event_time"] == _as_utc(r["event_time"])
+        assert record["probability"] == pytest.approx(toy_probability(r), rel=1e-5), record["event_id"]
+    assert loaded.lake is not None
+    assert loaded.lake.reads == len({to_micros(_as_utc(r["event_time"])) // 3_600_000_000 for r in pit_lake.training})
