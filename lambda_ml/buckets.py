@@ -3,8 +3,9 @@
 The serving layer computes a request's features here, from the view rows it loaded;
 ``lambda_ml.features`` computes the same declarations with Spark for training. Both follow one
 definition: at scoring time ``t``, window ``W`` covers the events in ``[bucket_start(t) - W, t)``.
-At serving time those are the stored buckets starting in ``[bucket_start(t) - W, bucket_start(t)]``,
-since the current bucket only holds events before now.
+At serving time those are the stored buckets starting in ``[bucket_start(t) - W, bucket_start(t)]``
+when the current bucket holds only events before ``t`` (scoring now); otherwise the buckets
+before ``t``'s and the current bucket's part before ``t`` (``WindowPlan.add_features``).
 
 Buckets combine as monoids: counts and sums add (0 when empty), min and max take the smallest
 or largest value present (None when empty).
