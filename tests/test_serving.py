@@ -2360,6 +2360,94 @@ def test_kafka_down_keeps_serving_and_the_prediction_log_recovers(trained: Train
 
 
 # --------------------------------------------------------------------------- point in time
+# A hand-made lake (written with deltalake, no Spark): user u9's impressions P (09:50, desktop)
+# and A, B, C (10:05, 10:20, 10:40, mobile), clicks on A at 10:10 (sent twice), on P at 10:15,
+# on B at 10:20 (B's own instant) and on A at 10:50 (after the 30 min window: never counted).
+
+def _at(hhmm: str, micros: int = 0) -> datetime:
+    hours, minutes = map(int, hhmm.split(":"))
+    return datetime(2026, 11, 22, hours, minutes, tzinfo=UTC) + timedelta(microseconds=micros)
+
+
+def _write_small_lake(cfg: PlatformConfig) -> None:
+    from lambda_ml.schemas import CLICK, IMPRESSION
+
+    time_type = pa.timestamp("us", tz="UTC")
+    shown = [("P", "09:50", "desktop", 2), ("A", "10:05", "mobile", 3), ("B", "10:20", "mobile", 1), ("C", "10:40", "mobile", 4)]
+    impressions = pa.table({
+        "event_id": [e for e, *_ in shown], "event_time": pa.array([_at(t) for _, t, *_ in shown], time_type),
+        "user_id": ["u9"] * 4, "item_id": ["i9"] * 4, "device": [d for *_, d, _ in shown],
+        "position": pa.array([p for *_, p in shown], pa.int32()),
+    })  # fmt: skip
+    clicked = [("cA", "A", "10:10"), ("cA", "A", "10:10"), ("cP", "P", "10:15"), ("cB", "B", "10:20"), ("cA2", "A", "10:50")]
+    clicks = pa.table({
+        "event_id": [c for c, _, _ in clicked], "impression_id": [i for _, i, _ in clicked],
+        "event_time": pa.array([_at(t) for *_, t in clicked], time_type),
+    })  # fmt: skip
+    for event, table in ((IMPRESSION, impressions), (CLICK, clicks)):
+        write_deltalake(cfg.lake.table("bronze", event.name), table, mode="overwrite")
+    # The batch views of these events: (hour, impressions, clicks, top position) per key.
+    nine, ten = to_micros(_at("09:00")), to_micros(_at("10:00"))
+    rows = {
+        "user": {("u9",): [(nine, 1, 0, 2.0), (ten, 3, 3, 1.0)]},
+        "item": {("i9",): [(nine, 1, 0, 2.0), (ten, 3, 3, 1.0)]},
+        "user_device": {("u9", "desktop"): [(nine, 1, 0, 2.0), (ten, 0, 1, None)], ("u9", "mobile"): [(ten, 3, 2, 1.0)]},
+    }
+    for entity, by_key in rows.items():
+        flat = [(key, bucket) for key, buckets in by_key.items() for bucket in buckets]
+        table = pa.table({
+            **{name: [key[i] for key, _ in flat] for i, name in enumerate(KEYS[entity])},
+            "bucket_start": pa.array([b[0] for _, b in flat], pa.int64()).cast(time_type),
+            "impressions": pa.array([b[1] for _, b in flat], pa.int64()), "clicks": pa.array([b[2] for _, b in flat], pa.int64()),
+            "top_position": pa.array([b[3] for _, b in flat], pa.float64()),
+            "horizon_impressions": pa.array([0] * len(flat), pa.int64()), "horizon_clicks": pa.array([0] * len(flat), pa.int64()),
+        })  # fmt: skip
+        write_deltalake(cfg.lake.table(*contract.view_table(entity)), table, mode="overwrite")
+
+
+@pytest.mark.parametrize(
+    ("at", "shown_1h", "shown_24h", "clicked", "device_clicked", "top"),
+    [
+        (_at("10:05"), 1, 1, 0, 0, 2.0),  # A's own time: P only; not A, nor A's click
+        (_at("10:20"), 2, 2, 2, 1, 2.0),  # B's own time: P, A, the clicks at 10:10 and 10:15; not B's click
+        (_at("10:20", 1), 3, 3, 3, 2, 1.0),  # one microsecond later: B and its click too
+        (None, 3, 3, 3, 2, 1.0),  # now (10:30 by the clock): C and the click at 10:50 are later
+        (_at("11:30"), 3, 4, 3, 2, 1.0),  # after every event: the views' 10:00 row as it is (P's hour left the 1 h)
+    ],
+)
+def test_a_bucket_counts_only_its_events_before_the_scoring_time(
+    tmp_path: Path, at: datetime | None, shown_1h: int, shown_24h: int, clicked: int, device_clicked: int, top: float
+) -> None:
+    from serving_layer.features import row_features
+
+    cfg = unit_cfg(**{"lake.root": str(tmp_path / "lake")})
+    _write_small_lake(cfg)
+    views = load_batch_views(cfg)
+    found = row_features(Row("u9", "i9", "mobile", 2, at), views, cfg.features, NOW)
+    names = ["user_impressions_1h", "user_impressions_24h", "user_clicks_1h", "item_clicks_24h", "user_device_clicks_1h",
+             "user_top_position_24h", "user_ctr_24h"]  # fmt: skip
+    assert {name: found[name] for name in names} == {
+        "user_impressions_1h": shown_1h, "user_impressions_24h": shown_24h, "user_clicks_1h": clicked, "item_clicks_24h": clicked,
+        "user_device_clicks_1h": device_clicked, "user_top_position_24h": top, "user_ctr_24h": (clicked + 1) / (shown_24h + 21),
+    }  # fmt: skip
+    assert views.lake is not None and views.lake.reads == (0 if at == _at("11:30") else 1)
+
+
+def test_a_past_time_whose_bronze_cannot_be_read_is_a_503_never_the_whole_bucket(tmp_path: Path) -> None:
+    cfg = unit_cfg(**{"lake.root": str(tmp_path / "lake")})
+    _write_small_lake(cfg)
+    loaded = load_batch_views(cfg)
+    for data in Path(cfg.lake.table("bronze", "clicks")).glob("*.parquet"):
+        data.unlink()  # bronze lost its files after the views were loaded
+    app = create_app(cfg, models=Reloadable("models", lambda: served(toy_model())), views=Reloadable("views", lambda: loaded), clock=lambda: NOW)
+    with TestClient(app) as test_client:
+        response = test_client.get("/features/user/u9", params={"at": _at("10:20").isoformat()})
+        assert response.status_code == 503 and "cannot compute the features at" in response.json()["detail"], response.text
+        response = test_client.post("/predict", json=row(user_id="u9", event_time=_at("10:20").isoformat()))
+        assert response.status_code == 503 and "bronze" in response.json()["detail"], response.text
+        # After every event of the lake the views alone are exact: no read, an answer.
+        response = test_client.post("/predict", json=row(user_id="u9", event_time=_at("11:30").isoformat()))
+        assert response.status_code == 200, response.text
 # Features at a past time t count [start of t's bucket - window, t): the views' whole buckets
 # before t's bucket, and t's own bucket's events strictly before t, read from bronze. Checked
 # against the batch layer's point-in-time training set on generated events landed by the
