@@ -223,10 +223,11 @@ class WindowPlan:
         totals: list[list[float | None]] = []
         for index, (name, combine_values, empty, names) in enumerate(self.aggregates):
             column = values.get(name, ())
-            if partial is None:
+            extra = None if partial is None else partial[index]
+            if extra is None:
                 per_window = [combine_values(column[first:last]) for first in firsts]
             else:
-                per_window = [combine_values((*column[first:last], partial[index])) for first in firsts]
+                per_window = [combine_values((*column[first:last], extra)) for first in firsts]
             for feature, value in zip(names, per_window):
                 found[feature] = empty if value is None else value
             totals.append(per_window)

@@ -528,7 +528,10 @@ def create_app(
 
     def reads_lake(rows: Sequence[PredictRow], views_now: BatchViews) -> bool:
         # A bronze read takes milliseconds: such a request goes to the thread pool, not the event loop.
-        return any(r.event_time is not None and views_now.reads_lake(to_micros(r.event_time)) for r in rows)
+        if views_now.lake is None:
+            return False
+        now = to_micros(clock())
+        return any(views_now.reads_lake(now if r.event_time is None else to_micros(r.event_time)) for r in rows)
 
     def answer_plain(headers: Headers, body: bytes) -> tuple[bytes, str] | None:
         """The answer and request id of a plain /predict request (JSON, a few rows, the default
