@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from lambda_ml.buckets import to_micros
+from lambda_ml.buckets import from_micros, to_micros
 from lambda_ml.config import PlatformConfig
 from lambda_ml.partial_buckets import BucketPart, bucket_feature_events, bucket_part
 from lambda_ml.schemas import CLICK, IMPRESSION, EventType
@@ -74,9 +74,8 @@ class BronzeTable:
         column = "max.event_time"
         if column in actions.column_names and actions.column(column).null_count == 0:
             return max(_micros(actions.column(column))) + _STATISTICS_SLACK_US
-        times = self.table.to_pyarrow_dataset().to_table(columns=["event_time"]).column("event_time")
-        newest = pc.max(times).as_py()
-        return None if newest is None else to_micros(newest)
+        times = _micros(self.table.to_pyarrow_dataset().to_table(columns=["event_time"]).column("event_time"))
+        return max(times, default=None)
 
     def rows(self, first: int, last: int) -> list[dict[str, Any]]:
         """The event fields of the rows (every copy) with an event time in ``[first, last)``,
@@ -120,31 +119,36 @@ class LakeEvents:
     def bucket(self, micros: int) -> BucketPart:
         """The feature events of the bucket holding ``micros``, read from bronze once."""
         start = micros - micros % self.width
-        with self._lock:
-            part = self._parts.get(start)
-            if part is not None:
-                self._parts.move_to_end(start)
-                return part
-            part = self._read(start)
-            self._parts[start] = part
-            if len(self._parts) > self.keep:
-                self._parts.popitem(last=False)
-            return part
+        part = self._parts.get(start)
+        if part is None:
+            with self._lock:  # one read at a time; buckets in memory are served meanwhile
+                part = self._parts.get(start)  # read by another thread while this one waited?
+                if part is None:
+                    part = self._read(start)
+                    self._parts[start] = part
+                    if len(self._parts) > self.keep:
+                        self._parts.popitem(last=False)
+        try:
+            self._parts.move_to_end(start)  # the least recently used goes first
+        except KeyError:
+            pass  # dropped by a read meanwhile: it was the least recently used
+        return part
 
     def _read(self, start: int) -> BucketPart:
         began = time.monotonic()
         end = start + self.width
+        at = from_micros(start).isoformat()
         try:
             impressions = self.impressions.rows(start - self.window, end)
             clicks = self.clicks.rows(start, end)
         except (DeltaError, OSError) as exc:
-            raise LakeEventsError(f"cannot read bronze for the events of the bucket at {start} us: {exc}") from exc
+            raise LakeEventsError(f"cannot read bronze for the events of the bucket starting {at}: {exc}") from exc
         part = bucket_part(bucket_feature_events(impressions, clicks, self.window, start, end), self.cfg.features, start)
         self.reads += 1
         log.info(
             "read the bucket starting %s from bronze (impressions v%s, clicks v%s): %d impression and %d click row(s), "
             "%d feature event(s) over all entities, in %.0f ms",
-            pyarrow.scalar(start, type=pyarrow.int64()).cast(_TIME).as_py().isoformat(), self.impressions.version,
-            self.clicks.version, len(impressions), len(clicks), part.size, (time.monotonic() - began) * 1000,
+            at, self.impressions.version, self.clicks.version, len(impressions), len(clicks), part.size,
+            (time.monotonic() - began) * 1000,
         )  # fmt: skip
         return part
