@@ -3,8 +3,9 @@
 The serving layer computes a request's features here, from the view rows it loaded;
 ``lambda_ml.features`` computes the same declarations with Spark for training. Both follow one
 definition: at scoring time ``t``, window ``W`` covers the events in ``[bucket_start(t) - W, t)``.
-At serving time those are the stored buckets starting in ``[bucket_start(t) - W, bucket_start(t)]``,
-since the current bucket only holds events before now.
+At serving time those are the stored buckets starting in ``[bucket_start(t) - W, bucket_start(t)]``
+when the current bucket holds only events before ``t`` (scoring now); otherwise the buckets
+before ``t``'s and the current bucket's part before ``t`` (``WindowPlan.add_features``).
 
 Buckets combine as monoids: counts and sums add (0 when empty), min and max take the smallest
 or largest value present (None when empty).
@@ -203,20 +204,30 @@ class WindowPlan:
     # (index of the numerator in aggregates, of the denominator, prior alpha, beta, feature per window)
     ratios: tuple[tuple[int, int, float, float, tuple[str, ...]], ...]
 
-    def add_features(self, found: dict[str, Any], buckets: EntityBuckets, micros: int) -> None:
+    def add_features(
+        self, found: dict[str, Any], buckets: EntityBuckets, micros: int, partial: Sequence[float | None] | None = None
+    ) -> None:
         """Add the entity's window features at ``micros`` (epoch microseconds) to ``found`` (a
         row's features so far), in the contract's order: aggregates by name then window, then
-        ratios."""
+        ratios.
+
+        ``partial`` (one value per aggregate, in declaration order) is the current bucket's part
+        before ``micros``; the current bucket's row in ``buckets`` then does not count. Without
+        it the row counts whole: exact when no event of the bucket is at or after ``micros``."""
         current = micros - micros % self.width
         starts = buckets.starts
-        last = bisect_right(starts, current)
+        last = bisect_right(starts, current) if partial is None else bisect_left(starts, current)
         # The same buckets for every aggregate of a window: search them once per window.
         firsts = [bisect_left(starts, current - length, 0, last) for length in self.lengths]
         values = buckets.values
         totals: list[list[float | None]] = []
-        for name, combine_values, empty, names in self.aggregates:
+        for index, (name, combine_values, empty, names) in enumerate(self.aggregates):
             column = values.get(name, ())
-            per_window = [combine_values(column[first:last]) for first in firsts]
+            extra = None if partial is None else partial[index]
+            if extra is None:
+                per_window = [combine_values(column[first:last]) for first in firsts]
+            else:
+                per_window = [combine_values((*column[first:last], extra)) for first in firsts]
             for feature, value in zip(names, per_window):
                 found[feature] = empty if value is None else value
             totals.append(per_window)

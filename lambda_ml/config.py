@@ -405,6 +405,7 @@ class ServingConfig(_Model):
     api_key: str = ""
     model_updates: bool = True
     max_rows: int = Field(1000, gt=0)
+    point_in_time_buckets: int = Field(48, gt=0)
     prediction_log: PredictionLogConfig = PredictionLogConfig()
     ab: AbConfig = AbConfig()
 

@@ -33,7 +33,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lambda_ml import contract
-from lambda_ml.buckets import EntityBuckets, bucket_start, from_micros, to_micros, window_features
+from lambda_ml.buckets import EntityBuckets, bucket_start, from_micros, to_micros, window_plan
 from lambda_ml.config import AbConfig, FeaturesConfig, PlatformConfig, parse_duration
 from serving_layer.ab import CHALLENGER_ARM, CHAMPION_ARM, split_rows
 from serving_layer.api_models import (
@@ -65,7 +65,8 @@ from serving_layer.policies import PolicyRunner
 from serving_layer.prediction_log import PredictionLog
 from serving_layer.reloadable import NotReadyError, Poller, Reloadable
 from serving_layer.updates import ModelUpdateListener
-from serving_layer.views import BatchViews, BucketView, ViewStore
+from serving_layer.lake_events import LakeEventsError
+from serving_layer.views import BatchViews, ViewStore
 
 log = logging.getLogger(__name__)
 
@@ -206,20 +207,40 @@ def prediction_records(scored: Scored, registered_model: str, scored_at: datetim
     ]
 
 
-def _part(features: FeaturesConfig, entity: str, buckets: EntityBuckets, at: datetime) -> FeaturePart:
+def _part(
+    features: FeaturesConfig, entity: str, buckets: EntityBuckets, at: datetime, partial: tuple[float | None, ...] | None
+) -> FeaturePart:
+    """One part's window features at ``at`` and its buckets within the longest window. With
+    ``partial`` (the current bucket's events before ``at``, from the lake) the current bucket's
+    row is left out and ``partial`` shows as that bucket's row when it holds an event."""
+    micros = to_micros(at)
     current = to_micros(bucket_start(at, features.bucket_width))
     first = current - max(to_micros(parse_duration(w)) for w in features.windows)
+    last = current if partial is None else current - 1
     rows = [
         BucketRow(bucket_start=from_micros(start), values={a: buckets.values[a][n] for a in buckets.values})
         for n, start in enumerate(buckets.starts)
-        if first <= start <= current
+        if first <= start <= last
     ]
-    return FeaturePart(features=window_features(features, entity, buckets, at), buckets=rows)
+    if partial is not None and any(v is not None for v in partial):
+        rows.append(BucketRow(bucket_start=from_micros(current), values=dict(zip(features.aggregates, partial, strict=True))))
+    found: dict[str, Any] = {}
+    window_plan(features, entity).add_features(found, buckets, micros, partial)
+    return FeaturePart(features=found, buckets=rows)
 
 
-def features_response(features: FeaturesConfig, view: BucketView, key: tuple[str, ...], at: datetime) -> FeaturesResponse:
-    """The /features answer for one key of one entity's view at ``at``."""
+def features_response(features: FeaturesConfig, views: BatchViews, entity: str, key: tuple[str, ...], at: datetime) -> FeaturesResponse:
+    """The /features answer for one key of one entity's view at ``at``.
+
+    When the lake holds events at or after ``at``, the current bucket's part before ``at``
+    (read from bronze) counts in ``merged`` only; ``batch`` and ``speed`` then show the whole
+    buckets before it (bronze does not tell which layer counted an event)."""
+    view = views.views[entity]
     increments = view.increments
+    micros = to_micros(at)
+    part = views.current_part(micros)
+    partial = None if part is None else part.before(entity, key, micros)
+    before = None if part is None else part.empty
     return FeaturesResponse(
         entity=view.entity,
         key=dict(zip(view.keys, key, strict=True)),
@@ -230,9 +251,9 @@ def features_response(features: FeaturesConfig, view: BucketView, key: tuple[str
             rows_merged=increments.used,
             rows_in_batch=increments.already_in_batch,
         ),
-        merged=_part(features, view.entity, view.lookup(key), at),
-        batch=_part(features, view.entity, view.batch_part(key), at),
-        speed=_part(features, view.entity, view.speed_part(key), at),
+        merged=_part(features, view.entity, view.lookup(key), at, partial),
+        batch=_part(features, view.entity, view.batch_part(key), at, before),
+        speed=_part(features, view.entity, view.speed_part(key), at, before),
     )
 
 
@@ -490,6 +511,9 @@ def create_app(
         try:
             scored = score_rows(rows, served, views_now, cfg.features, now, runner, chosen, budget_s, cfg.serving.ab, request_id)
             body = writer.write(scored)
+        except LakeEventsError as exc:
+            log.error("cannot compute features at the rows' event times: %s", exc)
+            raise _unavailable(f"cannot compute the features at the rows' event times exactly: {exc}") from exc
         except Exception as exc:
             # A request that passed validation should always score; if the graph still fails,
             # say which version failed rather than answer a bare 500.
@@ -501,6 +525,13 @@ def create_app(
         return body
 
     request_adapter: TypeAdapter[Any] = TypeAdapter(request_type)
+
+    def reads_lake(rows: Sequence[PredictRow], views_now: BatchViews) -> bool:
+        # A bronze read takes milliseconds: such a request goes to the thread pool, not the event loop.
+        if views_now.lake is None:
+            return False
+        now = to_micros(clock())
+        return any(views_now.reads_lake(now if r.event_time is None else to_micros(r.event_time)) for r in rows)
 
     def answer_plain(headers: Headers, body: bytes) -> tuple[bytes, str] | None:
         """The answer and request id of a plain /predict request (JSON, a few rows, the default
@@ -517,7 +548,7 @@ def create_app(
         except ValidationError:
             return None
         rows: list[PredictRow] = list(request.rows) if isinstance(request, PredictBatch) else [request]
-        if len(rows) > INLINE_ROWS:
+        if len(rows) > INLINE_ROWS or reads_lake(rows, views_now):
             return None
         request_id = uuid.uuid4().hex
         try:
@@ -545,7 +576,7 @@ def create_app(
         # hop. Large batches and the deadline policy (which waits) go to the thread pool so they
         # never hold up other requests. The body is serialised once here (returning a Response
         # skips FastAPI's second validation of the response model).
-        if len(rows) <= INLINE_ROWS and chosen != "deadline":
+        if len(rows) <= INLINE_ROWS and chosen != "deadline" and not reads_lake(rows, views_now):
             body = answer(rows, served, views_now, chosen, budget_s, request_id)
         else:
             body = await run_in_threadpool(answer, rows, served, views_now, chosen, budget_s, request_id)
@@ -586,7 +617,10 @@ def create_app(
             413: {"model": ValidationErrorResponse, "description": "The body is larger than max_rows rows."},
             415: {"model": ValidationErrorResponse, "description": "The body is not sent as JSON."},
             422: {"model": ValidationErrorResponse, "description": "Invalid request; each error names its field."},
-            503: {"model": ErrorResponse, "description": "No model or no batch views to serve yet."},
+            503: {
+                "model": ErrorResponse,
+                "description": "No model or no batch views to serve yet, or bronze cannot be read for features at an event time.",
+            },
         },
     )(predict)
 
@@ -622,7 +656,9 @@ def create_app(
     def entity_features(entity: str, key: str, at: Any = None) -> FeaturesResponse:
         """The key's values, one path segment per key field in declaration order (e.g.
         ``/features/user_device/u42/mobile``). Window features at ``at`` (default now) from
-        the merged buckets, from the batch view alone and from the increments alone."""
+        the merged buckets, from the batch view alone and from the increments alone. They count
+        the events strictly before ``at``: when the lake holds events at or after it, ``at``'s
+        own bucket is its events before ``at`` (read from bronze), in ``merged`` only."""
         declared = cfg.features.entities.get(entity)
         if declared is None:
             raise HTTPException(404, detail=[{"field": "path.entity", "message": f"unknown entity {entity!r}: one of {', '.join(entity_names)}"}])
@@ -639,7 +675,10 @@ def create_app(
         loaded = _get(view_slot, problems)
         if loaded is None:
             raise _unavailable("no views to read: " + "; ".join(problems))
-        return features_response(cfg.features, loaded.views[entity], tuple(parts), at or clock())
+        try:
+            return features_response(cfg.features, loaded, entity, tuple(parts), at or clock())
+        except LakeEventsError as exc:
+            raise _unavailable(f"cannot compute the features at {at} exactly: {exc}") from exc
 
     # Set before registering the route (FastAPI reads annotations then); see predict.
     entity_features.__annotations__["at"] = Annotated[
@@ -654,7 +693,7 @@ def create_app(
             **unauthorized,
             404: {"model": ValidationErrorResponse, "description": "No such entity is declared."},
             422: {"model": ValidationErrorResponse, "description": "The key or the time is invalid; the error names it."},
-            503: {"model": ErrorResponse, "description": "No views loaded yet."},
+            503: {"model": ErrorResponse, "description": "No views loaded yet, or bronze cannot be read for features at `at`."},
         },
     )(entity_features)
 

@@ -2,8 +2,11 @@
 
 Window features are read off the entities' bucket rows with ``lambda_ml.buckets``, the same
 declarations and definitions the batch layer trains with: at scoring time ``t`` (the row's
-``event_time``, or now), a window ``W`` covers the buckets starting in
-``[bucket_start(t) - W, bucket_start(t)]``. Context features are the row's own fields.
+``event_time``, or now), a window ``W`` covers the events in ``[bucket_start(t) - W, t)``. The
+whole buckets before ``t``'s come from the views; ``t``'s own bucket is its row in the views when
+no event of the lake is at or after ``t`` (scoring now), else the bucket's events strictly
+before ``t``, read from bronze (``serving_layer.lake_events``). Context features are the row's
+own fields.
 """
 
 from __future__ import annotations
@@ -45,8 +48,14 @@ def row_features(row: ScoringRow, views: BatchViews, features: FeaturesConfig, n
     plan = _row_plan(features)
     micros = to_micros(row.event_time or now)
     found: dict[str, FeatureValue] = {}
-    for entity, key_of, windows in plan.entities:
-        windows.add_features(found, views.lookup(entity, key_of(row)), micros)
+    part = views.current_part(micros)
+    if part is None:  # no event is that late: the current bucket's row holds only events before t
+        for entity, key_of, windows in plan.entities:
+            windows.add_features(found, views.lookup(entity, key_of(row)), micros)
+    else:  # the current bucket's events before t, from the lake
+        for entity, key_of, windows in plan.entities:
+            key = key_of(row)
+            windows.add_features(found, views.lookup(entity, key), micros, part.before(entity, key, micros))
     for field in plan.numeric:
         found[field] = getattr(row, field)
     for field in plan.categorical:

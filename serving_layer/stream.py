@@ -12,9 +12,15 @@ offsets, which kafka-python does not offer here.
 Impressions are read in the encoding ``kafka.topics.impressions.format`` declares: JSON, or
 Avro binary with the schema in ``kafka.avro_schemas`` (decoded by ``lambda_ml.avro``, the
 module the producers encode with). SIGTERM or Ctrl-C lets the batch in hand finish (sent, then
-committed) before the process exits 0. A record that is not a valid impression (it does not
-decode, or a field is wrong) is skipped, counted and logged with its partition, offset and
-reason; it never stops the stream.
+committed) before the process exits 0.
+
+Each impression is scored at its own event time with the events strictly before it: a backlog
+sees no later event, its bucket's part before it read from bronze once per bucket
+(``serving_layer.lake_events``). If bronze cannot be read, the process exits 1 without
+committing the batch in hand.
+
+A record that is not a valid impression (it does not decode, or a field is wrong) is skipped,
+counted and logged with its partition, offset and reason; it never stops the stream.
 
 Run it with ``lambda-ml serve stream`` (see ``--help``).
 """
@@ -266,7 +272,13 @@ def run_from_args(cfg: PlatformConfig, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    scorer.run(stop, args.stop_when_idle)
+    from serving_layer.lake_events import LakeEventsError
+
+    try:
+        scorer.run(stop, args.stop_when_idle)
+    except LakeEventsError as exc:
+        log.error("stream scoring stopped without committing the batch in hand: %s", exc)
+        return 1
     return 0
 
 

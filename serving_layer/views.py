@@ -28,6 +28,8 @@ from lambda_ml import contract
 from lambda_ml.buckets import NO_BUCKETS, EntityBuckets, combine_exact, merge_entity_buckets
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import Horizon
+from lambda_ml.partial_buckets import BucketPart
+from serving_layer.lake_events import LakeEvents, LakeEventsError
 from serving_layer.reloadable import Reloadable
 
 BUCKET = contract.VIEW_BUCKET_COLUMN
@@ -93,9 +95,28 @@ class BucketView:
 
 @dataclass(frozen=True)
 class BatchViews:
-    """Every entity's view, served together (swapped as one object), from one batch run."""
+    """Every entity's view, served together (swapped as one object), from one batch run, with
+    bronze as it was when they were loaded (``lake``: for features at a time whose bucket's
+    row also counts later events; None for views with no lake behind them)."""
 
     views: Mapping[str, BucketView]
+    lake: LakeEvents | None = None
+
+    def current_part(self, micros: int) -> BucketPart | None:
+        """The bucket holding ``micros`` as events, when its row in the views may count events
+        at or after ``micros``; None when the row holds only events before it (no event of the
+        lake is that late: the usual case of scoring now), so the views alone are exact.
+
+        Raises ``LakeEventsError`` when the bucket is needed and bronze cannot be read."""
+        lake = self.lake
+        if lake is None or not lake.covers(micros):
+            return None
+        return lake.bucket(micros)
+
+    def reads_lake(self, micros: int) -> bool:
+        """True when features at ``micros`` need a read of bronze (their bucket is not cached)."""
+        lake = self.lake
+        return lake is not None and lake.covers(micros) and not lake.is_cached(micros)
 
     @property
     def horizon(self) -> Horizon:
@@ -248,7 +269,8 @@ def read_bucket_view(path: str, entity: str, keys: Sequence[str], aggregates: Se
 
 def load_batch_views(cfg: PlatformConfig) -> BatchViews:
     """Read the view of every declared entity under ``cfg.lake`` (all must come from one
-    batch run) and merge the speed layer's increments after its horizon into each."""
+    batch run) and merge the speed layer's increments after its horizon into each; then pin
+    bronze (read after the views, its newest event bounds every event they count)."""
     aggregates = list(cfg.features.aggregates)
     aggregations = {name: a.aggregation for name, a in cfg.features.aggregates.items()}
     views = {
@@ -266,7 +288,11 @@ def load_batch_views(cfg: PlatformConfig) -> BatchViews:
             views[name] = views[name].with_increments(increments, aggregations)
         elif increments is not NO_INCREMENTS:
             views[name] = replace(views[name], increments=increments)
-    return BatchViews(MappingProxyType(views))
+    try:
+        lake = LakeEvents(cfg)
+    except LakeEventsError as exc:
+        raise ViewLoadError(str(exc)) from exc
+    return BatchViews(MappingProxyType(views), lake)
 
 
 def table_versions(cfg: PlatformConfig) -> tuple[int | None, ...]:

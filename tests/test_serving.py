@@ -72,6 +72,7 @@ from serving_layer.views import (
 from support import isolated
 
 SERVING_MODULES = [
+    "lambda_ml.partial_buckets",
     "serving_layer.ab",
     "serving_layer.answers",
     "serving_layer.app",
@@ -2356,3 +2357,277 @@ def test_kafka_down_keeps_serving_and_the_prediction_log_recovers(trained: Train
     records = read_topic(cfg, topic, existing + 45, timeout_s=180)
     ids = {r["event_id"] for r in records}
     assert {f"kafka-during-{n}" for n in range(40)} <= ids and {f"kafka-after-{n}" for n in range(5)} <= ids
+
+
+# --------------------------------------------------------------------------- point in time
+# A hand-made lake (written with deltalake, no Spark): user u9's impressions P (09:50, desktop)
+# and A, B, C (10:05, 10:20, 10:40, mobile), clicks on A at 10:10 (sent twice), on P at 10:15,
+# on B at 10:20 (B's own instant) and on A at 10:50 (after the 30 min window: never counted).
+
+def _at(hhmm: str, micros: int = 0) -> datetime:
+    hours, minutes = map(int, hhmm.split(":"))
+    return datetime(2026, 11, 22, hours, minutes, tzinfo=UTC) + timedelta(microseconds=micros)
+
+
+def _write_small_lake(cfg: PlatformConfig) -> None:
+    from lambda_ml.schemas import CLICK, IMPRESSION
+
+    time_type = pa.timestamp("us", tz="UTC")
+    shown = [("P", "09:50", "desktop", 2), ("A", "10:05", "mobile", 3), ("B", "10:20", "mobile", 1), ("C", "10:40", "mobile", 4)]
+    impressions = pa.table({
+        "event_id": [e for e, *_ in shown], "event_time": pa.array([_at(t) for _, t, *_ in shown], time_type),
+        "user_id": ["u9"] * 4, "item_id": ["i9"] * 4, "device": [d for *_, d, _ in shown],
+        "position": pa.array([p for *_, p in shown], pa.int32()),
+    })  # fmt: skip
+    clicked = [("cA", "A", "10:10"), ("cA", "A", "10:10"), ("cP", "P", "10:15"), ("cB", "B", "10:20"), ("cA2", "A", "10:50")]
+    clicks = pa.table({
+        "event_id": [c for c, _, _ in clicked], "impression_id": [i for _, i, _ in clicked],
+        "event_time": pa.array([_at(t) for *_, t in clicked], time_type),
+    })  # fmt: skip
+    for event, table in ((IMPRESSION, impressions), (CLICK, clicks)):
+        write_deltalake(cfg.lake.table("bronze", event.name), table, mode="overwrite")
+    # The batch views of these events: (hour, impressions, clicks, top position) per key.
+    nine, ten = to_micros(_at("09:00")), to_micros(_at("10:00"))
+    rows = {
+        "user": {("u9",): [(nine, 1, 0, 2.0), (ten, 3, 3, 1.0)]},
+        "item": {("i9",): [(nine, 1, 0, 2.0), (ten, 3, 3, 1.0)]},
+        "user_device": {("u9", "desktop"): [(nine, 1, 0, 2.0), (ten, 0, 1, None)], ("u9", "mobile"): [(ten, 3, 2, 1.0)]},
+    }
+    for entity, by_key in rows.items():
+        flat = [(key, bucket) for key, buckets in by_key.items() for bucket in buckets]
+        table = pa.table({
+            **{name: [key[i] for key, _ in flat] for i, name in enumerate(KEYS[entity])},
+            "bucket_start": pa.array([b[0] for _, b in flat], pa.int64()).cast(time_type),
+            "impressions": pa.array([b[1] for _, b in flat], pa.int64()), "clicks": pa.array([b[2] for _, b in flat], pa.int64()),
+            "top_position": pa.array([b[3] for _, b in flat], pa.float64()),
+            "horizon_impressions": pa.array([0] * len(flat), pa.int64()), "horizon_clicks": pa.array([0] * len(flat), pa.int64()),
+        })  # fmt: skip
+        write_deltalake(cfg.lake.table(*contract.view_table(entity)), table, mode="overwrite")
+
+
+@pytest.mark.parametrize(
+    ("at", "shown_1h", "shown_24h", "clicked", "device_clicked", "top"),
+    [
+        (_at("10:05"), 1, 1, 0, 0, 2.0),  # A's own time: P only; not A, nor A's click
+        (_at("10:20"), 2, 2, 2, 1, 2.0),  # B's own time: P, A, the clicks at 10:10 and 10:15; not B's click
+        (_at("10:20", 1), 3, 3, 3, 2, 1.0),  # one microsecond later: B and its click too
+        (None, 3, 3, 3, 2, 1.0),  # now (10:30 by the clock): C and the click at 10:50 are later
+        (_at("11:30"), 3, 4, 3, 2, 1.0),  # after every event: the views' 10:00 row as it is (P's hour left the 1 h)
+    ],
+)
+def test_a_bucket_counts_only_its_events_before_the_scoring_time(
+    tmp_path: Path, at: datetime | None, shown_1h: int, shown_24h: int, clicked: int, device_clicked: int, top: float
+) -> None:
+    from serving_layer.features import row_features
+
+    cfg = unit_cfg(**{"lake.root": str(tmp_path / "lake")})
+    _write_small_lake(cfg)
+    views = load_batch_views(cfg)
+    found = row_features(Row("u9", "i9", "mobile", 2, at), views, cfg.features, NOW)
+    names = ["user_impressions_1h", "user_impressions_24h", "user_clicks_1h", "item_clicks_24h", "user_device_clicks_1h",
+             "user_top_position_24h", "user_ctr_24h"]  # fmt: skip
+    assert {name: found[name] for name in names} == {
+        "user_impressions_1h": shown_1h, "user_impressions_24h": shown_24h, "user_clicks_1h": clicked, "item_clicks_24h": clicked,
+        "user_device_clicks_1h": device_clicked, "user_top_position_24h": top, "user_ctr_24h": (clicked + 1) / (shown_24h + 21),
+    }  # fmt: skip
+    assert views.lake is not None and views.lake.reads == (0 if at == _at("11:30") else 1)
+
+
+def test_a_past_time_whose_bronze_cannot_be_read_is_a_503_never_the_whole_bucket(tmp_path: Path) -> None:
+    cfg = unit_cfg(**{"lake.root": str(tmp_path / "lake")})
+    _write_small_lake(cfg)
+    loaded = load_batch_views(cfg)
+    for data in Path(cfg.lake.table("bronze", "clicks")).glob("*.parquet"):
+        data.unlink()  # bronze lost its files after the views were loaded
+    app = create_app(cfg, models=Reloadable("models", lambda: served(toy_model())), views=Reloadable("views", lambda: loaded), clock=lambda: NOW)
+    with TestClient(app) as test_client:
+        response = test_client.get("/features/user/u9", params={"at": _at("10:20").isoformat()})
+        assert response.status_code == 503 and "cannot compute the features at" in response.json()["detail"], response.text
+        response = test_client.post("/predict", json=row(user_id="u9", event_time=_at("10:20").isoformat()))
+        assert response.status_code == 503 and "bronze" in response.json()["detail"], response.text
+        # After every event of the lake the views alone are exact: no read, an answer.
+        response = test_client.post("/predict", json=row(user_id="u9", event_time=_at("11:30").isoformat()))
+        assert response.status_code == 200, response.text
+# Features at a past time t count [start of t's bucket - window, t): the views' whole buckets
+# before t's bucket, and t's own bucket's events strictly before t, read from bronze. Checked
+# against the batch layer's point-in-time training set on generated events landed by the
+# ingest's micro-batch body, for impressions whose bucket holds later events and clicks.
+
+PIT_NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+PIT_KAFKA_COLUMNS = "key binary, value binary, topic string, partition int, offset long, timestamp timestamp"
+
+
+@dataclass(frozen=True)
+class PitLake:
+    cfg: PlatformConfig
+    training: list[dict[str, Any]]  # the training set's rows, in event-time order
+    events: list[dict[str, Any]]  # the snapshot's feature events (kind, event_time, user_id, item_id, device)
+    impressions: dict[str, bytes]  # event id -> the impression's Kafka record value
+
+
+@pytest.fixture(scope="module")
+def pit_lake(cfg: PlatformConfig, spark: Any, tmp_path_factory: pytest.TempPathFactory) -> PitLake:
+    """Generated events landed in bronze in two micro-batches, then the batch layer's views and
+    training set of that snapshot (its own code, as ``lambda-ml batch train`` runs it)."""
+    from pyspark.sql import functions as F
+
+    from batch_layer.snapshot import read_snapshot
+    from batch_layer.train import clean_events, labelled_events, training_rows
+    from batch_layer.views import build_views, write_views
+    from lambda_ml import generator
+    from lambda_ml.features import KIND, latest_event_time
+    from speed_layer import ingest
+
+    lake = isolated(cfg, "pit-serving", lake_root=tmp_path_factory.mktemp("pit") / "lake")
+    window = timedelta(minutes=lake.ctr.attribution_window_minutes)
+    # Dense enough that most impressions share their hour with later events of their user.
+    gen = lake.generator.model_copy(update={"impressions": 2500, "users": 25, "items": 12, "span_hours": 10, "seed": 23})
+    records, truth = generator.generate(gen, window, PIT_NOW)
+    topics = lake.kafka.topics.event_topics()
+    ingest.ensure_tables(spark, lake)
+    half = len(records) // 2
+    for batch_id, part in enumerate((records[:half], records[half:])):
+        rows = [(b"k", r.value, topics[r.event_type].name, 0, half * batch_id + n, PIT_NOW) for n, r in enumerate(part)]
+        ingest.ingest_batch(spark.createDataFrame(rows, PIT_KAFKA_COLUMNS), batch_id, lake)
+
+    snapshot = read_snapshot(spark, lake)
+    impressions, clicks = clean_events(snapshot)
+    as_of = latest_event_time(impressions, clicks)
+    assert as_of is not None
+    events = labelled_events(impressions, clicks, lake, as_of).cache()
+    try:
+        paths = write_views(build_views(events, lake.features, snapshot.horizon), lake)
+        views = {entity: spark.read.format("delta").load(path) for entity, path in paths.items()}
+        training = [r.asDict() for r in training_rows(events, lake, views).orderBy("event_time", "event_id").collect()]
+        feature_events = [
+            r.asDict() for r in events.select(KIND, "event_time", "user_id", "item_id", "device").where(F.col(KIND).isNotNull()).collect()
+        ]
+    finally:
+        events.unpersist()
+    shown = {}
+    for record in records:
+        try:
+            shown[json.loads(record.value)["event_id"]] = record.value
+        except (ValueError, KeyError, TypeError):
+            pass  # a malformed record: quarantined, never an impression
+    assert len(training) >= 2000 and truth.impressions == 2500
+    return PitLake(lake, training, feature_events, shown)
+
+
+def _as_utc(value: datetime) -> datetime:
+    # Spark hands naive datetimes in the session's time zone (UTC in the tests' sessions).
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _pit_row(training_row: dict[str, Any]) -> PredictRow:
+    fields = ("user_id", "item_id", "device")
+    return PredictRow(
+        **{f: training_row[f] for f in fields}, position=int(training_row["position"]), event_time=_as_utc(training_row["event_time"]),
+        event_id=training_row["event_id"],
+    )  # fmt: skip
+
+
+def _later_in_bucket(lake: PitLake) -> tuple[int, int]:
+    """Training rows whose user's bucket holds a feature event after the row's time, and those
+    whose user's bucket holds an attributed click at or after it (the lake's own events,
+    counted here without the service)."""
+    def hour_of(at: datetime) -> datetime:
+        return at.replace(minute=0, second=0, microsecond=0)
+
+    by_user: dict[tuple[str, datetime], list[tuple[datetime, str]]] = {}
+    for event in lake.events:
+        at = _as_utc(event["event_time"])
+        by_user.setdefault((event["user_id"], hour_of(at)), []).append((at, event["kind"]))
+    later = later_clicks = 0
+    for r in lake.training:
+        at = _as_utc(r["event_time"])
+        mine = by_user[(r["user_id"], hour_of(at))]
+        later += any(t > at for t, _ in mine)
+        later_clicks += any(t >= at and kind == "clicks" for t, kind in mine)
+    return later, later_clicks
+
+
+@pytest.mark.integration
+def test_features_at_each_impressions_time_equal_its_training_row(pit_lake: PitLake) -> None:
+    from serving_layer.features import row_features
+    from serving_layer.views import load_batch_views
+
+    cfg, training = pit_lake.cfg, pit_lake.training
+    inputs = contract.model_inputs(cfg.features)
+    views = load_batch_views(cfg)
+    assert views.lake is not None and views.lake.newest is not None
+    whole_bucket = replace(views, lake=None)  # what the service counted before: the bucket's row whole
+    mismatched = leaked = 0
+    for r in training:
+        found = row_features(_pit_row(r), views, cfg.features, PIT_NOW)
+        assert {n: float(found[n]) for n in inputs.numeric} == {n: r[n] for n in inputs.numeric}, r["event_id"]
+        assert {n: str(found[n]) for n in inputs.categorical} == {n: r[n] for n in inputs.categorical}, r["event_id"]
+        old = row_features(_pit_row(r), whole_bucket, cfg.features, PIT_NOW)
+        mismatched += old != found
+        leaked += any(old[f"{e}_clicks_1h"] > found[f"{e}_clicks_1h"] for e in cfg.features.entities)
+    later, later_clicks = _later_in_bucket(pit_lake)
+    assert len(training) >= 2000 and later >= len(training) // 2 and later_clicks >= 300, (len(training), later, later_clicks)
+    # Counting whole buckets would have got most rows wrong, and shown many their bucket's later clicks.
+    assert mismatched >= len(training) // 2 and leaked >= 300, (mismatched, leaked)
+    buckets = {to_micros(_as_utc(r["event_time"])) // 3_600_000_000 for r in training}
+    assert views.lake.reads == len(buckets)  # each bucket read from bronze once
+
+    # After every event of the lake the bucket's row is exact as it is: no bronze read.
+    after = views.lake.newest + 1
+    assert views.current_part(after) is None and not views.reads_lake(after)
+
+
+@pytest.mark.integration
+def test_features_and_predict_over_http_at_past_times_equal_the_training_rows(pit_lake: PitLake) -> None:
+    from serving_layer.views import load_batch_views
+
+    cfg = pit_lake.cfg
+    sample = pit_lake.training[::7]
+    app = create_app(
+        cfg, models=Reloadable("models", lambda: served(toy_model())), views=Reloadable("views", lambda: load_batch_views(cfg)),
+        clock=lambda: PIT_NOW, poll=False,
+    )  # fmt: skip
+    with TestClient(app) as test_client:
+        for r in sample:
+            at = _as_utc(r["event_time"]).isoformat()
+            for entity, spec in cfg.features.entities.items():
+                key = "/".join(str(r[k]) for k in spec.keys)
+                response = test_client.get(f"/features/{entity}/{key}", params={"at": at})
+                assert response.status_code == 200, response.text
+                body = response.json()
+                expected = {name: r[name] for name in body["merged"]["features"]}
+                assert body["merged"]["features"] == expected, (entity, key, at)
+                statistics = [*cfg.features.aggregates, *cfg.features.ratios]
+                assert set(expected) == {contract.window_feature_name(entity, s, w) for s in statistics for w in cfg.features.windows}
+        for start in range(0, len(sample), 100):
+            rows = sample[start : start + 100]
+            body = [{**_pit_row(r).model_dump(mode="json", exclude_none=True)} for r in rows]
+            response = test_client.post("/predict", json={"rows": body})
+            assert response.status_code == 200, response.text
+            for r, prediction in zip(rows, response.json()["predictions"], strict=True):
+                assert prediction["features"] == {n: r[n] for n in prediction["features"]}
+                assert prediction["probability"] == pytest.approx(toy_probability(r), rel=1e-5)
+
+
+@pytest.mark.integration
+def test_stream_scoring_of_a_backlog_sees_only_the_past_of_each_impression(pit_lake: PitLake) -> None:
+    from serving_layer.stream import StreamScorer
+    from serving_layer.views import load_batch_views
+
+    loaded = load_batch_views(pit_lake.cfg)
+    scorer = StreamScorer(
+        pit_lake.cfg, models=Reloadable("models", lambda: served(toy_model())), views=Reloadable("views", lambda: loaded),
+        clock=lambda: PIT_NOW,
+    )  # fmt: skip
+    by_id = {r["event_id"]: r for r in pit_lake.training}
+    backlog = [(f"impressions/0@{n}", pit_lake.impressions[r["event_id"]]) for n, r in enumerate(pit_lake.training)]
+    records = []
+    for start in range(0, len(backlog), 500):
+        records += scorer.score(backlog[start : start + 500])
+    assert len(records) == len(pit_lake.training)
+    for record in records:
+        r = by_id[record["event_id"]]
+        assert record["event_time"] == _as_utc(r["event_time"])
+        assert record["probability"] == pytest.approx(toy_probability(r), rel=1e-5), record["event_id"]
+    assert loaded.lake is not None
+    assert loaded.lake.reads == len({to_micros(_as_utc(r["event_time"])) // 3_600_000_000 for r in pit_lake.training})
