@@ -213,7 +213,9 @@ def check_event_time(event_time: datetime, record_time: datetime | None, rules: 
         raise InvalidEvent(f"event_time before {rules.min_event_date}: absurd timestamp")
     ahead = event_time - (record_time if record_time is not None else datetime.now(UTC))
     if ahead > rules.max_future:
-        shown = timedelta(seconds=int(ahead.total_seconds()))
+        # H:MM:SS, with milliseconds when there are any: 5 min 0.25 s ahead is not "0:05:00".
+        seconds, micros = divmod(ahead // timedelta(microseconds=1), 1_000_000)
+        shown = str(timedelta(seconds=seconds)) + (f".{micros // 1000:03d}" if micros >= 1000 else "")
         raise InvalidEvent(f"event_time {shown} ahead of the Kafka record time (limit {rules.max_future_minutes:g} minutes)")
 
 
