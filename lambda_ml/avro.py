@@ -44,6 +44,20 @@ def load_schema(path: str | Path) -> dict[str, Any]:
     return schema
 
 
+def event_schema(schema_dir: str | Path, event_type: str) -> dict[str, Any]:
+    """The checked schema of an event type's Avro topic; ConfigError (naming the key, the file
+    and the field) when it is unreadable or has a type :func:`decode` does not handle."""
+    from lambda_ml.config import ConfigError
+
+    path = schema_path(schema_dir, event_type)
+    try:
+        schema = load_schema(path)
+        check_schema(schema)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"kafka.avro_schemas: cannot decode Avro {event_type} with {path}: {exc}") from exc
+    return schema
+
+
 def _long(value: int) -> bytes:
     """Zig-zag then variable-length encoding of a 64-bit integer."""
     n = (value << 1) ^ (value >> 63)

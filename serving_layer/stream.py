@@ -105,12 +105,7 @@ class StreamScorer:
         self.rules = validation.EventRules.from_config(cfg)
         self.row_type = row_type_with_limits(cfg.events.max_string_length)
         if self.input_format == "avro":
-            path = avro.schema_path(cfg.kafka.avro_schemas, "impressions")
-            try:
-                self.schema = avro.load_schema(path)
-                avro.check_schema(self.schema)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"kafka.avro_schemas: cannot decode Avro impressions with {path}: {exc}") from exc
+            self.schema = avro.event_schema(cfg.kafka.avro_schemas, "impressions")
         elif self.input_format != "json":
             raise ValueError(f"unknown input format {self.input_format!r}: expected json or avro")
 

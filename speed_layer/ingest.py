@@ -24,7 +24,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -32,7 +31,7 @@ from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 from pyspark.sql.types import BinaryType, StringType, StructField, StructType
 
 from lambda_ml import avro, validation
-from lambda_ml.config import ConfigError, PlatformConfig, load_config
+from lambda_ml.config import PlatformConfig, load_config
 from lambda_ml.logs import setup_logging
 from lambda_ml.schemas import EVENT_TYPES, KAFKA_COLUMNS, QUARANTINE_SCHEMA, EventType
 
@@ -82,18 +81,6 @@ def check_batches(
         )
 
 
-def _avro_schema(cfg: PlatformConfig, event_name: str) -> dict[str, Any]:
-    """The event's Avro schema, checked once on the driver (a field type the decoder does not
-    handle fails the start, naming the file and the field)."""
-    path = avro.schema_path(cfg.kafka.avro_schemas, event_name)
-    try:
-        schema = avro.load_schema(path)
-        avro.check_schema(schema)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"kafka.avro_schemas: cannot decode Avro {event_name} with {path}: {exc}") from exc
-    return schema
-
-
 def checked_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
     """Every record of a frame of Kafka records, checked: one frame per event type with the
     event's typed fields, the Kafka columns, ``reason`` (null for a valid event) and
@@ -117,7 +104,7 @@ def checked_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
     out: dict[str, DataFrame] = {}
     for event_name, topic in event_topics.items():
         event = EVENT_TYPES[event_name]
-        schema = _avro_schema(cfg, event_name) if topic.format == "avro" else None
+        schema = avro.event_schema(cfg.kafka.avro_schemas, event_name) if topic.format == "avro" else None
         subset = records.where(F.col("kafka_topic") == topic.name)
         body = functools.partial(check_batches, event=event, rules=rules, avro_schema=schema)
         checked = subset.mapInArrow(body, _checked_schema(event))
