@@ -1,9 +1,10 @@
 """Avro binary encoding of flat event records, for the platform's producers, and its decoding,
-for the consumers outside Spark (stream scoring).
+for the consumers (the speed layer's ingest and stream scoring, through
+:mod:`lambda_ml.validation`).
 
 Events travel on Kafka as plain Avro binary (no container header, no schema-registry prefix):
-the schema is agreed through ``conf/avro/<event type>.avsc``, which the speed layer hands to
-``spark-avro``'s ``from_avro``. Only what the event schemas use is supported: records of
+the schema is agreed through ``conf/avro/<event type>.avsc`` (spark-avro's ``to_avro`` writes
+the same bytes, a test checks). Only what the event schemas use is supported: records of
 ``string``, ``int``, ``long``, ``boolean``, ``double`` and ``long`` timestamps
 (``timestamp-millis`` / ``timestamp-micros``, given as ISO-8601 text or ``datetime``, decoded
 as UTC ``datetime``).
