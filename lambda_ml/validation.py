@@ -44,15 +44,18 @@ from json.decoder import WHITESPACE, scanstring  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Any
 
 from lambda_ml import avro
+from lambda_ml.config import EventsConfig, SpeedConfig
 
 if TYPE_CHECKING:
     from lambda_ml.config import PlatformConfig
     from lambda_ml.schemas import EventField, EventType
 
 EVENT_TIME = "event_time"  # the field the time bounds apply to
-DEFAULT_MAX_RECORD_BYTES = 65_536
-DEFAULT_MAX_STRING_LENGTH = 256
-DEFAULT_MAX_FUTURE_MINUTES = 5.0
+# The config's defaults (conf/platform.yaml comments them), for callers without a config.
+DEFAULT_MAX_RECORD_BYTES: int = EventsConfig.model_fields["max_record_bytes"].default
+DEFAULT_MAX_STRING_LENGTH: int = EventsConfig.model_fields["max_string_length"].default
+DEFAULT_MAX_FUTURE_MINUTES: float = SpeedConfig.model_fields["max_future_minutes"].default
+DEFAULT_MIN_EVENT_DATE: str = SpeedConfig.model_fields["min_event_date"].default
 INT_RANGE = (-(2**31), 2**31 - 1)  # bronze stores ints as 32-bit integers
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})")
 _SHOWN = 40  # characters of a refused string quoted in a reason
@@ -74,7 +77,7 @@ class EventRules:
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     max_string_length: int = DEFAULT_MAX_STRING_LENGTH
     max_future_minutes: float = DEFAULT_MAX_FUTURE_MINUTES
-    min_event_date: str | None = "2000-01-01"
+    min_event_date: str | None = DEFAULT_MIN_EVENT_DATE
 
     @functools.cached_property
     def max_future(self) -> timedelta:
