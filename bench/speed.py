@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -98,7 +97,6 @@ TARGET_EVENTS_PER_S = 100_000
 TARGET_RATIO = 3.0
 TARGET_FRESHNESS_P95_S = 5.0
 TARGET_BYTES_SAVED = 0.80
-_INT_TEXT = re.compile(r"-?\d{1,9}")
 
 
 def bench_config(root: Path, **extra: Any) -> PlatformConfig:
@@ -129,82 +127,30 @@ class PlainEvent:
     time_us: int
 
 
-def _text(value: Any) -> str | None:
-    """A JSON value as the text Spark's ``from_json`` gives a string field."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return json.dumps(value)
-    return json.dumps(value, separators=(",", ":"))
-
-
-def _epoch_us(text: str) -> int | None:
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    delta = parsed - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class PlainParser:
     """The ingest's validation in plain Python: a record -> a valid event or a quarantine reason,
-    with the same reasons in the same order as :func:`speed_layer.ingest.parse_events` (JSON)."""
+    with :func:`lambda_ml.validation.check_record`, the validator the speed layer runs in Spark."""
 
     def __init__(self, cfg: PlatformConfig) -> None:
+        from lambda_ml import validation
         from lambda_ml.schemas import EVENT_TYPES
 
         self.types = {topic.name: EVENT_TYPES[name] for name, topic in cfg.kafka.topics.event_topics().items()}
-        self.min_us = _epoch_us(cfg.speed.min_event_date.isoformat()) or 0
-        self.future_us = int(cfg.speed.max_future_days * 86400 * 1_000_000)
-        self.min_date = cfg.speed.min_event_date
-        self.max_future_days = cfg.speed.max_future_days
+        self.rules = validation.EventRules.from_config(cfg)
+        self.check = validation.check_record
 
     def parse(self, topic: str, value: bytes | None, kafka_ts_ms: int | None) -> PlainEvent | str:
         event = self.types.get(topic)
         if event is None:
             return f"unknown event topic: {topic}"
-        if not value:
-            return "empty payload"
-        try:
-            payload = json.loads(value)
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):
-            return "malformed JSON: not a JSON object"
-        texts = {f.name: _text(payload.get(f.name)) for f in event.fields}
-        for f in event.fields:
-            if texts[f.name] is None:
-                return f"missing field: {f.name}"
-        fields: dict[str, Any] = {}
-        time_us = 0
-        for f in event.fields:
-            text = texts[f.name]
-            assert text is not None
-            if f.kind == "int":
-                value_of: Any = int(text) if _INT_TEXT.fullmatch(text) else None
-                expected = "an integer"
-            elif f.kind == "timestamp":
-                value_of = _epoch_us(text)
-                expected = "an ISO-8601 timestamp"
-            else:
-                value_of = text if text.strip(" ") else None
-                expected = "a non-empty string"
-            if value_of is None:
-                return f"bad value for {f.name}: expected {expected}, got {text}"
-            fields[f.name] = value_of
-        time_us = fields["event_time"]
-        if time_us < self.min_us:
-            return f"event_time before {self.min_date}: absurd timestamp"
-        now_us = kafka_ts_ms * 1000 if kafka_ts_ms is not None else int(time.time() * 1_000_000)
-        if time_us > now_us + self.future_us:
-            return f"event_time more than {self.max_future_days:g} days after the Kafka record time"
+        record_time = None if kafka_ts_ms is None else _EPOCH + timedelta(milliseconds=kafka_ts_ms)
+        fields = self.check(event, value, record_time, self.rules)
+        if isinstance(fields, str):
+            return fields
+        time_us = (fields["event_time"] - _EPOCH) // timedelta(microseconds=1)
         return PlainEvent(event.name, fields, time_us)
 
 
@@ -291,7 +237,7 @@ def plain_increments(
     >>> rows, bad = plain_increments([("impressions", b'{"event_id":"a","event_time":"2026-01-01T10:20:00Z",'
     ...     b'"user_id":"u1","item_id":"i1","device":"mobile","position":3}', None), ("impressions", b"[1]", None)], cfg)
     >>> rows[("user", ("u1",), 1767261600000000)], dict(bad)
-    ([1, 0, 3], {'malformed JSON: not a JSON object': 1})
+    ([1, 0, 3], {'malformed JSON: the record is an array, not a JSON object': 1})
     """
     parser, aggregator, bad = PlainParser(cfg), PlainAggregator(cfg), Counter[str]()
     for topic, value, ts in records:
@@ -465,7 +411,9 @@ def preload_frame(spark: Any, cfg: PlatformConfig, impressions: int, now: dateti
 
     topics = cfg.kafka.topics
     span_ms = 48 * 3600 * 1000
-    start_ms = int(now.timestamp() * 1000) - span_ms
+    # Clicks come up to 10 min after their impression: the span ends 10 min before now, so that
+    # no event time is ahead of its record time (speed.max_future_minutes would refuse it).
+    start_ms = int(now.timestamp() * 1000) - span_ms - 600_000
     ids = spark.range(0, impressions, numPartitions=max(2, impressions // 500_000))
     h = lambda seed: F.pmod(F.xxhash64(F.col("id"), F.lit(seed)), F.lit(1_000_000))  # noqa: E731
     iso = lambda ms: F.date_format(F.timestamp_millis(ms), "yyyy-MM-dd'T'HH:mm:ss.SSS'Z'")  # noqa: E731

@@ -1,9 +1,10 @@
 """Avro binary encoding of flat event records, for the platform's producers, and its decoding,
-for the consumers outside Spark (stream scoring).
+for the consumers (the speed layer's ingest and stream scoring, through
+:mod:`lambda_ml.validation`).
 
 Events travel on Kafka as plain Avro binary (no container header, no schema-registry prefix):
-the schema is agreed through ``conf/avro/<event type>.avsc``, which the speed layer hands to
-``spark-avro``'s ``from_avro``. Only what the event schemas use is supported: records of
+the schema is agreed through ``conf/avro/<event type>.avsc`` (spark-avro's ``to_avro`` writes
+the same bytes, a test checks). Only what the event schemas use is supported: records of
 ``string``, ``int``, ``long``, ``boolean``, ``double`` and ``long`` timestamps
 (``timestamp-millis`` / ``timestamp-micros``, given as ISO-8601 text or ``datetime``, decoded
 as UTC ``datetime``).
@@ -41,6 +42,20 @@ def load_schema(path: str | Path) -> dict[str, Any]:
     schema = json.loads(Path(path).read_text())
     if not isinstance(schema, dict) or schema.get("type") != "record":
         raise ValueError(f"{path}: an event schema must be an Avro record")
+    return schema
+
+
+def event_schema(schema_dir: str | Path, event_type: str) -> dict[str, Any]:
+    """The checked schema of an event type's Avro topic; ConfigError (naming the key, the file
+    and the field) when it is unreadable or has a type :func:`decode` does not handle."""
+    from lambda_ml.config import ConfigError
+
+    path = schema_path(schema_dir, event_type)
+    try:
+        schema = load_schema(path)
+        check_schema(schema)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"kafka.avro_schemas: cannot decode Avro {event_type} with {path}: {exc}") from exc
     return schema
 
 

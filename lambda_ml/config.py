@@ -363,7 +363,7 @@ class OnlineConfig(_Model):
 
 class SpeedConfig(_Model):
     trigger_seconds: float = Field(5, gt=0)
-    max_future_days: float = Field(1, gt=0)
+    max_future_minutes: float = Field(5, ge=0)
     min_event_date: date = date(1970, 1, 1)
     quarantine_warning_share: float = Field(0.5, gt=0, le=1)
     max_offsets_per_trigger: int = Field(200000, gt=0)
@@ -373,6 +373,33 @@ class SpeedConfig(_Model):
     max_files_per_trigger: int = Field(1000, gt=0)
     report_to_mlflow: bool = True
     online: OnlineConfig = OnlineConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _max_future_days_was_replaced(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_future_days" in data:
+            raise ValueError("speed.max_future_days was replaced by speed.max_future_minutes (less than speed.watermark_minutes)")
+        return data
+
+    @model_validator(mode="after")
+    def _future_bound_below_the_watermark(self) -> SpeedConfig:
+        # An accepted event may run ahead of the record time by the bound; if the bound reached
+        # the watermark delay, that one event would move the watermark past events on time.
+        if self.max_future_minutes >= self.watermark_minutes:
+            raise ValueError(
+                f"speed.max_future_minutes ({self.max_future_minutes:g}) must be less than speed.watermark_minutes "
+                f"({self.watermark_minutes}): an event that far ahead of its Kafka record time would move the "
+                "watermark past events arriving on time"
+            )
+        return self
+
+
+class EventsConfig(_Model):
+    """Size limits of the event validator (``lambda_ml.validation``): the speed layer's ingest,
+    stream scoring and the service's request model apply the same ones."""
+
+    max_record_bytes: int = Field(65_536, gt=0)
+    max_string_length: int = Field(256, gt=0)
 
 
 class PredictionLogConfig(_Model):
@@ -456,6 +483,7 @@ class PlatformConfig(_Model):
     ctr: CtrConfig = CtrConfig()
     features: FeaturesConfig
     speed: SpeedConfig = SpeedConfig()
+    events: EventsConfig = EventsConfig()
     serving: ServingConfig = ServingConfig()
     generator: GeneratorConfig = GeneratorConfig()
     maintenance: MaintenanceConfig = MaintenanceConfig()

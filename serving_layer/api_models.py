@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     AwareDatetime,
@@ -13,12 +13,15 @@ from pydantic import (
     Field,
     JsonValue,
     Tag,
+    ValidationInfo,
     create_model,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
-MAX_ID_LENGTH = 256
-MAX_DEVICE_LENGTH = 64
+from lambda_ml.schemas import IMPRESSION
+from lambda_ml.validation import DEFAULT_MAX_STRING_LENGTH, InvalidEvent, field_value
+
 # float32 holds every integer up to 2**24 exactly; positions are small anyway.
 MAX_POSITION = 1_000_000
 # Scoring times accepted: windows reach back 7 days or so, which must stay a valid datetime.
@@ -29,6 +32,8 @@ ROW_EXAMPLE: dict[str, JsonValue] = {"user_id": "u42", "item_id": "i7", "device"
 BATCH_EXAMPLE: dict[str, JsonValue] = {
     "rows": [ROW_EXAMPLE, {"user_id": "u9", "item_id": "i3", "device": "desktop", "position": 4}]
 }
+# A row's fields are the impression's: their values pass the event validator's checks.
+_IMPRESSION_FIELDS = {f.name: f for f in IMPRESSION.fields}
 
 
 PolicyName = Literal["champion", "latest", "quality", "consensus", "deadline", "ab"]
@@ -39,15 +44,22 @@ class _Body(BaseModel):
 
 
 class PredictRow(_Body):
-    """One impression to score: who sees which item, on what device, at which position."""
+    """One impression to score: who sees which item, on what device, at which position.
+
+    Values are checked by the event validator (``lambda_ml.validation``) the speed layer and
+    stream scoring apply, with the same messages: strings must be JSON strings, not blank and
+    at most ``events.max_string_length`` characters; ``position`` a JSON integer (``"2"`` is
+    refused); ``event_time`` an ISO-8601 string with a time zone."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [ROW_EXAMPLE]})
+    # events.max_string_length of the service's config (see row_type_with_limits).
+    max_string_length: ClassVar[int] = DEFAULT_MAX_STRING_LENGTH
 
-    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, description="User id; unknown users count zero.")
-    item_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, description="Item id; unknown items count zero.")
+    user_id: str = Field(min_length=1, max_length=DEFAULT_MAX_STRING_LENGTH, description="User id; unknown users count zero.")
+    item_id: str = Field(min_length=1, max_length=DEFAULT_MAX_STRING_LENGTH, description="Item id; unknown items count zero.")
     device: str = Field(
         min_length=1,
-        max_length=MAX_DEVICE_LENGTH,
+        max_length=DEFAULT_MAX_STRING_LENGTH,
         description="Device, e.g. mobile, desktop or tablet; the model scores other values as an unknown device.",
     )
     position: int = Field(ge=1, le=MAX_POSITION, strict=True, description="Ad position on the page, 1 = top.")
@@ -59,11 +71,20 @@ class PredictRow(_Body):
     event_id: str | None = Field(
         None,
         min_length=1,
-        max_length=MAX_ID_LENGTH,
+        max_length=DEFAULT_MAX_STRING_LENGTH,
         description="The impression's event id, if it has one: the prediction log carries it, so that "
         "online evaluation can join the prediction with the impression's click.",
     )
 
+    @field_validator("user_id", "item_id", "device", "position", "event_time", "event_id", mode="before")
+    @classmethod
+    def _event_value(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name in ("event_time", "event_id"):
+            return None  # optional in a request (an impression on Kafka must have them)
+        try:
+            return field_value(_IMPRESSION_FIELDS[str(info.field_name)], value, cls.max_string_length)
+        except InvalidEvent as exc:
+            raise PydanticCustomError("invalid_event_value", "{reason}", {"reason": str(exc)}) from None
 
     @field_validator("event_time")
     @classmethod
@@ -71,6 +92,23 @@ class PredictRow(_Body):
         if value is not None:
             check_scoring_time(value)
         return value
+
+
+def row_type_with_limits(max_string_length: int) -> type[PredictRow]:
+    """PredictRow with ``events.max_string_length`` (the limit shows in the OpenAPI schema)."""
+
+    def text(base: str) -> Any:
+        spec = PredictRow.model_fields[base]
+        return (spec.annotation, Field(spec.default, min_length=1, max_length=max_string_length, description=spec.description))
+
+    limited: type[PredictRow] = create_model(
+        "PredictRow",
+        __base__=PredictRow,
+        __doc__=PredictRow.__doc__,
+        **{name: text(name) for name in ("user_id", "item_id", "device", "event_id")},
+    )
+    limited.max_string_length = max_string_length
+    return limited
 
 
 def check_scoring_time(value: datetime) -> None:
@@ -109,23 +147,24 @@ def request_kind(value: Any) -> str:
 REQUEST_KINDS = ("batch", "row")
 
 
-def predict_request_type(batch_type: type[PredictBatch]) -> Any:
+def predict_request_type(batch_type: type[PredictBatch], row_type: type[PredictRow] = PredictRow) -> Any:
     """The /predict body: one row or a batch, told apart by the ``rows`` key (so an error names
     the fields of the shape the client meant, not of both)."""
     return Annotated[
-        Union[Annotated[batch_type, Tag("batch")], Annotated[PredictRow, Tag("row")]],
+        Union[Annotated[batch_type, Tag("batch")], Annotated[row_type, Tag("row")]],
         Discriminator(request_kind),
     ]
 
 
-def batch_type_with_limit(max_rows: int) -> type[PredictBatch]:
-    """PredictBatch accepting at most ``max_rows`` rows (the limit shows in the OpenAPI schema)."""
+def batch_type_with_limit(max_rows: int, row_type: type[PredictRow] = PredictRow) -> type[PredictBatch]:
+    """PredictBatch accepting at most ``max_rows`` rows of ``row_type`` (the limit shows in the
+    OpenAPI schema)."""
     limited: type[PredictBatch] = create_model(
         "PredictBatch",
         __base__=PredictBatch,
         __doc__=f"Several impressions scored in one call (1 to {max_rows}).",
         rows=(
-            list[PredictRow],
+            list[row_type],  # type: ignore[valid-type]
             Field(min_length=1, max_length=max_rows, description="The rows to score, answered in the same order."),
         ),
     )

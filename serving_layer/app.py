@@ -56,6 +56,7 @@ from serving_layer.api_models import (
     batch_type_with_limit,
     check_scoring_time,
     predict_request_type,
+    row_type_with_limits,
 )
 from serving_layer.answers import AnswerWriter, Scored, horizon_out, model_out, views_out
 from serving_layer.features import lookup_features
@@ -418,8 +419,9 @@ def create_app(
     producer on ``kafka.topics.predictions``)."""
     model_slot = models if models is not None else ModelStore.from_config(cfg)
     view_slot = views if views is not None else ViewStore.from_config(cfg)
-    batch_type = batch_type_with_limit(cfg.serving.max_rows)
-    request_type = predict_request_type(batch_type)
+    row_type = row_type_with_limits(cfg.events.max_string_length)
+    batch_type = batch_type_with_limit(cfg.serving.max_rows, row_type)
+    request_type = predict_request_type(batch_type, row_type)
     metrics = ServiceMetrics()
     runner = PolicyRunner(cfg.serving.consensus, cfg.serving.deadline_ms / 1000, cfg.serving.prior_probability)
     poller = Poller([(model_slot, cfg.serving.poll_interval_s), (view_slot, cfg.serving.views_refresh_s)])

@@ -20,7 +20,9 @@ sees no later event, its bucket's part before it read from bronze once per bucke
 committing the batch in hand.
 
 A record that is not a valid impression (it does not decode, or a field is wrong) is skipped,
-counted and logged with its partition, offset and reason; it never stops the stream.
+counted and logged with its partition, offset and reason, in the words of the speed layer's
+quarantine (both apply ``lambda_ml.validation``, time bounds against the Kafka record time
+included); it never stops the stream.
 
 Run it with ``lambda-ml serve stream`` (see ``--help``).
 """
@@ -41,9 +43,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lambda_ml import avro
+from lambda_ml import avro, validation
 from lambda_ml.config import ConfigError, PlatformConfig, load_command_config
 from lambda_ml.logs import setup_logging
+from lambda_ml.schemas import IMPRESSION
+from serving_layer.api_models import PredictRow, row_type_with_limits
 
 log = logging.getLogger(__name__)
 
@@ -105,41 +109,41 @@ class StreamScorer:
         self.progress = StreamProgress()
         self.input_format = input_format or cfg.kafka.topics.impressions.format
         self.schema: dict[str, Any] | None = None  # the Avro schema of an Avro input topic
+        self.rules = validation.EventRules.from_config(cfg)
+        self.row_type = row_type_with_limits(cfg.events.max_string_length)
         if self.input_format == "avro":
-            path = avro.schema_path(cfg.kafka.avro_schemas, "impressions")
-            try:
-                self.schema = avro.load_schema(path)
-                avro.check_schema(self.schema)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"kafka.avro_schemas: cannot decode Avro impressions with {path}: {exc}") from exc
+            self.schema = avro.event_schema(cfg.kafka.avro_schemas, "impressions")
         elif self.input_format != "json":
             raise ValueError(f"unknown input format {self.input_format!r}: expected json or avro")
 
-    def score(self, values: Sequence[tuple[str, bytes | None]]) -> list[dict[str, Any]]:
+    def parse(self, value: bytes | None, record_time: datetime | None = None) -> PredictRow | str:
+        """One impression record as a request row, or the reason it is skipped: the speed
+        layer's own checks (``lambda_ml.validation``, the same words as its quarantine), then
+        the request model's (e.g. ``position`` at least 1). ``record_time``: the Kafka record
+        time (default: the scorer's clock)."""
+        event = validation.check_record(IMPRESSION, value, record_time or self.clock(), self.rules, self.schema)
+        if isinstance(event, str):
+            return event
+        try:
+            return self.row_type.model_validate(event)
+        except ValidationError as exc:
+            return f"not a valid impression: {describe_error(exc)}"
+
+    def score(self, values: Sequence[tuple[str, bytes | None] | tuple[str, bytes | None, datetime | None]]) -> list[dict[str, Any]]:
         """Prediction-log records (``source`` "stream") for the valid impressions among
-        ``values`` ((where, raw value) pairs); invalid ones are logged, counted and skipped."""
-        from serving_layer.api_models import PredictRow
+        ``values`` ((where, raw value[, Kafka record time]) tuples); invalid ones are logged,
+        counted and skipped."""
         from serving_layer.answers import predict_response
         from serving_layer.app import prediction_records, score_rows
 
         rows: list[PredictRow] = []
-        for where, value in values:
-            try:
-                if value is None:
-                    raise ValueError("empty record")
-                if self.schema is None:
-                    rows.append(PredictRow.model_validate_json(value, strict=False))
-                else:
-                    rows.append(PredictRow.model_validate(avro.decode(value, self.schema), strict=False))
-            except ValidationError as exc:
+        for where, value, *record_time in values:
+            parsed = self.parse(value, record_time[0] if record_time else None)
+            if isinstance(parsed, str):
                 self.progress.invalid += 1
-                log.warning("skipped the record at %s: not a valid impression: %s", where, describe_error(exc))
-            except avro.AvroDecodeError as exc:
-                self.progress.invalid += 1
-                log.warning("skipped the record at %s: not an Avro impression: %s", where, exc)
-            except ValueError as exc:
-                self.progress.invalid += 1
-                log.warning("skipped the record at %s: %s", where, exc)
+                log.warning("skipped the record at %s: %s", where, parsed)
+            else:
+                rows.append(parsed)
         self.progress.read += len(values)
         if not rows:
             return []
@@ -196,7 +200,11 @@ class StreamScorer:
         try:
             while not stop.is_set():
                 polled = consumer.poll(timeout_ms=500)
-                batch = [(f"{r.topic}/{r.partition}@{r.offset}", r.value) for records in polled.values() for r in records]
+                batch = [
+                    (f"{r.topic}/{r.partition}@{r.offset}", r.value, _record_time(r.timestamp))
+                    for records in polled.values()
+                    for r in records
+                ]
                 now = time.monotonic()
                 if batch:
                     last_record = now
@@ -222,6 +230,11 @@ class StreamScorer:
             self.runner.close()
             log.info("stream scoring stopped: %s", self.progress.line())
         return self.progress
+
+
+def _record_time(timestamp_ms: int | None) -> datetime | None:
+    """A Kafka record's timestamp (ms since the epoch; -1 or None when it has none)."""
+    return None if timestamp_ms is None or timestamp_ms < 0 else datetime.fromtimestamp(timestamp_ms / 1000, UTC)
 
 
 def build_parser(prog: str = "python -m serving_layer.stream") -> argparse.ArgumentParser:

@@ -5,34 +5,42 @@ Kafka's columns (``key, value, topic, partition, offset, timestamp``), so tests 
 static frame. Each micro-batch writes with Delta's idempotent ``txnAppId``/``txnVersion``: a
 batch replayed after a crash is skipped by Delta instead of appended twice.
 
+Every record goes through :mod:`lambda_ml.validation` (run in the executors' Python workers
+with ``mapInArrow``), the validator stream scoring and the prediction service also apply: a
+valid event lands in bronze with its fields exactly as sent; anything else lands in quarantine
+with its raw bytes and the reason.
+
 Run it with ``lambda-ml speed ingest`` or ``spark-submit speed_layer/ingest.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from delta.tables import DeltaTable
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.avro.functions import from_avro
 from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
-from pyspark.sql.types import StringType, StructField, StructType
+from pyspark.sql.types import BinaryType, StringType, StructField, StructType
 
-from lambda_ml import avro
+from lambda_ml import avro, validation
 from lambda_ml.config import PlatformConfig, load_config
 from lambda_ml.logs import setup_logging
-from lambda_ml.schemas import EVENT_TYPES, KAFKA_COLUMNS, QUARANTINE_SCHEMA, EventField, EventType
+from lambda_ml.schemas import EVENT_TYPES, KAFKA_COLUMNS, QUARANTINE_SCHEMA, EventType
 
 log = logging.getLogger(__name__)
 
 QUARANTINE = "quarantine"
-_CORRUPT = "_corrupt_record"
+RAW_VALUE, REASON = "raw_value", "reason"
 
 
 def bronze_path(cfg: PlatformConfig, event_type: str) -> str:
@@ -43,62 +51,36 @@ def quarantine_path(cfg: PlatformConfig) -> str:
     return cfg.lake.table(QUARANTINE)
 
 
-def _typed(field: EventField, text: Column) -> Column:
-    if field.kind == "int":
-        # Integers only: "2" and 2 pass, "2.5", "top" and 2.5 do not.
-        return F.when(text.rlike(r"^-?\d{1,9}$"), text.cast("int"))
-    if field.kind == "timestamp":
-        return F.try_to_timestamp(text)
-    return F.when(F.length(F.trim(text)) > 0, text)
+def _checked_schema(event: EventType) -> StructType:
+    """What :func:`check_batches` returns for an event type: its fields (null for an invalid
+    record), the Kafka columns, the raw value (invalid records only) and the reason."""
+    fields = [StructField(f.name, f.spark_type, nullable=True) for f in event.fields]
+    return StructType(
+        fields + list(KAFKA_COLUMNS.fields) + [StructField(RAW_VALUE, BinaryType()), StructField(REASON, StringType())]
+    )
 
 
-def _reason(event: EventType, cfg: PlatformConfig, undecodable: str) -> Column:
-    """The first thing wrong with a record, or null if it is a valid event."""
-    checks: list[Column] = [
-        F.when(F.col("raw_value").isNull() | (F.length("raw_value") == 0), F.lit("empty payload")),
-        F.when(F.col("_json").isNull() | F.col(f"_json.{_CORRUPT}").isNotNull(), F.lit(undecodable)),
-    ]
-    for field in event.fields:
-        text = F.col(f"_json.{field.name}")
-        checks.append(F.when(text.isNull(), F.lit(f"missing field: {field.name}")))
-    for field in event.fields:
-        text = F.col(f"_json.{field.name}")
-        expected = {"int": "an integer", "timestamp": "an ISO-8601 timestamp", "string": "a non-empty string"}[field.kind]
-        checks.append(
-            F.when(F.col(field.name).isNull(), F.concat(F.lit(f"bad value for {field.name}: expected {expected}, got "), text))
+def check_batches(
+    batches: Iterable[pa.RecordBatch], event: EventType, rules: validation.EventRules, avro_schema: dict[str, Any] | None
+) -> Iterator[pa.RecordBatch]:
+    """The ``mapInArrow`` body: each record (``raw_value``, ``kafka_timestamp``) through
+    :func:`lambda_ml.validation.check_record`, the validator stream scoring and the service
+    share; the Kafka columns pass through untouched."""
+    arrow_types = {"string": pa.string(), "int": pa.int32(), "timestamp": pa.timestamp("us", tz="UTC")}
+    names = [f.name for f in event.fields]
+    check = validation.check_record
+    for batch in batches:
+        record_times = batch.column("kafka_timestamp").to_pylist()
+        results = [check(event, v, t, rules, avro_schema) for v, t in zip(batch.column(RAW_VALUE).to_pylist(), record_times)]
+        reasons = [r if isinstance(r, str) else None for r in results]
+        columns = [[None if isinstance(r, str) else r[name] for r in results] for name in names]
+        reason = pa.array(reasons, pa.string())
+        raw = pc.if_else(pc.is_valid(reason), batch.column(RAW_VALUE), pa.scalar(None, pa.binary()))
+        typed = [pa.array(column, arrow_types[f.kind]) for column, f in zip(columns, event.fields)]
+        kafka = [batch.column(c.name) for c in KAFKA_COLUMNS.fields]
+        yield pa.RecordBatch.from_arrays(
+            [*typed, *kafka, raw, reason], names=[*names, *[c.name for c in KAFKA_COLUMNS.fields], RAW_VALUE, REASON]
         )
-    min_time = F.to_timestamp(F.lit(cfg.speed.min_event_date))
-    max_time = F.coalesce(F.col("kafka_timestamp"), F.current_timestamp()) + F.make_interval(
-        days=F.lit(0), hours=F.lit(int(cfg.speed.max_future_days * 24))
-    )
-    checks.append(
-        F.when(F.col("event_time") < min_time, F.lit(f"event_time before {cfg.speed.min_event_date}: absurd timestamp"))
-    )
-    checks.append(
-        F.when(F.col("event_time") > max_time, F.lit(f"event_time more than {cfg.speed.max_future_days:g} days after the Kafka record time"))
-    )
-    return F.coalesce(*checks)
-
-
-def _json_fields(event: EventType) -> Column:
-    """The record's fields as text, plus the corrupt-record column when it is no JSON object.
-
-    Every field is read as text first, so a wrong type is reported per field instead of turning
-    the whole record into a parse failure."""
-    text_schema = StructType([StructField(f.name, StringType()) for f in event.fields] + [StructField(_CORRUPT, StringType())])
-    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": _CORRUPT}
-    return F.from_json(F.col("raw_value").cast("string"), text_schema, options)
-
-
-def _avro_fields(event: EventType, cfg: PlatformConfig) -> Column:
-    """The same text struct as :func:`_json_fields`, decoded with the event's Avro schema; null
-    for a payload that does not decode. ``from_avro`` in PERMISSIVE mode turns one into a row
-    of nulls, which a decoded event never is (the schemas' fields are not nullable)."""
-    schema = avro.schema_path(cfg.kafka.avro_schemas, event.name).read_text()
-    decoded = from_avro(F.col("raw_value"), schema, {"mode": "PERMISSIVE"})
-    fields = [decoded[f.name].cast("string").alias(f.name) for f in event.fields]
-    decodes = F.greatest(*[decoded[f.name].isNotNull() for f in event.fields])
-    return F.when(decoded.isNotNull() & decodes, F.struct(*fields, F.lit(None).cast("string").alias(_CORRUPT)))
 
 
 def checked_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
@@ -107,37 +89,31 @@ def checked_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
     ``raw_value`` (kept for invalid records only), plus ``"quarantine"``: the records of topics
     no event type reads, in the quarantine schema.
 
-    Each record is parsed once here; :func:`split_checked` derives the bronze and quarantine
-    frames from these, so a caller that caches them parses every record once.
+    Each record is validated once here, in Python (:func:`check_batches`); :func:`split_checked`
+    derives the bronze and quarantine frames from these, so a caller that caches them validates
+    every record once.
     """
     records = raw.select(
         F.col("topic").alias("kafka_topic"),
         F.col("partition").alias("kafka_partition"),
         F.col("offset").alias("kafka_offset"),
         F.col("timestamp").alias("kafka_timestamp"),
-        F.col("value").alias("raw_value"),
+        F.col("value").alias(RAW_VALUE),
         F.current_timestamp().alias("ingested_at"),
     )
-    topics = {topic.name: name for name, topic in cfg.kafka.topics.event_topics().items()}
+    rules = validation.EventRules.from_config(cfg)
+    event_topics = cfg.kafka.topics.event_topics()
     out: dict[str, DataFrame] = {}
-    for topic_name, event_name in topics.items():
+    for event_name, topic in event_topics.items():
         event = EVENT_TYPES[event_name]
-        topic = cfg.kafka.topics.event_topics()[event_name]
-        subset = records.where(F.col("kafka_topic") == topic_name)
-        if topic.format == "avro":
-            parsed, undecodable = subset.withColumn("_json", _avro_fields(event, cfg)), f"malformed Avro: does not decode with {event_name}.avsc"
-        else:
-            parsed, undecodable = subset.withColumn("_json", _json_fields(event)), "malformed JSON: not a JSON object"
-        typed = parsed.select("*", *[_typed(f, F.col(f"_json.{f.name}")).alias(f.name) for f in event.fields])
-        checked = typed.withColumn("reason", _reason(event, cfg, undecodable))
-        out[event_name] = checked.select(
-            *event.field_names,
-            *[c.name for c in KAFKA_COLUMNS.fields],
-            F.when(F.col("reason").isNotNull(), F.col("raw_value")).alias("raw_value"),
-            "reason",
-        )
-    unknown = records.where(~F.col("kafka_topic").isin(list(topics))).withColumn(
-        "reason", F.concat(F.lit("unknown event topic: "), F.col("kafka_topic"))
+        schema = avro.event_schema(cfg.kafka.avro_schemas, event_name) if topic.format == "avro" else None
+        subset = records.where(F.col("kafka_topic") == topic.name)
+        body = functools.partial(check_batches, event=event, rules=rules, avro_schema=schema)
+        checked = subset.mapInArrow(body, _checked_schema(event))
+        out[event_name] = checked.select(*event.field_names, *[c.name for c in KAFKA_COLUMNS.fields], RAW_VALUE, REASON)
+    known = [topic.name for topic in event_topics.values()]
+    unknown = records.where(~F.col("kafka_topic").isin(known)).withColumn(
+        REASON, F.concat(F.lit("unknown event topic: "), F.col("kafka_topic"))
     )
     out[QUARANTINE] = unknown.select(*[c.name for c in QUARANTINE_SCHEMA.fields])
     return out

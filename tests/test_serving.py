@@ -1207,10 +1207,11 @@ def test_stream_scoring_decodes_avro_impressions_and_skips_what_does_not_decode(
         assert (record["event_time"], record["source"], record["version"]) == (NOW, "stream", 3)
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert [m.split(": ", 1)[0] for m in skipped] == [f"skipped the record at impressions/0@{n}" for n in (1, 2, 4, 5)]
-    assert "not an Avro impression: field position: the record ends inside the value" in skipped[0]
-    assert "not an Avro impression: 1 byte(s) left after the last field (position)" in skipped[1]
-    assert "not a valid impression: position: Input should be greater than or equal to 1" in skipped[2]
-    assert "not an Avro impression" in skipped[3]  # JSON on an Avro topic
+    avro_error = "malformed Avro: does not decode with impressions.avsc: "
+    assert skipped[0].endswith(f": {avro_error}field position: the record ends inside the value")
+    assert skipped[1].endswith(f": {avro_error}1 byte(s) left after the last field (position)")
+    assert skipped[2].endswith(": not a valid impression: position: Input should be greater than or equal to 1")
+    assert avro_error in skipped[3]  # JSON on an Avro topic
 
 
 def test_stream_scoring_of_avro_needs_a_readable_schema(tmp_path: Path) -> None:
@@ -2247,7 +2248,7 @@ def test_stream_scoring_equals_predict_and_stops_cleanly_on_sigterm(trained: Tra
             process.wait(timeout=10)
     output = log_file.read_text()
     assert "skipped 2 invalid" in output and "SIGTERM received" in output, output
-    assert "position: Input should be a valid integer" in output  # the bad field is named
+    assert 'bad value for position: expected an integer, got "top"' in output  # the bad field is named
     by_event = {r["event_id"]: r for r in records}
     assert len(records) == len(by_event) == len(rows) and {r["source"] for r in records} == {"stream"}
 
