@@ -10,7 +10,7 @@ became known). Each micro-batch (:class:`OnlineLearner`):
 2. scores every row with the current model *and* with the champion before learning from it
    (progressive validation: log loss and AUC of both, to MLflow, step = micro-batch id). The
    AUC is also kept over the whole generation so far (``cumulative_auc``: the micro-batches'
-   log-odds bins, :func:`batch_layer.evaluation.auc_bins`, add up, so no row is kept): the
+   log-odds bins, :func:`lambda_ml.metrics.auc_bins`, add up, so no row is kept): the
    champion's as its version tag ``quality.progressive_auc``, the online model's in its update,
    so that serving's ``quality`` policy compares the two on the same rows, and on all of them
    rather than on the last micro-batch's few hundred;
@@ -50,7 +50,6 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, LongType, StringType, StructField, StructType
 
-from batch_layer.evaluation import AucBins, add_bins, area_under_roc, auc_bins, sorted_bins
 from lambda_ml import buckets, contract
 from lambda_ml.config import OnlineConfig, PlatformConfig, parse_duration
 from lambda_ml.contract import INDICATOR, Horizon, LinearWeights, ModelInputs, ModelUpdate
@@ -64,13 +63,12 @@ from lambda_ml.features import (
     feature_events,
     merge_buckets,
 )
+from lambda_ml.metrics import AucBins, add_bins, auc_bins, bins_auc, log_loss
 from lambda_ml.schemas import CLICK, IMPRESSION
 from speed_layer.ingest import bronze_path
 
 log = logging.getLogger(__name__)
 
-# Probabilities are clipped to [EPSILON, 1 - EPSILON] in the log loss (log 0 is -inf).
-EPSILON = 1e-15
 MODEL_TABLE = ("speed", "online_model")
 SPEED_P, CHAMPION_P = "_speed_p", "_champion_p"
 
@@ -158,11 +156,6 @@ class StepMetrics:
     positives: int = 0
 
 
-def _log_loss(p: Column, y: Column) -> Column:
-    clipped = F.least(F.greatest(p, F.lit(EPSILON)), F.lit(1 - EPSILON))
-    return -(y * F.log(clipped) + (F.lit(1.0) - y) * F.log(F.lit(1.0) - clipped))
-
-
 @dataclass(frozen=True)
 class Gradient:
     """The mean log-loss gradient of a model over a batch, and what it was scored (before the step)."""
@@ -183,13 +176,13 @@ def batch_gradient(batch: DataFrame, model: LinearModel, baseline: LinearModel |
         F.count(F.lit(1)).alias("rows"),
         F.sum(y).alias("positives"),
         F.sum(error).alias("g_intercept"),
-        F.sum(_log_loss(p, y)).alias("loss"),
+        F.sum(log_loss(p, y)).alias("loss"),
     ]
     sums += [F.sum(error * term_column(name)).alias(f"g_{i}") for i, name in enumerate(model.names)]
     sums += [F.sum(term_column(name) * term_column(name)).alias(f"x2_{i}") for i, name in enumerate(model.names)]
     if baseline is not None:
         q = baseline.probability() if isinstance(baseline, LinearModel) else baseline
-        sums.append(F.sum(_log_loss(q, y)).alias("baseline_loss"))
+        sums.append(F.sum(log_loss(q, y)).alias("baseline_loss"))
     row = batch.agg(*sums).first()
     assert row is not None  # a global aggregate has one row
     n = int(row["rows"])
@@ -471,7 +464,7 @@ def _bin_rows(bins: AucBins) -> list[dict[str, Any]]:
 
 def cumulative_auc(bins: AucBins | None) -> float | None:
     """The AUC of bins (None without both classes)."""
-    value = area_under_roc(sorted_bins(bins or {}))
+    value = bins_auc(bins or {})
     return None if math.isnan(value) else value
 
 

@@ -167,7 +167,7 @@ def test_the_saved_state_brings_back_ftrl_accumulators_and_the_generation_auc(sp
     """What a restart of the online query reads back: the FTRL state of the last step, and the
     progressive AUC of every saved micro-batch of its generation (bins summed), not of other
     generations."""
-    from batch_layer.evaluation import area_under_roc
+    from lambda_ml.metrics import area_under_roc
 
     local = isolated(cfg, "ctr-online-state", lake_root=tmp_path / "lake")
 
