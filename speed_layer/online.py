@@ -1,25 +1,45 @@
-"""The speed layer's online model: a logistic regression learning from each micro-batch of newly
-labelled impressions, between two batch runs.
+"""The speed layer's online model: a logistic regression learning from impressions whose label is
+final, between two batch runs.
 
-The ``online`` query reads the silver labels' change feed (the impressions whose label just
-became known). Each micro-batch (:class:`OnlineLearner`):
+The silver labels get an impression's click as soon as it arrives, but its non-click only once
+the labels query's watermark has passed its attribution window (``ctr.attribution_window_minutes``
++ ``speed.watermark_minutes`` of event time later), and each of that query's commits holds one
+kind or the other: learning from labels as they arrive would feed the model a micro-batch of
+clicks, then one of non-clicks, pulling it to and fro. So the model learns from **final labels only**, in **stretches of event time**
+(``speed.online.step_minutes``, aligned on the epoch):
 
-1. attaches the labelled impressions' point-in-time window features with the batch layer's own
+* a label is final once the labels query has closed its window. When that query writes a
+  non-click for an impression at ``t``, its watermark has passed ``t`` + the window, so it has
+  already written the final label of every impression at or before ``t``: the newest non-click
+  in the labels table closes every stretch that ends at or before it (:func:`closed_stretches`);
+* each closed stretch is one step, in event-time order, on its clicks and non-clicks together;
+  ``learned_until`` (saved with the model) is the end of the last stretch learned from, the
+  frontier the next micro-batch goes on from. The weights are then a function of the final
+  labels alone, whatever the order and the micro-batches they arrived in. A label written after
+  its stretch was learned from (an impression the labels query took as late) is skipped and
+  counted in the log: the next batch run has it.
+
+The ``online`` query reads the silver labels' change feed, which tells it when labels were
+written; it then reads the labels table at the newest version of the micro-batch (a replay reads
+the same). Each micro-batch that closes stretches (:class:`OnlineLearner`):
+
+1. attaches the final labels' point-in-time window features with the batch layer's own
    code (:func:`lambda_ml.features.add_window_features` over the bronze events before them), so
    the model sees what the batch model was trained on and what serving computes;
-2. scores every row with the current model *and* with the champion before learning from it
+2. scores every row of a stretch with the current model *and* with the champion before learning
+   from the stretch
    (progressive validation: log loss and AUC of both, to MLflow, step = micro-batch id). The
    AUC is also kept over the whole generation so far (``cumulative_auc``: the micro-batches'
    log-odds bins, :func:`lambda_ml.metrics.auc_bins`, add up, so no row is kept): the
    champion's as its version tag ``quality.progressive_auc``, the online model's in its update,
    so that serving's ``quality`` policy compares the two on the same rows, and on all of them
    rather than on the last micro-batch's few hundred;
-3. takes one step on the mean log loss, SGD (``+ l2/2·|w|²``) or FTRL-Proximal
+3. takes one step per stretch on its mean log loss, SGD (``+ l2/2·|w|²``) or FTRL-Proximal
    (``speed.online.algorithm``: per-coordinate step sizes, exact zeros with ``l1``): a single
    Spark aggregate sums the gradient over every partition, and only that one row of sums
    reaches the driver;
-4. saves the model in ``speed/online_model`` (one row per micro-batch, an idempotent Delta
-   append keyed by the batch id) and publishes it to the compacted model-updates topic
+4. saves the model and ``learned_until`` in ``speed/online_model`` (one row per micro-batch, an
+   idempotent Delta append keyed by the batch id) and publishes it to the compacted model-updates topic
    (``lambda_ml.contract.ModelUpdate``, alias ``speed``, stamped with its generation);
 5. every ``speed.online.register_every`` updates, registers it in MLflow (see
    :mod:`speed_layer.online_registry`).
@@ -31,9 +51,11 @@ horizon. A champion that is not a logistic regression is still the baseline it i
 against, but the weights come from the latest registered logistic regression, else zeros.
 Categories the model has not seen yet join it with weight 0 (what a wider model would hold).
 
-A restart resumes from the last saved micro-batch; a micro-batch replayed after a crash finds
-its row already saved and does not step again (its update is published again: at least once,
-idempotent by key, generation and update count).
+A restart resumes from the last saved micro-batch and its ``learned_until``, so an impression
+is learned from once across crashes; a micro-batch replayed after a crash finds its row already
+saved and does not step again (its update is published again: at least once, idempotent by key,
+generation and update count). Without a saved frontier (the first start) learning starts at the
+stretch of the earliest labelled impression.
 """
 
 from __future__ import annotations
@@ -44,6 +66,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -71,6 +94,7 @@ log = logging.getLogger(__name__)
 
 MODEL_TABLE = ("speed", "online_model")
 SPEED_P, CHAMPION_P = "_speed_p", "_champion_p"
+STRETCH = "_stretch"  # a row's stretch of event time: floor(event time / step width)
 
 
 def term_column(term: str) -> Column:
@@ -304,6 +328,70 @@ def learn_step(
     return sgd_step(batch, model, online.learning_rate, online.l2, baseline)
 
 
+def stretch_index(event_time: Column, width_micros: int) -> Column:
+    """The stretch of event time a row belongs to: ``floor(micros / width)`` (aligned on the epoch)."""
+    return F.floor(F.unix_micros(event_time) / F.lit(width_micros)).cast("long")
+
+
+def closed_stretches(labels: DataFrame, learned_until: int | None, width_micros: int) -> tuple[int, int] | None:
+    """The stretches of event time whose labels are all final and not learned from yet, as
+    ``[start, end)`` in epoch microseconds (whole stretches of ``width_micros``); None if none.
+
+    ``labels`` are silver label rows. The newest non-click (label 0) closes every stretch ending
+    at or before it: the labels query writes a non-click for ``t`` only once its watermark has
+    passed ``t`` plus the attribution window, when every impression at or before ``t`` has its
+    final label in the table (see the module docstring). Learning goes on from ``learned_until``,
+    else from the stretch of the earliest labelled impression.
+    """
+    micros = F.unix_micros("event_time")
+    pending = labels if learned_until is None else labels.where(micros >= F.lit(learned_until))
+    row = pending.agg(F.min(micros), F.max(F.when(F.col(LABEL) == 0.0, micros))).first()
+    assert row is not None  # a global aggregate has one row
+    earliest, newest_negative = row
+    if newest_negative is None:
+        return None
+    start = learned_until if learned_until is not None else int(earliest) - int(earliest) % width_micros
+    end = int(newest_negative) - int(newest_negative) % width_micros  # the stretches before the one it is in
+    return (start, end) if end > start else None
+
+
+def learn_stretches(
+    featured: DataFrame,
+    model: LinearModel,
+    online: OnlineConfig,
+    categorical: tuple[str, ...] = (),
+    baseline: Column | None = None,
+) -> tuple[LinearModel, StepMetrics, AucBins]:
+    """One step of :func:`learn_step` per stretch of ``featured`` (rows with the model's inputs,
+    ``label`` and :data:`STRETCH`), in stretch order, each stretch scored before it is learned
+    from: the stepped model, the rows' progressive log loss (the model's and ``baseline``'s, a
+    column holding the champion's probability) and the model's log-odds bins.
+
+    Categories of ``categorical`` inputs a stretch brings join the model (weight 0) before its
+    step, so that the terms, like the weights, depend on the stretches alone.
+    """
+    seen = featured.select(STRETCH, *categorical).distinct().collect()
+    terms: dict[int, set[str]] = {}
+    for row in seen:
+        terms.setdefault(int(row[STRETCH]), set()).update(f"{n}{INDICATOR}{row[n]}" for n in categorical if row[n] is not None)
+    rows = positives = 0
+    loss = baseline_loss = 0.0
+    bins: AucBins = {}
+    for stretch in sorted(terms):
+        model = model.with_terms(sorted(terms[stretch]))
+        scored = featured.where(F.col(STRETCH) == stretch).withColumn(SPEED_P, model.probability())
+        model, metrics = learn_step(scored, model, online, baseline)
+        if metrics.rows == 0:
+            continue
+        rows, positives = rows + metrics.rows, positives + metrics.positives
+        loss += metrics.rows * (metrics.log_loss or 0.0)
+        baseline_loss += metrics.rows * (metrics.baseline_log_loss or 0.0)
+        bins = add_bins(bins, auc_bins(scored, SPEED_P))
+    if rows == 0:
+        return model, StepMetrics(0, None, None), bins
+    return model, StepMetrics(rows, loss / rows, baseline_loss / rows if baseline is not None else None, positives), bins
+
+
 def update_of(model: LinearModel, registered_model: str, quality: float | None = None) -> ModelUpdate:
     """The model-update record of an online model (alias ``speed``)."""
     if not all(math.isfinite(w) for w in (*model.weights, model.intercept)):
@@ -429,6 +517,9 @@ STATE_SCHEMA = StructType(
         StructField("query_id", StringType(), True),
         # Counts the saved rows: the latest is the one with the highest (batch ids restart).
         StructField("sequence", LongType(), False),
+        # Every impression before this instant (epoch microseconds) was learned from: the end of
+        # the last stretch of event time learned from, where the next step goes on.
+        StructField("learned_until", LongType(), True),
     ]
 )
 
@@ -447,6 +538,7 @@ class SavedState:
     sequence: int = 0
     bins: AucBins | None = None  # the generation's log-odds bins, the online model's
     champion_bins: AucBins | None = None  # and the champion's, on the same rows
+    learned_until: int | None = None  # epoch microseconds: every impression before it was learned from
 
     def continues(self, model: LinearModel, champion_version: int | None) -> bool:
         """Whether ``model`` belongs to this state's generation (its bins go on adding up)."""
@@ -496,9 +588,11 @@ def load_state(spark: SparkSession, cfg: PlatformConfig) -> SavedState | None:
     if "auc_bins" in saved.columns:  # rows saved before the bins were kept have none
         for part in saved.where(same).select("auc_bins", "champion_auc_bins").collect():
             bins, champion_bins = add_bins(bins, _bins_of(part[0])), add_bins(champion_bins, _bins_of(part[1]))
+    learned_until = row["learned_until"] if "learned_until" in saved.columns else None
     return SavedState(
-        row["batch_id"], model, row["champion_version"], cumulative_auc(bins), row["query_id"], row["sequence"], bins, champion_bins
-    )
+        row["batch_id"], model, row["champion_version"], cumulative_auc(bins), row["query_id"], row["sequence"], bins, champion_bins,
+        learned_until,
+    )  # fmt: skip
 
 
 def checkpoint_query_id(spark: SparkSession, cfg: PlatformConfig) -> str | None:
@@ -693,7 +787,24 @@ class OnlineLearner:
             log.info("online micro-batch %d was learned from before (replayed): no new step", batch_id)
             self._publish(update_of(self.state.model, cfg.mlflow.registered_model, self.state.auc))
             return
-        labelled = batch.where(F.col("_change_type") == "insert").drop("_change_type", "_commit_version", "_commit_timestamp")
+        learned_until = self.state.learned_until if self.state is not None else None
+        version = self._labels_version(batch, batch_id, learned_until)
+        if version is None:
+            return
+        from speed_layer.labels import labels_path
+
+        width = online.step_minutes * 60_000_000
+        labels = spark.read.format("delta").option("versionAsOf", version).load(labels_path(cfg))
+        stretches = closed_stretches(labels, learned_until, width)
+        if stretches is None:
+            log.info(
+                "online micro-batch %d: no stretch of %d minutes of event time has all its labels final yet (learned until %s)",
+                batch_id, online.step_minutes, _instant(learned_until),
+            )  # fmt: skip
+            return
+        start, end = stretches
+        micros = F.unix_micros("event_time")
+        final = labels.where((micros >= F.lit(start)) & (micros < F.lit(end)))
         model = self._current_model(spark)
         impressions = spark.read.format("delta").load(bronze_path(cfg, "impressions"))
         clicks = spark.read.format("delta").load(bronze_path(cfg, "clicks"))
@@ -706,27 +817,43 @@ class OnlineLearner:
                 "the batch views merged with the speed increments (as serving)" if bucket_rows is not None
                 else "bronze over the longest window (no batch views yet)",
             )  # fmt: skip
-        featured = labelled_features(labelled, impressions, clicks, cfg, bucket_rows).select(
+        featured = labelled_features(final, impressions, clicks, cfg, bucket_rows).select(
             *[F.col(n).cast("double").alias(n) for n in inputs.numeric],
             *[F.col(n).cast("string").alias(n) for n in inputs.categorical],
             F.col(LABEL),
+            stretch_index(F.col("event_time"), width).alias(STRETCH),
         )
         assert self.champion is not None
         featured, champion_p = self.champion.probability(featured)
         featured = featured.persist()
         try:
-            seen = featured.select(*inputs.categorical).distinct().collect() if inputs.categorical else []
-            terms = sorted({f"{n}{INDICATOR}{row[n]}" for row in seen for n in inputs.categorical if row[n] is not None})
-            model = model.with_terms(terms)
-            scored = featured.withColumn(SPEED_P, model.probability())
-            stepped, metrics = learn_step(scored, model, online, F.col(CHAMPION_P) if champion_p is not None else None)
+            stepped, metrics, bins = learn_stretches(featured, model, online, inputs.categorical, champion_p)
             if metrics.rows == 0:
-                log.info("online micro-batch %d: no newly labelled impressions", batch_id)
+                log.info("online micro-batch %d: no labelled impressions in the closed stretches", batch_id)
                 return
-            bins = Progress(auc_bins(scored, SPEED_P), auc_bins(scored, CHAMPION_P) if champion_p is not None else {})
-            self._commit(spark, batch_id, query_id, stepped, metrics, bins, featured)
+            progress = Progress(bins, auc_bins(featured, CHAMPION_P) if champion_p is not None else {})
+            self._commit(spark, batch_id, query_id, stepped, metrics, progress, featured, model.updates, stretches)
         finally:
             featured.unpersist()
+
+    def _labels_version(self, batch: DataFrame, batch_id: int, learned_until: int | None) -> int | None:
+        """The newest labels-table version of a change-feed micro-batch (None if it has no
+        rows); logs the labels it inserts before ``learned_until``, which are skipped."""
+        late = F.lit(False)
+        if learned_until is not None:
+            late = (F.col("_change_type") == "insert") & (F.unix_micros("event_time") < F.lit(learned_until))
+        row = batch.agg(F.max("_commit_version"), F.sum(late.cast("long"))).first()
+        assert row is not None  # a global aggregate has one row
+        if row[0] is None:
+            log.info("online micro-batch %d: no new labels", batch_id)
+            return None
+        if row[1]:
+            log.warning(
+                "online micro-batch %d: %d impressions were labelled after their stretch of event time was learned from "
+                "(before %s): the online model skips them, the next batch run learns from them",
+                batch_id, row[1], _instant(learned_until),
+            )  # fmt: skip
+        return int(row[0])
 
     def _commit(
         self,
@@ -737,8 +864,11 @@ class OnlineLearner:
         metrics: StepMetrics,
         batch: Progress,
         featured: DataFrame,
+        updates_before: int,
+        stretches: tuple[int, int],
     ) -> None:
-        """Save the stepped model for ``batch_id``, then report, publish and maybe register it."""
+        """Save the stepped model and the stretches it learned from (``[start, end)``, epoch
+        microseconds) for ``batch_id``, then report, publish and maybe register it."""
         cfg, online = self.cfg, self.cfg.speed.online
         assert self.champion is not None
         sequence = 0 if self.state is None else self.state.sequence + 1
@@ -770,21 +900,26 @@ class OnlineLearner:
             "scales": None if stepped.scales is None else list(stepped.scales),
             "query_id": query_id,
             "sequence": sequence,
+            "learned_until": stretches[1],
         }
         save_state(spark, cfg, batch_id, state)
-        self.state = SavedState(batch_id, stepped, self.champion.version, total_auc, query_id, sequence, so_far.bins, so_far.champion_bins)
+        self.state = SavedState(
+            batch_id, stepped, self.champion.version, total_auc, query_id, sequence, so_far.bins, so_far.champion_bins, stretches[1]
+        )
         log.info(
-            "online micro-batch %d: %d labelled impressions (%d clicked); progressive log loss %.4f (champion %s), "
-            "AUC %s (champion %s), over the generation so far %s (champion %s); update %d of %s",
-            batch_id, metrics.rows, metrics.positives, metrics.log_loss or 0.0, _fmt(metrics.baseline_log_loss),
-            _fmt(auc), _fmt(champion_auc), _fmt(total_auc), _fmt(champion_total_auc), stepped.updates, stepped.generation,
+            "online micro-batch %d: %d impressions with final labels (%d clicked) of event time [%s, %s); progressive "
+            "log loss %.4f (champion %s), AUC %s (champion %s), over the generation so far %s (champion %s); update %d of %s",
+            batch_id, metrics.rows, metrics.positives, _instant(stretches[0]), _instant(stretches[1]), metrics.log_loss or 0.0,
+            _fmt(metrics.baseline_log_loss), _fmt(auc), _fmt(champion_auc), _fmt(total_auc), _fmt(champion_total_auc),
+            stepped.updates, stepped.generation,
         )  # fmt: skip
         self._log_metrics(batch_id, metrics, {
             "online.auc": auc, "online.champion_auc": champion_auc,
             "online.cumulative_auc": total_auc, "online.champion_cumulative_auc": champion_total_auc,
         })  # fmt: skip
         self._publish(update_of(stepped, cfg.mlflow.registered_model, total_auc))
-        if online.register_every and stepped.updates % online.register_every == 0:
+        # Several steps per micro-batch: register when they passed a multiple of register_every.
+        if online.register_every and stepped.updates // online.register_every > updates_before // online.register_every:
             self._register(spark, stepped, total_auc, batch_id, featured)
 
     def _current_model(self, spark: SparkSession) -> LinearModel:
@@ -880,6 +1015,13 @@ class OnlineLearner:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _instant(micros: int | None) -> str:
+    """Epoch microseconds as a UTC time for the logs."""
+    if micros is None:
+        return "nothing yet"
+    return datetime.fromtimestamp(micros / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def start_online(spark: SparkSession, cfg: PlatformConfig, trigger: Any) -> Any:
