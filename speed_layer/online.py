@@ -125,16 +125,21 @@ class LinearModel:
     updates: int = 0  # steps taken since the warm start
     base_version: int = 0  # the registry version it was warm-started from (0: none)
     ftrl: FtrlState | None = None  # FTRL-Proximal's per-coordinate state, when it learns with FTRL
-    # Each term's scale (root mean square on the first micro-batch it appeared in; None until
-    # then): steps are taken on the standardised terms x / scale, so that a count in the
-    # thousands and a rate near 0.05 move the margin alike.
+    # Each term's scale (None until it appeared): steps are taken on the standardised terms
+    # x / scale, so that a count in the thousands and a rate near 0.05 move the margin alike.
+    # SGD: the root mean square over every row learned from in the generation (see rescaled);
+    # FTRL: the root mean square on the first step the term appeared in (its z and n hold it).
     scales: tuple[float | None, ...] | None = None
+    squares: tuple[float, ...] | None = None  # SGD: each term's sum of squares over the rows learned from
+    square_rows: int = 0  # and how many rows that is
 
     def __post_init__(self) -> None:
         if len(self.names) != len(self.weights):
             raise ValueError(f"{len(self.names)} feature names but {len(self.weights)} weights")
         if self.scales is not None and len(self.scales) != len(self.weights):
             raise ValueError(f"{len(self.scales)} scales for {len(self.weights)} weights")
+        if self.squares is not None and len(self.squares) != len(self.weights):
+            raise ValueError(f"{len(self.squares)} sums of squares for {len(self.weights)} weights")
         if self.ftrl is not None and len(self.ftrl.z) != len(self.weights) + 1:
             raise ValueError(f"FTRL state for {len(self.ftrl.z) - 1} weights, the model has {len(self.weights)}")
 
@@ -155,13 +160,27 @@ class LinearModel:
             zeros = (0.0,) * len(new)
             ftrl = FtrlState(ftrl.z[:-1] + zeros + ftrl.z[-1:], ftrl.n[:-1] + zeros + ftrl.n[-1:])
         scales = None if self.scales is None else self.scales + (None,) * len(new)
-        return replace(self, names=self.names + tuple(new), weights=self.weights + (0.0,) * len(new), ftrl=ftrl, scales=scales)
+        squares = None if self.squares is None else self.squares + (0.0,) * len(new)  # 0 on every earlier row
+        return replace(
+            self, names=self.names + tuple(new), weights=self.weights + (0.0,) * len(new), ftrl=ftrl, scales=scales, squares=squares
+        )
 
     def scaled(self, rms: tuple[float, ...]) -> LinearModel:
         """The model with a scale for every term: those it has kept, ``rms`` (of this batch)
         for the others (1 for a term that was 0 on every row)."""
         known = self.scales or (None,) * len(self.weights)
         return replace(self, scales=tuple(s if s is not None else (r if r > 0 else 1.0) for s, r in zip(known, rms)))
+
+    def rescaled(self, rms: tuple[float, ...], rows: int) -> LinearModel:
+        """The model with each term's scale the root mean square over every row learned from so
+        far, these ``rows`` (of root mean square ``rms``) included; 1 for a term 0 on all of them.
+        A scale fixed on the first rows would stay tiny for counts that start near 0 at the head
+        of a stream, and blow up the steps on later rows."""
+        known = self.squares or (0.0,) * len(self.weights)
+        squares = tuple(q + r * r * rows for q, r in zip(known, rms))
+        total = self.square_rows + rows
+        scales = tuple(math.sqrt(q / total) if q > 0 else 1.0 for q in squares)
+        return replace(self, squares=squares, square_rows=total, scales=scales)
 
     def as_weights(self) -> LinearWeights:
         return LinearWeights(self.names, self.weights, self.intercept)
@@ -225,7 +244,7 @@ def scaled_gradient(
     batch: DataFrame, model: LinearModel, baseline: LinearModel | Column | None = None
 ) -> tuple[LinearModel, Gradient] | None:
     """:func:`batch_gradient`, and the model with a scale for every term (new terms take this
-    batch's root mean square); None for an empty batch. What every step starts from."""
+    batch's root mean square); None for an empty batch. What an FTRL step starts from."""
     gradient = batch_gradient(batch, model, baseline)
     return None if gradient is None else (model.scaled(gradient.rms), gradient)
 
@@ -241,14 +260,15 @@ def sgd_step(
     columns and ``label``), with the log loss before the step of the model and of ``baseline``
     (a model, or a column holding its probability); the model unchanged if the batch is empty.
 
-    The step is taken on the standardised terms (``x / scale``, weights ``w̃ = w·scale``): in
-    the raw weights, ``w -= learning_rate · (g / scale² + l2·w)``."""
+    The step is taken on the standardised terms (``x / scale``, weights ``w̃ = w·scale``, each
+    scale the root mean square over every row learned from so far, :meth:`LinearModel.rescaled`):
+    in the raw weights, ``w -= learning_rate · (g / scale² + l2·w)``."""
     if learning_rate <= 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate}")
-    found = scaled_gradient(batch, model, baseline)
-    if found is None:
+    gradient = batch_gradient(batch, model, baseline)
+    if gradient is None:
         return model, StepMetrics(0, None, None)
-    model, gradient = found
+    model = model.rescaled(gradient.rms, gradient.metrics.rows)
     assert model.scales is not None
     weights = tuple(
         w - learning_rate * (g / (s * s) + l2 * w) for w, g, s in zip(model.weights, gradient.weights, model.scales)  # type: ignore[operator]
@@ -512,6 +532,9 @@ STATE_SCHEMA = StructType(
         StructField("ftrl_n", ArrayType(DoubleType(), False), True),
         # Each term's scale (see LinearModel.scales; null for a term not seen in a batch yet).
         StructField("scales", ArrayType(DoubleType(), True), True),
+        # SGD: each term's sum of squares over the rows learned from, and their count (the scales' source).
+        StructField("squares", ArrayType(DoubleType(), False), True),
+        StructField("square_rows", LongType(), True),
         # The streaming query (its checkpoint) whose micro-batch this was: batch ids restart
         # from 0 with a new checkpoint, and only the same query's ids mean a replay.
         StructField("query_id", StringType(), True),
@@ -576,9 +599,12 @@ def load_state(spark: SparkSession, cfg: PlatformConfig) -> SavedState | None:
     if "ftrl_z" in saved.columns and row["ftrl_z"] is not None:
         ftrl = FtrlState(tuple(row["ftrl_z"]), tuple(row["ftrl_n"]))
     scales = tuple(row["scales"]) if "scales" in saved.columns and row["scales"] is not None else None
+    squares = tuple(row["squares"]) if "squares" in saved.columns and row["squares"] is not None else None
+    square_rows = int(row["square_rows"] or 0) if "square_rows" in saved.columns else 0
     model = LinearModel(
-        tuple(row["terms"]), tuple(row["weights"]), row["intercept"], generation, row["updates"], row["base_version"], ftrl, scales
-    )
+        tuple(row["terms"]), tuple(row["weights"]), row["intercept"], generation, row["updates"], row["base_version"], ftrl, scales,
+        squares, square_rows,
+    )  # fmt: skip
     # The progressive-validation bins of every micro-batch of the same generation.
     same = F.lit(True)
     for column in ("generation_impressions", "generation_clicks", "base_version", "champion_version"):
@@ -898,6 +924,8 @@ class OnlineLearner:
             "ftrl_z": None if stepped.ftrl is None else list(stepped.ftrl.z),
             "ftrl_n": None if stepped.ftrl is None else list(stepped.ftrl.n),
             "scales": None if stepped.scales is None else list(stepped.scales),
+            "squares": None if stepped.squares is None else list(stepped.squares),
+            "square_rows": stepped.square_rows,
             "query_id": query_id,
             "sequence": sequence,
             "learned_until": stretches[1],

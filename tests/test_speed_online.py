@@ -81,6 +81,21 @@ def _scales(x: np.ndarray) -> np.ndarray:
     return np.where(rms > 0, rms, 1.0)
 
 
+class _RunningScales:
+    """SGD's scales: each column's root mean square over every row stepped on so far."""
+
+    def __init__(self) -> None:
+        self.squares: np.ndarray | None = None
+        self.rows = 0
+
+    def add(self, x: np.ndarray) -> np.ndarray:
+        squares = (x**2).sum(axis=0)
+        self.squares = squares if self.squares is None else self.squares + squares
+        self.rows += len(x)
+        rms = np.sqrt(self.squares / self.rows)
+        return np.where(rms > 0, rms, 1.0)
+
+
 def _reference_step(
     w: np.ndarray, b: float, x: np.ndarray, y: np.ndarray, lr: float, l2: float, s: np.ndarray
 ) -> tuple[np.ndarray, float, float]:
@@ -99,10 +114,10 @@ def test_sgd_steps_match_numpy_and_validate_before_learning(spark: SparkSession)
     model, w, b = champion, np.array(champion.weights), champion.intercept
     lr, l2 = 0.5, 0.01
     losses = []
-    scales = None
+    running = _RunningScales()
     for batch in batches:
         part = np.array([[r.x1, r.x2, r.x3, r.label] for r in batch.collect()])  # the reference's copy only
-        scales = _scales(part[:, :3]) if scales is None else scales  # fixed by the first batch
+        scales = running.add(part[:, :3])  # over every row so far, this batch's included
         model, metrics = sgd_step(batch, model, lr, l2, baseline=champion)
         w_ref, b_ref, loss_ref = _reference_step(w, b, part[:, :3], part[:, 3], lr, l2, scales)
         champion_loss = _reference_step(np.array(champion.weights), champion.intercept, part[:, :3], part[:, 3], lr, l2, scales)[2]
@@ -367,7 +382,7 @@ def test_the_online_query_learns_like_numpy_sgd_whatever_the_label_order_and_rea
     b = float(pipeline.stages[-1].intercept)
     w0, b0 = w.copy(), b
     learned_until = None
-    scales = None
+    running = _RunningScales()
     per_batch: list[dict[str, Any]] = []
     seen_y, seen_scores, seen_champion = [], [], []  # every row so far: the progressive AUC over the generation
     for k in range(3):
@@ -378,7 +393,7 @@ def test_the_online_query_learns_like_numpy_sgd_whatever_the_label_order_and_rea
         ys, scores, champion_scores, losses, champion_losses = [], [], [], [], []
         for part in stretches.values():
             x, y = _design(part, inputs.numeric, slots), np.array([r[LABEL] for r in part])
-            scales = _scales(x) if scales is None else scales  # each term's, on the first step
+            scales = running.add(x)  # each term's, over every row stepped on so far
             champion_losses.append(_reference_step(w0, b0, x, y, lr, l2, scales)[2] * len(y))
             ys.append(y)
             scores.append(x @ w + b)  # scored before learning from the rows
