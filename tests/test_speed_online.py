@@ -40,19 +40,9 @@ from serving_layer.updates import ModelUpdateListener
 from speed_layer import app, ingest
 from speed_layer.labels import LABEL_SCHEMA, ensure_labels_table, labels_path, merge_labels
 from speed_layer.monitor import metrics_experiment
-from speed_layer.online import (
-    FtrlState,
-    LinearModel,
-    OnlineLearner,
-    closed_stretches,
-    ftrl_step,
-    load_state,
-    model_table,
-    publish_updates,
-    save_state,
-    sgd_step,
-    update_of,
-)
+from speed_layer.online import OnlineLearner, publish_updates, update_of
+from speed_layer.online_state import load_state, model_table, save_state
+from speed_layer.online_steps import FtrlState, LinearModel, closed_stretches, ftrl_step, sgd_step
 
 NAMES = ("x1", "x2", "x3")
 TRUE_W, TRUE_B = np.array([1.5, -2.0, 0.5]), -0.3
