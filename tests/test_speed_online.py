@@ -1,7 +1,9 @@
 """Online logistic regression: SGD steps computed with Spark aggregates equal a NumPy reference,
 progressive validation scores each batch before learning from it, and the streaming
 application's ``online`` query, fed by the silver labels, learns exactly what a plain NumPy SGD
-learns from the same rows with the batch layer's features, warm-started from the champion; a
+learns from the same rows with the batch layer's features, one step per stretch of event time
+once its labels are final, warm-started from the champion, whatever order the labels arrive in;
+on a stationary stream through the real labels query it scores within 5 % of the champion; a
 replayed micro-batch does not step twice; its updates reach the serving layer's model store over
 the real broker (stale ones ignored) and a ``layer=speed`` version is registered (real Spark,
 Delta, Kafka and MLflow)."""
