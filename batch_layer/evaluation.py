@@ -21,9 +21,9 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from lambda_ml.features import LABEL
+from lambda_ml.metrics import auc_bins, bins_auc, log_loss
 
 CLICK_PROBABILITY = "click_probability"
-_EPSILON = 1e-15  # log loss clips probabilities away from 0 and 1
 
 
 class TrainingError(RuntimeError):
@@ -79,79 +79,22 @@ def score(model: Transformer, df: DataFrame) -> DataFrame:
     return model.transform(df).withColumn(CLICK_PROBABILITY, vector_to_array("probability")[1])
 
 
-# The AUC ranks rows by their log-odds in bins of this width: rows in one bin count as tied.
-AUC_LOGIT_BIN = 1e-3
-
-
 def auc(scored: DataFrame) -> float:
     """Area under the ROC curve of ``click_probability`` against ``label`` (NaN without both
     classes).
 
-    One aggregation: positives and negatives per bin of log-odds (width :data:`AUC_LOGIT_BIN`,
-    at most ~70,000 bins whatever the row count; :func:`auc_bins`), then the Mann-Whitney sum on
-    the driver, each (positive, negative) pair in one bin counted as a tie (one half). That is
-    exact for probabilities more than a bin apart, and off by at most half the share of pairs
-    sharing a bin otherwise (about 1e-5 on a click model's scores); Spark's evaluator, which
-    sorts every row and down-samples the curve to 1,000 points, is both slower and coarser.
+    One aggregation: positives and negatives per bin of log-odds (width
+    :data:`lambda_ml.metrics.AUC_LOGIT_BIN`; :func:`lambda_ml.metrics.auc_bins`), then the
+    Mann-Whitney sum on the driver, each (positive, negative) pair in one bin counted as a tie
+    (one half). That is exact for probabilities more than a bin apart, and off by at most half
+    the share of pairs sharing a bin otherwise (about 1e-5 on a click model's scores); Spark's
+    evaluator, which sorts every row and down-samples the curve to 1,000 points, is both slower
+    and coarser.
 
     Ranks on the probability rather than on a model-specific raw score, so any two models
     scored on the same rows (the gate's new model and champion) are measured the same way.
     """
-    return area_under_roc(sorted_bins(auc_bins(scored)))
-
-
-AucBins = dict[int, tuple[float, float]]  # log-odds bin -> (positives, negatives)
-
-
-def auc_bins(scored: DataFrame, probability: str = CLICK_PROBABILITY) -> AucBins:
-    """Positives and negatives of ``label`` per log-odds bin of the ``probability`` column: what
-    :func:`auc` sums. Bins of several sets of rows add up (:func:`add_bins`), so an AUC over
-    rows seen in many passes needs only the bins, never the rows."""
-    p = F.least(F.greatest(F.col(probability).cast("double"), F.lit(_EPSILON)), F.lit(1 - _EPSILON))
-    index = F.floor(F.log(p / (F.lit(1.0) - p)) / F.lit(AUC_LOGIT_BIN))
-    label = F.col(LABEL).cast("double")
-    counts = scored.groupBy(index.alias("bin")).agg(F.sum(label).alias("positives"), F.sum(F.lit(1.0) - label).alias("negatives"))
-    return {int(r["bin"]): (float(r["positives"]), float(r["negatives"])) for r in counts.collect()}
-
-
-def add_bins(*parts: AucBins) -> AucBins:
-    """The bins of the union of the rows ``parts`` were counted over.
-
-    >>> add_bins({1: (1.0, 0.0)}, {1: (0.0, 2.0), 3: (1.0, 1.0)})
-    {1: (1.0, 2.0), 3: (1.0, 1.0)}
-    """
-    total: AucBins = {}
-    for part in parts:
-        for index, (positives, negatives) in part.items():
-            before = total.get(index, (0.0, 0.0))
-            total[index] = (before[0] + positives, before[1] + negatives)
-    return total
-
-
-def sorted_bins(bins: AucBins) -> list[tuple[float, float]]:
-    """The (positives, negatives) of ``bins`` in increasing score order, for :func:`area_under_roc`."""
-    return [bins[index] for index in sorted(bins)]
-
-
-def area_under_roc(bins: Sequence[tuple[float, float]]) -> float:
-    """AUC from (positives, negatives) per score bin, in increasing score order; pairs within
-    a bin count one half.
-
-    >>> area_under_roc([(0, 2), (1, 1), (2, 0)])  # 9 pairs: 8 ranked right, 1 tie
-    0.9444444444444444
-    >>> area_under_roc([(1, 1)])
-    0.5
-    """
-    total_positives = sum(p for p, _ in bins)
-    total_negatives = sum(n for _, n in bins)
-    if not total_positives or not total_negatives:
-        return float("nan")
-    negatives_below = 0.0
-    right = 0.0
-    for positives, negatives in bins:
-        right += positives * (negatives_below + negatives / 2)
-        negatives_below += negatives
-    return right / (total_positives * total_negatives)
+    return bins_auc(auc_bins(scored, CLICK_PROBABILITY))
 
 
 @dataclass(frozen=True)
@@ -242,10 +185,9 @@ class Evaluation:
 
 def evaluate(scored: DataFrame, bins: int = 10) -> Evaluation:
     """AUC, log loss, click rate, mean prediction and calibration of scored rows (see :func:`score`)."""
-    p = F.least(F.greatest(F.col(CLICK_PROBABILITY), F.lit(_EPSILON)), F.lit(1 - _EPSILON))
     row = scored.agg(
         F.count("*").alias("rows"),
-        F.avg(-(F.col(LABEL) * F.log(p) + (1 - F.col(LABEL)) * F.log(1 - p))).alias("log_loss"),
+        F.avg(log_loss(F.col(CLICK_PROBABILITY))).alias("log_loss"),
         F.avg(LABEL).alias("ctr"),
         F.avg(CLICK_PROBABILITY).alias("mean_prediction"),
     ).first()

@@ -37,11 +37,11 @@ from pyspark.sql.types import ArrayType, DoubleType, IntegerType, LongType, Stri
 from lambda_ml import contract
 from lambda_ml.config import PlatformConfig, load_command_config
 from lambda_ml.logs import setup_logging
+from lambda_ml.metrics import log_loss
 from lambda_ml.spark import job_session
 
 log = logging.getLogger(__name__)
 
-_EPSILON = 1e-15  # log loss clips probabilities away from 0 and 1
 
 # The prediction-log record (serving_layer.prediction_log.RECORD_FIELDS), as Spark reads it.
 PREDICTION_SCHEMA = StructType(
@@ -138,12 +138,11 @@ class OnlineMetrics:
 
 def group_metrics(labelled: DataFrame) -> OnlineMetrics | None:
     """Metrics of labelled rows (``label``, ``probability``); None without rows."""
-    p = F.least(F.greatest(F.col("probability"), F.lit(_EPSILON)), F.lit(1 - _EPSILON))
     row = labelled.agg(
         F.count("*").alias("rows"),
         F.sum("label").alias("positives"),
         F.avg("probability").alias("mean_prediction"),
-        F.avg(-(F.col("label") * F.log(p) + (1 - F.col("label")) * F.log(1 - p))).alias("log_loss"),
+        F.avg(log_loss(F.col("probability"), F.col("label"))).alias("log_loss"),
     ).first()
     if row is None or not row["rows"]:
         return None

@@ -359,6 +359,7 @@ class OnlineConfig(_Model):
     ftrl_beta: float = Field(1.0, gt=0)
     l1: float = Field(0.0, ge=0)
     register_every: int = Field(50, ge=0)
+    step_minutes: int = Field(15, gt=0)
 
 
 class SpeedConfig(_Model):

@@ -107,7 +107,7 @@ def _train(cfg: PlatformConfig):  # type: ignore[no-untyped-def]
 def _online_summary(cfg: PlatformConfig, champion: int | None) -> str | None:
     """The online model's last saved step, if it learned from version ``champion``."""
     from lambda_ml.spark import get_spark
-    from speed_layer.online import load_state
+    from speed_layer.online_state import load_state
 
     state = load_state(get_spark(cfg, "demo"), cfg)
     if state is None or state.champion_version != champion:

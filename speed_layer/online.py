@@ -1,25 +1,46 @@
-"""The speed layer's online model: a logistic regression learning from each micro-batch of newly
-labelled impressions, between two batch runs.
+"""The speed layer's online model: a logistic regression learning from impressions whose label is
+final, between two batch runs.
 
-The ``online`` query reads the silver labels' change feed (the impressions whose label just
-became known). Each micro-batch (:class:`OnlineLearner`):
+The silver labels get an impression's click as soon as it arrives, but its non-click only once
+the labels query's watermark has passed its attribution window (``ctr.attribution_window_minutes``
++ ``speed.watermark_minutes`` of event time later), and each of that query's commits holds one
+kind or the other: learning from labels as they arrive would feed the model a micro-batch of
+clicks, then one of non-clicks, pulling it to and fro. So the model learns from **final labels
+only**, in **stretches of event time** (``speed.online.step_minutes``, aligned on the epoch):
 
-1. attaches the labelled impressions' point-in-time window features with the batch layer's own
+* a label is final once the labels query has closed its window. When that query writes a
+  non-click for an impression at ``t``, its watermark has passed ``t`` + the window, so it has
+  already written the final label of every impression at or before ``t``: the newest non-click
+  in the labels table closes every stretch that ends at or before it
+  (:func:`speed_layer.online_steps.closed_stretches`);
+* each closed stretch is one step, in event-time order, on its clicks and non-clicks together;
+  ``learned_until`` (saved with the model) is the end of the last stretch learned from, the
+  frontier the next micro-batch goes on from. The weights are then a function of the final
+  labels alone, whatever the order and the micro-batches they arrived in. A label written after
+  its stretch was learned from (an impression the labels query took as late) is skipped and
+  counted in the log: the next batch run has it.
+
+The ``online`` query reads the silver labels' change feed, which tells it when labels were
+written; it then reads the labels table at the newest version of the micro-batch (a replay reads
+the same). Each micro-batch that closes stretches (:class:`OnlineLearner`):
+
+1. attaches the final labels' point-in-time window features with the batch layer's own
    code (:func:`lambda_ml.features.add_window_features` over the bronze events before them), so
    the model sees what the batch model was trained on and what serving computes;
-2. scores every row with the current model *and* with the champion before learning from it
+2. scores every row of a stretch with the current model *and* with the champion before learning
+   from the stretch
    (progressive validation: log loss and AUC of both, to MLflow, step = micro-batch id). The
    AUC is also kept over the whole generation so far (``cumulative_auc``: the micro-batches'
-   log-odds bins, :func:`batch_layer.evaluation.auc_bins`, add up, so no row is kept): the
+   log-odds bins, :func:`lambda_ml.metrics.auc_bins`, add up, so no row is kept): the
    champion's as its version tag ``quality.progressive_auc``, the online model's in its update,
    so that serving's ``quality`` policy compares the two on the same rows, and on all of them
    rather than on the last micro-batch's few hundred;
-3. takes one step on the mean log loss, SGD (``+ l2/2·|w|²``) or FTRL-Proximal
+3. takes one step per stretch on its mean log loss, SGD (``+ l2/2·|w|²``) or FTRL-Proximal
    (``speed.online.algorithm``: per-coordinate step sizes, exact zeros with ``l1``): a single
    Spark aggregate sums the gradient over every partition, and only that one row of sums
    reaches the driver;
-4. saves the model in ``speed/online_model`` (one row per micro-batch, an idempotent Delta
-   append keyed by the batch id) and publishes it to the compacted model-updates topic
+4. saves the model and ``learned_until`` in ``speed/online_model`` (one row per micro-batch, an
+   idempotent Delta append keyed by the batch id) and publishes it to the compacted model-updates topic
    (``lambda_ml.contract.ModelUpdate``, alias ``speed``, stamped with its generation);
 5. every ``speed.online.register_every`` updates, registers it in MLflow (see
    :mod:`speed_layer.online_registry`).
@@ -31,29 +52,29 @@ horizon. A champion that is not a logistic regression is still the baseline it i
 against, but the weights come from the latest registered logistic regression, else zeros.
 Categories the model has not seen yet join it with weight 0 (what a wider model would hold).
 
-A restart resumes from the last saved micro-batch; a micro-batch replayed after a crash finds
-its row already saved and does not step again (its update is published again: at least once,
-idempotent by key, generation and update count).
+A restart resumes from the last saved micro-batch and its ``learned_until``, so an impression
+is learned from once across crashes; a micro-batch replayed after a crash finds its row already
+saved and does not step again (its update is published again: at least once, idempotent by key,
+generation and update count). Without a saved frontier (the first start) learning starts at the
+stretch of the earliest labelled impression.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, DoubleType, LongType, StringType, StructField, StructType
 
-from batch_layer.evaluation import AucBins, add_bins, area_under_roc, auc_bins, sorted_bins
 from lambda_ml import buckets, contract
-from lambda_ml.config import OnlineConfig, PlatformConfig, parse_duration
-from lambda_ml.contract import INDICATOR, Horizon, LinearWeights, ModelInputs, ModelUpdate
+from lambda_ml.config import PlatformConfig, parse_duration
+from lambda_ml.contract import INDICATOR, Horizon, ModelInputs, ModelUpdate
 from lambda_ml.features import (
     IMPRESSION_FIELDS,
     LABEL,
@@ -64,251 +85,30 @@ from lambda_ml.features import (
     feature_events,
     merge_buckets,
 )
+from lambda_ml.metrics import AucBins, add_bins, auc_bins
 from lambda_ml.schemas import CLICK, IMPRESSION
 from speed_layer.ingest import bronze_path
+from speed_layer.online_state import (
+    SavedState,
+    bin_rows,
+    checkpoint_query_id,
+    cumulative_auc,
+    load_state,
+    model_table,
+    save_state,
+)
+from speed_layer.online_steps import (
+    CHAMPION_P,
+    STRETCH,
+    LinearModel,
+    StepMetrics,
+    closed_stretches,
+    learn_stretches,
+    stretch_index,
+    zero_model,
+)
 
 log = logging.getLogger(__name__)
-
-# Probabilities are clipped to [EPSILON, 1 - EPSILON] in the log loss (log 0 is -inf).
-EPSILON = 1e-15
-MODEL_TABLE = ("speed", "online_model")
-SPEED_P, CHAMPION_P = "_speed_p", "_champion_p"
-
-
-def term_column(term: str) -> Column:
-    """The value of one term on a row: a numeric input as a double, or 1.0 / 0.0 for an
-    ``<input>=<category>`` indicator."""
-    name, _, value = term.partition(INDICATOR)
-    if value:
-        return F.coalesce((F.col(name).cast("string") == F.lit(value)).cast("double"), F.lit(0.0))
-    return F.col(name).cast("double")
-
-
-@dataclass(frozen=True)
-class FtrlState:
-    """FTRL-Proximal's accumulators per coordinate: the weights' in order, the intercept's last."""
-
-    z: tuple[float, ...]
-    n: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class LinearModel:
-    """A logistic regression over named terms (see :func:`term_column`), and where it comes from."""
-
-    names: tuple[str, ...]
-    weights: tuple[float, ...]
-    intercept: float
-    generation: Horizon  # the batch horizon it was warm-started from
-    updates: int = 0  # steps taken since the warm start
-    base_version: int = 0  # the registry version it was warm-started from (0: none)
-    ftrl: FtrlState | None = None  # FTRL-Proximal's per-coordinate state, when it learns with FTRL
-    # Each term's scale (root mean square on the first micro-batch it appeared in; None until
-    # then): steps are taken on the standardised terms x / scale, so that a count in the
-    # thousands and a rate near 0.05 move the margin alike.
-    scales: tuple[float | None, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.names) != len(self.weights):
-            raise ValueError(f"{len(self.names)} feature names but {len(self.weights)} weights")
-        if self.scales is not None and len(self.scales) != len(self.weights):
-            raise ValueError(f"{len(self.scales)} scales for {len(self.weights)} weights")
-        if self.ftrl is not None and len(self.ftrl.z) != len(self.weights) + 1:
-            raise ValueError(f"FTRL state for {len(self.ftrl.z) - 1} weights, the model has {len(self.weights)}")
-
-    def probability(self) -> Column:
-        """P(click) of each row as a Spark column: ``sigmoid(intercept + Σ w·x)``."""
-        margin = F.lit(self.intercept)
-        for name, weight in zip(self.names, self.weights):
-            margin = margin + term_column(name) * F.lit(weight)
-        return F.lit(1.0) / (F.lit(1.0) + F.exp(-margin))
-
-    def with_terms(self, terms: list[str]) -> LinearModel:
-        """The model with ``terms`` it lacks appended at weight 0 (same predictions)."""
-        new = [t for t in terms if t not in self.names]
-        if not new:
-            return self
-        ftrl = self.ftrl
-        if ftrl is not None:  # a new weight 0 is z = n = 0; the intercept's state stays last
-            zeros = (0.0,) * len(new)
-            ftrl = FtrlState(ftrl.z[:-1] + zeros + ftrl.z[-1:], ftrl.n[:-1] + zeros + ftrl.n[-1:])
-        scales = None if self.scales is None else self.scales + (None,) * len(new)
-        return replace(self, names=self.names + tuple(new), weights=self.weights + (0.0,) * len(new), ftrl=ftrl, scales=scales)
-
-    def scaled(self, rms: tuple[float, ...]) -> LinearModel:
-        """The model with a scale for every term: those it has kept, ``rms`` (of this batch)
-        for the others (1 for a term that was 0 on every row)."""
-        known = self.scales or (None,) * len(self.weights)
-        return replace(self, scales=tuple(s if s is not None else (r if r > 0 else 1.0) for s, r in zip(known, rms)))
-
-    def as_weights(self) -> LinearWeights:
-        return LinearWeights(self.names, self.weights, self.intercept)
-
-
-def zero_model(inputs: ModelInputs) -> LinearModel:
-    """All weights 0 over the numeric inputs (categories join as they are seen)."""
-    return LinearModel(inputs.numeric, (0.0,) * len(inputs.numeric), 0.0, Horizon())
-
-
-@dataclass(frozen=True)
-class StepMetrics:
-    rows: int
-    log_loss: float | None  # of the model before the step, on the batch (progressive validation)
-    baseline_log_loss: float | None  # of the baseline (champion) on the same rows
-    positives: int = 0
-
-
-def _log_loss(p: Column, y: Column) -> Column:
-    clipped = F.least(F.greatest(p, F.lit(EPSILON)), F.lit(1 - EPSILON))
-    return -(y * F.log(clipped) + (F.lit(1.0) - y) * F.log(F.lit(1.0) - clipped))
-
-
-@dataclass(frozen=True)
-class Gradient:
-    """The mean log-loss gradient of a model over a batch, and what it was scored (before the step)."""
-
-    weights: tuple[float, ...]
-    intercept: float
-    metrics: StepMetrics
-    rms: tuple[float, ...]  # root mean square of each term over the batch
-
-
-def batch_gradient(batch: DataFrame, model: LinearModel, baseline: LinearModel | Column | None = None) -> Gradient | None:
-    """The mean gradient of the log loss over ``batch`` (the model's columns and ``label``) in
-    one Spark aggregate, with the log loss of the model and of ``baseline`` (a model, or a
-    column holding its probability) on the same rows; None for an empty batch."""
-    p, y = model.probability(), F.col(LABEL).cast("double")
-    error = p - y
-    sums = [
-        F.count(F.lit(1)).alias("rows"),
-        F.sum(y).alias("positives"),
-        F.sum(error).alias("g_intercept"),
-        F.sum(_log_loss(p, y)).alias("loss"),
-    ]
-    sums += [F.sum(error * term_column(name)).alias(f"g_{i}") for i, name in enumerate(model.names)]
-    sums += [F.sum(term_column(name) * term_column(name)).alias(f"x2_{i}") for i, name in enumerate(model.names)]
-    if baseline is not None:
-        q = baseline.probability() if isinstance(baseline, LinearModel) else baseline
-        sums.append(F.sum(_log_loss(q, y)).alias("baseline_loss"))
-    row = batch.agg(*sums).first()
-    assert row is not None  # a global aggregate has one row
-    n = int(row["rows"])
-    if n == 0:
-        return None
-    baseline_loss = float(row["baseline_loss"]) / n if baseline is not None else None
-    return Gradient(
-        tuple(float(row[f"g_{i}"]) / n for i in range(len(model.names))),
-        float(row["g_intercept"]) / n,
-        StepMetrics(n, float(row["loss"]) / n, baseline_loss, int(row["positives"] or 0)),
-        tuple(math.sqrt(float(row[f"x2_{i}"] or 0.0) / n) for i in range(len(model.names))),
-    )
-
-
-def scaled_gradient(
-    batch: DataFrame, model: LinearModel, baseline: LinearModel | Column | None = None
-) -> tuple[LinearModel, Gradient] | None:
-    """:func:`batch_gradient`, and the model with a scale for every term (new terms take this
-    batch's root mean square); None for an empty batch. What every step starts from."""
-    gradient = batch_gradient(batch, model, baseline)
-    return None if gradient is None else (model.scaled(gradient.rms), gradient)
-
-
-def sgd_step(
-    batch: DataFrame,
-    model: LinearModel,
-    learning_rate: float,
-    l2: float = 0.0,
-    baseline: LinearModel | Column | None = None,
-) -> tuple[LinearModel, StepMetrics]:
-    """One step of SGD on the mean log loss (+ ``l2/2·|w̃|²``) over ``batch`` (the model's
-    columns and ``label``), with the log loss before the step of the model and of ``baseline``
-    (a model, or a column holding its probability); the model unchanged if the batch is empty.
-
-    The step is taken on the standardised terms (``x / scale``, weights ``w̃ = w·scale``): in
-    the raw weights, ``w -= learning_rate · (g / scale² + l2·w)``."""
-    if learning_rate <= 0:
-        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
-    found = scaled_gradient(batch, model, baseline)
-    if found is None:
-        return model, StepMetrics(0, None, None)
-    model, gradient = found
-    assert model.scales is not None
-    weights = tuple(
-        w - learning_rate * (g / (s * s) + l2 * w) for w, g, s in zip(model.weights, gradient.weights, model.scales)  # type: ignore[operator]
-    )
-    intercept = model.intercept - learning_rate * gradient.intercept
-    # An FTRL state no longer matches the weights once SGD moved them.
-    return replace(model, weights=weights, intercept=intercept, updates=model.updates + 1, ftrl=None), gradient.metrics
-
-
-def _ftrl_weight(z: float, n: float, alpha: float, beta: float, l1: float, l2: float) -> float:
-    """FTRL-Proximal's closed-form weight of one coordinate."""
-    if abs(z) <= l1:
-        return 0.0
-    return -(z - math.copysign(l1, z)) / ((beta + math.sqrt(n)) / alpha + l2)
-
-
-def ftrl_start(model: LinearModel, alpha: float, beta: float, l1: float, l2: float) -> LinearModel:
-    """The model with an FTRL state (n = 0) whose weights are its own: the warm start. FTRL
-    works on the standardised weights ``w̃ = w·scale`` (the model must have its scales); one
-    needs ``z = -(w̃·(beta/alpha + l2) + sign(w̃)·l1)``; the intercept is not penalised."""
-    assert model.scales is not None and None not in model.scales
-
-    def z_of(w: float, l1: float, l2: float) -> float:
-        return -(w * (beta / alpha + l2) + math.copysign(l1, w)) if w else 0.0
-
-    z = tuple(z_of(w * s, l1, l2) for w, s in zip(model.weights, model.scales)) + (z_of(model.intercept, 0.0, 0.0),)  # type: ignore[operator]
-    return replace(model, ftrl=FtrlState(z, (0.0,) * len(z)))
-
-
-def ftrl_step(
-    batch: DataFrame,
-    model: LinearModel,
-    alpha: float,
-    beta: float = 1.0,
-    l1: float = 0.0,
-    l2: float = 0.0,
-    baseline: LinearModel | Column | None = None,
-) -> tuple[LinearModel, StepMetrics]:
-    """One FTRL-Proximal step (McMahan et al., 2013) on the batch's mean log-loss gradient:
-    per coordinate of the standardised weights ``w̃ = w·scale`` (gradient ``g / scale``),
-    ``sigma = (sqrt(n + g²) - sqrt(n)) / alpha``, ``z += g - sigma·w``,
-    ``n += g²``, then the closed-form weight
-    ``-(z - sign(z)·l1) / ((beta + sqrt(n)) / alpha + l2)``, exactly 0 while ``|z| <= l1``
-    (sparse; the intercept is not penalised). Starts from :func:`ftrl_start` of the model if it
-    has no state yet; the model unchanged if the batch is empty."""
-    if alpha <= 0:
-        raise ValueError(f"alpha must be positive, got {alpha}")
-    found = scaled_gradient(batch, model, baseline)
-    if found is None:
-        return model, StepMetrics(0, None, None)
-    model, gradient = found
-    if model.ftrl is None:
-        model = ftrl_start(model, alpha, beta, l1, l2)
-    assert model.ftrl is not None and model.scales is not None
-    scales = (*model.scales, 1.0)  # the intercept's term is 1
-    z, n, weights = [], [], []
-    coordinates = zip((*model.weights, model.intercept), (*gradient.weights, gradient.intercept), scales, model.ftrl.z, model.ftrl.n)
-    for i, (w, g, s, z_i, n_i) in enumerate(coordinates):
-        w_s, g_s = w * s, g / s  # the standardised weight and its gradient
-        sigma = (math.sqrt(n_i + g_s * g_s) - math.sqrt(n_i)) / alpha
-        z.append(z_i + g_s - sigma * w_s)
-        n.append(n_i + g_s * g_s)
-        penalised = i < len(model.weights)
-        weights.append(_ftrl_weight(z[-1], n[-1], alpha, beta, l1 if penalised else 0.0, l2 if penalised else 0.0) / s)
-    stepped = replace(
-        model, weights=tuple(weights[:-1]), intercept=weights[-1], updates=model.updates + 1, ftrl=FtrlState(tuple(z), tuple(n))
-    )
-    return stepped, gradient.metrics
-
-
-def learn_step(
-    batch: DataFrame, model: LinearModel, online: OnlineConfig, baseline: LinearModel | Column | None = None
-) -> tuple[LinearModel, StepMetrics]:
-    """One step of the configured algorithm (``speed.online.algorithm``)."""
-    if online.algorithm == "ftrl":
-        return ftrl_step(batch, model, online.ftrl_alpha, online.ftrl_beta, online.l1, online.l2, baseline)
-    return sgd_step(batch, model, online.learning_rate, online.l2, baseline)
 
 
 def update_of(model: LinearModel, registered_model: str, quality: float | None = None) -> ModelUpdate:
@@ -396,141 +196,6 @@ def merged_bucket_rows(spark: SparkSession, cfg: PlatformConfig) -> dict[str, Da
             parts.append(after_horizon(increments, view_horizon(spark, cfg, name)))
         rows[name] = merge_buckets(parts, entity, cfg.features)
     return rows
-
-
-# --------------------------------------------------------------------------- state
-
-
-BIN_TYPE = StructType(
-    [StructField("bin", LongType(), False), StructField("positives", DoubleType(), False), StructField("negatives", DoubleType(), False)]
-)
-STATE_SCHEMA = StructType(
-    [
-        StructField("batch_id", LongType(), False),
-        StructField("generation_impressions", LongType(), True),
-        StructField("generation_clicks", LongType(), True),
-        StructField("base_version", LongType(), False),
-        StructField("updates", LongType(), False),
-        StructField("terms", ArrayType(StringType(), False), False),
-        StructField("weights", ArrayType(DoubleType(), False), False),
-        StructField("intercept", DoubleType(), False),
-        StructField("rows", LongType(), False),
-        StructField("log_loss", DoubleType(), True),
-        StructField("champion_log_loss", DoubleType(), True),
-        StructField("auc", DoubleType(), True),
-        StructField("champion_auc", DoubleType(), True),
-        StructField("champion_version", LongType(), True),
-        # Progressive AUC over the generation so far, and this micro-batch's log-odds bins it
-        # sums (bin, positives, negatives): a restart adds the bins of the generation's rows.
-        StructField("cumulative_auc", DoubleType(), True),
-        StructField("champion_cumulative_auc", DoubleType(), True),
-        StructField("auc_bins", ArrayType(BIN_TYPE, False), True),
-        StructField("champion_auc_bins", ArrayType(BIN_TYPE, False), True),
-        # FTRL-Proximal's z and n per coordinate (the weights', then the intercept's); null for SGD.
-        StructField("ftrl_z", ArrayType(DoubleType(), False), True),
-        StructField("ftrl_n", ArrayType(DoubleType(), False), True),
-        # Each term's scale (see LinearModel.scales; null for a term not seen in a batch yet).
-        StructField("scales", ArrayType(DoubleType(), True), True),
-        # The streaming query (its checkpoint) whose micro-batch this was: batch ids restart
-        # from 0 with a new checkpoint, and only the same query's ids mean a replay.
-        StructField("query_id", StringType(), True),
-        # Counts the saved rows: the latest is the one with the highest (batch ids restart).
-        StructField("sequence", LongType(), False),
-    ]
-)
-
-
-def model_table(cfg: PlatformConfig) -> str:
-    return cfg.lake.table(*MODEL_TABLE)
-
-
-@dataclass(frozen=True)
-class SavedState:
-    batch_id: int
-    model: LinearModel
-    champion_version: int | None
-    auc: float | None  # progressive AUC over the generation so far (the update's quality)
-    query_id: str | None = None
-    sequence: int = 0
-    bins: AucBins | None = None  # the generation's log-odds bins, the online model's
-    champion_bins: AucBins | None = None  # and the champion's, on the same rows
-
-    def continues(self, model: LinearModel, champion_version: int | None) -> bool:
-        """Whether ``model`` belongs to this state's generation (its bins go on adding up)."""
-        mine = self.model
-        return (mine.generation, mine.base_version, self.champion_version) == (model.generation, model.base_version, champion_version)
-
-
-def _bins_of(rows: Any) -> AucBins:
-    return {int(r["bin"]): (float(r["positives"]), float(r["negatives"])) for r in rows or ()}
-
-
-def _bin_rows(bins: AucBins) -> list[dict[str, Any]]:
-    return [{"bin": index, "positives": p, "negatives": n} for index, (p, n) in sorted(bins.items())]
-
-
-def cumulative_auc(bins: AucBins | None) -> float | None:
-    """The AUC of bins (None without both classes)."""
-    value = area_under_roc(sorted_bins(bins or {}))
-    return None if math.isnan(value) else value
-
-
-def load_state(spark: SparkSession, cfg: PlatformConfig) -> SavedState | None:
-    """The model saved by the latest micro-batch, None if none was saved yet."""
-    from delta.tables import DeltaTable
-
-    path = model_table(cfg)
-    if not DeltaTable.isDeltaTable(spark, path):
-        return None
-    saved = spark.read.format("delta").load(path)
-    row = saved.orderBy(F.col("sequence").desc()).limit(1).first()
-    if row is None:
-        return None
-    generation = Horizon(row["generation_impressions"], row["generation_clicks"])
-    ftrl = None
-    if "ftrl_z" in saved.columns and row["ftrl_z"] is not None:
-        ftrl = FtrlState(tuple(row["ftrl_z"]), tuple(row["ftrl_n"]))
-    scales = tuple(row["scales"]) if "scales" in saved.columns and row["scales"] is not None else None
-    model = LinearModel(
-        tuple(row["terms"]), tuple(row["weights"]), row["intercept"], generation, row["updates"], row["base_version"], ftrl, scales
-    )
-    # The progressive-validation bins of every micro-batch of the same generation.
-    same = F.lit(True)
-    for column in ("generation_impressions", "generation_clicks", "base_version", "champion_version"):
-        same = same & F.col(column).eqNullSafe(row[column])
-    bins: AucBins = {}
-    champion_bins: AucBins = {}
-    if "auc_bins" in saved.columns:  # rows saved before the bins were kept have none
-        for part in saved.where(same).select("auc_bins", "champion_auc_bins").collect():
-            bins, champion_bins = add_bins(bins, _bins_of(part[0])), add_bins(champion_bins, _bins_of(part[1]))
-    return SavedState(
-        row["batch_id"], model, row["champion_version"], cumulative_auc(bins), row["query_id"], row["sequence"], bins, champion_bins
-    )
-
-
-def checkpoint_query_id(spark: SparkSession, cfg: PlatformConfig) -> str | None:
-    """The id of the online query, from its checkpoint's metadata (kept across restarts)."""
-    from pyspark.errors import AnalysisException
-
-    from speed_layer.app import checkpoint
-
-    try:
-        row = spark.read.text(f"{checkpoint(cfg, 'online')}/metadata").first()
-    except AnalysisException:
-        return None
-    return None if row is None else str(json.loads(row[0]).get("id"))
-
-
-def save_state(spark: SparkSession, cfg: PlatformConfig, batch_id: int, state: dict[str, Any]) -> None:
-    """Append one micro-batch's model, once: a replayed batch id of the same query (checkpoint)
-    is skipped by Delta."""
-    frame = spark.createDataFrame([{"batch_id": batch_id, **state}], STATE_SCHEMA)
-    (
-        # mergeSchema: a table saved before a column was added gains it.
-        frame.coalesce(1).write.format("delta").mode("append").option("mergeSchema", "true")
-        .option("txnAppId", f"online-model:{state.get('query_id')}").option("txnVersion", batch_id)
-        .save(model_table(cfg))
-    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- champion
@@ -700,7 +365,24 @@ class OnlineLearner:
             log.info("online micro-batch %d was learned from before (replayed): no new step", batch_id)
             self._publish(update_of(self.state.model, cfg.mlflow.registered_model, self.state.auc))
             return
-        labelled = batch.where(F.col("_change_type") == "insert").drop("_change_type", "_commit_version", "_commit_timestamp")
+        learned_until = self.state.learned_until if self.state is not None else None
+        version = self._labels_version(batch, batch_id, learned_until)
+        if version is None:
+            return
+        from speed_layer.labels import labels_path
+
+        width = online.step_minutes * 60_000_000
+        labels = spark.read.format("delta").option("versionAsOf", version).load(labels_path(cfg))
+        stretches = closed_stretches(labels, learned_until, width)
+        if stretches is None:
+            log.info(
+                "online micro-batch %d: no stretch of %d minutes of event time has all its labels final yet (learned until %s)",
+                batch_id, online.step_minutes, _instant(learned_until),
+            )  # fmt: skip
+            return
+        start, end = stretches
+        micros = F.unix_micros("event_time")
+        final = labels.where((micros >= F.lit(start)) & (micros < F.lit(end)))
         model = self._current_model(spark)
         impressions = spark.read.format("delta").load(bronze_path(cfg, "impressions"))
         clicks = spark.read.format("delta").load(bronze_path(cfg, "clicks"))
@@ -713,27 +395,43 @@ class OnlineLearner:
                 "the batch views merged with the speed increments (as serving)" if bucket_rows is not None
                 else "bronze over the longest window (no batch views yet)",
             )  # fmt: skip
-        featured = labelled_features(labelled, impressions, clicks, cfg, bucket_rows).select(
+        featured = labelled_features(final, impressions, clicks, cfg, bucket_rows).select(
             *[F.col(n).cast("double").alias(n) for n in inputs.numeric],
             *[F.col(n).cast("string").alias(n) for n in inputs.categorical],
             F.col(LABEL),
+            stretch_index(F.col("event_time"), width).alias(STRETCH),
         )
         assert self.champion is not None
         featured, champion_p = self.champion.probability(featured)
         featured = featured.persist()
         try:
-            seen = featured.select(*inputs.categorical).distinct().collect() if inputs.categorical else []
-            terms = sorted({f"{n}{INDICATOR}{row[n]}" for row in seen for n in inputs.categorical if row[n] is not None})
-            model = model.with_terms(terms)
-            scored = featured.withColumn(SPEED_P, model.probability())
-            stepped, metrics = learn_step(scored, model, online, F.col(CHAMPION_P) if champion_p is not None else None)
+            stepped, metrics, bins = learn_stretches(featured, model, online, inputs.categorical, champion_p)
             if metrics.rows == 0:
-                log.info("online micro-batch %d: no newly labelled impressions", batch_id)
+                log.info("online micro-batch %d: no labelled impressions in the closed stretches", batch_id)
                 return
-            bins = Progress(auc_bins(scored, SPEED_P), auc_bins(scored, CHAMPION_P) if champion_p is not None else {})
-            self._commit(spark, batch_id, query_id, stepped, metrics, bins, featured)
+            progress = Progress(bins, auc_bins(featured, CHAMPION_P) if champion_p is not None else {})
+            self._commit(spark, batch_id, query_id, stepped, metrics, progress, featured, model.updates, stretches)
         finally:
             featured.unpersist()
+
+    def _labels_version(self, batch: DataFrame, batch_id: int, learned_until: int | None) -> int | None:
+        """The newest labels-table version of a change-feed micro-batch (None if it has no
+        rows); logs the labels it inserts before ``learned_until``, which are skipped."""
+        late = F.lit(False)
+        if learned_until is not None:
+            late = (F.col("_change_type") == "insert") & (F.unix_micros("event_time") < F.lit(learned_until))
+        row = batch.agg(F.max("_commit_version"), F.sum(late.cast("long"))).first()
+        assert row is not None  # a global aggregate has one row
+        if row[0] is None:
+            log.info("online micro-batch %d: no new labels", batch_id)
+            return None
+        if row[1]:
+            log.warning(
+                "online micro-batch %d: %d impressions were labelled after their stretch of event time was learned from "
+                "(before %s): the online model skips them, the next batch run learns from them",
+                batch_id, row[1], _instant(learned_until),
+            )  # fmt: skip
+        return int(row[0])
 
     def _commit(
         self,
@@ -744,8 +442,11 @@ class OnlineLearner:
         metrics: StepMetrics,
         batch: Progress,
         featured: DataFrame,
+        updates_before: int,
+        stretches: tuple[int, int],
     ) -> None:
-        """Save the stepped model for ``batch_id``, then report, publish and maybe register it."""
+        """Save the stepped model and the stretches it learned from (``[start, end)``, epoch
+        microseconds) for ``batch_id``, then report, publish and maybe register it."""
         cfg, online = self.cfg, self.cfg.speed.online
         assert self.champion is not None
         sequence = 0 if self.state is None else self.state.sequence + 1
@@ -770,28 +471,35 @@ class OnlineLearner:
             "champion_version": self.champion.version,
             "cumulative_auc": total_auc,
             "champion_cumulative_auc": champion_total_auc,
-            "auc_bins": _bin_rows(batch.bins),
-            "champion_auc_bins": _bin_rows(batch.champion_bins),
+            "auc_bins": bin_rows(batch.bins),
+            "champion_auc_bins": bin_rows(batch.champion_bins),
             "ftrl_z": None if stepped.ftrl is None else list(stepped.ftrl.z),
             "ftrl_n": None if stepped.ftrl is None else list(stepped.ftrl.n),
             "scales": None if stepped.scales is None else list(stepped.scales),
+            "squares": None if stepped.squares is None else list(stepped.squares),
+            "square_rows": stepped.square_rows,
             "query_id": query_id,
             "sequence": sequence,
+            "learned_until": stretches[1],
         }
         save_state(spark, cfg, batch_id, state)
-        self.state = SavedState(batch_id, stepped, self.champion.version, total_auc, query_id, sequence, so_far.bins, so_far.champion_bins)
+        self.state = SavedState(
+            batch_id, stepped, self.champion.version, total_auc, query_id, sequence, so_far.bins, so_far.champion_bins, stretches[1]
+        )
         log.info(
-            "online micro-batch %d: %d labelled impressions (%d clicked); progressive log loss %.4f (champion %s), "
-            "AUC %s (champion %s), over the generation so far %s (champion %s); update %d of %s",
-            batch_id, metrics.rows, metrics.positives, metrics.log_loss or 0.0, _fmt(metrics.baseline_log_loss),
-            _fmt(auc), _fmt(champion_auc), _fmt(total_auc), _fmt(champion_total_auc), stepped.updates, stepped.generation,
+            "online micro-batch %d: %d impressions with final labels (%d clicked) of event time [%s, %s); progressive "
+            "log loss %.4f (champion %s), AUC %s (champion %s), over the generation so far %s (champion %s); update %d of %s",
+            batch_id, metrics.rows, metrics.positives, _instant(stretches[0]), _instant(stretches[1]), metrics.log_loss or 0.0,
+            _fmt(metrics.baseline_log_loss), _fmt(auc), _fmt(champion_auc), _fmt(total_auc), _fmt(champion_total_auc),
+            stepped.updates, stepped.generation,
         )  # fmt: skip
         self._log_metrics(batch_id, metrics, {
             "online.auc": auc, "online.champion_auc": champion_auc,
             "online.cumulative_auc": total_auc, "online.champion_cumulative_auc": champion_total_auc,
         })  # fmt: skip
         self._publish(update_of(stepped, cfg.mlflow.registered_model, total_auc))
-        if online.register_every and stepped.updates % online.register_every == 0:
+        # Several steps per micro-batch: register when they passed a multiple of register_every.
+        if online.register_every and stepped.updates // online.register_every > updates_before // online.register_every:
             self._register(spark, stepped, total_auc, batch_id, featured)
 
     def _current_model(self, spark: SparkSession) -> LinearModel:
@@ -887,6 +595,13 @@ class OnlineLearner:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _instant(micros: int | None) -> str:
+    """Epoch microseconds as a UTC time for the logs."""
+    if micros is None:
+        return "nothing yet"
+    return datetime.fromtimestamp(micros / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def start_online(spark: SparkSession, cfg: PlatformConfig, trigger: Any) -> Any:

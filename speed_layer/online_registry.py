@@ -27,7 +27,7 @@ from lambda_ml.contract import INDICATOR, ModelInputs
 from lambda_ml.model_registry import RegisteredVersions, register_models
 from lambda_ml.onnx_export import check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
 from speed_layer.monitor import metrics_experiment
-from speed_layer.online import LinearModel
+from speed_layer.online_steps import LinearModel
 
 log = logging.getLogger(__name__)
 
