@@ -14,12 +14,12 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, LongType, StringType, StructField, StructType
 
+from lambda_ml.catalog import ONLINE_MODEL_TABLE
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import Horizon
 from lambda_ml.metrics import AucBins, add_bins, bins_auc
 from speed_layer.online_steps import FtrlState, LinearModel
 
-MODEL_TABLE = ("speed", "online_model")
 
 
 BIN_TYPE = StructType(
@@ -68,7 +68,7 @@ STATE_SCHEMA = StructType(
 
 
 def model_table(cfg: PlatformConfig) -> str:
-    return cfg.lake.table(*MODEL_TABLE)
+    return cfg.lake.table(*ONLINE_MODEL_TABLE)
 
 
 @dataclass(frozen=True)
