@@ -274,7 +274,7 @@ def test_unknown_users_and_items_have_empty_windows() -> None:
     numeric = {k: v for k, v in found.items() if k not in ("position", "device")}
     # Counts are 0, the top position is its "empty" value 0, every CTR is the prior.
     assert numeric == {k: (1 / 21 if "_ctr_" in k else 0.0) for k in numeric}
-    assert len(numeric) == 36
+    assert len(numeric) == 48  # 3 entities x 4 statistics x 4 windows
 
 
 def test_a_row_can_be_scored_at_its_own_event_time() -> None:
@@ -1371,13 +1371,14 @@ def seeded_bronze() -> SeededBronze:
 
 def reference_features(bronze: SeededBronze, declared: Any, row: dict[str, Any], at: datetime) -> dict[str, float]:
     """The declared window features of a request row at ``at``, straight from the definition:
-    per entity and window, the row's entity's events in [start of at's hour - window, at)."""
+    per entity and window, the row's entity's events in [start of at's hour - window, at), or
+    all of them before at for the lifetime window."""
     hour = at.replace(minute=0, second=0, microsecond=0)
     assert declared.bucket == "1h"
     found: dict[str, float] = {}
     for entity, spec in declared.entities.items():
         for window in declared.windows:
-            start = hour - parse_duration(window)
+            start = datetime.min.replace(tzinfo=UTC) if window == "all" else hour - parse_duration(window)
             mine = [e for e in bronze.events if all(getattr(e, k) == row[k] for k in spec.keys) and start <= e.time < at]
             totals = {}
             for name, aggregate in declared.aggregates.items():
