@@ -69,10 +69,13 @@ OVERRIDES: dict[str, Any] = {
     "speed.min_event_date": "1990-01-01",
     # The data has no position and one device: a constant model input is refused.
     "features.context.numeric": [],
-    # Lifetime and recent windows interact (a film's long-run rate, a user's session): trees.
+    # Lifetime and recent windows interact (a film's long-run rate, a user's session): trees,
+    # shallow and many (depth 6 overfitted in a search on the quick subset), one candidate.
     "ctr.model": "gbt",
-    "ctr.gbt.max_iter": 60,
-    "ctr.search.gbt.max_depth": [4, 6],
+    "ctr.gbt.max_depth": 4,
+    "ctr.gbt.max_iter": 100,
+    "ctr.search.gbt.max_depth": [],
+    "ctr.search.gbt.max_iter": [],
 }
 
 
