@@ -34,6 +34,7 @@ Target: the champion's holdout AUC beats the best baseline by :data:`TARGET_MARG
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import sys
 import tempfile
@@ -113,8 +114,6 @@ def impression_id(user: int, item: int) -> str:
 def to_records(ratings: pd.DataFrame) -> list[Record]:
     """The Kafka records of the ratings, in time order: an impression per rating, a click
     ``CLICK_DELAY`` after each rating of ``CLICKED_RATING`` or more."""
-    import json
-
     timed: list[tuple[int, int, Record]] = []
     for user, item, rating, ts in ratings[["user", "item", "rating", "ts"]].itertuples(index=False):
         shown = datetime.fromtimestamp(int(ts), UTC)
