@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
+	# MovieLens 100k for bench/real_data.py and its test: the package's data files only.
+	$(PY) -m pip install --quiet --no-deps "recbole==1.2.1"
 	@touch $@
 
 setup: $(STAMP)

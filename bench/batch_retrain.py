@@ -51,7 +51,7 @@ from bench.common import (  # noqa: E402
     run_measured,
     write_result,
 )
-from lambda_ml.config import PlatformConfig, load_config, write_config  # noqa: E402
+from lambda_ml.config import LIFETIME, PlatformConfig, load_config, write_config  # noqa: E402
 from lambda_ml.generator import BIAS, DEVICE_EFFECT, LATE_CLICK_SHARE, MAX_POSITION, POSITION_EFFECT  # noqa: E402
 from lambda_ml.logs import setup_logging  # noqa: E402
 from lambda_ml.schemas import CLICK, DEVICES, IMPRESSION  # noqa: E402
@@ -569,7 +569,8 @@ def window_features(
     codes = pd.concat([targets[keys], events[keys]], ignore_index=True).groupby(keys, sort=False).ngroup().to_numpy()
     target_codes, event_codes = codes[: len(targets)], codes[len(targets) :]
     base = int(min(targets["micros"].min(), events["micros"].min()))
-    longest = max(parse_window(w) for w in features.windows)
+    spans = {w: parse_window(w) for w in features.windows if w != LIFETIME}
+    longest = max(spans.values(), default=0)
     offset = longest + width  # window starts before the first event stay non-negative
     time_bits = (int(max(targets["micros"].max(), events["micros"].max())) - base + offset).bit_length()
     if time_bits + int(codes.max()).bit_length() > 62:
@@ -594,9 +595,10 @@ def window_features(
     bucket_of_target = composite(target_codes, bucket_start)
     out: dict[str, np.ndarray] = {}
     for window in features.windows:
-        span = parse_window(window)
-        start = np.searchsorted(sorted_keys, composite(target_codes, bucket_start - span), side="left")
-        first_bucket = np.searchsorted(bucket_keys, composite(target_codes, bucket_start - span), side="left")
+        # The lifetime window starts at the earliest instant the sort keys hold.
+        low = np.full_like(bucket_start, base - offset) if window == LIFETIME else bucket_start - spans[window]
+        start = np.searchsorted(sorted_keys, composite(target_codes, low), side="left")
+        first_bucket = np.searchsorted(bucket_keys, composite(target_codes, low), side="left")
         last_bucket = np.searchsorted(bucket_keys, bucket_of_target, side="left")  # buckets before the target's
         for name, a in features.aggregates.items():
             column = values[name].to_numpy()[order]

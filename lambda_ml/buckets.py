@@ -5,7 +5,10 @@ The serving layer computes a request's features here, from the view rows it load
 definition: at scoring time ``t``, window ``W`` covers the events in ``[bucket_start(t) - W, t)``.
 At serving time those are the stored buckets starting in ``[bucket_start(t) - W, bucket_start(t)]``
 when the current bucket holds only events before ``t`` (scoring now); otherwise the buckets
-before ``t``'s and the current bucket's part before ``t`` (``WindowPlan.add_features``).
+before ``t``'s and the current bucket's part before ``t`` (``WindowPlan.add_features``). The
+lifetime window (``all``) covers every stored bucket up to ``t``'s bucket in the same way: read
+off running totals each entity's rows work out once, not summed bucket by bucket at every
+request.
 
 Buckets combine as monoids: counts and sums add (0 when empty), min and max take the smallest
 or largest value present (None when empty).
@@ -21,7 +24,7 @@ from functools import lru_cache, partial
 from typing import Any, cast
 
 from lambda_ml import contract
-from lambda_ml.config import FeaturesConfig, parse_duration
+from lambda_ml.config import FeaturesConfig, window_span
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -108,6 +111,9 @@ class EntityBuckets:
 
     starts: tuple[int, ...] = ()
     values: Mapping[str, tuple[float | None, ...]] = field(default_factory=dict)
+    # Running combinations per aggregate (see running()), filled on first use: the rows are
+    # loaded once and read by many requests.
+    _running: dict[str, tuple[float | None, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if any(later <= earlier for earlier, later in zip(self.starts, self.starts[1:])):
@@ -123,18 +129,53 @@ class EntityBuckets:
             return ()
         return column[bisect_left(self.starts, first) : bisect_right(self.starts, last)]
 
+    def running(self, aggregate: str, aggregation: str) -> tuple[float | None, ...]:
+        """The aggregate's combination over the first ``n`` buckets, for ``n`` = 0 .. len(starts):
+        the lifetime window up to any bucket is one look-up. Worked out once per aggregate.
+
+        >>> EntityBuckets((0, 10, 20), {"n": (1, None, 2), "low": (None, 5.0, 3.0)}).running("low", "min")
+        (None, None, 5.0, 3.0)
+        >>> EntityBuckets((0, 10, 20), {"n": (1, None, 2)}).running("n", "count")
+        (0.0, 1.0, 1.0, 3.0)
+        """
+        cached = self._running.get(aggregate)
+        if cached is not None:
+            return cached
+        column = self.values.get(aggregate, (None,) * len(self.starts))
+        combine_values = COMBINE_SEQUENCE[aggregation]
+        totals: list[float | None] = [combine_values(())]
+        for value in column:
+            totals.append(combine_values((totals[-1], value)))
+        self._running[aggregate] = cached = tuple(totals)
+        return cached
+
 
 NO_BUCKETS = EntityBuckets()
 
 
 @lru_cache(maxsize=256)
-def window_micros(window: str) -> int:
-    """A window's length in microseconds (parsed once: the service reads windows per request).
+def window_micros(window: str) -> int | None:
+    """A window's length in microseconds (parsed once: the service reads windows per request),
+    None for the lifetime window.
 
-    >>> window_micros("1h")
-    3600000000
+    >>> window_micros("1h"), window_micros("all")
+    (3600000000, None)
     """
-    return to_micros(parse_duration(window))
+    span = window_span(window)
+    return None if span is None else to_micros(span)
+
+
+def reach_micros(features: FeaturesConfig) -> int | None:
+    """How far before the current bucket the declared windows reach, in microseconds; None
+    when one of them is the lifetime window (all history).
+
+    >>> from lambda_ml.config import FeaturesConfig
+    >>> base = {"bucket": "1h", "entities": {"u": {"keys": ["user_id"]}}, "aggregates": {"n": {"events": "impressions", "aggregation": "count"}}}
+    >>> [reach_micros(FeaturesConfig.model_validate({**base, "windows": w})) for w in (["1h", "2h"], ["1h", "all"])]
+    [7200000000, None]
+    """
+    lengths = [window_micros(w) for w in features.windows]
+    return None if None in lengths else max(cast("list[int]", lengths))
 
 
 def merge_entity_buckets(parts: Iterable[EntityBuckets], aggregations: Mapping[str, str]) -> EntityBuckets:
@@ -198,9 +239,10 @@ class WindowPlan:
     (the service computes every entity's features per request row)."""
 
     width: int  # of a bucket, in microseconds
-    lengths: tuple[int, ...]  # of each window, in microseconds, in declaration order
-    # (aggregate, how its bucket values combine, value of an empty window, its feature per window)
-    aggregates: tuple[tuple[str, Callable[[Sequence[float | None]], float | None], float | None, tuple[str, ...]], ...]
+    lengths: tuple[int | None, ...]  # of each window, in microseconds (None: lifetime), in declaration order
+    # (aggregate, its aggregation, how its bucket values combine, value of an empty window, its
+    # feature per window)
+    aggregates: tuple[tuple[str, str, Callable[[Sequence[float | None]], float | None], float | None, tuple[str, ...]], ...]
     # (index of the numerator in aggregates, of the denominator, prior alpha, beta, feature per window)
     ratios: tuple[tuple[int, int, float, float, tuple[str, ...]], ...]
 
@@ -218,16 +260,19 @@ class WindowPlan:
         starts = buckets.starts
         last = bisect_right(starts, current) if partial is None else bisect_left(starts, current)
         # The same buckets for every aggregate of a window: search them once per window.
-        firsts = [bisect_left(starts, current - length, 0, last) for length in self.lengths]
+        firsts = [None if length is None else bisect_left(starts, current - length, 0, last) for length in self.lengths]
         values = buckets.values
         totals: list[list[float | None]] = []
-        for index, (name, combine_values, empty, names) in enumerate(self.aggregates):
+        for index, (name, aggregation, combine_values, empty, names) in enumerate(self.aggregates):
             column = values.get(name, ())
             extra = None if partial is None else partial[index]
-            if extra is None:
-                per_window = [combine_values(column[first:last]) for first in firsts]
-            else:
-                per_window = [combine_values((*column[first:last], extra)) for first in firsts]
+            per_window = []
+            for first in firsts:
+                if first is None:  # the lifetime window: every bucket before ``last``, read off running totals
+                    whole = buckets.running(name, aggregation)[last]
+                    per_window.append(whole if extra is None else combine_values((whole, extra)))
+                else:
+                    per_window.append(combine_values(column[first:last] if extra is None else (*column[first:last], extra)))
             for feature, value in zip(names, per_window):
                 found[feature] = empty if value is None else value
             totals.append(per_window)
@@ -251,7 +296,7 @@ def window_plan(features: FeaturesConfig, entity: str) -> WindowPlan:
         width=to_micros(features.bucket_width),
         lengths=tuple(window_micros(w) for w in features.windows),
         aggregates=tuple(
-            (n, COMBINE_SEQUENCE[a.aggregation], a.empty, tuple(name_of(entity, n, w) for w in features.windows))
+            (n, a.aggregation, COMBINE_SEQUENCE[a.aggregation], a.empty, tuple(name_of(entity, n, w) for w in features.windows))
             for n, a in features.aggregates.items()
         ),
         ratios=tuple(

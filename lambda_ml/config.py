@@ -204,6 +204,29 @@ def _check_duration(text: str) -> str:
 # A duration kept as written ("24h"): the text is part of the feature names of a window.
 Duration = Annotated[str, AfterValidator(_check_duration)]
 
+# The window over all history: every event strictly before the scoring time. Its aggregates are
+# the same monoids over an unbounded range, so batch views and speed increments still merge.
+LIFETIME = "all"
+
+
+def window_span(window: str) -> timedelta | None:
+    """A declared window's length, or None for the lifetime window (all history).
+
+    >>> window_span("24h"), window_span("all")
+    (datetime.timedelta(days=1), None)
+    """
+    return None if window == LIFETIME else parse_duration(window)
+
+
+def _check_window(text: str) -> str:
+    if text != LIFETIME and _DURATION.match(text) is None:
+        raise ValueError(f"{text!r} is neither a duration such as 30m, 1h or 7d nor {LIFETIME} (all history)")
+    return text
+
+
+# A window as written: a duration, or LIFETIME.
+WindowName = Annotated[str, AfterValidator(_check_window)]
+
 
 class FeatureEntityConfig(_Model):
     """Something features are aggregated per: one or more impression columns."""
@@ -259,7 +282,7 @@ class FeaturesConfig(_Model):
     """
 
     bucket: Duration
-    windows: tuple[Duration, ...] = Field(min_length=1)
+    windows: tuple[WindowName, ...] = Field(min_length=1)
     entities: dict[str, FeatureEntityConfig] = Field(min_length=1)
     aggregates: dict[str, AggregateConfig] = Field(min_length=1)
     ratios: dict[str, RatioConfig] = {}
@@ -286,9 +309,15 @@ class FeaturesConfig(_Model):
         bucket = info.data.get("bucket")
         if bucket is None:
             return windows  # the bucket's own error is reported
-        width, seen = parse_duration(bucket), set()
+        width = parse_duration(bucket)
+        seen: set[timedelta | str] = set()
         for window in windows:
-            span = parse_duration(window)
+            span = window_span(window)
+            if span is None:
+                if window in seen:
+                    raise ValueError(f"window {window} is declared twice")
+                seen.add(window)
+                continue
             if span % width:
                 raise ValueError(f"window {window} is not a whole number of {bucket} buckets")
             if span in seen:

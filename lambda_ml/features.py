@@ -17,7 +17,8 @@ The vocabulary:
   maxima, so bucket rows are monoids: the rows of a snapshot merged with the rows of the events
   after it equal the rows of both (:func:`merge_buckets`).
 - A **window feature** of an impression at time ``t`` aggregates its entity's feature events
-  in ``[bucket_start(t) - window, t)``: strictly before ``t``, so its own click, events at the
+  in ``[bucket_start(t) - window, t)``, or all of them before ``t`` for the lifetime window
+  (``all``): strictly before ``t``, so its own click, events at the
   same instant and later events never leak into its features (:func:`add_window_features`).
   The serving layer computes the same value from stored buckets with ``lambda_ml.buckets``.
 """
@@ -35,7 +36,7 @@ from pyspark.sql import Column, DataFrame, Window, WindowSpec
 from pyspark.sql import functions as F
 
 from lambda_ml import buckets, contract
-from lambda_ml.config import AggregateConfig, FeaturesConfig, FeatureEntityConfig, parse_duration
+from lambda_ml.config import AggregateConfig, FeaturesConfig, FeatureEntityConfig
 from lambda_ml.contract import ModelInputs
 from lambda_ml.schemas import IMPRESSION
 
@@ -275,7 +276,8 @@ def bucket_series(
     ``bucket_rows`` are :func:`bucket_increments` (or a batch view, which has the same columns);
     ``wanted`` adds (keys, ``_pit_bucket``) rows for buckets that may hold no event. Columns:
     the keys, ``_pit_bucket`` and ``_whole_<aggregate>_<window>`` (null when no bucket of the
-    window has an event). Small: one row per (keys, bucket).
+    window has an event). Small: one row per (keys, bucket). The lifetime window combines every
+    bucket before (a running total).
     """
     keys = list(entity.keys)
     width = buckets.to_micros(features.bucket_width)
@@ -284,8 +286,9 @@ def bucket_series(
         rows = rows.unionByName(wanted.select(*keys, _INDEX), allowMissingColumns=True)
     whole_columns = []
     for window in features.windows:
-        n = buckets.to_micros(parse_duration(window)) // width
-        frame = Window.partitionBy(*keys).orderBy(_INDEX).rangeBetween(-n, -1)
+        length = buckets.window_micros(window)
+        first = Window.unboundedPreceding if length is None else -(length // width)
+        frame = Window.partitionBy(*keys).orderBy(_INDEX).rangeBetween(first, -1)
         whole_columns += [
             _merge(aggregate, F.col(agg), over=frame).alias(f"_whole_{agg}_{window}")
             for agg, aggregate in features.aggregates.items()

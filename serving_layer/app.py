@@ -33,8 +33,8 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lambda_ml import contract
-from lambda_ml.buckets import EntityBuckets, bucket_start, from_micros, to_micros, window_plan
-from lambda_ml.config import AbConfig, FeaturesConfig, PlatformConfig, parse_duration
+from lambda_ml.buckets import EntityBuckets, bucket_start, from_micros, reach_micros, to_micros, window_plan
+from lambda_ml.config import AbConfig, FeaturesConfig, PlatformConfig
 from serving_layer.ab import CHALLENGER_ARM, CHAMPION_ARM, split_rows
 from serving_layer.api_models import (
     BATCH_EXAMPLE,
@@ -216,12 +216,13 @@ def _part(
     row is left out and ``partial`` shows as that bucket's row when it holds an event."""
     micros = to_micros(at)
     current = to_micros(bucket_start(at, features.bucket_width))
-    first = current - max(to_micros(parse_duration(w)) for w in features.windows)
+    reach = reach_micros(features)
+    first = None if reach is None else current - reach  # None: the lifetime window reads every bucket
     last = current if partial is None else current - 1
     rows = [
         BucketRow(bucket_start=from_micros(start), values={a: buckets.values[a][n] for a in buckets.values})
         for n, start in enumerate(buckets.starts)
-        if first <= start <= last
+        if (first is None or first <= start) and start <= last
     ]
     if partial is not None and any(v is not None for v in partial):
         rows.append(BucketRow(bucket_start=from_micros(current), values=dict(zip(features.aggregates, partial, strict=True))))

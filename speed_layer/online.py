@@ -73,7 +73,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lambda_ml import buckets, contract
-from lambda_ml.config import PlatformConfig, parse_duration
+from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import INDICATOR, Horizon, ModelInputs, ModelUpdate
 from lambda_ml.features import (
     IMPRESSION_FIELDS,
@@ -162,12 +162,18 @@ def labelled_features(
     else:
         earliest, latest = int(bounds[0]), int(bounds[1])
     width = buckets.to_micros(features.bucket_width)
-    longest = max(buckets.to_micros(parse_duration(w)) for w in features.windows)
-    lower = earliest - earliest % width - (0 if bucket_rows is not None else longest)
+    reach = buckets.reach_micros(features)
+    if bucket_rows is not None:
+        lower = earliest - earliest % width
+    else:  # the lifetime window (no reach) reads all of bronze before the rows
+        lower = None if reach is None else earliest - earliest % width - reach
     attribution = cfg.ctr.attribution_window_minutes * 60_000_000
     micros = F.unix_micros("event_time")
-    imp = dedup_events(impressions.select(*IMPRESSION.field_names).where((micros >= lower - attribution) & (micros < latest)))
-    clk = dedup_events(clicks.select(*CLICK.field_names).where((micros >= lower) & (micros < latest)))
+    imp_kept = clk_kept = micros < latest
+    if lower is not None:
+        imp_kept, clk_kept = imp_kept & (micros >= lower - attribution), clk_kept & (micros >= lower)
+    imp = dedup_events(impressions.select(*IMPRESSION.field_names).where(imp_kept))
+    clk = dedup_events(clicks.select(*CLICK.field_names).where(clk_kept))
     events = feature_events(imp, attribute_clicks(imp, clk, cfg.ctr.attribution_window_minutes), features)
     targets = labelled.select("event_id", "event_time", *IMPRESSION_FIELDS, F.col(LABEL).cast("double").alias(LABEL))
     return add_window_features(targets, events, features, bucket_rows)

@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import pandas as pd
 import pytest
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 
 from batch_layer.snapshot import read_snapshot
 from batch_layer.views import build_views, write_views
 from lambda_ml import contract, features
+from lambda_ml.buckets import EntityBuckets, merge_entity_buckets, window_features
 from lambda_ml.config import PlatformConfig
 from lambda_ml.schemas import CLICK, IMPRESSION
 from support import isolated
@@ -175,3 +177,86 @@ def test_views_at_v_merged_with_later_increments_equal_the_views_at_the_later_ve
         assert rows(merged, lake, entity) == at_v1.rows[entity], entity
     # The identity is not trivial: the 10:00 bucket of u1 is in both parts and adds up.
     assert ("u1", "10:00", 3, 2, 1.0) in at_v1.rows["user"] and at_v1.rows["user"] != expected_v0_user
+
+
+def lifetime_reference(entity_keys: tuple[str, ...], key: tuple[str, ...], t: datetime, cfg: PlatformConfig) -> dict[str, float]:
+    """The entity's lifetime aggregates and ratios at ``t`` in pandas, from the story's rows as
+    sent (both commits): deduplicated, clicks attributed within the window, events before ``t``."""
+    fields = list(IMPRESSION.field_names)
+    shown = pd.DataFrame([r for imps, _ in COMMITS for r in imps], columns=fields).drop_duplicates("event_id")
+    clicks = pd.DataFrame([r for _, clks in COMMITS for r in clks], columns=["click_id", "impression_id", "click_time"])
+    clicks = clicks.drop_duplicates("click_id").merge(shown, left_on="impression_id", right_on="event_id")
+    clicks = clicks[(clicks.click_time >= clicks.event_time) & (clicks.click_time <= clicks.event_time + pd.Timedelta(minutes=WINDOW))]
+    mine_shown = shown[(shown[list(entity_keys)].apply(tuple, axis=1) == key) & (shown.event_time < t)]
+    mine_clicks = clicks[(clicks[list(entity_keys)].apply(tuple, axis=1) == key) & (clicks.click_time < t)]
+    ratio = cfg.features.ratios["ctr"]
+    n, c = float(len(mine_shown)), float(len(mine_clicks))
+    return {
+        "impressions": n,
+        "clicks": c,
+        "top_position": float(mine_shown.position.min()) if n else cfg.features.aggregates["top_position"].empty,
+        "ctr": (c + ratio.prior_alpha) / (n + ratio.prior_alpha + ratio.prior_beta),
+    }
+
+
+def test_lifetime_features_of_merged_views_equal_the_later_views_and_pandas(spark: SparkSession, lake: PlatformConfig) -> None:
+    """The lifetime window over batch_view(v0) ⊕ increments(after v0) equals it over
+    batch_view(v1), in Spark (training sets, the online model) and in serving's plain Python,
+    and both equal pandas on the raw rows; on 9 January the 7 d window is empty and the
+    lifetime one still holds the whole story."""
+    declared = lake.features
+    assert "all" in declared.windows
+    v0, v1 = events_at(spark, lake, 0), events_at(spark, lake, 1)
+    after = v1.join(v0, ["kind", "event_id"], "left_anti")
+    times = [at("10:45"), at("11:15"), at("12:30"), datetime(2026, 1, 9, 12, tzinfo=UTC)]
+    users = ["u1", "u2", "u3", "nobody"]
+    targets = spark.createDataFrame(
+        [(f"t{n}", t, u, "i1", "mobile", 1) for n, (t, u) in enumerate((t, u) for t in times for u in users)],
+        "event_id string, event_time timestamp, user_id string, item_id string, device string, position int",
+    )
+    merged, later = {}, {}
+    for entity, spec in declared.entities.items():
+        increments = features.bucket_increments(after, spec, declared)
+        merged[entity] = features.merge_buckets([features.bucket_increments(v0, spec, declared), increments], spec, declared)
+        later[entity] = features.bucket_increments(v1, spec, declared)
+    names = [contract.window_feature_name(e, s, "all") for e in declared.entities for s in [*declared.aggregates, *declared.ratios]]
+
+    def lifetime(bucket_rows: dict[str, DataFrame]) -> dict[str, dict[str, float]]:
+        frame = features.add_window_features(targets, v1, declared, bucket_rows)
+        return {r.event_id: {n: r[n] for n in names} for r in frame.collect()}
+
+    from_merged, from_later = lifetime(merged), lifetime(later)
+    aggregations = {name: a.aggregation for name, a in declared.aggregates.items()}
+    rows_of = {  # each entity's bucket rows of the view at v0 and of the increments after it, collected
+        entity: {
+            part: features.bucket_increments(frame, spec, declared).withColumn("micros", F.unix_micros("bucket_start")).collect()
+            for part, frame in (("v0", v0), ("after", after))
+        }
+        for entity, spec in declared.entities.items()
+    }
+    assert from_merged == from_later
+    by_id = {f"t{n}": (t, u) for n, (t, u) in enumerate((t, u) for t in times for u in users)}
+    for event_id, (t, user) in by_id.items():
+        row = {"user_id": user, "item_id": "i1", "device": "mobile"}
+        expected = {}
+        for entity, spec in declared.entities.items():
+            values = lifetime_reference(spec.keys, tuple(row[k] for k in spec.keys), t, lake)
+            expected.update({contract.window_feature_name(entity, s, "all"): v for s, v in values.items()})
+        assert from_merged[event_id] == expected, (t, user)
+        if t < at("12:30"):
+            continue  # serving reads a current bucket whole: only once no event in it is after t
+        # Serving: the same merge and windows in plain Python, from the collected bucket rows.
+        for entity, spec in declared.entities.items():
+            key = tuple(row[k] for k in spec.keys)
+            parts = [entity_buckets(rows_of[entity][part], spec.keys, key, declared) for part in ("v0", "after")]
+            served = window_features(declared, entity, merge_entity_buckets(parts, aggregations), t)
+            lifetime_served = {k: v for k, v in served.items() if k.endswith("_all")}
+            assert lifetime_served == {k: expected[k] for k in lifetime_served}, (entity, t, user)
+    late = from_merged["t12"]  # u1 on 9 January: all of the story, none of it in 7 d
+    assert late["user_impressions_all"] == 3 and late["user_clicks_all"] == 2
+
+
+def entity_buckets(rows: list[Row], keys: tuple[str, ...], key: tuple[str, ...], declared: Any) -> EntityBuckets:
+    """One key's bucket rows (collected, with ``micros``) as serving holds them."""
+    mine = sorted((r for r in rows if tuple(r[k] for k in keys) == key), key=lambda r: r.micros)
+    return EntityBuckets(tuple(r.micros for r in mine), {a: tuple(r[a] for r in mine) for a in declared.aggregates})

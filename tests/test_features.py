@@ -385,7 +385,8 @@ def reference_window_features(
     found: dict[str, float] = {}
     for entity_name, entity in declared.entities.items():
         for window in declared.windows:
-            start = current - parse_duration(window)
+            # The lifetime window "all": every event before at_time.
+            start = datetime.min.replace(tzinfo=UTC) if window == "all" else current - parse_duration(window)
             inside = [
                 (kind, e) for kind, e in events
                 if all(e[k] == key[k] for k in entity.keys) and start <= e["event_time"] < at_time
@@ -406,9 +407,14 @@ def reference_window_features(
     return found
 
 
+OLD_EVENTS = 12
+
+
 def random_events(seed: int = 5, n: int = 90) -> tuple[list[Row], list[Row]]:
     """Impressions on a 5-minute grid over 10 hours (ties and bucket edges are common), clicks at
-    the same instant, inside, on and after the window's end; duplicates and an orphan click."""
+    the same instant, inside, on and after the window's end; duplicates and an orphan click;
+    and OLD_EVENTS impressions 8 to 30 days earlier, half clicked, which only the lifetime
+    window sees."""
     rng = random.Random(seed)
     start = datetime(2026, 3, 1, 6, tzinfo=UTC)
     impressions, clicks = [], []
@@ -419,6 +425,12 @@ def random_events(seed: int = 5, n: int = 90) -> tuple[list[Row], list[Row]]:
         if rng.random() < 0.5:
             delay = timedelta(minutes=rng.choice([0, 0, 5, 25, 30, 35, 90]))
             clicks.append((f"clk{k}", f"imp{k}", t + delay))
+    old = random.Random(seed + 1)
+    for k in range(OLD_EVENTS):
+        t = start - timedelta(days=old.randint(8, 30), minutes=5 * old.randrange(120))
+        impressions.append((f"old{k}", t, f"u{old.randrange(3)}", f"i{old.randrange(3)}", old.choice(["mobile", "desktop"]), 3))
+        if k % 2:
+            clicks.append((f"oldclk{k}", f"old{k}", t + timedelta(minutes=1)))
     impressions += impressions[:4]
     clicks += clicks[:3] + [("orphan", "imp-none", start + timedelta(hours=2))]
     return impressions, clicks
@@ -434,7 +446,7 @@ def test_training_features_equal_a_plain_python_reference(
     spark: SparkSession, default_features: FeaturesConfig, path: str
 ) -> None:
     """Every declared window feature of every impression (the shipped declarations: 1 h, 24 h,
-    7 d windows over user, item and user x device), against the definition computed directly:
+    7 d and lifetime windows over user, item and user x device), against the definition computed directly:
     for impressions as separate targets, and as the feature events themselves (the training
     set's way, with the bucket rows given as the views)."""
     impressions, clicks = random_events()
@@ -449,14 +461,16 @@ def test_training_features_equal_a_plain_python_reference(
     # Through epoch microseconds: collected timestamps are naive, in the driver's time zone.
     computed = frame.withColumn("micros", F.unix_micros("event_time")).collect()
     names = contract.model_inputs(default_features).numeric[:-1]  # all but position
-    assert len(computed) == 90 and len(names) == 36
-    nonzero = 0
+    assert len(computed) == 90 + OLD_EVENTS and len(names) == 48
+    nonzero = older = 0
     for row in computed:
         key = {"user_id": row.user_id, "item_id": row.item_id, "device": row.device}
         expected = reference_window_features(impressions, clicks, default_features, buckets.from_micros(row.micros), key)
         assert {name: row[name] for name in names} == expected, row.event_id
         nonzero += expected["user_device_clicks_1h"] > 0
+        older += expected["item_clicks_all"] > expected["item_clicks_7d"]
     assert nonzero > 5  # the data exercise the short windows, not only empty ones
+    assert older > 50  # and the lifetime window sees what the 7 d one does not
 
 
 def test_serving_windows_over_bucket_rows_equal_the_reference(spark: SparkSession, default_features: FeaturesConfig) -> None:
@@ -472,7 +486,7 @@ def test_serving_windows_over_bucket_rows_equal_the_reference(spark: SparkSessio
         name: [contract.window_feature_name(name, s, w) for s in statistics for w in default_features.windows]
         for name in default_features.entities
     }
-    checked = 0
+    checked = lifetime = 0
     for cut in (datetime(2026, 3, 1, 9, tzinfo=UTC), datetime(2026, 3, 1, 13, tzinfo=UTC), datetime(2026, 3, 2, tzinfo=UTC)):
         before = events.where(F.col("event_time") < F.lit(cut))
         scoring_time = cut + timedelta(minutes=41)  # nothing happens between the cut and the scoring time
@@ -493,7 +507,8 @@ def test_serving_windows_over_bucket_rows_equal_the_reference(spark: SparkSessio
                 expected = reference_window_features(kept_impressions, kept_clicks, default_features, scoring_time, key)
                 assert served == {k: expected[k] for k in own_names[name]}
                 checked += any(v > 0 for k, v in served.items() if "_clicks_" in k)
-    assert checked > 10
+                lifetime += served[f"{name}_impressions_all"] > served[f"{name}_impressions_7d"]
+    assert checked > 10 and lifetime > 10
 
 
 # --------------------------------------------------------------------------- declarations
@@ -502,7 +517,8 @@ def test_serving_windows_over_bucket_rows_equal_the_reference(spark: SparkSessio
 def test_the_shipped_declarations_load() -> None:
     declared = load_config(DEFAULT_CONFIG, env={}).features
     assert declared.bucket_width == timedelta(hours=1)
-    assert [parse_duration(w) for w in declared.windows] == [timedelta(hours=1), timedelta(hours=24), timedelta(days=7)]
+    assert declared.windows == ("1h", "24h", "7d", "all")
+    assert [parse_duration(w) for w in declared.windows[:-1]] == [timedelta(hours=1), timedelta(hours=24), timedelta(days=7)]
     inputs = contract.model_inputs(declared)
     assert inputs.categorical == ("device",) and inputs.numeric[-1] == "position"
     assert {"user_clicks_24h", "item_ctr_7d", "user_device_impressions_1h"} <= set(inputs.numeric)
@@ -521,6 +537,8 @@ def _load_with(**declarations: Any) -> PlatformConfig:
         ({"windows": ["1h", "90m"]}, r"features\.windows: .*window 90m is not a whole number of 1h buckets"),
         ({"windows": ["24h", "1d"]}, r"features\.windows: .*window 1d repeats the length"),
         ({"windows": []}, r"features\.windows: .*at least 1"),
+        ({"windows": ["1h", "all", "all"]}, r"features\.windows: .*window all is declared twice"),
+        ({"windows": ["1h", "ever"]}, r"features\.windows\.1: .*'ever' is neither a duration such as 30m, 1h or 7d nor all"),
         ({"aggregates": {"n": {"events": "impressions", "aggregation": "avg"}}}, r"features\.aggregates\.n\.aggregation: "),
         ({"aggregates": {"n": {"events": "views", "aggregation": "count"}}}, r"features\.aggregates\.n\.events: "),
         (

@@ -262,6 +262,8 @@ def test_every_declared_feature_is_computed_from_the_buckets() -> None:
         "user_clicks_1h": 1.0, "user_clicks_24h": 3.0, "user_clicks_7d": 7.0,
         "user_top_position_1h": 1.0, "user_top_position_24h": 1.0, "user_top_position_7d": 1.0,
         "user_ctr_1h": 2 / 26, "user_ctr_24h": 4 / 33, "user_ctr_7d": 8 / 38,
+        # Lifetime: every bucket, the one before the 7 d window too (100 + 4 + 1 + 7 + 3 + 2).
+        "user_impressions_all": 117.0, "user_clicks_all": 57.0, "user_top_position_all": 1.0, "user_ctr_all": 58 / 138,
     }  # fmt: skip
     assert [found[f"item_{s}_24h"] for s in ("impressions", "clicks", "top_position", "ctr")] == [100.0, 5.0, 1.0, 6 / 121]
     assert [found[f"item_{s}_1h"] for s in ("impressions", "clicks", "top_position", "ctr")] == [0.0, 0.0, 0.0, prior]
@@ -275,7 +277,7 @@ def test_unknown_users_and_items_have_empty_windows() -> None:
     numeric = {k: v for k, v in found.items() if k not in ("position", "device")}
     # Counts are 0, the top position is its "empty" value 0, every CTR is the prior.
     assert numeric == {k: (1 / 21 if "_ctr_" in k else 0.0) for k in numeric}
-    assert len(numeric) == 36
+    assert len(numeric) == 48  # 3 entities x 4 statistics x 4 windows
 
 
 def test_a_row_can_be_scored_at_its_own_event_time() -> None:
@@ -1088,8 +1090,8 @@ def test_features_show_the_merge_and_both_parts() -> None:
         assert body["merged"]["features"] == merged_expected
         assert body["batch"]["features"] == window_features(declared, "user", entity_buckets(TOY_BUCKETS["user"][("u1",)]), NOW)
         assert body["speed"]["features"]["user_impressions_24h"] == 9 and body["merged"]["features"]["user_impressions_24h"] == 12 + 9
-        # Buckets within the longest window (7 d): the one 7 d + 1 h back is left out.
-        assert len(body["batch"]["buckets"]) == 5 and body["speed"]["buckets"][0]["values"] == {"impressions": 4, "clicks": 0, "top_position": None}
+        # Buckets within the longest window: the lifetime one reads them all, 7 d + 1 h back too.
+        assert len(body["batch"]["buckets"]) == 6 and body["speed"]["buckets"][0]["values"] == {"impressions": 4, "clicks": 0, "top_position": None}
         # /predict scores on the merge too.
         features = client.post("/predict", json=row()).json()["predictions"][0]["features"]
         assert features["user_impressions_24h"] == 21 and features["user_clicks_24h"] == 5
@@ -1373,13 +1375,14 @@ def seeded_bronze() -> SeededBronze:
 
 def reference_features(bronze: SeededBronze, declared: Any, row: dict[str, Any], at: datetime) -> dict[str, float]:
     """The declared window features of a request row at ``at``, straight from the definition:
-    per entity and window, the row's entity's events in [start of at's hour - window, at)."""
+    per entity and window, the row's entity's events in [start of at's hour - window, at), or
+    all of them before at for the lifetime window."""
     hour = at.replace(minute=0, second=0, microsecond=0)
     assert declared.bucket == "1h"
     found: dict[str, float] = {}
     for entity, spec in declared.entities.items():
         for window in declared.windows:
-            start = hour - parse_duration(window)
+            start = datetime.min.replace(tzinfo=UTC) if window == "all" else hour - parse_duration(window)
             mine = [e for e in bronze.events if all(getattr(e, k) == row[k] for k in spec.keys) and start <= e.time < at]
             totals = {}
             for name, aggregate in declared.aggregates.items():
@@ -1600,7 +1603,7 @@ def test_predictions_equal_onnxruntime_on_the_registered_model(trained: Trained,
     for graph_input in session.get_inputs():
         kind = np.float32 if graph_input.type == "tensor(float)" else object
         inputs[graph_input.name] = np.array([f[graph_input.name] for f in features], dtype=kind).reshape(-1, 1)
-    assert len(inputs) == len(contract.model_inputs(cfg.features).names) == 38
+    assert len(inputs) == len(contract.model_inputs(cfg.features).names) == 50  # 48 window features, position, device
     (probability,) = session.run([contract.ONNX_PROBABILITY_OUTPUT], inputs)
     np.testing.assert_allclose(served, probability[:, 1], rtol=1e-5, atol=1e-7)
 
@@ -1618,14 +1621,19 @@ def test_predictions_equal_onnxruntime_on_the_registered_model(trained: Trained,
 @pytest.mark.integration
 @pytest.mark.slow
 def test_without_an_event_time_rows_are_scored_now(trained: Trained, service: Service) -> None:
-    """The service's clock is the wall clock: weeks after the seeded data, every window is empty."""
+    """The service's clock is the wall clock: weeks after the seeded data, every window but the
+    lifetime one is empty, and that one holds the row's whole history."""
     row_now = {k: v for k, v in _rows_covering_every_entity(trained.bronze)[0].items() if k != "event_time"}
     assert datetime.now(UTC) - SCORING_TIME > timedelta(days=8)
     status, body = _post_json(f"{service.url}/predict", row_now)
     assert status == 200, body
     features = body["predictions"][0]["features"]
     numeric = {k: v for k, v in features.items() if k not in ("position", "device")}
-    assert numeric == {k: (1 / 21 if "_ctr_" in k else 0.0) for k in numeric}
+    timed = {k: v for k, v in numeric.items() if not k.endswith("_all")}
+    assert timed == {k: (1 / 21 if "_ctr_" in k else 0.0) for k in timed}
+    expected = reference_features(trained.bronze, trained.cfg.features, row_now, datetime.now(UTC))
+    lifetime = {k: v for k, v in numeric.items() if k.endswith("_all")}
+    assert lifetime == {k: expected[k] for k in lifetime} and lifetime["user_impressions_all"] > 0
 
 
 @pytest.mark.integration

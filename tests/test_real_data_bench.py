@@ -1,0 +1,115 @@
+"""The real-data benchmark (bench/real_data.py): its baselines on a split small enough to check
+by hand, its records, and a run on a subset of MovieLens 100k through the real broker, bronze,
+Spark and MLflow, checking the result JSON's shape and that the baselines scored exactly the
+batch run's holdout rows."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench import real_data
+from lambda_ml.config import PlatformConfig
+from support import isolated
+
+ATTRIBUTION = timedelta(minutes=30)
+
+
+def at(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+# (user, item, rating, epoch seconds); a rating of 4 or 5 is a click one second later.
+TINY = pd.DataFrame(
+    [
+        (1, 10, 5, 100),  # train, clicked at 101
+        (1, 20, 2, 200),  # train
+        (2, 10, 4, 300),  # train, clicked at 301
+        (2, 20, 1, 400),  # train (the cutoff is its instant)
+        (1, 30, 5, 500),  # holdout, clicked at 501
+        (2, 30, 3, 600),  # holdout
+        (3, 10, 4, 700),  # holdout, clicked at 701
+        (3, 20, 5, 9_000),  # its attribution window is still open at as_of: no label, not scored
+    ],
+    columns=["user", "item", "rating", "ts"],
+)
+
+
+def test_baselines_on_a_hand_checked_split() -> None:
+    """By hand, with the training rows' click rate 2/4 = 0.5 standing in for no history:
+
+    - item popularity (impressions before): i30 at 500: 0; i30 at 600: 1; i10 at 700: 2.
+    - rates: u1 at 500: 1 click (101) / 2 seen, i30: none -> 0.5 + 0.5; u2 at 600: 1/2, i30:
+      1 click (501) / 1 -> 0.5 + 1.0; u3 at 700: none, i10: 2/2 -> 0.5 + 1.0.
+    - smoothed by 10 impressions at 0.5: u1 6/12 + i30 5/10; u2 6/12 + i30 6/11; u3 5/10 + i10 7/12.
+
+    The labels are 1, 0, 1, so the AUCs are 1/2, 1/4 (a loss and a tie) and 1/2.
+    """
+    found = real_data.holdout_baselines(TINY, cutoff=at(400), as_of=at(9_001), attribution=ATTRIBUTION)
+    assert (found["holdout_rows"], found["holdout_clicks"], found["train_rows"], found["train_click_rate"]) == (3, 2, 4, 0.5)
+    scores = found["scores"]
+    np.testing.assert_allclose(scores["item_popularity"], [0, 1, 2])
+    np.testing.assert_allclose(scores["user_item_rates"], [1.0, 1.5, 1.5])
+    np.testing.assert_allclose(scores["user_item_smoothed_rates"], [6 / 12 + 5 / 10, 6 / 12 + 6 / 11, 5 / 10 + 7 / 12])
+    assert found["auc"] == {"item_popularity": 0.5, "user_item_rates": 0.25, "user_item_smoothed_rates": 0.5}
+
+
+def test_events_at_the_same_instant_do_not_count() -> None:
+    """A click one second after an impression is unseen by an impression in that second."""
+    same = pd.DataFrame([(1, 10, 5, 100), (1, 20, 2, 100), (2, 10, 5, 101), (2, 20, 1, 101)], columns=TINY.columns)
+    found = real_data.holdout_baselines(same, cutoff=at(100), as_of=at(5_000), attribution=ATTRIBUTION)
+    # At 101 the item i10 has been seen once (at 100) and its click (at 101) is not before 101.
+    np.testing.assert_allclose(found["scores"]["item_popularity"], [1, 1])
+    np.testing.assert_allclose(found["scores"]["user_item_rates"], [0.5 + 0 / 1, 0.5 + 0 / 1])
+
+
+def test_records_are_an_impression_per_rating_and_a_click_per_high_rating() -> None:
+    records = real_data.to_records(TINY)
+    payloads = [(r.event_type, json.loads(r.value)) for r in records]
+    impressions = [p for kind, p in payloads if kind == "impressions"]
+    clicks = [p for kind, p in payloads if kind == "clicks"]
+    assert len(impressions) == len(TINY) and len(clicks) == int((TINY.rating >= 4).sum()) == 5
+    assert impressions[0] == {
+        "event_id": "ml-1-10", "event_time": "1970-01-01T00:01:40.000Z", "user_id": "u1", "item_id": "i10",
+        "device": "desktop", "position": 1,
+    }  # fmt: skip
+    assert clicks[0] == {"event_id": "ml-1-10-click", "impression_id": "ml-1-10", "event_time": "1970-01-01T00:01:41.000Z"}
+    assert [p["event_time"] for _, p in payloads] == sorted(p["event_time"] for _, p in payloads)
+
+
+def test_the_auc_counts_ties_half() -> None:
+    assert real_data.auc(np.array([1, 0, 1, 0]), np.array([3.0, 1.0, 1.0, 0.0])) == 0.875  # 3.5 of 4 pairs
+    with pytest.raises(ValueError, match="both classes"):
+        real_data.auc(np.array([1, 1]), np.array([0.1, 0.2]))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_quick_run_on_a_subset(running_stack: PlatformConfig, spark: object, tmp_path: Path) -> None:
+    """MovieLens ratings of the first users through Kafka, the ingest and the batch layer; the
+    baselines score the batch run's own holdout rows (compare() refuses a different count)."""
+    ratings = real_data.load_ratings(real_data.dataset_path(), users=60)
+    base = isolated(running_stack, "ctr-real-data", lake_root=tmp_path / "lake", topic_prefix="real-data")
+    cfg = real_data.real_data_config(base)
+    assert cfg.speed.min_event_date == "1990-01-01" and "all" in cfg.features.windows
+    compared = real_data.compare(cfg, ratings)
+    result = real_data.result_json(compared, quick=True, wall_s=1.0)
+    out = real_data.write_result(result, tmp_path / "real_data.json")
+
+    loaded = json.loads(out.read_text())
+    assert list(loaded) == ["name", "machine", "params", "results", "peer", "ratios"]
+    assert loaded["name"] == "real_data" and loaded["params"]["ratings"] == len(ratings)
+    peer, results = loaded["peer"], loaded["results"]
+    assert peer["holdout_rows"] == results["rows"]["holdout"] > 100
+    assert peer["holdout_clicks"] == results["rows"]["holdout_positives"]
+    aucs = {k: v for k, v in peer.items() if k.endswith("_auc")}
+    assert set(aucs) == {"item_popularity_auc", "user_item_rates_auc", "user_item_smoothed_rates_auc"}
+    assert all(0.3 < v < 1.0 for v in [*aucs.values(), results["champion_auc"]])
+    best = max(aucs.values())
+    assert loaded["ratios"]["champion_minus_best_baseline_auc"] == pytest.approx(results["champion_auc"] - best)
+    assert results["decision"] == "champion"
