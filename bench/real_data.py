@@ -66,8 +66,6 @@ SMOOTHING = 10.0  # prior impressions of the smoothed rates baseline
 TARGET_MARGIN = 0.02
 # What the real data needs of the platform's config (see the module docstring).
 OVERRIDES: dict[str, Any] = {
-    # Ratings are from 1997-98; ingest quarantines events before speed.min_event_date.
-    "speed.min_event_date": "1990-01-01",
     # The data has no position and one device: a constant model input is refused.
     "features.context.numeric": [],
     # Lifetime and recent windows interact (a film's long-run rate, a user's session): trees,
