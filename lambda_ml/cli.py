@@ -73,12 +73,9 @@ def _generate(cfg: PlatformConfig, args: argparse.Namespace) -> int:
 
 def _speed(cfg: PlatformConfig, args: argparse.Namespace) -> int:
     if args.job == "reprocess-quarantine":
-        from lambda_ml.spark import get_spark
         from speed_layer import reprocess
 
-        report = reprocess.reprocess_quarantine(get_spark(cfg, "reprocess-quarantine"), cfg, args.reason, args.dry_run)
-        print(("dry run: " if args.dry_run else "") + report.summary())
-        return 0
+        return reprocess.run_from_args(cfg, args)
     from speed_layer import app
 
     queries = ["ingest"] if args.job == "ingest" else args.queries
@@ -201,13 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only this query (repeatable; default: speed.queries)",
     )  # fmt: skip
     run_app.add_argument("--available-now", action="store_true", help="process what the sources hold now, then stop")
-    again = speed.add_parser(
-        "reprocess-quarantine",
-        help="Check the quarantined records again with the current config (after a fix) and land those that now pass "
-        "in bronze, each at most once.",
-    )
-    again.add_argument("--reason", help="only records whose quarantine reason contains this text")
-    again.add_argument("--dry-run", action="store_true", help="report what would land, write nothing")
+    from speed_layer.reprocess import DESCRIPTION as REPROCESS, add_arguments as add_reprocess_arguments
+
+    add_reprocess_arguments(speed.add_parser("reprocess-quarantine", help=REPROCESS, description=REPROCESS))
     sub = verb("cluster", _cluster, "Start, stop or inspect a local Spark standalone cluster (one master, one worker).")
     sub.add_argument("action", choices=("up", "down", "status"))
     sub.add_argument("--port", type=int, default=7077, help="master port; the worker takes the next one (default: 7077)")

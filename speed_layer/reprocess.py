@@ -35,6 +35,10 @@ from speed_layer.ingest import QUARANTINE, ensure_tables, parse_events, table_pa
 log = logging.getLogger(__name__)
 
 KAFKA_KEY = ("kafka_topic", "kafka_partition", "kafka_offset")
+DESCRIPTION = (
+    "Check the quarantined records again with the current config and land the ones that now pass in bronze, "
+    "each at most once (merged by Kafka topic, partition and offset)."
+)
 # Concurrent appends by the running ingest query can make a merge's commit conflict; it is
 # retried on the new table state (the merge only ever inserts what is missing).
 MERGE_ATTEMPTS = 5
@@ -123,28 +127,30 @@ def reprocess_quarantine(spark: SparkSession, cfg: PlatformConfig, reason_contai
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="speed_layer/reprocess.py",
-        description=(
-            "Check the quarantined records again with the current config and land the ones that now pass in "
-            "bronze, each at most once (merged by Kafka topic, partition and offset)."
-        ),
-    )
-    parser.add_argument("--config", help="platform config file (default: conf/platform.yaml)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The job's options, shared by ``lambda-ml speed reprocess-quarantine`` and :func:`main`."""
     parser.add_argument("--reason", help="only records whose quarantine reason contains this text")
     parser.add_argument("--dry-run", action="store_true", help="report what would land, write nothing")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    cfg = load_command_config(args.config)
-    if cfg is None:
-        return 2
+
+
+def run_from_args(cfg: PlatformConfig, args: argparse.Namespace) -> int:
+    """Run the job with parsed options and print its report; the exit status."""
     from lambda_ml.spark import get_spark
 
     report = reprocess_quarantine(get_spark(cfg, "reprocess-quarantine"), cfg, args.reason, args.dry_run)
     print(("dry run: " if args.dry_run else "") + report.summary())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="speed_layer/reprocess.py", description=DESCRIPTION)
+    parser.add_argument("--config", help="platform config file (default: conf/platform.yaml)")
+    add_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    cfg = load_command_config(args.config)
+    return 2 if cfg is None else run_from_args(cfg, args)
 
 
 if __name__ == "__main__":
