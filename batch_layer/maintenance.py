@@ -2,7 +2,7 @@
 breaking a pinned horizon still in use.
 
 A batch run pins bronze at a Delta version (its horizon) and tags every model version it
-registers with it (``horizon.impressions`` / ``horizon.clicks``). While a version holding an
+registers with it (``horizon.<event type>``). While a version holding an
 alias (``champion``, ``challenger``, ``previous-champion``...) came from bronze *v*, bronze *v*
 must stay readable by time travel: the model can be reproduced and the lambda identity checked
 from it. VACUUM deletes the files old versions need, so for each bronze table this job
@@ -216,8 +216,8 @@ def pinned_versions(part: str | None, in_use: Sequence[ModelInUse]) -> tuple[int
     """Versions of the table a horizon ``part`` names (None: a table no horizon pins) that the
     models in use were trained on: () if none, None if unknown.
 
-    >>> champion = ModelInUse("4", ("champion",), Horizon(impressions=7, clicks=3))
-    >>> untagged = ModelInUse("2", ("challenger",), Horizon())
+    >>> champion = ModelInUse("4", ("champion",), Horizon.of(impressions=7, clicks=3))
+    >>> untagged = ModelInUse("2", ("challenger",), Horizon.of())
     >>> pinned_versions("clicks", [champion]), pinned_versions(None, [champion, untagged])
     ((3,), ())
     >>> pinned_versions("impressions", [champion, untagged]) is None
@@ -225,7 +225,7 @@ def pinned_versions(part: str | None, in_use: Sequence[ModelInUse]) -> tuple[int
     """
     if part is None:
         return ()
-    versions = [getattr(model.horizon, part) for model in in_use]
+    versions = [model.horizon.version(part) for model in in_use]
     if any(v is None for v in versions):
         return None
     return tuple(sorted({int(v) for v in versions}))
@@ -457,7 +457,7 @@ def maintained_tables(cfg: PlatformConfig) -> list[str]:
 
 
 def pinned_tables(cfg: PlatformConfig) -> dict[str, str]:
-    """Lake tables a model version pins -> the horizon part (Horizon attribute) pinning each."""
+    """Lake tables a model version pins -> the horizon part (event type) pinning each."""
     return {t.name: t.pinned_by for t in lake_tables(cfg) if t.pinned_by is not None}
 
 

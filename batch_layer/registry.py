@@ -90,7 +90,7 @@ def training_config_hash(cfg: PlatformConfig) -> str:
 class Lineage:
     """What a model is a function of. Two runs with the same lineage train the same model.
 
-    >>> sorted(Lineage(Horizon(3, 5), "c0ffee", "fea7").tags().items())  # doctest: +NORMALIZE_WHITESPACE
+    >>> sorted(Lineage(Horizon.of(impressions=3, clicks=5), "c0ffee", "fea7").tags().items())  # doctest: +NORMALIZE_WHITESPACE
     [('config_sha256', 'c0ffee'), ('feature_definitions_sha256', 'fea7'),
      ('horizon.clicks', '5'), ('horizon.impressions', '3')]
     """

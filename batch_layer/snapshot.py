@@ -7,33 +7,24 @@ it came from, and the speed layer knows which increments the batch already cover
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from lambda_ml.contract import Horizon
+from lambda_ml.apps import Snapshot
 from lambda_ml.config import PlatformConfig
-from lambda_ml.schemas import CLICK, IMPRESSION, EventType
+from lambda_ml.contract import Horizon
 
 
 class SnapshotError(RuntimeError):
     """A bronze table is missing or the requested version does not exist."""
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """Bronze impressions and clicks (duplicates included) as of a horizon."""
-
-    impressions: DataFrame
-    clicks: DataFrame
-    horizon: Horizon
-
-
-def bronze_path(cfg: PlatformConfig, event: EventType) -> str:
-    return cfg.lake.table("bronze", event.name)
+def bronze_path(cfg: PlatformConfig, event_type: str) -> str:
+    return cfg.lake.table("bronze", event_type)
 
 
 def latest_version(spark: SparkSession, path: str) -> int:
@@ -82,21 +73,26 @@ def version_as_of(spark: SparkSession, path: str, as_of: datetime) -> int:
 def read_snapshot(
     spark: SparkSession,
     cfg: PlatformConfig,
-    impressions_version: int | None = None,
-    clicks_version: int | None = None,
+    versions: Mapping[str, int] | None = None,
     as_of: datetime | None = None,
 ) -> Snapshot:
-    """Bronze impressions and clicks pinned at the given versions (default: the latest ones), or
-    at the versions each table had at the instant ``as_of`` (see :func:`version_as_of`).
+    """Every declared event type's bronze table pinned at the given versions (event type ->
+    version; the latest for the others), or at the versions each table had at the instant
+    ``as_of`` (see :func:`version_as_of`).
 
     The versions are resolved once, here: a stream appending meanwhile does not change what
     this run reads.
     """
+    versions = dict(versions or {})
+    unknown = [name for name in versions if name not in cfg.events.types]
+    if unknown:
+        raise ValueError(f"no event type {unknown} to pin; the event types are {', '.join(cfg.events.types)}")
     if as_of is not None:
-        if impressions_version is not None or clicks_version is not None:
+        if versions:
             raise ValueError("pin the snapshot either by versions or by an as-of time, not both")
-        impressions_version = version_as_of(spark, bronze_path(cfg, IMPRESSION), as_of)
-        clicks_version = version_as_of(spark, bronze_path(cfg, CLICK), as_of)
-    impressions, imp_version = read_version(spark, bronze_path(cfg, IMPRESSION), impressions_version)
-    clicks, click_version = read_version(spark, bronze_path(cfg, CLICK), clicks_version)
-    return Snapshot(impressions, clicks, Horizon(impressions=imp_version, clicks=click_version))
+        versions = {name: version_as_of(spark, bronze_path(cfg, name), as_of) for name in cfg.events.types}
+    frames: dict[str, DataFrame] = {}
+    read: dict[str, int | None] = {}
+    for name in cfg.events.types:
+        frames[name], read[name] = read_version(spark, bronze_path(cfg, name), versions.get(name))
+    return Snapshot(frames, Horizon.of(read))

@@ -9,8 +9,8 @@ registers both in MLflow with the horizon. The quality gate then makes the new v
 ``champion`` or ``challenger`` (see :mod:`batch_layer.registry`). A second run for the same
 horizon, config and feature definitions registers nothing and reports the first run's versions.
 
-    spark-submit batch_layer/train.py [--config conf/platform.yaml] [--impressions-version N]
-        [--clicks-version N | --as-of 2026-01-01T12:00:00Z]
+    spark-submit batch_layer/train.py [--config conf/platform.yaml]
+        [--version impressions=N --version clicks=N | --as-of 2026-01-01T12:00:00Z]
 
 (``lambda-ml submit batch_layer/train.py`` adds the platform's jars and settings.) Every step
 but :func:`run` and :func:`main` is a function of DataFrames and config.
@@ -65,7 +65,7 @@ from lambda_ml.features import (
 from lambda_ml.logs import setup_logging
 from lambda_ml.model_registry import RegisteredVersions, register_models
 from lambda_ml.onnx_export import ParityError, check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
-from lambda_ml.schemas import CLICK, IMPRESSION
+from lambda_ml.schemas import event_type
 from lambda_ml.spark import job_session, shuffle_partitions
 
 log = logging.getLogger(__name__)
@@ -107,12 +107,12 @@ class TrainResult:
 # --------------------------------------------------------------------------- pure transforms
 
 
-def clean_events(snapshot: Snapshot) -> tuple[DataFrame, DataFrame]:
+def clean_events(snapshot: Snapshot, cfg: PlatformConfig) -> tuple[DataFrame, DataFrame]:
     """The snapshot's impressions and clicks, one row per event id, with the event fields only
     (bronze's Kafka coordinates are not needed past this point, and pruned before the shuffle)."""
     return (
-        dedup_events(snapshot.impressions.select(*IMPRESSION.field_names)),
-        dedup_events(snapshot.clicks.select(*CLICK.field_names)),
+        dedup_events(snapshot["impressions"].select(*event_type(cfg, "impressions").field_names)),
+        dedup_events(snapshot["clicks"].select(*event_type(cfg, "clicks").field_names)),
     )
 
 
@@ -205,13 +205,12 @@ def check_trainable(train: DataFrame, holdout: DataFrame) -> dict[str, int]:
 def run(
     spark: SparkSession,
     cfg: PlatformConfig,
-    impressions_version: int | None = None,
-    clicks_version: int | None = None,
+    versions: Mapping[str, int] | None = None,
     snapshot_as_of: datetime | None = None,
 ) -> TrainResult:
     """The whole batch run: snapshot -> views -> training set -> model -> ONNX -> MLflow -> gate.
 
-    Bronze is pinned at the given versions, or at the versions each table had at
+    Bronze is pinned at the given versions (event type -> Delta version), or at the versions each table had at
     ``snapshot_as_of``, or at the latest ones. Nothing is registered unless ONNX reproduces
     Spark's holdout probabilities within ``ctr.parity_atol``; the MLflow run is then left FAILED
     with ``parity=failed``. If versions with the same lineage (horizon, config and feature
@@ -219,17 +218,11 @@ def run(
     Shuffles use ``spark.batch_shuffle_partitions`` for the run.
     """
     with shuffle_partitions(spark, cfg.spark.batch_shuffle_partitions):
-        return _run(spark, cfg, impressions_version, clicks_version, snapshot_as_of)
+        return _run(spark, cfg, versions, snapshot_as_of)
 
 
-def _run(
-    spark: SparkSession,
-    cfg: PlatformConfig,
-    impressions_version: int | None,
-    clicks_version: int | None,
-    snapshot_as_of: datetime | None,
-) -> TrainResult:
-    snapshot = read_snapshot(spark, cfg, impressions_version, clicks_version, as_of=snapshot_as_of)
+def _run(spark: SparkSession, cfg: PlatformConfig, versions: Mapping[str, int] | None, snapshot_as_of: datetime | None) -> TrainResult:
+    snapshot = read_snapshot(spark, cfg, versions, as_of=snapshot_as_of)
     horizon = snapshot.horizon
     log.info("pinned %s", horizon)
     lineage = Lineage(horizon, registry.training_config_hash(cfg), definitions_hash(cfg.features))
@@ -243,7 +236,7 @@ def _run(
             existing.run_id,
         )
         return reused_result(client, existing, horizon)
-    impressions, clicks = (frame.cache() for frame in clean_events(snapshot))
+    impressions, clicks = (frame.cache() for frame in clean_events(snapshot, cfg))
     events = training = None
     try:
         as_of = latest_event_time(impressions, clicks)
@@ -352,7 +345,7 @@ def log_and_register(
     horizon, name = lineage.horizon, cfg.mlflow.registered_model
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_experiment(cfg.mlflow.experiment)
-    with mlflow.start_run(run_name=f"train-{horizon.impressions}-{horizon.clicks}") as active:
+    with mlflow.start_run(run_name="train-" + "-".join(f"{e}{v}" for e, v in horizon.versions)) as active:
         mlflow.set_tags({**lineage.tags(), contract.TAG_MODEL_INPUTS: contract.model_inputs(cfg.features).tag()})
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
@@ -388,22 +381,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "views and register the Spark and ONNX models in MLflow.",
     )
     parser.add_argument("--config", help="platform config file (default: $LAMBDA_ML_CONFIG or conf/platform.yaml)")
+    add_horizon_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    if args.as_of is not None and args.version:
+        parser.error("--as-of pins every bronze table: give it without --version")
+    args.versions = dict(args.version or [])
+    return args
+
+
+def add_horizon_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--version EVENT=N`` (repeatable) and ``--as-of TIMESTAMP``: how a run pins bronze."""
     parser.add_argument(
-        "--impressions-version", type=_version, metavar="N", help="bronze impressions Delta version (default: latest)"
+        "--version",
+        type=_event_version,
+        action="append",
+        metavar="EVENT=N",
+        help="pin bronze/EVENT at Delta version N, e.g. --version impressions=12 (repeatable; default: the latest of each)",
     )
-    parser.add_argument("--clicks-version", type=_version, metavar="N", help="bronze clicks Delta version (default: latest)")
     parser.add_argument(
         "--as-of",
         type=_timestamp,
         metavar="TIMESTAMP",
         help="pin each bronze table at its version as of this ISO 8601 time, e.g. 2026-01-01T12:00:00Z "
-        "(naive times are UTC); not with --impressions-version or --clicks-version",
+        "(naive times are UTC); not with --version",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = parser.parse_args(argv)
-    if args.as_of is not None and (args.impressions_version is not None or args.clicks_version is not None):
-        parser.error("--as-of pins both tables: give it without --impressions-version and --clicks-version")
-    return args
+
+
+def _event_version(text: str) -> tuple[str, int]:
+    event, sep, number = text.partition("=")
+    if not sep or not event:
+        raise argparse.ArgumentTypeError(f"a pinned version is EVENT=N, e.g. impressions=12, not {text!r}")
+    return event, _version(number)
 
 
 def _timestamp(text: str) -> datetime:
@@ -430,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     setup_logging(args.verbose)
     cfg = load_config(args.config)
     with job_session(cfg, "batch-train") as spark:
-        result = run(spark, cfg, args.impressions_version, args.clicks_version, args.as_of)
+        result = run(spark, cfg, args.versions, args.as_of)
     log.info("%s", result.summary())
     return result
 

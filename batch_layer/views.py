@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def build_view(events: DataFrame, entity: str, features: FeaturesConfig, horizon: Horizon) -> DataFrame:
-    """``<keys>, bucket_start, <aggregates>, horizon_impressions, horizon_clicks`` for one entity.
+    """``<keys>, bucket_start, <aggregates>, horizon_<event type>...`` for one entity.
 
     ``events`` are the snapshot's feature events (``lambda_ml.features.feature_events``).
     """
@@ -31,8 +31,7 @@ def build_view(events: DataFrame, entity: str, features: FeaturesConfig, horizon
         *declared.keys,
         BUCKET,
         *features.aggregates,
-        F.lit(horizon.impressions).cast("long").alias(contract.VIEW_HORIZON_COLUMNS["impressions"]),
-        F.lit(horizon.clicks).cast("long").alias(contract.VIEW_HORIZON_COLUMNS["clicks"]),
+        *(F.lit(version).cast("long").alias(contract.view_horizon_column(event)) for event, version in horizon.versions),
     )
 
 

@@ -54,7 +54,7 @@ from bench.common import (  # noqa: E402
 from lambda_ml.config import LIFETIME, PlatformConfig, load_config, write_config  # noqa: E402
 from lambda_ml.generator import BIAS, DEVICE_EFFECT, LATE_CLICK_SHARE, MAX_POSITION, POSITION_EFFECT  # noqa: E402
 from lambda_ml.logs import setup_logging  # noqa: E402
-from lambda_ml.schemas import CLICK, DEVICES, IMPRESSION  # noqa: E402
+from lambda_ml.schemas import DEVICES, event_type  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -190,7 +190,6 @@ def bronze_frames(spark: SparkSession, cfg: PlatformConfig, impressions: int, no
         "clicked", F.col("u_click") < 1 / (1 + F.exp(-logit))
     )
 
-    topics = cfg.kafka.topics
     ingested_at = F.timestamp_millis(F.lit(now_ms))
     impression_id = F.concat(F.lit(f"imp-{run_tag}-"), F.col("n").cast("string"))
     user_id = F.concat(F.lit("u"), F.col("user").cast("string"))
@@ -201,8 +200,8 @@ def bronze_frames(spark: SparkSession, cfg: PlatformConfig, impressions: int, no
         F.concat(F.lit("i"), F.col("item").cast("string")).alias("item_id"),
         "device",
         "position",
-        F.lit(topics.impressions.name).alias("kafka_topic"),
-        F.pmod(F.hash(user_id), F.lit(topics.impressions.partitions)).alias("kafka_partition"),
+        F.lit(cfg.events.topic("impressions").name).alias("kafka_topic"),
+        F.pmod(F.hash(user_id), F.lit(cfg.events.topic("impressions").partitions)).alias("kafka_partition"),
         F.col("n").alias("kafka_offset"),  # unique per partition, not dense: nothing reads it
         F.timestamp_millis("ts_ms").alias("kafka_timestamp"),
         ingested_at.alias("ingested_at"),
@@ -216,8 +215,8 @@ def bronze_frames(spark: SparkSession, cfg: PlatformConfig, impressions: int, no
             F.concat(F.lit(f"clk-{run_tag}-"), F.col("n").cast("string")).alias("event_id"),
             impression_id.alias("impression_id"),
             F.timestamp_millis("click_ms").alias("event_time"),
-            F.lit(topics.clicks.name).alias("kafka_topic"),
-            F.pmod(F.hash(impression_id), F.lit(topics.clicks.partitions)).alias("kafka_partition"),
+            F.lit(cfg.events.topic("clicks").name).alias("kafka_topic"),
+            F.pmod(F.hash(impression_id), F.lit(cfg.events.topic("clicks").partitions)).alias("kafka_partition"),
             (F.col("n") * 2 + F.col("copy") - 1).alias("kafka_offset"),
             F.timestamp_millis(F.col("click_ms") + send_delay_ms.cast("long")).alias("kafka_timestamp"),
             ingested_at.alias("ingested_at"),
@@ -232,7 +231,7 @@ def write_bronze(spark: SparkSession, cfg: PlatformConfig, impressions: int, now
     from pyspark.sql import functions as F
 
     counts = {}
-    frames = dict(zip((IMPRESSION, CLICK), bronze_frames(spark, cfg, impressions, now)))
+    frames = dict(zip((event_type(cfg, "impressions"), event_type(cfg, "clicks")), bronze_frames(spark, cfg, impressions, now)))
     for event, frame in frames.items():
         path = cfg.lake.table("bronze", event.name)
         schema = event.bronze_schema()
@@ -301,7 +300,7 @@ def phase_generate(cfg: PlatformConfig, impressions: int, now: datetime) -> dict
         seconds = time.perf_counter() - started
     finally:
         spark.stop()
-    return {"impressions": counts[IMPRESSION.name], "clicks": counts[CLICK.name], "seconds": seconds}
+    return {"impressions": counts["impressions"], "clicks": counts["clicks"], "seconds": seconds}
 
 
 def phase_platform(cfg: PlatformConfig, timeline_file: Path) -> dict[str, Any]:
@@ -476,16 +475,17 @@ def peer_training_set(cfg: PlatformConfig, mark: Any) -> tuple[pd.DataFrame, lis
 
     features = cfg.features
     window_us = cfg.ctr.attribution_window_minutes * 60_000_000
-    imp_table = DeltaTable(cfg.lake.table("bronze", IMPRESSION.name))
-    clk_table = DeltaTable(cfg.lake.table("bronze", CLICK.name))
+    impression, click = event_type(cfg, "impressions"), event_type(cfg, "clicks")
+    imp_table = DeltaTable(cfg.lake.table("bronze", impression.name))
+    clk_table = DeltaTable(cfg.lake.table("bronze", click.name))
     horizon = {"horizon_impressions": imp_table.version(), "horizon_clicks": clk_table.version()}
-    imp = imp_table.to_pandas(columns=IMPRESSION.field_names).drop_duplicates("event_id", ignore_index=True)
-    clk = clk_table.to_pandas(columns=CLICK.field_names).drop_duplicates("event_id", ignore_index=True)
+    imp = imp_table.to_pandas(columns=impression.field_names).drop_duplicates("event_id", ignore_index=True)
+    clk = clk_table.to_pandas(columns=click.field_names).drop_duplicates("event_id", ignore_index=True)
     imp["micros"], clk["micros"] = epoch_micros(imp["event_time"]), epoch_micros(clk["event_time"])
     mark("read and deduplicated bronze")
 
     # Attributed clicks carry their impression's fields; feature events are both kinds.
-    carried = [c for c in IMPRESSION.field_names if c not in ("event_id", "event_time")]
+    carried = [c for c in impression.field_names if c not in ("event_id", "event_time")]
     shown = imp[["event_id", "micros", *carried]].rename(columns={"event_id": "impression_id", "micros": "impression_micros"})
     attributed = clk[["impression_id", "micros"]].merge(shown, on="impression_id")
     delay = attributed["micros"] - attributed["impression_micros"]

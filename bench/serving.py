@@ -62,7 +62,7 @@ LEVELS = (1, 8, 32)
 SECONDS, QUICK_SECONDS = 20.0, 5.0
 USERS, ITEMS, DEVICES = 500, 100, ("mobile", "desktop", "tablet")
 MODEL = "bench-ctr"
-HORIZON = contract.Horizon(4, 4)
+HORIZON = contract.Horizon.of(impressions=4, clicks=4)
 PACKAGES = ("fastapi", "uvicorn", "mlflow", "onnxruntime", "deltalake")
 TARGET_RATIO = 3.0
 TARGET_P99_MS = 10.0
@@ -102,9 +102,9 @@ def write_views(cfg: PlatformConfig, now: datetime, seed: int = 5) -> int:
     written = 0
     for entity, declared in cfg.features.entities.items():
         for table, hours, stamp in (
-            (contract.view_table(entity), range(1, 24 * 7, 3), {"horizon_impressions": HORIZON.impressions, "horizon_clicks": HORIZON.clicks}),
-            (contract.increments_table(entity), range(0, 2), {"impressions_version": HORIZON.impressions + 1,
-                                                               "clicks_version": HORIZON.clicks + 1, "speed_batch_id": 0}),
+            (contract.view_table(entity), range(1, 24 * 7, 3), {contract.view_horizon_column(e): v for e, v in HORIZON.versions}),
+            (contract.increments_table(entity), range(0, 2), {**{contract.increment_version_column(e): v + 1 for e, v in HORIZON.parts.items() if v is not None},
+                                                               "speed_batch_id": 0}),
         ):  # fmt: skip
             rows: dict[str, list[Any]] = {k: [] for k in [*declared.keys, contract.VIEW_BUCKET_COLUMN, *cfg.features.aggregates, *stamp]}
             for key in keys_of[entity]:

@@ -136,9 +136,9 @@ class PlainParser:
 
     def __init__(self, cfg: PlatformConfig) -> None:
         from lambda_ml import validation
-        from lambda_ml.schemas import EVENT_TYPES
+        from lambda_ml.schemas import event_types
 
-        self.types = {topic.name: EVENT_TYPES[name] for name, topic in cfg.kafka.topics.event_topics().items()}
+        self.types = {topic.name: event_types(cfg)[name] for name, topic in cfg.events.topics().items()}
         self.rules = validation.EventRules.from_config(cfg)
         self.check = validation.check_record
 
@@ -257,12 +257,12 @@ def _chunk_tables(
     import pyarrow as pa
 
     from lambda_ml import contract
-    from lambda_ml.schemas import EVENT_TYPES
+    from lambda_ml.schemas import event_types
 
     now = datetime.now(UTC)
     tables: dict[str, Any] = {}
     for name, rows_of in events.items():
-        event = EVENT_TYPES[name]
+        event = event_types(cfg)[name]
         columns: dict[str, Any] = {}
         for f in event.fields:
             values = [e.fields[f.name] for e, *_ in rows_of]
@@ -308,7 +308,7 @@ def run_plain_loop(cfg: PlatformConfig, expected: int, chunk_records: int, out: 
     from deltalake import write_deltalake
     from kafka import KafkaConsumer
 
-    topics = [t.name for t in cfg.kafka.topics.event_topics().values()]
+    topics = [t.name for t in cfg.events.topics().values()]
     consumer = KafkaConsumer(
         *topics,
         bootstrap_servers=cfg.kafka.bootstrap_servers,
@@ -409,7 +409,6 @@ def preload_frame(spark: Any, cfg: PlatformConfig, impressions: int, now: dateti
     1 s to 10 min after them, as Kafka records (topic, key, value JSON), built in Spark."""
     from pyspark.sql import functions as F
 
-    topics = cfg.kafka.topics
     span_ms = 48 * 3600 * 1000
     # Clicks come up to 10 min after their impression: the span ends 10 min before now, so that
     # no event time is ahead of its record time (speed.max_future_minutes would refuse it).
@@ -421,7 +420,7 @@ def preload_frame(spark: Any, cfg: PlatformConfig, impressions: int, now: dateti
     device = F.when(h(3) % 10 < 6, "mobile").when(h(3) % 10 < 9, "desktop").otherwise("tablet")
     user = F.concat(F.lit("u"), (h(1) % cfg.generator.users).cast("string"))
     imp = ids.select(
-        F.lit(topics.impressions.name).alias("topic"),
+        F.lit(cfg.events.topic("impressions").name).alias("topic"),
         user.alias("key"),
         F.to_json(F.struct(
             F.concat(F.lit("imp-"), F.col("id").cast("string")).alias("event_id"), iso(t).alias("event_time"),
@@ -432,7 +431,7 @@ def preload_frame(spark: Any, cfg: PlatformConfig, impressions: int, now: dateti
     clicked = ids.where(h(5) % 100 < CLICK_PERCENT)
     click_t = t + F.lit(1000) + h(6) % 599_000
     clk = clicked.select(
-        F.lit(topics.clicks.name).alias("topic"),
+        F.lit(cfg.events.topic("clicks").name).alias("topic"),
         F.concat(F.lit("imp-"), F.col("id").cast("string")).alias("key"),
         F.to_json(F.struct(
             F.concat(F.lit("clk-"), F.col("id").cast("string")).alias("event_id"),
@@ -474,10 +473,10 @@ def _parsed_records(spark: Any, cfg: PlatformConfig) -> Any:
     from pyspark.sql import functions as F
     from pyspark.sql.types import StringType, StructField, StructType
 
-    from lambda_ml.schemas import EVENT_TYPES
+    from lambda_ml.schemas import event_types
     from speed_layer.ingest import kafka_source
 
-    fields = dict.fromkeys(name for event in EVENT_TYPES.values() for name in event.field_names)
+    fields = dict.fromkeys(name for event in event_types(cfg).values() for name in event.field_names)
     schema = StructType([StructField(name, StringType()) for name in fields])
     return kafka_source(spark, cfg).select(
         F.from_json(F.col("value").cast("string"), schema).alias("e"), "topic", "partition", "offset", "timestamp"
@@ -515,21 +514,21 @@ def child_spark_steady_ceiling(cfg: PlatformConfig, progress: Path) -> None:
     from pyspark.sql import functions as F
 
     from lambda_ml import contract
-    from lambda_ml.schemas import EVENT_TYPES
+    from lambda_ml.schemas import event_types
     from lambda_ml.spark import get_spark
     from speed_layer.ingest import bronze_path
 
     spark = get_spark(cfg, "bench-speed-steady-ceiling")
     spark.streams.addListener(ProgressLog(progress))
-    topics = {event: topic.name for event, topic in cfg.kafka.topics.event_topics().items()}
+    topics = {event: topic.name for event, topic in cfg.events.topics().items()}
     increments = cfg.lake.table(*contract.increments_table("user"))
-    version_column = contract.INCREMENT_VERSION_COLUMNS["impressions"]
+    version_column = contract.increment_version_column("impressions")
 
     def land(batch: Any, batch_id: int) -> None:
         batch = batch.persist()
         for event, topic in topics.items():
             rows = batch.where(F.col("topic") == topic).select(
-                *[F.col(f"e.{name}") for name in EVENT_TYPES[event].field_names if name != "event_time"],
+                *[F.col(f"e.{name}") for name in event_types(cfg)[event].field_names if name != "event_time"],
                 F.to_timestamp("e.event_time").alias("event_time"), F.col("timestamp").alias("kafka_timestamp"),
             )  # fmt: skip
             rows.write.format("delta").mode("append").option("txnAppId", f"{CEILING}:{event}").option("txnVersion", batch_id).save(bronze_path(cfg, event))
@@ -638,7 +637,7 @@ def freshness(lake: Path, increments_entity: str) -> list[tuple[float, float]]:
     bronze = lake / "bronze" / "impressions"
     increments = lake / Path(*contract.increments_table(increments_entity))
     commit_time = {c["txn"]: c["time"] for c in delta_commits(increments) if c["txn"] is not None}
-    rows = DeltaTable(str(increments)).to_pyarrow_table(columns=[contract.INCREMENT_VERSION_COLUMNS["impressions"], contract.INCREMENT_BATCH_COLUMN])
+    rows = DeltaTable(str(increments)).to_pyarrow_table(columns=[contract.increment_version_column("impressions"), contract.INCREMENT_BATCH_COLUMN])
     first_batch: dict[int, int] = {}
     for version, batch in zip(rows.column(0).to_pylist(), rows.column(1).to_pylist(), strict=True):
         if version is not None and (version not in first_batch or batch < first_batch[version]):
@@ -705,7 +704,7 @@ def measure_throughput(cfg: PlatformConfig, config_file: Path, work: Path, impre
     log.info("speed layer: %d records in %.1f s (%s events/s)", records, end - start, f"{ours['events_per_s']:,}")
 
     plain_out = work / "plain.json"
-    chunk = cfg.speed.max_offsets_per_trigger * sum(t.partitions for t in cfg.kafka.topics.event_topics().values())
+    chunk = cfg.speed.max_offsets_per_trigger * sum(t.partitions for t in cfg.events.topics().values())
     done = run_measured(_child("plain", config_file, "--events", str(records), "--chunk", str(chunk), "--marks", str(plain_out)), timeout_s)
     if not done.ok:
         raise RuntimeError(f"the plain loop failed (exit {done.returncode})")
@@ -750,7 +749,6 @@ def paced_produce(cfg: PlatformConfig, rate: int, seconds: float, seed: int = 11
 
     from lambda_ml.generator import iso
 
-    topics = cfg.kafka.topics
     rng = random.Random(seed)
     compression = None if cfg.generator.compression == "none" else cfg.generator.compression
     producer = KafkaProducer(
@@ -766,7 +764,7 @@ def paced_produce(cfg: PlatformConfig, rate: int, seconds: float, seed: int = 11
             while sent < due:
                 if clicks and clicks[0][0] <= now:
                     _, key, value = clicks.pop(0)
-                    producer.send(topics.clicks.name, key=key, value=value)
+                    producer.send(cfg.events.topic("clicks").name, key=key, value=value)
                 else:
                     stamp = datetime.now(UTC)
                     event_id = f"imp-{seed}-{n}"
@@ -778,7 +776,7 @@ def paced_produce(cfg: PlatformConfig, rate: int, seconds: float, seed: int = 11
                     }, separators=(",", ":")).encode()  # fmt: skip
                     # The record time freshness starts from, and the one the window counts by.
                     sent_ms = int(time.time() * 1000)
-                    producer.send(topics.impressions.name, key=user.encode(), value=value, timestamp_ms=sent_ms)
+                    producer.send(cfg.events.topic("impressions").name, key=user.encode(), value=value, timestamp_ms=sent_ms)
                     impression_times.append(sent_ms / 1000)
                     if rng.random() < CLICK_PERCENT / 100:
                         click = {"event_id": f"clk-{seed}-{n}", "impression_id": event_id, "event_time": iso(stamp + timedelta(seconds=2))}

@@ -170,7 +170,7 @@ def reach_micros(features: FeaturesConfig) -> int | None:
     when one of them is the lifetime window (all history).
 
     >>> from lambda_ml.config import FeaturesConfig
-    >>> base = {"bucket": "1h", "entities": {"u": {"keys": ["user_id"]}}, "aggregates": {"n": {"events": "impressions", "aggregation": "count"}}}
+    >>> base = {"event_type": "impressions", "bucket": "1h", "entities": {"u": {"keys": ["user_id"]}}, "aggregates": {"n": {"events": "impressions", "aggregation": "count"}}}
     >>> [reach_micros(FeaturesConfig.model_validate({**base, "windows": w})) for w in (["1h", "2h"], ["1h", "all"])]
     [7200000000, None]
     """
@@ -219,7 +219,7 @@ def window_features(features: FeaturesConfig, entity: str, buckets: EntityBucket
 
     >>> from lambda_ml.config import FeaturesConfig
     >>> cfg = FeaturesConfig.model_validate({
-    ...     "bucket": "1h", "windows": ["1h", "2h"], "entities": {"user": {"keys": ["user_id"]}},
+    ...     "event_type": "impressions", "bucket": "1h", "windows": ["1h", "2h"], "entities": {"user": {"keys": ["user_id"]}},
     ...     "aggregates": {"clicks": {"events": "clicks", "aggregation": "count"},
     ...                    "shown": {"events": "impressions", "aggregation": "count"}},
     ...     "ratios": {"ctr": {"numerator": "clicks", "denominator": "shown", "prior_alpha": 1, "prior_beta": 1}}})

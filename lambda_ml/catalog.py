@@ -36,7 +36,7 @@ def lake_tables(cfg: PlatformConfig) -> tuple[LakeTable, ...]:
     """
     entities = list(cfg.features.entities)
     return (
-        *(LakeTable(f"bronze/{event}", "speed layer ingest", pinned_by=event) for event in cfg.kafka.topics.event_topics()),
+        *(LakeTable(f"bronze/{event}", "speed layer ingest", pinned_by=event) for event in cfg.events.types),
         LakeTable("/".join(QUARANTINE_TABLE), "speed layer ingest"),
         *(LakeTable("/".join(contract.view_table(entity)), "batch layer") for entity in entities),
         *(LakeTable("/".join(contract.increments_table(entity)), "speed layer increments") for entity in entities),

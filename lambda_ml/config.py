@@ -87,15 +87,22 @@ class TopicConfig(_Model):
 
 
 class TopicsConfig(_Model):
-    impressions: TopicConfig
-    clicks: TopicConfig
+    """The platform's own topics; each event type's topic is declared with it (``events.types``)."""
+
     model_updates: TopicConfig
     # Optional in older config files: the prediction log and the stream scorer's output.
     predictions: TopicConfig = TopicConfig(name="predictions", partitions=2, retention_ms=604800000)
 
-    def event_topics(self) -> dict[str, TopicConfig]:
-        """The topics carrying raw events, keyed by event type."""
-        return {"impressions": self.impressions, "clicks": self.clicks}
+    @model_validator(mode="before")
+    @classmethod
+    def _event_topics_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [name for name in data if name not in cls.model_fields]
+            if moved and all(isinstance(data[name], dict) and "name" in data[name] for name in moved):
+                raise ValueError(
+                    f"event topics {moved} are declared with their event types now: events.types.<event type>.topic"
+                )
+        return data
 
 
 class KafkaConfig(_Model):
@@ -237,7 +244,7 @@ class FeatureEntityConfig(_Model):
 class AggregateConfig(_Model):
     """One monoid aggregate per (entity, bucket): a count of events or a sum/min/max of a measure."""
 
-    events: Literal["impressions", "clicks"]
+    events: str = Field(min_length=1)
     aggregation: Literal["count", "sum", "min", "max"]
     measure: str | None = None
     empty: float = 0.0  # the feature over a window without events (min and max; counts and sums are 0)
@@ -281,6 +288,7 @@ class FeaturesConfig(_Model):
     ``user_clicks_24h`` (see ``lambda_ml.contract.model_inputs``).
     """
 
+    event_type: str = Field(min_length=1)
     bucket: Duration
     windows: tuple[WindowName, ...] = Field(min_length=1)
     entities: dict[str, FeatureEntityConfig] = Field(min_length=1)
@@ -296,6 +304,11 @@ class FeaturesConfig(_Model):
     def measures(self) -> tuple[str, ...]:
         """The impression fields the aggregates fold, each once, in declaration order."""
         return tuple(dict.fromkeys(a.measure for a in self.aggregates.values() if a.measure is not None))
+
+    @property
+    def source_event_types(self) -> tuple[str, ...]:
+        """The event types feature events come from: ``event_type``, then those the aggregates count."""
+        return tuple(dict.fromkeys([self.event_type, *(a.events for a in self.aggregates.values())]))
 
     @property
     def carried_fields(self) -> tuple[str, ...]:
@@ -349,30 +362,27 @@ class FeaturesConfig(_Model):
                     raise ValueError(f"{name}.{role}: {aggregate!r} is a {aggregates[aggregate].aggregation}; ratios divide counts or sums")
         return ratios
 
-    @model_validator(mode="after")
-    def _fields_exist_and_names_are_unique(self) -> FeaturesConfig:
-        # Imported here: the schemas need pyspark's types, which config users need not load.
-        from lambda_ml import contract
-        from lambda_ml.schemas import IMPRESSION
+    def check_fields(self, kinds: dict[str, str], event_type: str) -> None:
+        """Refuse declarations naming fields ``event_type`` (``kinds``: its fields) lacks, and
+        feature names derived twice; ValueError naming the key."""
+        from lambda_ml import contract  # pyspark-free, but imports this module
 
-        kinds = {f.name: f.kind for f in IMPRESSION.fields if f.name not in ("event_id", "event_time")}
-        strings = [name for name, kind in kinds.items() if kind == "string"]
-        numbers = [name for name, kind in kinds.items() if kind == "int"]
+        strings = [name for name, kind in kinds.items() if kind == "string" and name not in (EVENT_ID, EVENT_TIME)]
+        numbers = [name for name, kind in kinds.items() if kind in ("int", "double")]
         used = [(f"entities.{name}.keys", key, strings) for name, e in self.entities.items() for key in e.keys]
         used += [(f"aggregates.{name}.measure", a.measure, numbers) for name, a in self.aggregates.items() if a.measure]
         used += [("context.numeric", field, numbers) for field in self.context.numeric]
         used += [("context.categorical", field, strings) for field in self.context.categorical]
         for where, field, allowed in used:
             if field not in allowed:
-                raise ValueError(f"{where}: {field!r} is not one of the impression fields {', '.join(allowed)}")
+                raise ValueError(f"features.{where}: {field!r} is not one of the {event_type} fields {', '.join(allowed)}")
         for name in self.aggregates:
-            if name in kinds or name == contract.VIEW_BUCKET_COLUMN or name in contract.VIEW_HORIZON_COLUMNS.values():
-                raise ValueError(f"aggregates.{name}: the name is taken by a column of the view tables")
+            if name in kinds or name == contract.VIEW_BUCKET_COLUMN or name.startswith(contract.VIEW_HORIZON_PREFIX):
+                raise ValueError(f"features.aggregates.{name}: the name is taken by a column of the view tables")
         names = list(contract.model_inputs(self).names)
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"feature names {repeated} are derived twice: rename an entity, aggregate or ratio")
-        return self
 
 
 SpeedQuery = Literal["ingest", "labels", "increments", "online"]
@@ -424,12 +434,59 @@ class SpeedConfig(_Model):
         return self
 
 
-class EventsConfig(_Model):
-    """Size limits of the event validator (``lambda_ml.validation``): the speed layer's ingest,
-    stream scoring and the service's request model apply the same ones."""
+# The kinds a field of an event may be declared as (see ``lambda_ml.validation`` for what each
+# accepts in JSON and in Avro).
+FieldKind = Literal["string", "int", "double", "timestamp"]
+# The fields every event type has: its id (duplicates are dropped by it) and its event time.
+EVENT_ID, EVENT_TIME = "event_id", "event_time"
 
+
+class EventTypeConfig(_Model):
+    """One event type: its Kafka topic and its fields (name -> kind), each required in a record."""
+
+    topic: TopicConfig
+    fields: dict[str, FieldKind] = Field(min_length=2)
+
+    @field_validator("fields")
+    @classmethod
+    def _has_id_and_time(cls, fields: dict[str, str]) -> dict[str, str]:
+        for name, kind in ((EVENT_ID, "string"), (EVENT_TIME, "timestamp")):
+            if fields.get(name) != kind:
+                raise ValueError(f"every event type needs the field {name}: {kind}")
+        for name in fields:
+            if not _NAME.match(name):
+                raise ValueError(f"{name!r} is not a lower-case identifier (it names a column)")
+        return fields
+
+
+class EventsConfig(_Model):
+    """The event types (their topics and fields), and the size limits of the event validator
+    (``lambda_ml.validation``): the speed layer's ingest, stream scoring and the service's
+    request model apply the same ones."""
+
+    types: dict[str, EventTypeConfig] = Field(min_length=1)
     max_record_bytes: int = Field(65_536, gt=0)
     max_string_length: int = Field(256, gt=0)
+
+    @field_validator("types")
+    @classmethod
+    def _names_are_identifiers(cls, types: dict[str, EventTypeConfig]) -> dict[str, EventTypeConfig]:
+        for name in types:
+            if not _NAME.match(name):
+                raise ValueError(f"{name!r} is not a lower-case identifier (it names a bronze table)")
+        topics = [t.topic.name for t in types.values()]
+        repeated = sorted({t for t in topics if topics.count(t) > 1})
+        if repeated:
+            raise ValueError(f"topics {repeated} carry more than one event type")
+        return types
+
+    def topics(self) -> dict[str, TopicConfig]:
+        """The topics carrying raw events, keyed by event type."""
+        return {name: event.topic for name, event in self.types.items()}
+
+    def topic(self, event_type: str) -> TopicConfig:
+        """The topic of one declared event type."""
+        return self.types[event_type].topic
 
 
 class PredictionLogConfig(_Model):
@@ -503,7 +560,23 @@ class MaintenanceConfig(_Model):
     registry_timeout_s: int = Field(30, gt=0)
 
 
+class AppConfig(_Model):
+    """The application the layers run, by its registered type (``lambda_ml.apps``)."""
+
+    type: str = "ctr"
+
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from lambda_ml.apps import APPLICATION_TYPES
+
+        if name not in APPLICATION_TYPES:
+            raise ValueError(f"{name!r} is not a registered application; registered: {', '.join(APPLICATION_TYPES)}")
+        return name
+
+
 class PlatformConfig(_Model):
+    app: AppConfig = AppConfig()
     data_dir: Path = Path(".data")
     jvm: JvmConfig = JvmConfig()
     spark: SparkConfig = SparkConfig()
@@ -513,11 +586,23 @@ class PlatformConfig(_Model):
     ctr: CtrConfig = CtrConfig()
     features: FeaturesConfig
     speed: SpeedConfig = SpeedConfig()
-    events: EventsConfig = EventsConfig()
+    events: EventsConfig
     serving: ServingConfig = ServingConfig()
     generator: GeneratorConfig = GeneratorConfig()
     maintenance: MaintenanceConfig = MaintenanceConfig()
     source: str = Field("<defaults>", exclude=True)
+
+    @model_validator(mode="after")
+    def _features_read_declared_events(self) -> PlatformConfig:
+        types = self.events.types
+        features = self.features
+        if features.event_type not in types:
+            raise ValueError(f"features.event_type: {features.event_type!r} is not a declared event type ({', '.join(types)})")
+        for name, aggregate in features.aggregates.items():
+            if aggregate.events not in types:
+                raise ValueError(f"features.aggregates.{name}.events: {aggregate.events!r} is not a declared event type ({', '.join(types)})")
+        features.check_fields(dict(types[features.event_type].fields), features.event_type)
+        return self
 
     @model_validator(mode="after")
     def _excluded_tables_exist(self) -> PlatformConfig:

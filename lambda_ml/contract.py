@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -65,8 +65,17 @@ def model_inputs(features: FeaturesConfig) -> ModelInputs:
 # Batch views (Delta tables under lake.root), one per declared entity: its key columns, the
 # bucket start, one column per declared aggregate, and the horizon columns.
 VIEW_BUCKET_COLUMN = "bucket_start"
-# Horizon part (bronze table) -> the view column holding its Delta version.
-VIEW_HORIZON_COLUMNS = {"impressions": "horizon_impressions", "clicks": "horizon_clicks"}
+# The view columns holding the horizon: horizon_<event type>, that bronze table's Delta version.
+VIEW_HORIZON_PREFIX = "horizon_"
+
+
+def view_horizon_column(event_type: str) -> str:
+    """The view column holding the Delta version of one bronze table at the view's horizon.
+
+    >>> view_horizon_column("clicks")
+    'horizon_clicks'
+    """
+    return f"{VIEW_HORIZON_PREFIX}{event_type}"
 
 
 def view_table(entity: str) -> tuple[str, ...]:
@@ -80,15 +89,23 @@ def view_table(entity: str) -> tuple[str, ...]:
 
 # Speed-layer feature increments (Delta tables under lake.root), one per declared entity: its key
 # columns, the bucket start, one column per declared aggregate (the events of one micro-batch),
-# and the bronze Delta versions the events came from. An impression's row has only its own
-# version (clicks version null); an attributed click's row has its impression's and its own.
-# The serving layer adds to a batch view at horizon h the rows the batch did not see:
-# impressions_version > h.impressions or clicks_version > h.clicks
-# (:func:`increment_after_horizon`, the one definition Spark and the serving layer both apply).
-# Exact: a row is either wholly in the batch view or wholly after it. Rows of the same
-# (keys, bucket) add up like the views' rows (monoids).
-INCREMENT_VERSION_COLUMNS = {"impressions": "impressions_version", "clicks": "clicks_version"}
+# and, per event type, the bronze Delta version the row's events came from (<event type>_version,
+# null when the row has no event of that type: an impression's row of the click-through
+# application has only its own version; an attributed click's row has its impression's and its
+# own). The serving layer adds to a batch view at horizon h the rows the batch did not see: those
+# with any version above h's version of that table (:func:`increment_after_horizon`, the one
+# definition Spark and the serving layer both apply). Exact: a row is either wholly in the batch
+# view or wholly after it. Rows of the same (keys, bucket) add up like the views' rows (monoids).
 INCREMENT_BATCH_COLUMN = "speed_batch_id"  # the micro-batch that wrote the row
+
+
+def increment_version_column(event_type: str) -> str:
+    """The increments column holding the bronze version of a row's event of one type.
+
+    >>> increment_version_column("impressions")
+    'impressions_version'
+    """
+    return f"{event_type}_version"
 
 
 def increments_table(entity: str) -> tuple[str, ...]:
@@ -107,23 +124,27 @@ class VersionTerm(Protocol):
     def __gt__(self, other: int, /) -> Any: ...
 
 
-def increment_after_horizon(horizon: Horizon, impressions_version: VersionTerm, clicks_version: VersionTerm) -> Any:
+def increment_after_horizon(horizon: Horizon, versions: Mapping[str, VersionTerm]) -> Any:
     """The condition under which an increment row is one the batch view at ``horizon`` did not
-    count, built from the row's version columns; None when a part of ``horizon`` is unknown
-    (then every row counts). Filter with it: on an impression's row (clicks version null) it is
-    null rather than false when the impression is old, and filters drop null.
+    count, built from the row's version columns (event type -> column term); None when a part of
+    ``horizon`` is unknown (then every row counts). Filter with it: on a row without an event of
+    some type (its version null) the term is null rather than false, and filters drop null.
 
     >>> import pyarrow as pa, pyarrow.compute as pc
     >>> rows = pa.table({"impressions_version": [3, 6, 3, 3], "clicks_version": [None, None, 4, 5]})
-    >>> after = increment_after_horizon(Horizon(5, 4), pc.field("impressions_version"), pc.field("clicks_version"))
-    >>> rows.filter(after).to_pylist()
+    >>> terms = {e: pc.field(increment_version_column(e)) for e in ("impressions", "clicks")}
+    >>> rows.filter(increment_after_horizon(Horizon.of(impressions=5, clicks=4), terms)).to_pylist()
     [{'impressions_version': 6, 'clicks_version': None}, {'impressions_version': 3, 'clicks_version': 5}]
-    >>> increment_after_horizon(Horizon(5, None), pc.field("impressions_version"), pc.field("clicks_version")) is None
+    >>> increment_after_horizon(Horizon.of(impressions=5), terms) is None
     True
     """
-    if horizon.impressions is None or horizon.clicks is None:
-        return None
-    return (impressions_version > horizon.impressions) | (clicks_version > horizon.clicks)
+    condition: Any = None
+    for event_type, term in versions.items():
+        version = horizon.version(event_type)
+        if version is None:
+            return None
+        condition = term > version if condition is None else condition | (term > version)
+    return condition
 
 
 # Silver labels the speed layer writes: one row per impression whose label is known.
@@ -133,7 +154,7 @@ SILVER_LABELS_TABLE = ("silver", "labels")
 # Model updates: records on the compacted topic kafka.topics.model_updates, keyed
 # model_update_key(registered_model, alias), valued with JSON (ModelUpdate.value())
 #   {"registered_model": "ctr", "alias": "champion", "version": 7,
-#    "generation": {"impressions": 12, "clicks": 11}}
+#    "generation": {"impressions": 12, "clicks": 11}}   (event type -> bronze version)
 # announcing that the alias now points at that version, trained at that bronze horizon (the
 # generation). A registry version travels by reference: the registry stays the source of truth
 # and is read on the update. The speed layer's online model travels as data: alias "speed",
@@ -202,14 +223,14 @@ class ModelUpdate:
     def value(self) -> bytes:
         """The record's JSON value.
 
-        >>> ModelUpdate("ctr", "champion", 7, Horizon(12, 11)).value()
+        >>> ModelUpdate("ctr", "champion", 7, Horizon.of(impressions=12, clicks=11)).value()
         b'{"alias": "champion", "generation": {"clicks": 11, "impressions": 12}, "registered_model": "ctr", "version": 7}'
         """
         body: dict[str, Any] = {
             "registered_model": self.registered_model,
             "alias": self.alias,
             "version": self.version,
-            "generation": {"impressions": self.generation.impressions, "clicks": self.generation.clicks},
+            "generation": self.generation.parts,
         }
         if self.updates is not None:
             body["updates"] = self.updates
@@ -221,24 +242,28 @@ class ModelUpdate:
 
     def is_stale(self, applied: ModelUpdate | None) -> bool:
         """True when this update is older than ``applied`` (the last applied for its alias):
-        either bronze version of its generation went back, or, in the same generation, an
-        online model with fewer updates.
+        a bronze version of its generation went back, or, in the same generation, an online
+        model with fewer updates.
 
-        >>> new, old = ModelUpdate("ctr", "speed", 3, Horizon(6, 4), 5), ModelUpdate("ctr", "speed", 3, Horizon(6, 4), 9)
-        >>> new.is_stale(old), old.is_stale(new), ModelUpdate("ctr", "speed", 3, Horizon(5, 9), 50).is_stale(old)
+        >>> h = Horizon.of(impressions=6, clicks=4)
+        >>> new, old = ModelUpdate("ctr", "speed", 3, h, 5), ModelUpdate("ctr", "speed", 3, h, 9)
+        >>> older = ModelUpdate("ctr", "speed", 3, Horizon.of(impressions=5, clicks=9), 50)
+        >>> new.is_stale(old), old.is_stale(new), older.is_stale(old)
         (True, False, True)
         """
         if applied is None:
             return False
         ours, theirs = self.generation, applied.generation
-        if _part(ours.impressions) < _part(theirs.impressions) or _part(ours.clicks) < _part(theirs.clicks):
+        events = {*ours.parts, *theirs.parts}
+        # An unknown part is older than any version.
+        if any(_known(ours.version(e)) < _known(theirs.version(e)) for e in events):
             return True
-        same = (ours.impressions, ours.clicks) == (theirs.impressions, theirs.clicks)
+        same = ours == theirs
         return same and self.updates is not None and applied.updates is not None and self.updates < applied.updates
 
 
-def _part(version: int | None) -> int:
-    return -1 if version is None else version  # an unknown horizon is older than any
+def _known(version: int | None) -> int:
+    return -1 if version is None else version
 
 
 def parse_model_update(value: bytes) -> ModelUpdate:
@@ -246,12 +271,12 @@ def parse_model_update(value: bytes) -> ModelUpdate:
 
     >>> parse_model_update(b'{"registered_model": "ctr", "alias": "champion", "version": 7, '
     ...                    b'"generation": {"impressions": 12, "clicks": 11}}')
-    ModelUpdate(registered_model='ctr', alias='champion', version=7, generation=Horizon(impressions=12, clicks=11), updates=None, quality=None, linear=None)
+    ModelUpdate(registered_model='ctr', alias='champion', version=7, generation=Horizon(versions=(('clicks', 11), ('impressions', 12))), updates=None, quality=None, linear=None)
     >>> parse_model_update(b'{"alias": "champion"}')
     Traceback (most recent call last):
     ...
     ValueError: model update lacks registered_model, version, generation
-    >>> parse_model_update(ModelUpdate("ctr", "speed", 0, Horizon(), 2, None, LinearWeights(("position",), (0.5,), -1.0)).value()).linear
+    >>> parse_model_update(ModelUpdate("ctr", "speed", 0, Horizon.of(), 2, None, LinearWeights(("position",), (0.5,), -1.0)).value()).linear
     LinearWeights(terms=('position',), weights=(0.5,), intercept=-1.0)
     """
     try:
@@ -264,9 +289,8 @@ def parse_model_update(value: bytes) -> ModelUpdate:
     if missing:
         raise ValueError(f"model update lacks {', '.join(missing)}")
     generation = body["generation"] if isinstance(body["generation"], dict) else None
-    parts = ("impressions", "clicks")
-    if generation is None or not all(p in generation and (_is_int(generation[p]) or generation[p] is None) for p in parts):
-        raise ValueError("model update field generation must be {impressions, clicks} with integer (or null) versions")
+    if generation is None or not all(isinstance(e, str) and (_is_int(v) or v is None) for e, v in generation.items()):
+        raise ValueError("model update field generation must map event types to integer (or null) bronze versions")
     if not _is_int(body["version"]):
         raise ValueError("model update field version must be an integer")
     updates = body.get("updates")
@@ -283,7 +307,7 @@ def parse_model_update(value: bytes) -> ModelUpdate:
             linear = LinearWeights(terms, weights, float(spec["intercept"]))
         except (TypeError, KeyError) as exc:
             raise ValueError(f"model update field linear must hold terms, weights and intercept ({exc})") from exc
-    horizon = Horizon(generation.get("impressions"), generation.get("clicks"))
+    horizon = Horizon.of(generation)
     return ModelUpdate(str(body["registered_model"]), str(body["alias"]), body["version"], horizon, updates, quality, linear)
 
 
@@ -296,8 +320,7 @@ CHAMPION_ALIAS = "champion"
 
 # Tags on the MLflow run and on every registered model version.
 TAG_FLAVOR = "flavor"  # "spark" | "onnx"
-TAG_HORIZON_IMPRESSIONS = "horizon.impressions"  # bronze impressions Delta version
-TAG_HORIZON_CLICKS = "horizon.clicks"  # bronze clicks Delta version
+TAG_HORIZON_PREFIX = "horizon."  # horizon.<event type>: that bronze table's Delta version
 TAG_SPARK_VERSION = "spark_model_version"  # on the ONNX version: its Spark twin
 TAG_MODEL_INPUTS = "model_inputs"  # ModelInputs.tag(): comma-separated input names
 TAG_PARITY = "parity"  # "passed" | "failed": the ONNX-vs-Spark check of the run
@@ -311,43 +334,69 @@ TAG_SPEED_UPDATES = "speed.updates"
 ONNX_PROBABILITY_OUTPUT = "probability"
 
 
+def horizon_tag(event_type: str) -> str:
+    """The tag holding one bronze table's version at a run's horizon.
+
+    >>> horizon_tag("clicks")
+    'horizon.clicks'
+    """
+    return f"{TAG_HORIZON_PREFIX}{event_type}"
+
+
 @dataclass(frozen=True)
 class Horizon:
-    """The bronze Delta versions a batch run read (None where unknown, e.g. an untagged model).
+    """The Delta version of each bronze table (one per event type) a batch run read; a part
+    missing or None is unknown (e.g. an untagged model).
 
-    >>> str(Horizon(5, 4)), str(Horizon())
-    ('bronze impressions v5, clicks v4', 'bronze impressions v?, clicks v?')
+    >>> h = Horizon.of(impressions=5, clicks=4)
+    >>> str(h), h.version("clicks"), h.version("points"), str(Horizon.of())
+    ('bronze clicks v4, impressions v5', 4, None, 'bronze v?')
     """
 
-    impressions: int | None = None
-    clicks: int | None = None
+    versions: tuple[tuple[str, int | None], ...] = ()
+
+    @classmethod
+    def of(cls, versions: Mapping[str, int | None] | None = None, /, **named: int | None) -> Horizon:
+        """A horizon from event type -> version (in any order: horizons compare by content)."""
+        return cls(tuple(sorted({**(versions or {}), **named}.items())))
+
+    @property
+    def parts(self) -> dict[str, int | None]:
+        """Event type -> bronze version."""
+        return dict(self.versions)
+
+    def version(self, event_type: str) -> int | None:
+        """The bronze version of one event type's table, None if unknown."""
+        return self.parts.get(event_type)
+
+    def is_known(self, event_types: Iterable[str]) -> bool:
+        """True when every one of ``event_types`` has a version."""
+        return all(self.version(e) is not None for e in event_types)
 
     def tags(self) -> dict[str, str]:
         """The horizon as MLflow tags (run and model versions).
 
-        >>> Horizon(impressions=3, clicks=5).tags()
-        {'horizon.impressions': '3', 'horizon.clicks': '5'}
+        >>> Horizon.of(impressions=3, clicks=5).tags()
+        {'horizon.clicks': '5', 'horizon.impressions': '3'}
         """
-        return {TAG_HORIZON_IMPRESSIONS: str(self.impressions), TAG_HORIZON_CLICKS: str(self.clicks)}
+        return {horizon_tag(event): str(version) for event, version in self.versions}
 
     @classmethod
-    def from_tags(cls, tags: Mapping[str, str]) -> Horizon:
-        """The horizon recorded in registry tags; parts missing or unreadable are None.
+    def from_tags(cls, tags: Mapping[str, str], event_types: Iterable[str] = ()) -> Horizon:
+        """The horizon recorded in registry tags; ``event_types`` missing or unreadable are None.
 
-        >>> Horizon.from_tags({"horizon.impressions": "5", "horizon.clicks": "4"})
-        Horizon(impressions=5, clicks=4)
-        >>> Horizon.from_tags({"horizon.clicks": "x"})
-        Horizon(impressions=None, clicks=None)
+        >>> Horizon.from_tags({"horizon.impressions": "5", "horizon.clicks": "4", "flavor": "onnx"})
+        Horizon(versions=(('clicks', 4), ('impressions', 5)))
+        >>> Horizon.from_tags({"horizon.clicks": "x"}, ["clicks", "impressions"])
+        Horizon(versions=(('clicks', None), ('impressions', None)))
         """
-
-        def number(key: str) -> int | None:
-            value = tags.get(key)
-            return int(value) if value is not None and value.isdigit() else None
-
-        return cls(number(TAG_HORIZON_IMPRESSIONS), number(TAG_HORIZON_CLICKS))
+        found: dict[str, int | None] = dict.fromkeys(event_types)
+        for key, value in tags.items():
+            if key.startswith(TAG_HORIZON_PREFIX):
+                found[key.removeprefix(TAG_HORIZON_PREFIX)] = int(value) if value.isdigit() else None
+        return cls.of(found)
 
     def __str__(self) -> str:
-        def part(version: int | None) -> str:
-            return "?" if version is None else str(version)
-
-        return f"bronze impressions v{part(self.impressions)}, clicks v{part(self.clicks)}"
+        if not self.versions:
+            return "bronze v?"
+        return "bronze " + ", ".join(f"{event} v{'?' if v is None else v}" for event, v in self.versions)

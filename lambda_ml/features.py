@@ -38,15 +38,12 @@ from pyspark.sql import functions as F
 from lambda_ml import buckets, contract
 from lambda_ml.config import AggregateConfig, FeaturesConfig, FeatureEntityConfig
 from lambda_ml.contract import ModelInputs
-from lambda_ml.schemas import IMPRESSION
 
 LABEL = "label"
 # Feature-event column telling impressions from attributed clicks (values: the aggregates' ``events``).
 KIND = "kind"
 IMPRESSIONS, CLICKS = "impressions", "clicks"
 BUCKET = contract.VIEW_BUCKET_COLUMN
-# Impression fields an attributed click carries along (everything but the impression's id and time).
-IMPRESSION_FIELDS = tuple(name for name in IMPRESSION.field_names if name not in ("event_id", "event_time"))
 _MICROS = "_pit_micros"
 _INDEX = "_pit_bucket"
 _HEAD = "_pit_head"  # a series row leading its bucket
@@ -91,20 +88,21 @@ def attribute_clicks(
     """Attributed clicks with their impression's fields.
 
     Returns ``click_id, impression_id, event_time`` (the click's), ``impression_time`` and the
-    impression's other fields (``user_id, item_id, device, position``), then the
+    impression's other columns (``user_id, item_id, device, position``), then the
     ``impression_extra`` and ``click_extra`` columns carried along (the speed layer carries the
     bronze versions). Both inputs must already be deduplicated; on streams, both need a
     watermark on ``event_time`` (a stream-stream join).
     """
+    fields = [c for c in impressions.columns if c not in ("event_id", "event_time", *impression_extra)]
     imp = impressions.select(
-        F.col("event_id").alias("_imp_event_id"), F.col("event_time").alias("impression_time"), *IMPRESSION_FIELDS, *impression_extra
+        F.col("event_id").alias("_imp_event_id"), F.col("event_time").alias("impression_time"), *fields, *impression_extra
     )
     clk = clicks.select(F.col("event_id").alias("click_id"), "impression_id", "event_time", *click_extra)
     condition = (clk["impression_id"] == imp["_imp_event_id"]) & within_attribution_window(
         imp["impression_time"], clk["event_time"], window_minutes
     )
     return clk.join(imp, condition, "inner").select(
-        "click_id", "impression_id", "event_time", "impression_time", *IMPRESSION_FIELDS, *impression_extra, *click_extra
+        "click_id", "impression_id", "event_time", "impression_time", *fields, *impression_extra, *click_extra
     )
 
 
@@ -222,14 +220,14 @@ def bucket_increments(
 def after_horizon(increments: DataFrame, horizon: contract.Horizon) -> DataFrame:
     """The speed-layer increment rows a batch view at ``horizon`` did not count.
 
-    An impression counts after the horizon if its bronze version is newer than
-    ``horizon.impressions``; an attributed click if its own or its impression's version is
-    newer (the batch attributes a click only when it holds both). A part of the horizon that is
-    unknown (None) keeps every row. ``merge_buckets([view at h, after_horizon(increments, h)])``
+    A row counts after the horizon if the bronze version of any of its events is newer than the
+    horizon's version of that table (an attributed click of the click-through application: its
+    own or its impression's; the batch attributes a click only when it holds both). A part of
+    the horizon that is unknown (None) keeps every row. ``merge_buckets([view at h, after_horizon(increments, h)])``
     is the view of the lake the speed layer has seen.
     """
-    imp, clk = (F.col(contract.INCREMENT_VERSION_COLUMNS[part]) for part in ("impressions", "clicks"))
-    newer = contract.increment_after_horizon(horizon, imp, clk)
+    versions = {e: F.col(c) for e in horizon.parts if (c := contract.increment_version_column(e)) in increments.columns}
+    newer = contract.increment_after_horizon(horizon, versions)
     return increments if newer is None else increments.where(newer)
 
 

@@ -189,7 +189,7 @@ def produce(cfg: PlatformConfig, records: list[Record], progress: bool = True) -
     Avro); return the number acknowledged."""
     from kafka import KafkaProducer
 
-    topics = cfg.kafka.topics.event_topics()
+    topics = cfg.events.topics()
     schemas = {
         name: avro.load_schema(avro.schema_path(cfg.kafka.avro_schemas, name)) if topic.format == "avro" else None
         for name, topic in topics.items()

@@ -133,7 +133,7 @@ def bucket_part(events: Sequence[FeatureEvent], features: FeaturesConfig, start:
 
     >>> from lambda_ml.config import FeaturesConfig
     >>> cfg = FeaturesConfig.model_validate({
-    ...     "bucket": "1h", "windows": ["1h"], "entities": {"user": {"keys": ["user_id"]}},
+    ...     "event_type": "impressions", "bucket": "1h", "windows": ["1h"], "entities": {"user": {"keys": ["user_id"]}},
     ...     "aggregates": {"shown": {"events": "impressions", "aggregation": "count"},
     ...                    "top": {"events": "impressions", "aggregation": "min", "measure": "position"}}})
     >>> part = bucket_part([FeatureEvent("impressions", 20, {"user_id": "u", "position": 3}),

@@ -1,11 +1,8 @@
-"""Event schemas of the click-through application and the lake tables they land in.
+"""Event types, as the config declares them (``events.types``), and the lake tables they land in.
 
-Events are JSON objects on Kafka, one topic per event type:
-
-- ``impressions``: ``{"event_id", "event_time", "user_id", "item_id", "device", "position"}``
-- ``clicks``: ``{"event_id", "impression_id", "event_time"}``
-
-``event_time`` is ISO-8601 in UTC (``2026-11-22T08:00:00.123Z``). Bronze tables keep every
+Events are JSON objects (or Avro records) on Kafka, one topic per event type, each with an
+``event_id`` and an ``event_time`` (ISO-8601 with a time zone, ``2026-11-22T08:00:00.123Z``)
+besides its own fields. Bronze tables keep every
 valid event with its Kafka topic, partition, offset and record timestamp; the quarantine table
 keeps the raw bytes of everything else with the reason.
 """
@@ -13,10 +10,12 @@ keeps the raw bytes of everything else with the reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyspark.sql.types import (
     BinaryType,
     DataType,
+    DoubleType,
     IntegerType,
     LongType,
     StringType,
@@ -25,15 +24,19 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+if TYPE_CHECKING:
+    from lambda_ml.config import PlatformConfig
+
 
 @dataclass(frozen=True)
 class EventField:
     name: str
-    kind: str  # "string" | "int" | "timestamp"
+    kind: str  # "string" | "int" | "double" | "timestamp"
 
     @property
     def spark_type(self) -> DataType:
-        return {"string": StringType(), "int": IntegerType(), "timestamp": TimestampType()}[self.kind]
+        kinds: dict[str, DataType] = {"string": StringType(), "int": IntegerType(), "double": DoubleType(), "timestamp": TimestampType()}
+        return kinds[self.kind]
 
 
 @dataclass(frozen=True)
@@ -52,26 +55,21 @@ class EventType:
         )
 
 
-IMPRESSION = EventType(
-    "impressions",
-    (
-        EventField("event_id", "string"),
-        EventField("event_time", "timestamp"),
-        EventField("user_id", "string"),
-        EventField("item_id", "string"),
-        EventField("device", "string"),
-        EventField("position", "int"),
-    ),
-)
-CLICK = EventType(
-    "clicks",
-    (
-        EventField("event_id", "string"),
-        EventField("impression_id", "string"),
-        EventField("event_time", "timestamp"),
-    ),
-)
-EVENT_TYPES: dict[str, EventType] = {e.name: e for e in (IMPRESSION, CLICK)}
+def event_types(cfg: PlatformConfig) -> dict[str, EventType]:
+    """The declared event types (``events.types``), by name, fields in declaration order."""
+    return {
+        name: EventType(name, tuple(EventField(field, kind) for field, kind in declared.fields.items()))
+        for name, declared in cfg.events.types.items()
+    }
+
+
+def event_type(cfg: PlatformConfig, name: str) -> EventType:
+    """One declared event type; ValueError naming the key when it is not declared."""
+    types = event_types(cfg)
+    if name not in types:
+        raise ValueError(f"events.types: the event type {name!r} is not declared (declared: {', '.join(types)})")
+    return types[name]
+
 
 # Lineage columns every bronze row carries: where in Kafka it came from and when it landed.
 KAFKA_COLUMNS = StructType(

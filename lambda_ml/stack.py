@@ -320,7 +320,7 @@ def create_topics(cfg: PlatformConfig) -> list[str]:
     from kafka.admin import NewTopic
 
     topics = cfg.kafka.topics
-    wanted = [topics.impressions, topics.clicks, topics.model_updates, topics.predictions]
+    wanted = [*cfg.events.topics().values(), topics.model_updates, topics.predictions]
     admin = KafkaAdminClient(bootstrap_servers=cfg.kafka.bootstrap_servers)
     try:
         existing = set(admin.list_topics())

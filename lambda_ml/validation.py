@@ -13,7 +13,7 @@ with the same words everywhere:
   ``events.max_string_length`` characters.
 - **Strict types, no coercion**: a string field must be a JSON string (not blank, no lone
   surrogate); an int field a JSON integer that fits 32 bits (``"2"``, ``2.0`` and ``true`` are
-  refused); a timestamp an ISO-8601 *string* with seconds and a time zone,
+  refused); a double a finite JSON number; a timestamp an ISO-8601 *string* with seconds and a time zone,
   ``2026-11-22T08:00:00.123Z`` or ``...+01:00`` (at most microseconds; ``12345`` is refused).
 - **Unknown fields are ignored**, however deeply nested: a producer that adds a field keeps its
   events flowing (a record nested too deep for the C parser is parsed again iteratively).
@@ -21,7 +21,9 @@ with the same words everywhere:
   ahead of the Kafka record time by more than ``speed.max_future_minutes`` is refused, so one
   producer with a wrong clock cannot move the streaming watermark past everybody's events.
 
->>> from lambda_ml.schemas import CLICK
+>>> from lambda_ml.schemas import EventField, EventType
+>>> CLICK = EventType("clicks", (EventField("event_id", "string"), EventField("impression_id", "string"),
+...                              EventField("event_time", "timestamp")))
 >>> rules = EventRules()
 >>> at = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
 >>> check_record(CLICK, b'{"event_id": "c1", "impression_id": "i1", "event_time": "2026-11-22T07:59:00Z", "x": [[1]]}', at, rules)
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,6 +65,7 @@ _SHOWN = 40  # characters of a refused string quoted in a reason
 EXPECTED = {
     "string": "a string",
     "int": "an integer",
+    "double": "a finite number",
     "timestamp": "an ISO-8601 timestamp string with a time zone",
 }
 
@@ -193,6 +197,13 @@ def _integer(field: EventField, value: Any, _: int) -> int:
     return value
 
 
+def _double(field: EventField, value: Any, _: int) -> float:
+    # An integer is a number too (JSON writes 2.0 as 2 in many clients); a bool is not.
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise _bad(field, value)
+    return float(value)
+
+
 def _timestamp(field: EventField, value: Any, _: int) -> datetime:
     if type(value) is str and _TIMESTAMP.fullmatch(value):
         try:
@@ -204,7 +215,7 @@ def _timestamp(field: EventField, value: Any, _: int) -> datetime:
     raise _bad(field, value)
 
 
-_KINDS = {"string": _string, "int": _integer, "timestamp": _timestamp}
+_KINDS = {"string": _string, "int": _integer, "double": _double, "timestamp": _timestamp}
 
 
 def check_event_time(event_time: datetime, record_time: datetime | None, rules: EventRules) -> None:

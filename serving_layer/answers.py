@@ -43,7 +43,7 @@ class Scored:
 
 
 def horizon_out(horizon: Horizon) -> HorizonOut:
-    return HorizonOut(impressions=horizon.impressions, clicks=horizon.clicks)
+    return horizon.parts
 
 
 def model_out(model: CtrServingModel) -> ModelOut:

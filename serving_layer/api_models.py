@@ -19,7 +19,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from lambda_ml.schemas import IMPRESSION
+from lambda_ml.schemas import EventField
 from lambda_ml.validation import DEFAULT_MAX_STRING_LENGTH, InvalidEvent, field_value
 
 # float32 holds every integer up to 2**24 exactly; positions are small anyway.
@@ -32,8 +32,12 @@ ROW_EXAMPLE: dict[str, JsonValue] = {"user_id": "u42", "item_id": "i7", "device"
 BATCH_EXAMPLE: dict[str, JsonValue] = {
     "rows": [ROW_EXAMPLE, {"user_id": "u9", "item_id": "i3", "device": "desktop", "position": 4}]
 }
-# A row's fields are the impression's: their values pass the event validator's checks.
-_IMPRESSION_FIELDS = {f.name: f for f in IMPRESSION.fields}
+# A row's fields, typed as an impression's: their values pass the event validator's checks.
+_ROW_FIELDS = {
+    name: EventField(name, kind)
+    for name, kind in (("user_id", "string"), ("item_id", "string"), ("device", "string"), ("position", "int"),
+                       ("event_time", "timestamp"), ("event_id", "string"))
+}  # fmt: skip
 
 
 PolicyName = Literal["champion", "latest", "quality", "consensus", "deadline", "ab"]
@@ -82,7 +86,7 @@ class PredictRow(_Body):
         if value is None and info.field_name in ("event_time", "event_id"):
             return None  # optional in a request (an impression on Kafka must have them)
         try:
-            return field_value(_IMPRESSION_FIELDS[str(info.field_name)], value, cls.max_string_length)
+            return field_value(_ROW_FIELDS[str(info.field_name)], value, cls.max_string_length)
         except InvalidEvent as exc:
             raise PydanticCustomError("invalid_event_value", "{reason}", {"reason": str(exc)}) from None
 
@@ -174,11 +178,9 @@ def batch_type_with_limit(max_rows: int, row_type: type[PredictRow] = PredictRow
 # --------------------------------------------------------------------------- responses
 
 
-class HorizonOut(_Body):
-    """Bronze Delta versions a batch run read; null where unknown."""
-
-    impressions: int | None = Field(description="Version of the bronze impressions table.")
-    clicks: int | None = Field(description="Version of the bronze clicks table.")
+# Bronze Delta versions a batch run read, by event type (e.g. {"impressions": 12, "clicks": 11});
+# null where unknown.
+HorizonOut = dict[str, int | None]
 
 
 class ModelOut(_Body):
@@ -346,8 +348,8 @@ class IncrementsOut(_Body):
         description="Newest bronze versions (impressions_version, clicks_version) of the merged increments (null: none merged)."
     )
     rows_merged: int = Field(
-        description="Increment rows after the batch horizon (impressions_version > horizon.impressions or "
-        "clicks_version > horizon.clicks), merged into the view."
+        description="Increment rows after the batch horizon (a bronze version of one of their events "
+        "above the horizon's version of that table), merged into the view."
     )
     rows_in_batch: int = Field(description="Increment rows the batch view already counts (left out; the speed layer deletes them).")
 

@@ -28,7 +28,7 @@ from typing import Any
 from lambda_ml.buckets import from_micros, to_micros
 from lambda_ml.config import PlatformConfig
 from lambda_ml.partial_buckets import BucketPart, bucket_feature_events, bucket_part
-from lambda_ml.schemas import CLICK, IMPRESSION, EventType
+from lambda_ml.schemas import EventType, event_type
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class LakeEvents:
 
     def __init__(self, cfg: PlatformConfig) -> None:
         self.cfg = cfg
-        self.impressions, self.clicks = BronzeTable(cfg, IMPRESSION), BronzeTable(cfg, CLICK)
+        self.impressions, self.clicks = BronzeTable(cfg, event_type(cfg, "impressions")), BronzeTable(cfg, event_type(cfg, "clicks"))
         newest = [t for t in (self.impressions.newest_event(), self.clicks.newest_event()) if t is not None]
         self.newest: int | None = max(newest) if newest else None
         self.width = to_micros(cfg.features.bucket_width)

@@ -104,8 +104,8 @@ class CtrServingModel:
 
         >>> from lambda_ml.contract import Horizon
         >>> from lambda_ml.contract import ModelInputs
-        >>> CtrServingModel("ctr", 3, "champion", "r1", Horizon(5, 4), None, ModelInputs((), ())).describe()
-        'ctr version 3 (alias champion), trained on bronze impressions v5, clicks v4 in MLflow run r1'
+        >>> CtrServingModel("ctr", 3, "champion", "r1", Horizon.of(impressions=5, clicks=4), None, ModelInputs((), ())).describe()
+        'ctr version 3 (alias champion), trained on bronze clicks v4, impressions v5 in MLflow run r1'
         """
         return f"{self.name} version {self.version} (alias {self.alias}), trained on {self.horizon} in MLflow run {self.run_id}"
 

@@ -9,7 +9,7 @@ impression's event id, and ``lambda-ml batch evaluate`` keeps one per (event id,
 It is not exactly once: the scores would have to be written in a Kafka transaction with the
 offsets, which kafka-python does not offer here.
 
-Impressions are read in the encoding ``kafka.topics.impressions.format`` declares: JSON, or
+Impressions are read in the encoding ``events.types.impressions.topic.format`` declares: JSON, or
 Avro binary with the schema in ``kafka.avro_schemas`` (decoded by ``lambda_ml.avro``, the
 module the producers encode with). SIGTERM or Ctrl-C lets the batch in hand finish (sent, then
 committed) before the process exits 0.
@@ -46,7 +46,7 @@ from pydantic import ValidationError
 from lambda_ml import avro, validation
 from lambda_ml.config import ConfigError, PlatformConfig, load_command_config
 from lambda_ml.logs import setup_logging
-from lambda_ml.schemas import IMPRESSION
+from lambda_ml.schemas import event_type
 from serving_layer.api_models import PredictRow, row_type_with_limits
 
 log = logging.getLogger(__name__)
@@ -100,14 +100,15 @@ class StreamScorer:
 
         self.cfg = cfg
         self.policy = policy or cfg.serving.policy
-        self.input_topic = input_topic or cfg.kafka.topics.impressions.name
+        self.input_topic = input_topic or cfg.events.topic("impressions").name
         self.output_topic = output_topic or cfg.kafka.topics.predictions.name
         self.group_id, self.batch_size, self.clock = group_id, batch_size, clock
         self.models = models if models is not None else ModelStore.from_config(cfg)
         self.views = views if views is not None else ViewStore.from_config(cfg)
         self.runner = PolicyRunner(cfg.serving.consensus, cfg.serving.deadline_ms / 1000, cfg.serving.prior_probability)
         self.progress = StreamProgress()
-        self.input_format = input_format or cfg.kafka.topics.impressions.format
+        self.input_format = input_format or cfg.events.topic("impressions").format
+        self.event_type = event_type(cfg, "impressions")
         self.schema: dict[str, Any] | None = None  # the Avro schema of an Avro input topic
         self.rules = validation.EventRules.from_config(cfg)
         self.row_type = row_type_with_limits(cfg.events.max_string_length)
@@ -121,7 +122,7 @@ class StreamScorer:
         layer's own checks (``lambda_ml.validation``, the same words as its quarantine), then
         the request model's (e.g. ``position`` at least 1). ``record_time``: the Kafka record
         time (default: the scorer's clock)."""
-        event = validation.check_record(IMPRESSION, value, record_time or self.clock(), self.rules, self.schema)
+        event = validation.check_record(self.event_type, value, record_time or self.clock(), self.rules, self.schema)
         if isinstance(event, str):
             return event
         try:
@@ -251,9 +252,9 @@ def build_parser(prog: str = "python -m serving_layer.stream") -> argparse.Argum
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-topic", help="topic of impressions (default: kafka.topics.impressions.name)")
+    parser.add_argument("--input-topic", help="topic of impressions (default: events.types.impressions.topic.name)")
     parser.add_argument("--input-format", choices=("json", "avro"),
-                        help="encoding of the input topic's records (default: kafka.topics.impressions.format; "
+                        help="encoding of the input topic's records (default: events.types.impressions.topic.format; "
                         "Avro with the schema kafka.avro_schemas/impressions.avsc)")  # fmt: skip
     parser.add_argument("--output-topic", help="topic the predictions go to (default: kafka.topics.predictions.name)")
     parser.add_argument("--policy", choices=("champion", "latest", "quality", "consensus", "deadline", "ab"),

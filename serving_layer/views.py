@@ -33,7 +33,6 @@ from serving_layer.lake_events import LakeEvents, LakeEventsError
 from serving_layer.reloadable import Reloadable
 
 BUCKET = contract.VIEW_BUCKET_COLUMN
-IMPRESSIONS_VERSION, CLICKS_VERSION = (contract.INCREMENT_VERSION_COLUMNS[part] for part in ("impressions", "clicks"))
 
 
 class ViewLoadError(RuntimeError):
@@ -46,7 +45,7 @@ class Increments:
     combined per bucket), the latest bronze versions they came from, and the rows left out."""
 
     rows: Mapping[tuple[str, ...], EntityBuckets] = field(default_factory=dict)
-    through: Horizon | None = None  # the newest impressions_version / clicks_version merged
+    through: Horizon | None = None  # the newest bronze version of each event type merged
     used: int = 0  # increment rows after the horizon, merged
     already_in_batch: int = 0  # rows the batch view counts (the speed layer deletes them soon)
 
@@ -63,7 +62,7 @@ class BucketView:
     keys: tuple[str, ...]
     path: str
     rows: Mapping[tuple[str, ...], EntityBuckets] = field(default_factory=dict)
-    horizon: Horizon = Horizon()
+    horizon: Horizon = Horizon.of()
     increments: Increments = NO_INCREMENTS
     merged: Mapping[tuple[str, ...], EntityBuckets] | None = None  # None: no increments, rows as they are
 
@@ -120,7 +119,7 @@ class BatchViews:
 
     @property
     def horizon(self) -> Horizon:
-        return next(iter(self.views.values())).horizon if self.views else Horizon()
+        return next(iter(self.views.values())).horizon if self.views else Horizon.of()
 
     def lookup(self, entity: str, key: tuple[str, ...]) -> EntityBuckets:
         return self.views[entity].lookup(key)
@@ -149,7 +148,7 @@ def bucket_view_from_arrow(
     ...                    "horizon_impressions": [7, 7, 7], "horizon_clicks": [4, 4, 4]})
     >>> view = bucket_view_from_arrow("mem", t, "user", ["user_id"], ["clicks"])
     >>> view.lookup(("a",)), view.horizon
-    (EntityBuckets(starts=(3600000000, 7200000000), values={'clicks': (0, 1)}), Horizon(impressions=7, clicks=4))
+    (EntityBuckets(starts=(3600000000, 7200000000), values={'clicks': (0, 1)}), Horizon(versions=(('clicks', 4), ('impressions', 7))))
     """
     wanted = [*keys, BUCKET, *aggregates]
     missing = [c for c in wanted if c not in table.column_names]
@@ -197,15 +196,15 @@ def bucket_rows_from_arrow(
 
 def _horizon(path: str, table: pyarrow.Table) -> Horizon:
     found: dict[str, int | None] = {}
-    for name, column in contract.VIEW_HORIZON_COLUMNS.items():
-        if column not in table.column_names:
-            found[name] = None
+    for column in table.column_names:
+        if not column.startswith(contract.VIEW_HORIZON_PREFIX):
             continue
+        name = column.removeprefix(contract.VIEW_HORIZON_PREFIX)
         values = {v for v in table.column(column).to_pylist() if v is not None}
         if len(values) > 1:
             raise ViewLoadError(f"view {path} mixes horizons in {column}: {sorted(values)}")
         found[name] = int(values.pop()) if values else None
-    return Horizon(**found)
+    return Horizon.of(found)
 
 
 def increments_from_arrow(
@@ -219,19 +218,22 @@ def increments_from_arrow(
     >>> hour = datetime(1970, 1, 1, 1, tzinfo=timezone.utc)
     >>> t = pyarrow.table({"user_id": ["a", "a", "a", "b"], "bucket_start": [hour] * 4, "clicks": [1, 2, 9, 4],
     ...                    "impressions_version": [6, 3, 5, 7], "clicks_version": [None, 6, None, 2]})
-    >>> inc = increments_from_arrow("mem", t, ["user_id"], {"clicks": "count"}, Horizon(5, 5))
-    >>> inc.rows[("a",)].values, inc.through, (inc.used, inc.already_in_batch)
-    ({'clicks': (3,)}, Horizon(impressions=7, clicks=6), (3, 1))
+    >>> inc = increments_from_arrow("mem", t, ["user_id"], {"clicks": "count"}, Horizon.of(impressions=5, clicks=5))
+    >>> inc.rows[("a",)].values, str(inc.through), (inc.used, inc.already_in_batch)
+    ({'clicks': (3,)}, 'bronze clicks v6, impressions v7', (3, 1))
     """
-    names = [*keys, BUCKET, *aggregations, IMPRESSIONS_VERSION, CLICKS_VERSION]
+    # The version columns of the event types feature events come from (a horizon part without
+    # one is a table no increment row comes from).
+    versions = {e: c for e in horizon.parts if (c := contract.increment_version_column(e)) in table.column_names}
+    names = [*keys, BUCKET, *aggregations]
     missing = [c for c in names if c not in table.column_names]
     if missing:
         raise ViewLoadError(f"increments {path} lack column(s) {', '.join(missing)}; they have {', '.join(table.column_names)}")
-    after = contract.increment_after_horizon(horizon, pc.field(IMPRESSIONS_VERSION), pc.field(CLICKS_VERSION))
+    after = contract.increment_after_horizon(horizon, {e: pc.field(c) for e, c in versions.items()})
     kept = table if after is None else table.filter(after)
     view = bucket_rows_from_arrow(path, kept, keys, list(aggregations), combine=aggregations)
-    newest = [pc.max(kept.column(c)).as_py() for c in (IMPRESSIONS_VERSION, CLICKS_VERSION)]
-    through = Horizon(*newest) if kept.num_rows else None
+    newest = {e: pc.max(kept.column(c)).as_py() for e, c in versions.items()}
+    through = Horizon.of(newest) if kept.num_rows else None
     return Increments(view, through, kept.num_rows, table.num_rows - kept.num_rows)
 
 
@@ -244,7 +246,7 @@ def read_increments(path: str, keys: Sequence[str], aggregations: Mapping[str, s
         return NO_INCREMENTS
     except (DeltaError, OSError) as exc:
         raise ViewLoadError(f"cannot read the Delta table at {path}: {exc}") from exc
-    names = [*keys, BUCKET, *aggregations, IMPRESSIONS_VERSION, CLICKS_VERSION]
+    names = [*keys, BUCKET, *aggregations, *(contract.increment_version_column(e) for e in horizon.parts)]
     present = {f.name for f in delta.schema().fields}
     columns = [c for c in names if c in present]
     return increments_from_arrow(path, delta.to_pyarrow_table(columns=columns), keys, aggregations, horizon)
@@ -263,7 +265,7 @@ def read_bucket_view(path: str, entity: str, keys: Sequence[str], aggregates: Se
     missing = [c for c in columns if c not in schema_names]
     if missing:
         raise ViewLoadError(f"view {path} lacks column(s) {', '.join(missing)}: was it written with other feature declarations?")
-    columns += [c for c in contract.VIEW_HORIZON_COLUMNS.values() if c in schema_names]
+    columns += sorted(c for c in schema_names if c.startswith(contract.VIEW_HORIZON_PREFIX))
     return bucket_view_from_arrow(path, delta.to_pyarrow_table(columns=columns), entity, keys, aggregates)
 
 

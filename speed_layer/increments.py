@@ -25,13 +25,17 @@ from pyspark.sql.utils import AnalysisException
 
 from lambda_ml import contract
 from lambda_ml.config import PlatformConfig
-from lambda_ml.contract import INCREMENT_BATCH_COLUMN, INCREMENT_VERSION_COLUMNS, Horizon
+from lambda_ml.contract import INCREMENT_BATCH_COLUMN, Horizon, increment_version_column
 from lambda_ml.features import after_horizon, attribute_clicks, bucket_increments, feature_events
 from speed_layer.silver import silver_events
 
 log = logging.getLogger(__name__)
 
-VERSIONS = (INCREMENT_VERSION_COLUMNS["impressions"], INCREMENT_VERSION_COLUMNS["clicks"])
+
+
+def version_columns(cfg: PlatformConfig) -> tuple[str, ...]:
+    """The increments' bronze version columns: one per event type feature events come from."""
+    return tuple(increment_version_column(e) for e in cfg.features.source_event_types)
 
 
 def increments_path(cfg: PlatformConfig, entity: str) -> str:
@@ -40,24 +44,25 @@ def increments_path(cfg: PlatformConfig, entity: str) -> str:
 
 def view_horizon(spark: SparkSession, cfg: PlatformConfig, entity: str) -> Horizon:
     """The horizon the entity's batch view was built at; unknown (None) if there is no view yet."""
-    columns = contract.VIEW_HORIZON_COLUMNS
+    columns = {e: contract.view_horizon_column(e) for e in cfg.events.types}
     try:
         view = spark.read.format("delta").load(cfg.lake.table(*contract.view_table(entity)))
-        row = view.select(columns["impressions"], columns["clicks"]).limit(1).first()
+        present = {e: c for e, c in columns.items() if c in view.columns}
+        row = view.select(*present.values()).limit(1).first() if present else None
     except AnalysisException:  # no view table yet
-        return Horizon()
+        return Horizon.of()
     if row is None:
-        return Horizon()
-    return Horizon(row[0], row[1])
+        return Horizon.of()
+    return Horizon.of({e: row[c] for e, c in present.items()})
 
 
 def stream_feature_events(impressions: DataFrame, clicks: DataFrame, cfg: PlatformConfig) -> DataFrame:
     """Feature events with the bronze versions they came from (static or streaming inputs)."""
-    impression_version, click_version = VERSIONS
+    impression_version, click_version = (increment_version_column(e) for e in ("impressions", "clicks"))
     attributed = attribute_clicks(
         impressions, clicks, cfg.ctr.attribution_window_minutes, impression_extra=[impression_version], click_extra=[click_version]
     )
-    return feature_events(impressions, attributed, cfg.features, extra=VERSIONS)
+    return feature_events(impressions, attributed, cfg.features, extra=(impression_version, click_version))
 
 
 def batch_increments(events: DataFrame, cfg: PlatformConfig, horizons: dict[str, Horizon]) -> dict[str, DataFrame]:
@@ -65,7 +70,7 @@ def batch_increments(events: DataFrame, cfg: PlatformConfig, horizons: dict[str,
     view horizon does not cover."""
     out = {}
     for name, entity in cfg.features.entities.items():
-        rows = bucket_increments(events, entity, cfg.features, by=VERSIONS)
+        rows = bucket_increments(events, entity, cfg.features, by=version_columns(cfg))
         out[name] = after_horizon(rows, horizons[name])
     return out
 
@@ -101,14 +106,14 @@ class IncrementsWriter:
 
     def _prune(self, spark: SparkSession, entity: str, horizon: Horizon) -> None:
         """Delete the rows a newly published horizon covers (once per horizon and process)."""
-        if horizon.impressions is None or horizon.clicks is None or self.pruned.get(entity) == horizon:
+        sources = self.cfg.features.source_event_types
+        if not horizon.is_known(sources) or self.pruned.get(entity) == horizon:
             return
         path = increments_path(self.cfg, entity)
         if DeltaTable.isDeltaTable(spark, path):
-            imp, clk = VERSIONS
-            DeltaTable.forPath(spark, path).delete(
-                f"{imp} <= {horizon.impressions} AND ({clk} IS NULL OR {clk} <= {horizon.clicks})"
-            )
+            # The rows :func:`after_horizon` would drop: every event in them at or before the horizon.
+            covered = [f"({c} IS NULL OR {c} <= {horizon.version(e)})" for e in sources if (c := increment_version_column(e))]
+            DeltaTable.forPath(spark, path).delete(" AND ".join(covered))
             log.info("%s increments: dropped the rows %s covers", entity, horizon)
         self.pruned[entity] = horizon
 
@@ -117,9 +122,9 @@ def start_increments(spark: SparkSession, cfg: PlatformConfig, trigger: Callable
     """Start the feature-increments query: bronze -> ``speed/<entity>_increments``."""
     from speed_layer.app import checkpoint
 
-    impressions, clicks = silver_events(spark, cfg)
+    streams = silver_events(spark, cfg, ["impressions", "clicks"])
     writer = (
-        stream_feature_events(impressions, clicks, cfg)
+        stream_feature_events(streams["impressions"], streams["clicks"], cfg)
         .writeStream.queryName("increments")
         .option("checkpointLocation", checkpoint(cfg, "increments"))
         .foreachBatch(IncrementsWriter(cfg))

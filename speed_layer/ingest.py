@@ -35,7 +35,7 @@ from pyspark.sql.types import BinaryType, StringType, StructField, StructType
 from lambda_ml import avro, validation
 from lambda_ml.config import PlatformConfig, load_config
 from lambda_ml.logs import setup_logging
-from lambda_ml.schemas import EVENT_TYPES, KAFKA_COLUMNS, QUARANTINE_SCHEMA, EventType
+from lambda_ml.schemas import KAFKA_COLUMNS, QUARANTINE_SCHEMA, EventType, event_types
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,11 @@ def checked_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
         F.current_timestamp().alias("ingested_at"),
     )
     rules = validation.EventRules.from_config(cfg)
-    event_topics = cfg.kafka.topics.event_topics()
+    event_topics = cfg.events.topics()
+    declared = event_types(cfg)
     out: dict[str, DataFrame] = {}
     for event_name, topic in event_topics.items():
-        event = EVENT_TYPES[event_name]
+        event = declared[event_name]
         schema = avro.event_schema(cfg.kafka.avro_schemas, event_name) if topic.format == "avro" else None
         subset = records.where(F.col("kafka_topic") == topic.name)
         body = functools.partial(check_batches, event=event, rules=rules, avro_schema=schema)
@@ -127,8 +128,9 @@ def split_checked(checked: dict[str, DataFrame]) -> dict[str, DataFrame]:
     for event_name, frame in checked.items():
         if event_name == QUARANTINE:
             continue
-        event = EVENT_TYPES[event_name]
-        out[event_name] = frame.where(F.col("reason").isNull()).select(*event.field_names, *[c.name for c in KAFKA_COLUMNS.fields])
+        lineage = [c.name for c in KAFKA_COLUMNS.fields]
+        fields = [c for c in frame.columns if c not in (*lineage, RAW_VALUE, REASON)]
+        out[event_name] = frame.where(F.col("reason").isNull()).select(*fields, *lineage)
         bad.append(frame.where(F.col("reason").isNotNull()).select(*[c.name for c in QUARANTINE_SCHEMA.fields]))
     quarantine = checked[QUARANTINE]
     for frame in reversed(bad):
@@ -147,7 +149,7 @@ def parse_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
 
 
 def table_paths(cfg: PlatformConfig) -> dict[str, str]:
-    paths = {name: bronze_path(cfg, name) for name in EVENT_TYPES}
+    paths = {name: bronze_path(cfg, name) for name in cfg.events.types}
     paths[QUARANTINE] = quarantine_path(cfg)
     return paths
 
@@ -160,14 +162,14 @@ CHANGE_FEED = "delta.enableChangeDataFeed"
 def ensure_tables(spark: SparkSession, cfg: PlatformConfig) -> None:
     """Create the bronze and quarantine tables (empty) if they do not exist yet, bronze with its
     change feed on (turned on once for a bronze table created before it was)."""
-    schemas = {name: event.bronze_schema() for name, event in EVENT_TYPES.items()}
+    schemas = {name: event.bronze_schema() for name, event in event_types(cfg).items()}
     schemas[QUARANTINE] = QUARANTINE_SCHEMA
     for name, path in table_paths(cfg).items():
         builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schemas[name])
-        if name in EVENT_TYPES:
+        if name != QUARANTINE:
             builder = builder.property(CHANGE_FEED, "true")
         builder.execute()
-        if name in EVENT_TYPES:
+        if name != QUARANTINE:
             properties = DeltaTable.forPath(spark, path).detail().first()["properties"]  # type: ignore[index]
             if properties.get(CHANGE_FEED) != "true":
                 # Before the ingest query starts: nothing else writes bronze, so no commit conflicts.
@@ -278,7 +280,7 @@ def ingest_batch(
 
 
 def kafka_source(spark: SparkSession, cfg: PlatformConfig) -> DataFrame:
-    topics = ",".join(t.name for t in cfg.kafka.topics.event_topics().values())
+    topics = ",".join(t.name for t in cfg.events.topics().values())
     return (
         spark.readStream.format("kafka")
         .option("kafka.bootstrap.servers", cfg.kafka.bootstrap_servers)

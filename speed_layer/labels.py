@@ -20,19 +20,23 @@ from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 from pyspark.sql.types import DoubleType, LongType, StructField, StructType
 
 from lambda_ml.config import PlatformConfig
-from lambda_ml.contract import INCREMENT_VERSION_COLUMNS, SILVER_LABELS_TABLE
-from lambda_ml.features import IMPRESSION_FIELDS, LABEL, within_attribution_window
-from lambda_ml.schemas import IMPRESSION
+from lambda_ml.contract import SILVER_LABELS_TABLE, increment_version_column
+from lambda_ml.features import LABEL, within_attribution_window
+from lambda_ml.schemas import EventType, event_type
 from speed_layer.ingest import CHANGE_FEED
 from speed_layer.silver import silver_events
 
 log = logging.getLogger(__name__)
 
-IMPRESSION_VERSION = INCREMENT_VERSION_COLUMNS["impressions"]
-LABEL_SCHEMA = StructType(
-    [StructField(f.name, f.spark_type, nullable=False) for f in IMPRESSION.fields]
-    + [StructField(IMPRESSION_VERSION, LongType(), nullable=False), StructField(LABEL, DoubleType(), nullable=False)]
-)
+IMPRESSION_VERSION = increment_version_column("impressions")
+
+
+def label_schema(impression: EventType) -> StructType:
+    """The silver labels' schema: the impression's fields, its bronze version and its label."""
+    return StructType(
+        [StructField(f.name, f.spark_type, nullable=False) for f in impression.fields]
+        + [StructField(IMPRESSION_VERSION, LongType(), nullable=False), StructField(LABEL, DoubleType(), nullable=False)]
+    )
 
 
 def labels_path(cfg: PlatformConfig) -> str:
@@ -43,7 +47,7 @@ def join_labels(impressions: DataFrame, clicks: DataFrame, window_minutes: int) 
     """Impressions with ``label``: one row per attributed click (1.0), or one row with 0.0 for an
     impression without one. On streams both inputs need a watermark on ``event_time``; the 0.0
     rows come once the watermark has passed the impression's window."""
-    imp = impressions.select("event_id", "event_time", *IMPRESSION_FIELDS, IMPRESSION_VERSION)
+    imp = impressions
     clk = clicks.select(F.col("event_id").alias("_click_id"), "impression_id", F.col("event_time").alias("_click_time"))
     condition = (clk["impression_id"] == imp["event_id"]) & within_attribution_window(
         imp["event_time"], clk["_click_time"], window_minutes
@@ -56,7 +60,7 @@ def join_labels(impressions: DataFrame, clicks: DataFrame, window_minutes: int) 
 def merge_labels(batch: DataFrame, batch_id: int, cfg: PlatformConfig) -> int:
     """Merge one micro-batch of :func:`join_labels` rows into the silver labels; return the rows."""
     spark = batch.sparkSession
-    columns = [f.name for f in LABEL_SCHEMA.fields]
+    columns = [f.name for f in label_schema(event_type(cfg, "impressions")).fields]
     # An impression clicked twice has two rows: it is positive.
     labels = batch.groupBy(*[c for c in columns if c != LABEL]).agg(F.max(LABEL).alias(LABEL)).persist()
     try:
@@ -79,7 +83,7 @@ def ensure_labels_table(spark: SparkSession, cfg: PlatformConfig) -> None:
     """Create ``silver/labels`` if needed, with its change feed on (the online model reads the
     newly labelled impressions from it); a table created without it gets it turned on."""
     path = labels_path(cfg)
-    table = DeltaTable.createIfNotExists(spark).location(path).addColumns(LABEL_SCHEMA).property(CHANGE_FEED, "true").execute()
+    table = DeltaTable.createIfNotExists(spark).location(path).addColumns(label_schema(event_type(cfg, "impressions"))).property(CHANGE_FEED, "true").execute()
     if table.detail().first()["properties"].get(CHANGE_FEED) != "true":
         spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{CHANGE_FEED}' = 'true')")
         log.info("%s: change feed turned on", path)
@@ -90,8 +94,8 @@ def start_labels(spark: SparkSession, cfg: PlatformConfig, trigger: Callable[[Da
     from speed_layer.app import checkpoint
 
     ensure_labels_table(spark, cfg)
-    impressions, clicks = silver_events(spark, cfg)
-    joined = join_labels(impressions, clicks, cfg.ctr.attribution_window_minutes)
+    streams = silver_events(spark, cfg, ["impressions", "clicks"])
+    joined = join_labels(streams["impressions"], streams["clicks"], cfg.ctr.attribution_window_minutes)
     writer = (
         joined.writeStream.queryName("labels")
         .option("checkpointLocation", checkpoint(cfg, "labels"))

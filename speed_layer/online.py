@@ -76,7 +76,6 @@ from lambda_ml import buckets, contract
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import INDICATOR, Horizon, ModelInputs, ModelUpdate
 from lambda_ml.features import (
-    IMPRESSION_FIELDS,
     LABEL,
     add_window_features,
     after_horizon,
@@ -86,7 +85,7 @@ from lambda_ml.features import (
     merge_buckets,
 )
 from lambda_ml.metrics import AucBins, add_bins, auc_bins
-from lambda_ml.schemas import CLICK, IMPRESSION
+from lambda_ml.schemas import event_type
 from speed_layer.ingest import bronze_path
 from speed_layer.online_state import (
     SavedState,
@@ -172,10 +171,11 @@ def labelled_features(
     imp_kept = clk_kept = micros < latest
     if lower is not None:
         imp_kept, clk_kept = imp_kept & (micros >= lower - attribution), clk_kept & (micros >= lower)
-    imp = dedup_events(impressions.select(*IMPRESSION.field_names).where(imp_kept))
-    clk = dedup_events(clicks.select(*CLICK.field_names).where(clk_kept))
+    impression = event_type(cfg, "impressions")
+    imp = dedup_events(impressions.select(*impression.field_names).where(imp_kept))
+    clk = dedup_events(clicks.select(*event_type(cfg, "clicks").field_names).where(clk_kept))
     events = feature_events(imp, attribute_clicks(imp, clk, cfg.ctr.attribution_window_minutes), features)
-    targets = labelled.select("event_id", "event_time", *IMPRESSION_FIELDS, F.col(LABEL).cast("double").alias(LABEL))
+    targets = labelled.select(*impression.field_names, F.col(LABEL).cast("double").alias(LABEL))
     return add_window_features(targets, events, features, bucket_rows)
 
 
@@ -462,8 +462,8 @@ class OnlineLearner:
         auc, champion_auc = cumulative_auc(batch.bins), cumulative_auc(batch.champion_bins)
         total_auc, champion_total_auc = cumulative_auc(so_far.bins), cumulative_auc(so_far.champion_bins)
         state = {
-            "generation_impressions": stepped.generation.impressions,
-            "generation_clicks": stepped.generation.clicks,
+            "generation_impressions": stepped.generation.version("impressions"),
+            "generation_clicks": stepped.generation.version("clicks"),
             "base_version": stepped.base_version,
             "updates": stepped.updates,
             "terms": list(stepped.names),

@@ -114,7 +114,7 @@ def load_state(spark: SparkSession, cfg: PlatformConfig) -> SavedState | None:
     row = saved.orderBy(F.col("sequence").desc()).limit(1).first()
     if row is None:
         return None
-    generation = Horizon(row["generation_impressions"], row["generation_clicks"])
+    generation = Horizon.of(impressions=row["generation_impressions"], clicks=row["generation_clicks"])
     ftrl = None
     if "ftrl_z" in saved.columns and row["ftrl_z"] is not None:
         ftrl = FtrlState(tuple(row["ftrl_z"]), tuple(row["ftrl_n"]))

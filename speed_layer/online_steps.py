@@ -114,7 +114,7 @@ class LinearModel:
 
 def zero_model(inputs: ModelInputs) -> LinearModel:
     """All weights 0 over the numeric inputs (categories join as they are seen)."""
-    return LinearModel(inputs.numeric, (0.0,) * len(inputs.numeric), 0.0, Horizon())
+    return LinearModel(inputs.numeric, (0.0,) * len(inputs.numeric), 0.0, Horizon.of())
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ class ReprocessReport:
 def quarantined_records(quarantine: DataFrame, cfg: PlatformConfig, reason_contains: str | None = None) -> DataFrame:
     """The quarantined records of the event topics as Kafka records (the frame the ingest
     reads), one per Kafka coordinate, optionally only those whose reason contains a text."""
-    topics = [t.name for t in cfg.kafka.topics.event_topics().values()]
+    topics = [t.name for t in cfg.events.topics().values()]
     records = quarantine.where(F.col("kafka_topic").isin(topics))
     if reason_contains:
         records = records.where(F.col("reason").contains(reason_contains))

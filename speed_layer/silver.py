@@ -11,14 +11,15 @@ that the serving layer can tell the rows a batch horizon already covers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lambda_ml.config import PlatformConfig
-from lambda_ml.contract import INCREMENT_VERSION_COLUMNS
-from lambda_ml.schemas import EVENT_TYPES
+from lambda_ml.contract import increment_version_column
+from lambda_ml.schemas import event_type as declared_event_type
 from speed_layer.ingest import CHANGE_FEED, bronze_path, ensure_tables
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def bronze_stream(spark: SparkSession, cfg: PlatformConfig, event_type: str) -> 
         .load(path)
     )
     return changes.where(F.col("_change_type") == "insert").select(
-        *EVENT_TYPES[event_type].field_names, F.col("_commit_version").alias(INCREMENT_VERSION_COLUMNS[event_type])
+        *declared_event_type(cfg, event_type).field_names, F.col("_commit_version").alias(increment_version_column(event_type))
     )
 
 
@@ -59,9 +60,9 @@ def deduplicated(events: DataFrame, watermark_minutes: int) -> DataFrame:
     return events.withWatermark("event_time", f"{int(watermark_minutes)} minutes").dropDuplicatesWithinWatermark(["event_id"])
 
 
-def silver_events(spark: SparkSession, cfg: PlatformConfig) -> tuple[DataFrame, DataFrame]:
-    """Deduplicated impression and click streams from bronze, each with its bronze version."""
+def silver_events(spark: SparkSession, cfg: PlatformConfig, event_types: Sequence[str] | None = None) -> dict[str, DataFrame]:
+    """Deduplicated streams of the given event types (default: every declared one) from bronze,
+    each with its bronze version column."""
     ensure_tables(spark, cfg)
-    return tuple(  # type: ignore[return-value]
-        deduplicated(bronze_stream(spark, cfg, name), cfg.speed.watermark_minutes) for name in ("impressions", "clicks")
-    )
+    names = list(cfg.events.types if event_types is None else event_types)
+    return {name: deduplicated(bronze_stream(spark, cfg, name), cfg.speed.watermark_minutes) for name in names}

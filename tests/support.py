@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lambda_ml.config import PlatformConfig
+from lambda_ml.config import DEFAULT_CONFIG, EventsConfig, KafkaConfig, PlatformConfig, TopicConfig, load_config
+from lambda_ml.schemas import EventType, event_type
 
 
 def isolated(
@@ -20,15 +21,36 @@ def isolated(
     if lake_root is not None:
         update["lake"] = cfg.lake.model_copy(update={"root": str(lake_root), "checkpoints": str(lake_root.parent / "checkpoints")})
     if topic_prefix is not None:
-        topics = cfg.kafka.topics
-        update["kafka"] = cfg.kafka.model_copy(
-            update={
-                "topics": topics.model_copy(
-                    update={
-                        name: getattr(topics, name).model_copy(update={"name": f"{topic_prefix}-{getattr(topics, name).name}"})
-                        for name in ("impressions", "clicks", "model_updates", "predictions")
-                    }
-                )
-            }
-        )
+        update["kafka"], update["events"] = prefixed_topics(cfg, topic_prefix)
     return cfg.model_copy(update=update)
+
+
+def prefixed_topics(cfg: PlatformConfig, prefix: str) -> tuple[KafkaConfig, EventsConfig]:
+    """The Kafka and events sections with every topic name prefixed (the platform's and each
+    event type's)."""
+
+    def renamed(topic: TopicConfig) -> TopicConfig:
+        return topic.model_copy(update={"name": f"{prefix}-{topic.name}"})
+
+    topics = cfg.kafka.topics
+    kafka = cfg.kafka.model_copy(
+        update={"topics": topics.model_copy(update={n: renamed(getattr(topics, n)) for n in ("model_updates", "predictions")})}
+    )
+    types = {name: t.model_copy(update={"topic": renamed(t.topic)}) for name, t in cfg.events.types.items()}
+    return kafka, cfg.events.model_copy(update={"types": types})
+
+
+def with_topic(cfg: PlatformConfig, event_type: str, **changes: object) -> PlatformConfig:
+    """The config with one event type's topic changed (e.g. ``format="avro"``)."""
+    declared = cfg.events.types[event_type]
+    types = {**cfg.events.types, event_type: declared.model_copy(update={"topic": declared.topic.model_copy(update=changes)})}
+    return cfg.model_copy(update={"events": cfg.events.model_copy(update={"types": types})})
+
+
+def default_event_type(name: str) -> EventType:
+    """An event type as the default config (conf/platform.yaml) declares it."""
+    return event_type(load_config(DEFAULT_CONFIG, env={}), name)
+
+
+# The click-through application's event types, as declared by default.
+IMPRESSION, CLICK = default_event_type("impressions"), default_event_type("clicks")

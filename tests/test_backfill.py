@@ -118,7 +118,7 @@ def test_history_is_quarantined_loudly_then_lands_once_after_a_config_fix_and_th
     # 4. The batch layer counts every event of bronze, history included: the user view of a
     #    new horizon holds the 1998 and 1999 buckets with every impression sent in those years.
     snapshot = read_snapshot(spark, base)
-    impressions, clicks = dedup_events(snapshot.impressions), dedup_events(snapshot.clicks)
+    impressions, clicks = dedup_events(snapshot["impressions"]), dedup_events(snapshot["clicks"])
     events = feature_events(impressions, attribute_clicks(impressions, clicks, base.ctr.attribution_window_minutes), base.features)
     view = build_views(events, base.features, snapshot.horizon)["user"]
     per_year: Counter[int] = Counter()

@@ -33,7 +33,8 @@ from batch_layer.snapshot import Snapshot, SnapshotError, read_snapshot
 from lambda_ml import contract
 from lambda_ml.config import FeaturesConfig, LrGridConfig, PlatformConfig, SearchConfig, write_config
 from lambda_ml.contract import Horizon
-from lambda_ml.schemas import CLICK, DEVICES, IMPRESSION
+from lambda_ml.schemas import DEVICES
+from support import CLICK, IMPRESSION
 from support import isolated
 
 Row = tuple[Any, ...]  # one event's values, in schema order
@@ -72,6 +73,7 @@ def append(frame: DataFrame, path: str) -> None:
 # One 1 h window over users and items, with a CTR whose prior is 1 click in 21 impressions.
 SMALL_FEATURES = FeaturesConfig.model_validate(
     {
+        "event_type": "impressions",
         "bucket": "1h",
         "windows": ["1h"],
         "entities": {"user": {"keys": ["user_id"]}, "item": {"keys": ["item_id"]}},
@@ -109,7 +111,7 @@ def test_training_set_dedups_labels_and_counts_before(spark: SparkSession, cfg: 
             ("k4", "c", m(110)),  # long after c; also the latest event time
         ],
     )
-    snapshot = Snapshot(impressions, clicks, Horizon(0, 0))
+    snapshot = Snapshot(impressions, clicks, Horizon.of(impressions=0, clicks=0))
     imps, clks = train.clean_events(snapshot)
     as_of = T0 + timedelta(minutes=110)
     training = train.build_training_set(imps, clks, cfg.model_copy(update={"features": SMALL_FEATURES}), as_of)
@@ -166,11 +168,14 @@ def test_parity_check_fails_beyond_the_tolerance() -> None:
 
 def test_command_line_rejects_bad_versions(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(["--impressions-version", "-1"])
+        train.parse_args(["--version", "impressions=-1"])
     assert exit_info.value.code == 2
     assert "a Delta version is 0 or more" in capsys.readouterr().err
-    args = train.parse_args(["--impressions-version", "3", "--clicks-version", "0"])
-    assert (args.impressions_version, args.clicks_version, args.config) == (3, 0, None)
+    args = train.parse_args(["--version", "impressions=3", "--version", "clicks=0"])
+    assert (args.versions, args.config) == ({"impressions": 3, "clicks": 0}, None)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--version", "impressions"])
+    assert "a pinned version is EVENT=N" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- generated bronze
@@ -277,14 +282,14 @@ def job_cfg(
 @pytest.mark.integration
 def test_read_snapshot_pins_delta_versions(spark: SparkSession, job_cfg: PlatformConfig, generated: Generated) -> None:
     latest = read_snapshot(spark, job_cfg)
-    assert latest.horizon == Horizon(impressions=2, clicks=2)
+    assert latest.horizon == Horizon.of(impressions=2, clicks=2)
     assert latest.impressions.count() == sum(len(c) for c in generated.impression_commits)
-    pinned = read_snapshot(spark, job_cfg, impressions_version=0, clicks_version=1)
-    assert pinned.horizon == Horizon(impressions=0, clicks=1)
+    pinned = read_snapshot(spark, job_cfg, {"impressions": 0, "clicks": 1})
+    assert pinned.horizon == Horizon.of(impressions=0, clicks=1)
     assert pinned.impressions.count() == len(generated.impression_commits[0])
     assert pinned.clicks.count() == len(generated.click_commits[0]) + len(generated.click_commits[1])
     with pytest.raises(SnapshotError, match="versions 0..2; version 7 was requested"):
-        read_snapshot(spark, job_cfg, impressions_version=7)
+        read_snapshot(spark, job_cfg, {"impressions": 7})
     empty_lake = isolated(job_cfg, "unused", lake_root=Path(job_cfg.lake.root).parent / "nothing-here")
     with pytest.raises(SnapshotError, match="no Delta table at .*bronze/impressions"):
         read_snapshot(spark, empty_lake)
@@ -295,7 +300,7 @@ def trained(job_cfg: PlatformConfig, tmp_path_factory: pytest.TempPathFactory) -
     """The job run once through its command line, pinned at impressions v1 and clicks v1."""
     config_file = tmp_path_factory.mktemp("conf") / "platform.yaml"
     write_config(job_cfg, config_file)  # keeps the order of the feature declarations, hence of the model inputs
-    return train.main(["--config", str(config_file), "--impressions-version", "1", "--clicks-version", "1"])
+    return train.main(["--config", str(config_file), "--version", "impressions=1", "--version", "clicks=1"])
 
 
 def run_params(client: mlflow.MlflowClient, run_id: str) -> dict[str, str]:
@@ -308,7 +313,7 @@ def test_job_registers_spark_and_onnx_versions_with_the_horizon(
 ) -> None:
     name = job_cfg.mlflow.registered_model
     client = mlflow.MlflowClient(job_cfg.mlflow.tracking_uri)
-    assert trained.horizon == Horizon(impressions=1, clicks=1)
+    assert trained.horizon == Horizon.of(impressions=1, clicks=1)
 
     versions = {v.version: v for v in client.search_model_versions(f"name='{name}'")}
     assert sorted(versions) == sorted([trained.versions.spark, trained.versions.onnx])
@@ -408,7 +413,7 @@ def test_failed_parity_registers_nothing(spark: SparkSession, job_cfg: PlatformC
     one_candidate = SearchConfig(lr=LrGridConfig(reg_param=(), elastic_net_param=()))
     strict = isolated(job_cfg, "ctr-parity-test", parity_atol=1e-15, search=one_candidate)  # type: ignore[arg-type]
     with pytest.raises(ParityError, match="differ by up to"):
-        train.run(spark, strict, impressions_version=1, clicks_version=1)
+        train.run(spark, strict, {"impressions": 1, "clicks": 1})
     client = mlflow.MlflowClient(strict.mlflow.tracking_uri)
     assert client.search_model_versions(f"name='{strict.mlflow.registered_model}'") == []
     experiment = client.get_experiment_by_name(strict.mlflow.experiment)

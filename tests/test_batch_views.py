@@ -27,7 +27,7 @@ from batch_layer.views import build_views, write_views
 from lambda_ml import contract, features
 from lambda_ml.buckets import EntityBuckets, merge_entity_buckets, window_features
 from lambda_ml.config import PlatformConfig
-from lambda_ml.schemas import CLICK, IMPRESSION
+from support import CLICK, IMPRESSION
 from support import isolated
 
 WINDOW = 30
@@ -82,14 +82,14 @@ def lake(spark: SparkSession, cfg: PlatformConfig, tmp_path_factory: pytest.Temp
 
 
 def events_at(spark: SparkSession, cfg: PlatformConfig, version: int) -> DataFrame:
-    snapshot = read_snapshot(spark, cfg, version, version)
-    impressions, clicks = features.dedup_events(snapshot.impressions), features.dedup_events(snapshot.clicks)
+    snapshot = read_snapshot(spark, cfg, {"impressions": version, "clicks": version})
+    impressions, clicks = features.dedup_events(snapshot["impressions"]), features.dedup_events(snapshot["clicks"])
     return features.feature_events(impressions, features.attribute_clicks(impressions, clicks, WINDOW), cfg.features)
 
 
 def publish(spark: SparkSession, cfg: PlatformConfig, version: int) -> dict[str, DataFrame]:
     """Write the views of bronze version ``version`` and read them back from Delta."""
-    snapshot = read_snapshot(spark, cfg, version, version)
+    snapshot = read_snapshot(spark, cfg, {"impressions": version, "clicks": version})
     paths = write_views(build_views(events_at(spark, cfg, version), cfg.features, snapshot.horizon), cfg)
     return {entity: spark.read.format("delta").load(path) for entity, path in paths.items()}
 
@@ -111,7 +111,7 @@ class Published:
 
 
 def read_back(views: dict[str, DataFrame], cfg: PlatformConfig) -> Published:
-    horizon_columns = list(contract.VIEW_HORIZON_COLUMNS.values())
+    horizon_columns = list((contract.view_horizon_column(e) for e in ("clicks", "impressions")))
     return Published(
         rows={entity: rows(view, cfg, entity) for entity, view in views.items()},
         columns={entity: view.columns for entity, view in views.items()},

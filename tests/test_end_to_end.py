@@ -56,8 +56,8 @@ def test_one_event_travels_the_whole_way(running_stack: PlatformConfig, spark: S
         name: spark.sql(f"DESCRIBE HISTORY delta.`{cfg.lake.table('bronze', name)}`").agg({"version": "max"}).first()[0]
         for name in ("impressions", "clicks")
     }
-    assert champion.tags[contract.TAG_HORIZON_IMPRESSIONS] == str(latest["impressions"])
-    assert champion.tags[contract.TAG_HORIZON_CLICKS] == str(latest["clicks"])
+    assert champion.tags[contract.horizon_tag("impressions")] == str(latest["impressions"])
+    assert champion.tags[contract.horizon_tag("clicks")] == str(latest["clicks"])
     spark_twin = client.get_model_version(cfg.mlflow.registered_model, champion.tags[contract.TAG_SPARK_VERSION])
     assert spark_twin.tags[contract.TAG_FLAVOR] == "spark"
     auc = client.get_run(champion.run_id).data.metrics["auc"]

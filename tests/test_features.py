@@ -32,7 +32,7 @@ from pyspark.sql.types import StructField, StructType
 
 from lambda_ml import buckets, contract, features
 from lambda_ml.config import DEFAULT_CONFIG, ConfigError, FeaturesConfig, PlatformConfig, load_config, parse_duration
-from lambda_ml.schemas import CLICK, IMPRESSION
+from support import CLICK, IMPRESSION
 
 WINDOW = 30
 Row = tuple[Any, ...]  # one event's values, in schema order
@@ -40,6 +40,7 @@ Row = tuple[Any, ...]  # one event's values, in schema order
 # Declarations small enough to work out by hand, using every aggregation.
 UNIT = FeaturesConfig.model_validate(
     {
+        "event_type": "impressions",
         "bucket": "1h",
         "windows": ["1h", "2h"],
         "entities": {"user": {"keys": ["user_id"]}, "item": {"keys": ["item_id"]}},

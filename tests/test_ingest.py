@@ -80,7 +80,7 @@ def test_ingest_batch_is_idempotent_per_batch_id(spark: SparkSession, cfg: Platf
     local = cfg.model_copy(update={"lake": cfg.lake.model_copy(update={"root": str(tmp_path / "lake")})})
     ingest.ensure_tables(spark, local)
     records, truth = generator.generate(local.generator.model_copy(update={"impressions": 300}), timedelta(minutes=30), NOW)
-    frame = _static_kafka_frame(spark, [(local.kafka.topics.event_topics()[r.event_type].name, r.value) for r in records])
+    frame = _static_kafka_frame(spark, [(local.events.topics()[r.event_type].name, r.value) for r in records])
 
     first = ingest.ingest_batch(frame, 0, local)
     replay = ingest.ingest_batch(frame, 0, local)  # the same micro-batch again, as after a crash
@@ -129,9 +129,11 @@ def test_stream_from_real_broker_lands_every_event_once(running_stack: PlatformC
 
 
 def _avro_config(cfg: PlatformConfig, *event_types: str) -> PlatformConfig:
-    topics = cfg.kafka.topics
-    avro_topics = {name: getattr(topics, name).model_copy(update={"format": "avro"}) for name in event_types}
-    return cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"topics": topics.model_copy(update=avro_topics)})})
+    from support import with_topic
+
+    for name in event_types:
+        cfg = with_topic(cfg, name, format="avro")
+    return cfg
 
 
 def _expected_avro_reasons(values: list[bytes], schema: dict[str, object]) -> Counter[str]:
@@ -160,7 +162,7 @@ def test_avro_records_parse_to_the_same_events_as_json(spark: SparkSession, cfg:
 
     avro_cfg = _avro_config(cfg, "impressions", "clicks")
     records, truth = generator.generate(cfg.generator.model_copy(update={"impressions": 400, "malformed_fraction": 0.05}), timedelta(minutes=30), NOW)
-    topics = {name: t.name for name, t in cfg.kafka.topics.event_topics().items()}
+    topics = {name: t.name for name, t in cfg.events.topics().items()}
     schemas = {name: avro.load_schema(avro.schema_path(cfg.kafka.avro_schemas, name)) for name in topics}
     as_json = ingest.parse_events(_static_kafka_frame(spark, [(topics[r.event_type], r.value) for r in records]), cfg)
     encoded = [(topics[r.event_type], generator.wire_value(r, schemas[r.event_type])) for r in records]
@@ -188,7 +190,7 @@ def test_avro_decoding_reads_what_spark_avro_writes(spark: SparkSession, cfg: Pl
     from pyspark.sql.types import StructField, StructType
 
     from lambda_ml import avro
-    from lambda_ml.schemas import IMPRESSION
+    from support import IMPRESSION
 
     path = avro.schema_path(cfg.kafka.avro_schemas, "impressions")
     schema = avro.load_schema(path)
@@ -347,7 +349,7 @@ def test_every_record_lands_exactly_as_sent_or_is_quarantined_with_its_reason(
     from kafka import KafkaProducer
 
     from lambda_ml import avro, stack
-    from lambda_ml.schemas import EVENT_TYPES
+    from lambda_ml.schemas import event_types
     from support import isolated
 
     cfg = _avro_config(isolated(running_stack, "ctr-ingest-strict", lake_root=tmp_path / "lake", topic_prefix="strict"), "clicks")
@@ -387,9 +389,9 @@ def test_every_record_lands_exactly_as_sent_or_is_quarantined_with_its_reason(
     for key, (event_type, schema, name, value, reason) in where.items():
         if reason is None:
             assert value is not None
-            expected_landed[name] = _typed(value, schema, EVENT_TYPES[event_type].field_names)
+            expected_landed[name] = _typed(value, schema, event_types(cfg)[event_type].field_names)
             if key in bronze:
-                landed[name] = {f: bronze[key][f] for f in EVENT_TYPES[event_type].field_names}
+                landed[name] = {f: bronze[key][f] for f in event_types(cfg)[event_type].field_names}
                 assert bronze[key]["kafka_timestamp"] == RECORD_TIME, name
         else:
             expected_reasons[name] = (reason, value or None)

@@ -28,7 +28,8 @@ from lambda_ml import contract
 from lambda_ml.catalog import table_names
 from lambda_ml.config import DEFAULT_CONFIG, ConfigError, MaintenanceConfig, PlatformConfig, load_config, write_config
 from lambda_ml.contract import Horizon
-from lambda_ml.schemas import CLICK, IMPRESSION, QUARANTINE_SCHEMA
+from lambda_ml.schemas import QUARANTINE_SCHEMA
+from support import CLICK, IMPRESSION
 from lambda_ml.submit import run_submit, submit_command, submit_env
 from conftest import free_port
 from support import isolated
@@ -104,9 +105,9 @@ def test_the_job_maintains_every_table_of_the_catalog_but_the_excluded_ones() ->
 
 
 def test_pinned_versions_come_from_every_model_in_use() -> None:
-    champion = maintenance.ModelInUse("7", ("champion",), Horizon(impressions=5, clicks=2))
-    previous = maintenance.ModelInUse("3", ("challenger", "previous-champion"), Horizon(impressions=3, clicks=2))
-    untagged = maintenance.ModelInUse("1", ("old",), Horizon(impressions=None, clicks=1))
+    champion = maintenance.ModelInUse("7", ("champion",), Horizon.of(impressions=5, clicks=2))
+    previous = maintenance.ModelInUse("3", ("challenger", "previous-champion"), Horizon.of(impressions=3, clicks=2))
+    untagged = maintenance.ModelInUse("1", ("old",), Horizon.of(impressions=None, clicks=1))
     assert maintenance.pinned_versions("impressions", [champion, previous]) == (3, 5)
     assert maintenance.pinned_versions("clicks", [champion, previous, untagged]) == (1, 2)
     assert maintenance.pinned_versions("impressions", [champion, untagged]) is None
@@ -248,9 +249,9 @@ def pinned_lake(
 ) -> Iterator[Lake]:
     cfg = maintenance_cfg(running_stack, "ctr-maintenance", tmp_path_factory.mktemp("maintenance"))
     lake = build_lake(spark, cfg)
-    register_version(cfg, Horizon(impressions=0, clicks=0), alias=None)  # no alias: not in use
-    register_version(cfg, Horizon(impressions=3, clicks=1), alias="champion")
-    register_version(cfg, Horizon(impressions=4, clicks=1), alias="challenger")
+    register_version(cfg, Horizon.of(impressions=0, clicks=0), alias=None)  # no alias: not in use
+    register_version(cfg, Horizon.of(impressions=3, clicks=1), alias="champion")
+    register_version(cfg, Horizon.of(impressions=4, clicks=1), alias="challenger")
     yield lake
 
 
@@ -259,8 +260,8 @@ def test_only_versions_holding_an_alias_are_in_use(pinned_lake: Lake) -> None:
     cfg = pinned_lake.cfg
     in_use = maintenance.models_in_use(cfg.mlflow.tracking_uri, cfg.mlflow.registered_model)
     assert [(m.version, m.aliases, m.horizon) for m in in_use] == [
-        ("2", ("champion",), Horizon(impressions=3, clicks=1)),
-        ("3", ("challenger",), Horizon(impressions=4, clicks=1)),
+        ("2", ("champion",), Horizon.of(impressions=3, clicks=1)),
+        ("3", ("challenger",), Horizon.of(impressions=4, clicks=1)),
     ]
     assert maintenance.models_in_use(cfg.mlflow.tracking_uri, "no-model-registered-yet") == []
 

@@ -37,7 +37,8 @@ from batch_layer.snapshot import SnapshotError, read_snapshot, version_as_of
 from lambda_ml import cli, contract
 from lambda_ml.config import GbtGridConfig, LrGridConfig, PlatformConfig, SearchConfig, write_config
 from lambda_ml.features import definitions_hash, latest_event_time
-from lambda_ml.schemas import CLICK, DEVICES, IMPRESSION
+from lambda_ml.schemas import DEVICES
+from support import CLICK, IMPRESSION
 from support import isolated
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -86,7 +87,7 @@ def test_as_of_must_be_iso_and_alone(capsys: pytest.CaptureFixture[str]) -> None
     assert train.parse_args(["--as-of", "2026-01-01 12:00"]).as_of == datetime(2026, 1, 1, 12, tzinfo=UTC)  # naive: UTC
     for argv, message in (
         (["--as-of", "yesterday"], "an as-of time is ISO 8601"),
-        (["--as-of", "2026-01-01T12:00:00Z", "--clicks-version", "2"], "--as-of pins both tables"),
+        (["--as-of", "2026-01-01T12:00:00Z", "--version", "clicks=2"], "--as-of pins every bronze table"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             train.parse_args(argv)
@@ -159,10 +160,10 @@ def test_as_of_resolves_the_version_delta_time_travel_reads(spark: SparkSession,
         with pytest.raises(SnapshotError, match="is in the future"):
             version_as_of(spark, path, datetime.now(UTC) + timedelta(hours=1))
     pinned = read_snapshot(spark, lake.cfg, as_of=lake.between)
-    assert pinned.horizon == contract.Horizon(0, 0)
+    assert pinned.horizon == contract.Horizon.of(impressions=0, clicks=0)
     assert (pinned.impressions.count(), pinned.clicks.count()) == (lake.counts["impressions"][0], lake.counts["clicks"][0])
     with pytest.raises(ValueError, match="either by versions or by an as-of time"):
-        read_snapshot(spark, lake.cfg, impressions_version=1, as_of=lake.between)
+        read_snapshot(spark, lake.cfg, {"impressions": 1}, as_of=lake.between)
 
 
 # --------------------------------------------------------------------------- three runs, one holdout
@@ -215,7 +216,7 @@ def versions_of(client: MlflowClient) -> dict[str, Any]:
 @pytest.mark.integration
 def test_the_gate_crowns_only_a_better_model(gate_runs: GateRuns) -> None:
     a, b, c = gate_runs.a, gate_runs.b, gate_runs.c
-    assert a.horizon == b.horizon == c.horizon == contract.Horizon(1, 1)
+    assert a.horizon == b.horizon == c.horizon == contract.Horizon.of(impressions=1, clicks=1)
     assert a.rows["holdout"] == b.rows["holdout"] == c.rows["holdout"] > 100
     assert a.auc == c.auc == 0.5  # constant models
     assert b.auc > 0.6
@@ -266,7 +267,7 @@ def test_the_champions_auc_agrees_with_scikit_learn_on_its_onnx_export(
     spark: SparkSession, lake: Lake, gate_runs: GateRuns
 ) -> None:
     cfg = gate_runs.cfg_b
-    snapshot = read_snapshot(spark, cfg, 1, 1)
+    snapshot = read_snapshot(spark, cfg, {"impressions": 1, "clicks": 1})
     impressions, clicks = train.clean_events(snapshot)
     labels_as_of = latest_event_time(impressions, clicks)
     assert labels_as_of is not None
@@ -315,7 +316,7 @@ def test_a_second_run_of_the_same_horizon_registers_nothing(
     config_file = tmp_path / "platform.yaml"
     write_config(gate_runs.cfg_a, config_file)
     again = train.main(["--config", str(config_file), "--as-of", datetime.now(UTC).isoformat()])
-    assert again.reused and again.horizon == contract.Horizon(1, 1)
+    assert again.reused and again.horizon == contract.Horizon.of(impressions=1, clicks=1)
     assert (again.run_id, again.versions, again.decision) == (gate_runs.a.run_id, gate_runs.a.versions, "champion")
     assert again.rows == gate_runs.a.rows and again.auc == gate_runs.a.auc
     logged = capsys.readouterr().err
@@ -327,7 +328,7 @@ def test_a_second_run_of_the_same_horizon_registers_nothing(
 
     # An earlier horizon is new lineage: found nothing, so it would train.
     config_hash = registry.training_config_hash(gate_runs.cfg_a)
-    lineage = registry.Lineage(contract.Horizon(0, 0), config_hash, gate_runs.features_sha256)
+    lineage = registry.Lineage(contract.Horizon.of(impressions=0, clicks=0), config_hash, gate_runs.features_sha256)
     assert registry.find_registered(client, MODEL, lineage) is None
 
 
@@ -377,4 +378,4 @@ def test_rollback_without_a_previous_champion_says_what_to_do(running_stack: Pla
     with pytest.raises(registry.RollbackError, match="no 'previous-champion' alias .* --to VERSION"):
         registry.rollback(client, "ctr-never-moved")
     assert registry.alias_versions(client, "ctr-no-such-model") == {}
-    assert registry.find_registered(client, "ctr-no-such-model", registry.Lineage(contract.Horizon(0, 0), "x", "y")) is None
+    assert registry.find_registered(client, "ctr-no-such-model", registry.Lineage(contract.Horizon.of(impressions=0, clicks=0), "x", "y")) is None

@@ -157,7 +157,7 @@ def toy_probability(features: dict[str, Any], bias: float = TOY_BIAS) -> float:
 # Toy views at NOW (the shipped declarations: 1 h buckets; 1 h, 24 h and 7 d windows; CTR prior
 # 1 click in 21 impressions). A window W at NOW covers the buckets starting in [10:00 - W, 10:00].
 NOW = datetime(2026, 11, 22, 10, 30, tzinfo=UTC)
-HORIZON = Horizon(impressions=5, clicks=4)
+HORIZON = Horizon.of(impressions=5, clicks=4)
 
 
 def hours_before(hours: int) -> int:
@@ -371,7 +371,7 @@ def test_view_from_arrow_groups_buckets_per_key_with_the_horizon() -> None:
         horizon_clicks=pa.array([3, 3, 3], pa.int64()),
     )
     view = bucket_view_from_arrow("mem", table, "user_device", ["user_id", "device"], ["impressions", "clicks", "top_position"])
-    assert view.horizon == Horizon(7, 3) and len(view) == 2
+    assert view.horizon == Horizon.of(impressions=7, clicks=3) and len(view) == 2
     a = view.lookup(("a", "mobile"))
     assert a.starts == (hours_before(5), hours_before(0))  # ascending, whatever the table order
     assert a.values == {"impressions": (4, 2), "clicks": (0, 1), "top_position": (3.0, 1.0)}
@@ -458,7 +458,7 @@ def test_the_view_store_reloads_new_delta_versions_and_keeps_the_last_good_views
 def test_views_from_two_batch_runs_are_refused(tmp_path: Path) -> None:
     cfg = unit_cfg(**{"lake.root": str(tmp_path / "lake")})
     _write_views(cfg, {"user": (4, 2), "item": (5, 2), "user_device": (4, 2)})
-    with pytest.raises(ViewLoadError, match="different batch runs: user: bronze impressions v4, clicks v2; item: bronze impressions v5"):
+    with pytest.raises(ViewLoadError, match="different batch runs: user: bronze clicks v2, impressions v4; item: bronze clicks v2, impressions v5"):
         load_batch_views(cfg)
 
 
@@ -1077,7 +1077,7 @@ def test_features_show_the_merge_and_both_parts() -> None:
         tops = [t for t in (old[3], p) if t is not None]
         combined[h] = [h, old[1] + i, old[2] + c, min(tops) if tops else None]
     aggregations = {name: a.aggregation for name, a in unit_cfg().features.aggregates.items()}
-    increments = Increments({("u1",): entity_buckets(speed_rows)}, Horizon(7, 6), used=2)
+    increments = Increments({("u1",): entity_buckets(speed_rows)}, Horizon.of(impressions=7, clicks=6), used=2)
     views = toy_views()
     views = BatchViews({**views.views, "user": views.views["user"].with_increments(increments, aggregations)})
     app = create_app(unit_cfg(), models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("v", lambda: views), clock=lambda: NOW)
@@ -1152,7 +1152,7 @@ def test_model_updates_reload_once_per_fresh_generation() -> None:
     assert not listener.handle(_update(9, (9, 9), model="other")) and not listener.handle(_update(9, (9, 9), alias="canary"))
     assert not listener.handle(b"{not json") and not listener.handle(_update(1, (1, 1))[:-2])
     assert (len(reloads), listener.applied, listener.stale, listener.invalid) == (3, 3, 1, 2)
-    assert listener.generations == {"champion": Horizon(6, 4), "challenger": Horizon(5, 4)}
+    assert listener.generations == {"champion": Horizon.of(impressions=6, clicks=4), "challenger": Horizon.of(impressions=5, clicks=4)}
 
 
 def test_stream_scoring_and_online_evaluation_have_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1172,9 +1172,9 @@ def test_stream_scoring_and_online_evaluation_have_help(capsys: pytest.CaptureFi
 
 def avro_impressions(cfg: PlatformConfig) -> PlatformConfig:
     """The config with its impressions topic in Avro."""
-    topics = cfg.kafka.topics
-    impressions = topics.impressions.model_copy(update={"format": "avro"})
-    return cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"topics": topics.model_copy(update={"impressions": impressions})})})
+    from support import with_topic
+
+    return with_topic(cfg, "impressions", format="avro")
 
 
 def test_stream_scoring_decodes_avro_impressions_and_skips_what_does_not_decode(caplog: pytest.LogCaptureFixture) -> None:
@@ -1399,7 +1399,7 @@ def reference_features(bronze: SeededBronze, declared: Any, row: dict[str, Any],
 
 
 def write_bronze(spark: Any, cfg: PlatformConfig, bronze: SeededBronze) -> None:
-    from lambda_ml.schemas import CLICK, IMPRESSION
+    from support import CLICK, IMPRESSION
 
     for event, rows, batches in ((IMPRESSION, bronze.impressions, IMPRESSION_BATCHES), (CLICK, bronze.clicks, CLICK_BATCHES)):
         size = math.ceil(len(rows) / batches)
@@ -1659,7 +1659,7 @@ def test_the_model_store_reads_the_registry(trained: Trained) -> None:
     assert model.inputs == contract.model_inputs(trained.cfg.features)
     assert model.version == int(trained.result.versions.onnx)
     assert model.run_id == trained.result.run_id
-    assert model.horizon == Horizon(trained.result.horizon.impressions, trained.result.horizon.clicks)
+    assert model.horizon == Horizon.of(impressions=trained.result.horizon.version("impressions"), clicks=trained.result.horizon.version("clicks"))
 
     # An alias on the Spark twin is refused: the service only runs ONNX.
     client = MlflowClient(trained.cfg.mlflow.tracking_uri)
@@ -1778,7 +1778,7 @@ def test_alias_moves_are_hot_swapped_without_a_failed_request(trained: Trained, 
     client = MlflowClient(cfg.mlflow.tracking_uri)
     original = int(_champion(cfg).version)
     wait_for(lambda: _alias_version(service.url, "champion") == original, 30, "the service serves the registry's champion")
-    toy = register_toy_version(cfg, Horizon(IMPRESSION_BATCHES - 1, CLICK_BATCHES - 1))
+    toy = register_toy_version(cfg, Horizon.of(impressions=IMPRESSION_BATCHES - 1, clicks=CLICK_BATCHES - 1))
     scored = _rows_covering_every_entity(trained.bronze)[0]
     # Expected answers, computed apart from the service: the toy formula on the reference
     # features, and the registered champion's own probability in onnxruntime.
@@ -1852,7 +1852,7 @@ def test_a_model_update_on_kafka_swaps_at_once_and_a_stale_one_is_ignored(traine
     topic = cfg.kafka.topics.model_updates.name
     client = MlflowClient(cfg.mlflow.tracking_uri)
     original = int(_champion(cfg).version)
-    toy = register_toy_version(cfg, Horizon(IMPRESSION_BATCHES - 1, CLICK_BATCHES - 1))
+    toy = register_toy_version(cfg, Horizon.of(impressions=IMPRESSION_BATCHES - 1, clicks=CLICK_BATCHES - 1))
     producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
 
     def publish(version: int, generation: tuple[int, int]) -> None:
@@ -1921,7 +1921,7 @@ def test_mlflow_down_keeps_serving_the_loaded_model_and_recovers(trained: Traine
     assert {(v, p) for _, v, p in answers} == {(champion, before["predictions"][0]["probability"])}
     wait_for(lambda: _get_json(f"{service.url}/health")[1]["problems"] == [], 30, "/health clears after MLflow returns")
     client = MlflowClient(cfg.mlflow.tracking_uri)
-    toy = register_toy_version(cfg, Horizon(IMPRESSION_BATCHES - 1, CLICK_BATCHES - 1))
+    toy = register_toy_version(cfg, Horizon.of(impressions=IMPRESSION_BATCHES - 1, clicks=CLICK_BATCHES - 1))
     try:
         client.set_registered_model_alias(cfg.mlflow.registered_model, "champion", str(toy))
         wait_for(lambda: _alias_version(service.url, "champion") == toy, 30, "an alias move after the outage is served")
@@ -1967,7 +1967,7 @@ def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: Platf
     from batch_layer.train import clean_events
     from batch_layer.views import build_views, write_views
     from lambda_ml.features import attribute_clicks, feature_events
-    from lambda_ml.schemas import CLICK, IMPRESSION
+    from support import CLICK, IMPRESSION
     from speed_layer.increments import IncrementsWriter, increments_path, stream_feature_events
     from speed_layer.ingest import ensure_tables
 
@@ -1989,7 +1989,7 @@ def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: Platf
     def first_deliveries(event: Any) -> Any:
         """Bronze as the speed layer's silver stream sees it, static: the change feed's inserts
         stamped with their commit version, the first delivery of each event id kept."""
-        version = contract.INCREMENT_VERSION_COLUMNS[event.name]
+        version = contract.increment_version_column(event.name)
         changes = spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 0).load(
             cfg.lake.table("bronze", event.name)
         )
@@ -2005,12 +2005,12 @@ def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: Platf
         append(event, rows[: cut // 2])
         append(event, rows[cut // 2 : cut])
     at_v = read_snapshot(spark, cfg)
-    assert at_v.horizon == Horizon(2, 2)
+    assert at_v.horizon == Horizon.of(impressions=2, clicks=2)
     write_views(build_views(events_of(at_v), declared, at_v.horizon), cfg)
     append(IMPRESSION, bronze.impressions[cut_i:])
     append(CLICK, bronze.clicks[cut_c:])
     at_w = read_snapshot(spark, cfg)
-    assert at_w.horizon == Horizon(3, 3)
+    assert at_w.horizon == Horizon.of(impressions=3, clicks=3)
 
     # The speed layer's increments: its micro-batch body on every bronze event, which keeps
     # only the rows after the published views' horizon v.
@@ -2019,7 +2019,7 @@ def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: Platf
     assert all(n > 0 for n in written.values()), written
     recomputed = build_views(events_of(at_w), declared, at_w.horizon)
     expected: dict[str, dict[tuple[str, ...], dict[int, tuple[Any, ...]]]] = {}
-    imp_version, clk_version = contract.INCREMENT_VERSION_COLUMNS["impressions"], contract.INCREMENT_VERSION_COLUMNS["clicks"]
+    imp_version, clk_version = contract.increment_version_column("impressions"), contract.increment_version_column("clicks")
     for name, entity in declared.entities.items():
         path = increments_path(cfg, name)
         # A row the merge must leave out, with absurd counts: an impression of bronze v1 (in
@@ -2030,11 +2030,11 @@ def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: Platf
         expected[name] = _bucket_cells(recomputed[name].collect(), entity.keys, aggregates)
 
     views = load_batch_views(cfg)
-    assert views.horizon == Horizon(2, 2)
+    assert views.horizon == Horizon.of(impressions=2, clicks=2)
     overlapping = changed = 0
     for name, entity in declared.entities.items():
         view = views.views[name]
-        assert view.increments.through == Horizon(3, 3)
+        assert view.increments.through == Horizon.of(impressions=3, clicks=3)
         assert (view.increments.used, view.increments.already_in_batch) == (written[name], 1)
         assert set(view.merged or {}) == set(expected[name]), name
         for key, cells in expected[name].items():
@@ -2101,7 +2101,7 @@ def _logged_fields(record: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _write_clicks(spark: Any, cfg: PlatformConfig, clicks: list[tuple[str, str, datetime]]) -> None:
-    from lambda_ml.schemas import CLICK
+    from support import CLICK
 
     landed = datetime.now(UTC)
     rows = [(f"clk-{n}", impression, at, "clicks", 0, n, at, landed) for n, (_, impression, at) in enumerate(clicks)]
@@ -2133,7 +2133,7 @@ def test_the_prediction_log_equals_the_answers_and_online_auc_equals_sklearn(tra
     topic = cfg.kafka.topics.predictions.name
     client = MlflowClient(cfg.mlflow.tracking_uri)
     champion = int(_champion(cfg).version)
-    toy = register_toy_version(cfg, Horizon(IMPRESSION_BATCHES - 1, CLICK_BATCHES - 1))
+    toy = register_toy_version(cfg, Horizon.of(impressions=IMPRESSION_BATCHES - 1, clicks=CLICK_BATCHES - 1))
     client.set_registered_model_alias(REGISTERED_MODEL, "challenger", str(toy))
     users = [*trained.bronze.users, *(f"visitor-{n}" for n in range(400))]
     items = trained.bronze.items
@@ -2233,9 +2233,9 @@ def test_stream_scoring_equals_predict_and_stops_cleanly_on_sigterm(trained: Tra
     rows = [{**r, "event_id": f"imp-{n}"} for n, r in enumerate(_rows_covering_every_entity(trained.bronze))]
     producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
     for r in rows[:20]:
-        producer.send(cfg.kafka.topics.impressions.name, key=r["user_id"].encode(), value=json.dumps(r).encode())
-    producer.send(cfg.kafka.topics.impressions.name, value=b'{"event_id": "broken"')
-    producer.send(cfg.kafka.topics.impressions.name, value=json.dumps({**rows[0], "position": "top"}).encode())
+        producer.send(cfg.events.topic("impressions").name, key=r["user_id"].encode(), value=json.dumps(r).encode())
+    producer.send(cfg.events.topic("impressions").name, value=b'{"event_id": "broken"')
+    producer.send(cfg.events.topic("impressions").name, value=json.dumps({**rows[0], "position": "top"}).encode())
     producer.flush()
     log_file = tmp_path / "stream.log"
     command = [sys.executable, "-m", "lambda_ml.cli", "--config", str(config_file), "serve", "stream", "--batch-size", "16"]
@@ -2244,7 +2244,7 @@ def test_stream_scoring_equals_predict_and_stops_cleanly_on_sigterm(trained: Tra
     try:
         read_topic(cfg, cfg.kafka.topics.predictions.name, 20, timeout_s=120)
         for r in rows[20:]:  # while it runs
-            producer.send(cfg.kafka.topics.impressions.name, key=r["user_id"].encode(), value=json.dumps(r).encode())
+            producer.send(cfg.events.topic("impressions").name, key=r["user_id"].encode(), value=json.dumps(r).encode())
         producer.flush()
         records = read_topic(cfg, cfg.kafka.topics.predictions.name, len(rows), timeout_s=120)
         process.send_signal(signal.SIGTERM)
@@ -2289,7 +2289,7 @@ def test_stream_scoring_reads_an_avro_impressions_topic_as_predict_scores_its_ro
 
     cfg = avro_impressions(isolated(trained.cfg, REGISTERED_MODEL, topic_prefix="stream-avro"))
     stack.create_topics(cfg)
-    topic = cfg.kafka.topics.impressions.name
+    topic = cfg.events.topic("impressions").name
     schema = avro.load_schema(avro.schema_path(cfg.kafka.avro_schemas, "impressions"))
     rows = [{**r, "event_id": f"avro-{n}"} for n, r in enumerate(_rows_covering_every_entity(trained.bronze))]
     producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
@@ -2379,7 +2379,7 @@ def _at(hhmm: str, micros: int = 0) -> datetime:
 
 
 def _write_small_lake(cfg: PlatformConfig) -> None:
-    from lambda_ml.schemas import CLICK, IMPRESSION
+    from support import CLICK, IMPRESSION
 
     time_type = pa.timestamp("us", tz="UTC")
     shown = [("P", "09:50", "desktop", 2), ("A", "10:05", "mobile", 3), ("B", "10:20", "mobile", 1), ("C", "10:40", "mobile", 4)]
@@ -2492,7 +2492,7 @@ def pit_lake(cfg: PlatformConfig, spark: Any, tmp_path_factory: pytest.TempPathF
     # Dense enough that most impressions share their hour with later events of their user.
     gen = lake.generator.model_copy(update={"impressions": 2500, "users": 25, "items": 12, "span_hours": 10, "seed": 23})
     records, truth = generator.generate(gen, window, PIT_NOW)
-    topics = lake.kafka.topics.event_topics()
+    topics = lake.events.topics()
     ingest.ensure_tables(spark, lake)
     half = len(records) // 2
     for batch_id, part in enumerate((records[:half], records[half:])):

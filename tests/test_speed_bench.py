@@ -14,7 +14,7 @@ from pyspark.sql import functions as F
 from bench import speed
 from lambda_ml import generator
 from lambda_ml.config import GeneratorConfig, PlatformConfig
-from lambda_ml.contract import INCREMENT_VERSION_COLUMNS, Horizon
+from lambda_ml.contract import Horizon, increment_version_column
 from lambda_ml.features import BUCKET, dedup_events, merge_buckets
 from speed_layer import ingest
 from speed_layer.increments import batch_increments, stream_feature_events
@@ -28,7 +28,7 @@ def test_plain_loop_increments_equal_the_speed_layer_increments(spark: SparkSess
     # Duplicated, late and malformed records included: the generator's defaults.
     gen = GeneratorConfig(impressions=3000, users=40, items=15, seed=21, span_hours=6)
     records, truth = generator.generate(gen, timedelta(minutes=cfg.ctr.attribution_window_minutes), NOW)
-    topics = {name: topic.name for name, topic in cfg.kafka.topics.event_topics().items()}
+    topics = {name: topic.name for name, topic in cfg.events.topics().items()}
     kafka_ms = int(NOW.timestamp() * 1000)
     rows = [(r.key, r.value, topics[r.event_type], 0, offset, NOW) for offset, r in enumerate(records)]
 
@@ -37,11 +37,11 @@ def test_plain_loop_increments_equal_the_speed_layer_increments(spark: SparkSess
     parsed = ingest.parse_events(spark.createDataFrame(rows, KAFKA_COLUMNS), cfg)
     # On a static frame the silver path's deduplication within the watermark is the batch layer's.
     stamped = {
-        name: dedup_events(parsed[name].withColumn(INCREMENT_VERSION_COLUMNS[name], F.lit(1).cast("long")))
+        name: dedup_events(parsed[name].withColumn(increment_version_column(name), F.lit(1).cast("long")))
         for name in ("impressions", "clicks")
     }
     events = stream_feature_events(stamped["impressions"], stamped["clicks"], cfg)
-    increments = batch_increments(events, cfg, {name: Horizon() for name in cfg.features.entities})
+    increments = batch_increments(events, cfg, {name: Horizon.of() for name in cfg.features.entities})
     aggregates = list(cfg.features.aggregates)
     expected: dict[tuple[str, tuple[object, ...], int], list[object]] = {}
     for name, frame in increments.items():

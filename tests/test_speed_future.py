@@ -55,8 +55,8 @@ def _send_from_the_future(cfg: PlatformConfig) -> tuple[datetime, datetime]:
     producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
     try:
         ms = int(record_time.timestamp() * 1000)
-        producer.send(cfg.kafka.topics.impressions.name, key=b"u1", value=json.dumps(impression).encode(), timestamp_ms=ms)
-        producer.send(cfg.kafka.topics.clicks.name, key=b"imp-future", value=json.dumps(click).encode(), timestamp_ms=ms)
+        producer.send(cfg.events.topic("impressions").name, key=b"u1", value=json.dumps(impression).encode(), timestamp_ms=ms)
+        producer.send(cfg.events.topic("clicks").name, key=b"imp-future", value=json.dumps(click).encode(), timestamp_ms=ms)
         producer.flush()
     finally:
         producer.close()
@@ -88,8 +88,8 @@ def test_events_from_the_future_are_quarantined_and_blind_nothing(running_stack:
     # Quarantined with the amount and the limit, nothing else.
     quarantine = sorted((r["kafka_topic"], r["reason"], r["kafka_timestamp"]) for r in _table(cfg, "quarantine"))
     assert quarantine == [
-        (cfg.kafka.topics.clicks.name, "event_time 10:01:00 ahead of the Kafka record time (limit 5 minutes)", record_time),
-        (cfg.kafka.topics.impressions.name, "event_time 10:00:00 ahead of the Kafka record time (limit 5 minutes)", record_time),
+        (cfg.events.topic("clicks").name, "event_time 10:01:00 ahead of the Kafka record time (limit 5 minutes)", record_time),
+        (cfg.events.topic("impressions").name, "event_time 10:00:00 ahead of the Kafka record time (limit 5 minutes)", record_time),
     ]
     assert ahead - record_time == timedelta(hours=10)
 

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from sklearn.metrics import roc_auc_score
-from support import isolated
+from support import IMPRESSION, isolated
 
 from batch_layer.models import build_pipeline
 from batch_layer.snapshot import read_snapshot
@@ -40,7 +40,7 @@ from serving_layer.features import build_model_inputs
 from serving_layer.model_store import ModelStore
 from serving_layer.updates import ModelUpdateListener
 from speed_layer import app, ingest
-from speed_layer.labels import LABEL_SCHEMA, ensure_labels_table, labels_path, merge_labels
+from speed_layer.labels import ensure_labels_table, label_schema, labels_path, merge_labels
 from speed_layer.monitor import metrics_experiment
 from speed_layer.online import OnlineLearner, publish_updates, update_of
 from speed_layer.online_state import load_state, model_table, save_state
@@ -102,7 +102,7 @@ def _reference_step(
 @pytest.mark.integration
 def test_sgd_steps_match_numpy_and_validate_before_learning(spark: SparkSession) -> None:
     frame, batches = _frame_in_batches(spark, seed=1, split_seed=5)
-    champion = LinearModel(NAMES, (1.0, -1.0, 0.0), 0.0, generation=Horizon(5, 4))
+    champion = LinearModel(NAMES, (1.0, -1.0, 0.0), 0.0, generation=Horizon.of(impressions=5, clicks=4))
     model, w, b = champion, np.array(champion.weights), champion.intercept
     lr, l2 = 0.5, 0.01
     losses = []
@@ -143,7 +143,7 @@ def _reference_ftrl(theta: np.ndarray, z: np.ndarray, n: np.ndarray, x: np.ndarr
 @pytest.mark.integration
 def test_ftrl_steps_match_numpy_keep_the_warm_start_and_zero_weak_weights(spark: SparkSession) -> None:
     _, batches = _frame_in_batches(spark, seed=2, split_seed=7)
-    champion = LinearModel(NAMES, (1.0, -1.0, 0.0), -0.2, generation=Horizon(5, 4))
+    champion = LinearModel(NAMES, (1.0, -1.0, 0.0), -0.2, generation=Horizon.of(impressions=5, clicks=4))
     alpha, beta, l1, l2 = 0.5, 1.0, 0.3, 0.01
     # The reference's own warm start: z such that the closed form gives the champion's weights at n = 0.
     parts = [np.array([[r.x1, r.x2, r.x3, r.label] for r in batch.collect()]) for batch in batches]
@@ -241,11 +241,11 @@ def test_updates_reach_the_compacted_topic_with_their_generation(running_stack: 
 
     cfg = isolated(running_stack, "ctr-speed-online", topic_prefix="online")
     stack.create_topics(cfg)
-    first = LinearModel(NAMES, (0.1, 0.2, 0.3), -1.0, generation=Horizon(5, 4), updates=1, base_version=2)
-    second = LinearModel(NAMES, (0.4, 0.5, 0.6), -0.5, generation=Horizon(7, 6), updates=1, base_version=4)
+    first = LinearModel(NAMES, (0.1, 0.2, 0.3), -1.0, generation=Horizon.of(impressions=5, clicks=4), updates=1, base_version=2)
+    second = LinearModel(NAMES, (0.4, 0.5, 0.6), -0.5, generation=Horizon.of(impressions=7, clicks=6), updates=1, base_version=4)
     publish_updates(cfg, [update_of(first, "ctr"), update_of(second, "ctr", quality=0.7)])
     with pytest.raises(ValueError, match="non-finite"):
-        update_of(LinearModel(NAMES, (float("nan"), 0.0, 0.0), 0.0, Horizon()), "ctr")
+        update_of(LinearModel(NAMES, (float("nan"), 0.0, 0.0), 0.0, Horizon.of()), "ctr")
 
     consumer = KafkaConsumer(
         cfg.kafka.topics.model_updates.name, bootstrap_servers=cfg.kafka.bootstrap_servers,
@@ -271,7 +271,7 @@ GOOD_UPDATE = {"registered_model": "ctr", "alias": "speed", "version": 2, "gener
     ("change", "field"),
     [
         ({"version": "2"}, "version"),
-        ({"generation": {"impressions": 5}}, "generation"),
+        ({"generation": [5, 4]}, "generation"),
         ({"generation": {"impressions": 1.5, "clicks": 4}}, "generation"),
         ({"updates": "3"}, "updates"),
         ({"quality": "high"}, "quality"),
@@ -294,7 +294,7 @@ def test_a_bad_model_update_is_refused_naming_the_field(change: dict[str, Any], 
 
 def _land(spark: SparkSession, cfg: PlatformConfig, records: list[generator.Record], first_offset: int = 0, batch_id: int = 0) -> None:
     """Write records to bronze as one ingest micro-batch would."""
-    topics = {name: t.name for name, t in cfg.kafka.topics.event_topics().items()}
+    topics = {name: t.name for name, t in cfg.events.topics().items()}
     rows = [(r.key, r.value, topics[r.event_type], 0, first_offset + i, NOW) for i, r in enumerate(records)]
     ingest.ingest_batch(spark.createDataFrame(rows, KAFKA_COLUMNS), batch_id, cfg)
 
@@ -431,7 +431,7 @@ def test_the_online_query_learns_like_numpy_sgd_whatever_the_label_order_and_rea
     # As in a `lambda-ml speed run` process, the process-wide MLflow URI is not the server's:
     # the query must reach the registry through its config alone.
     mlflow.set_tracking_uri(f"file:{tmp_path / 'not-the-registry'}")
-    label_columns = [f.name for f in LABEL_SCHEMA.fields]
+    label_columns = [f.name for f in label_schema(IMPRESSION).fields]
 
     def deliver(cfg: PlatformConfig, batch_id: int, part: list[Any]) -> None:
         labels = spark.createDataFrame([(r["event_id"], r[LABEL]) for r in part], "event_id string, label double")
@@ -460,7 +460,7 @@ def test_the_online_query_learns_like_numpy_sgd_whatever_the_label_order_and_rea
     final = saved[-1]
     expected_terms = [*inputs.numeric, *(f"device={d}" for d in devices)]
     assert list(final["terms"]) == expected_terms
-    assert (final["generation_impressions"], final["generation_clicks"]) == (snapshot.horizon.impressions, snapshot.horizon.clicks)
+    assert (final["generation_impressions"], final["generation_clicks"]) == (snapshot.horizon.version("impressions"), snapshot.horizon.version("clicks"))
     assert final["base_version"] == int(versions.onnx)
     # Clicks first, then non-clicks: one micro-batch learns every closed stretch, to the same weights.
     (clicks_first,) = spark.read.format("delta").load(model_table(late)).collect()
@@ -544,7 +544,7 @@ def test_the_online_query_learns_like_numpy_sgd_whatever_the_label_order_and_rea
             runner.close()
         # An older generation, and fewer updates in the same generation: both ignored.
         other = LinearWeights(tuple(inputs.numeric), (0.0,) * len(inputs.numeric), 5.0)
-        older = Horizon(snapshot.horizon.impressions - 1, snapshot.horizon.clicks)  # type: ignore[operator]
+        older = Horizon.of(impressions=snapshot.horizon.version("impressions") - 1, clicks=snapshot.horizon.version("clicks"))  # type: ignore[operator]
         publish_updates(local, [
             ModelUpdate(name, contract.SPEED_ALIAS, int(versions.onnx), older, 99, None, other),
             ModelUpdate(name, contract.SPEED_ALIAS, int(versions.onnx), snapshot.horizon, 1, None, other),
@@ -620,7 +620,7 @@ def test_on_a_stationary_stream_the_online_model_scores_within_5_percent_of_the_
     assert [0.0] in kinds and [1.0] in kinds  # commits of non-clicks alone and of clicks alone
 
     saved = spark.read.format("delta").load(model_table(local)).collect()
-    horizon = (snapshot.horizon.impressions, snapshot.horizon.clicks)
+    horizon = (snapshot.horizon.version("impressions"), snapshot.horizon.version("clicks"))
     assert {(r["generation_impressions"], r["generation_clicks"]) for r in saved} == {horizon}
     rows = sum(r["rows"] for r in saved)
     online_loss = sum(r["rows"] * r["log_loss"] for r in saved) / rows

@@ -40,7 +40,7 @@ KAFKA_COLUMNS = "key binary, value binary, topic string, partition int, offset l
 
 def _land(spark: SparkSession, cfg: PlatformConfig, records: list[generator.Record], first_offset: int, batch_id: int) -> None:
     """Write records to bronze as one ingest micro-batch would (one Delta version per table)."""
-    topics = {name: t.name for name, t in cfg.kafka.topics.event_topics().items()}
+    topics = {name: t.name for name, t in cfg.events.topics().items()}
     rows = [(r.key, r.value, topics[r.event_type], 0, first_offset + i, NOW) for i, r in enumerate(records)]
     ingest.ingest_batch(spark.createDataFrame(rows, KAFKA_COLUMNS), batch_id, cfg)
 
@@ -65,7 +65,7 @@ def test_silver_labels_and_increments_equal_the_batch_layer(spark: SparkSession,
     # The batch layer publishes views at the bronze versions it sees now.
     snapshot = read_snapshot(spark, local)
     horizon = snapshot.horizon
-    imp_h, clk_h = dedup_events(snapshot.impressions), dedup_events(snapshot.clicks)
+    imp_h, clk_h = dedup_events(snapshot["impressions"]), dedup_events(snapshot["clicks"])
     write_views(build_views(feature_events(imp_h, attribute_clicks(imp_h, clk_h, window), local.features), local.features, horizon), local)
     # Bronze was at these versions before the first run, so the views cover every increment so far.
     _land(spark, local, records[cut:], cut, 2)

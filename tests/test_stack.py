@@ -30,8 +30,8 @@ def test_topics_have_the_configured_partitions_retention_and_compaction(running_
     finally:
         admin.close()
     assert found == {
-        cfg.kafka.topics.impressions.name: ("delete", "604800000"),
-        cfg.kafka.topics.clicks.name: ("delete", "604800000"),
+        cfg.events.topic("impressions").name: ("delete", "604800000"),
+        cfg.events.topic("clicks").name: ("delete", "604800000"),
         cfg.kafka.topics.model_updates.name: ("compact", "-1"),
         cfg.kafka.topics.predictions.name: ("delete", "604800000"),
     }

@@ -88,7 +88,7 @@ def ingest_generated(spark: SparkSession, cfg: PlatformConfig, impressions: int,
     now = datetime.now(UTC) - timedelta(minutes=1)
     gen = cfg.generator.model_copy(update={"impressions": impressions, "seed": seed})
     records, _ = generator.generate(gen, timedelta(minutes=cfg.ctr.attribution_window_minutes), now)
-    topics = cfg.kafka.topics.event_topics()
+    topics = cfg.events.topics()
     rows = [(r.key, r.value, topics[r.event_type].name, 0, offset, now) for offset, r in enumerate(records)]
     cut = len(rows) * 4 // 5
     for batch_id, batch in enumerate((rows[:cut], rows[cut:])):
@@ -107,13 +107,13 @@ def test_batch_training_runs_on_the_standalone_cluster(
     ingest_generated(spark, cfg, impressions=4000, seed=23)
     config_file = write_config(cfg, tmp_path / "platform.yaml")
 
-    job_args = ["--config", str(config_file), "--impressions-version", "0", "--clicks-version", "0"]
+    job_args = ["--config", str(config_file), "--version", "impressions=0", "--version", "clicks=0"]
     assert run_submit(cfg, "batch_layer/train.py", job_args, master=standalone.master_url) == 0
 
     client = MlflowClient(cfg.mlflow.tracking_uri)
     versions = client.search_model_versions(f"name='{cfg.mlflow.registered_model}'")
     tagged = sorted(
-        (v.tags[contract.TAG_FLAVOR], v.tags[contract.TAG_HORIZON_IMPRESSIONS], v.tags[contract.TAG_HORIZON_CLICKS])
+        (v.tags[contract.TAG_FLAVOR], v.tags[contract.horizon_tag("impressions")], v.tags[contract.horizon_tag("clicks")])
         for v in versions
     )
     # Pinned at version 0 of both tables although version 1 is the latest.

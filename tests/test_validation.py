@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from lambda_ml import avro, validation
 from lambda_ml.config import DEFAULT_CONFIG, ConfigError, PlatformConfig, load_config
-from lambda_ml.schemas import CLICK, IMPRESSION
+from support import CLICK, IMPRESSION
 
 AT = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)  # the Kafka record time of every case
 RULES = validation.EventRules()

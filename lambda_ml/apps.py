@@ -1,0 +1,220 @@
+"""Applications and the registry that picks one by config.
+
+The layers are generic machinery: ingest, bronze, quarantine, horizons, feature views and
+increments, the registry and its quality gate, model updates over Kafka, the model store with
+hot swap, the service. An application supplies what is specific to it: its labels, training,
+online updates and serving model, one small contract per layer (below), named after it:
+``<App>BatchUpdate``, ``<App>SpeedUpdater``, ``<App>ServingModels``.
+
+``app.type`` in the config names the application; the registry below maps each type to the
+object binding its contracts, imported only when a layer asks for it (so that loading the
+config never imports Spark or an application's dependencies). A type that is not registered
+fails when the config is loaded, naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
+
+    from lambda_ml.config import PlatformConfig
+    from lambda_ml.contract import Horizon, ModelUpdate
+
+# --------------------------------------------------------------------------- batch
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The master dataset pinned at a horizon: each event type's bronze rows (duplicates
+    included, with their Kafka coordinates) at the horizon's Delta version."""
+
+    events: Mapping[str, DataFrame]
+    horizon: Horizon
+
+    def __getitem__(self, event_type: str) -> DataFrame:
+        return self.events[event_type]
+
+
+@dataclass(frozen=True)
+class Quality:
+    """The figure the quality gate compares, measured on the candidate's holdout rows.
+
+    >>> Quality("auc", 0.71, higher_is_better=True).beats(0.70, margin=0.005)
+    True
+    >>> Quality("inertia", 10.0, higher_is_better=False).beats(10.0, margin=0.0)
+    False
+    """
+
+    metric: str
+    value: float
+    higher_is_better: bool
+
+    def beats(self, other: float, margin: float = 0.0) -> bool:
+        """True when this value is better than ``other`` by more than ``margin``."""
+        return self.value > other + margin if self.higher_is_better else self.value < other - margin
+
+
+@dataclass(frozen=True)
+class Registered:
+    """The model versions one batch run registered: the one serving loads (aliases point at
+    it) and the others, by flavour (e.g. the Spark twin of an ONNX version)."""
+
+    served: str
+    others: Mapping[str, str]
+
+
+class Candidate(Protocol):
+    """A model an application trained; the batch layer logs it in an MLflow run with its
+    lineage, gates it against the champion and registers it."""
+
+    quality: Quality
+    metrics: Mapping[str, float]  # holdout figures and row counts, logged as run metrics
+    params: Mapping[str, str]  # logged as run params (besides the lineage)
+
+    def log_artifacts(self) -> None:
+        """Log plots, tables and checks in the active MLflow run; raising refuses the model
+        (the run ends FAILED, nothing is registered)."""
+
+    def score(self, version: Any) -> tuple[float | None, str]:
+        """The quality of another registered version (an MLflow ``ModelVersion``, the champion)
+        on this candidate's holdout rows, or None and why it cannot be scored on them."""
+
+    def register(self, registered_model: str, tags: Mapping[str, str]) -> Registered:
+        """Log the model in the active run and register it (every flavour) with ``tags``."""
+
+    def release(self) -> None:
+        """Free what the candidate keeps cached (called once the run is over)."""
+
+
+class BatchUpdate(Protocol):
+    """The application's batch layer (``<App>BatchUpdate``): a pinned snapshot -> a candidate."""
+
+    def train(self, spark: SparkSession, snapshot: Snapshot, events: DataFrame | None, cfg: PlatformConfig) -> Candidate:
+        """Build the training set from ``snapshot`` (and the feature ``events`` the batch views
+        were built from, cached, when features are declared), train and evaluate."""
+
+
+# --------------------------------------------------------------------------- features
+
+
+class FeatureEvents(Protocol):
+    """How an application turns its event types into the feature events the declarations
+    aggregate (``features:``): one row per event counted, with ``kind`` (the event type an
+    aggregate's ``events`` names), ``event_time``, every field the declarations read, and the
+    bronze version column of each event type it comes from. The same rule on a static snapshot
+    (batch views) and on streams (speed increments)."""
+
+    def batch(self, snapshot: Snapshot, cfg: PlatformConfig) -> DataFrame:
+        """Feature events of a snapshot (deduplicated), for the batch views and training."""
+
+    def stream(self, spark: SparkSession, streams: Mapping[str, DataFrame], cfg: PlatformConfig) -> DataFrame:
+        """Feature events of bronze change streams (event type -> streaming frame carrying
+        ``<event type>_version``), deduplicated within the watermark."""
+
+
+# --------------------------------------------------------------------------- speed
+
+
+# Sets a query's trigger on its writer (processing time, or available-now for a catch-up run).
+Trigger = Callable[["DataStreamWriter"], "DataStreamWriter"]
+# Starts one streaming query, checkpointed under lake.checkpoints/<its name>.
+QueryBuilder = Callable[["SparkSession", "PlatformConfig", Trigger], "StreamingQuery"]
+
+
+class SpeedUpdater(Protocol):
+    """The application's speed layer (``<App>SpeedUpdater``): the streaming queries it adds to
+    the layer's own (``ingest``: Kafka -> bronze, ``increments``: feature increments), e.g.
+    labels and an online model publishing updates on the model-updates topic."""
+
+    def queries(self) -> Mapping[str, QueryBuilder]:
+        """Query name -> builder, in the order they start (upstream first)."""
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class ServingModel(Protocol):
+    """One loaded model version (``<App>ServingModel``), swapped in whole by the model store."""
+
+    version: int
+    alias: str
+    horizon: Horizon
+
+    def identity(self) -> tuple[int, str]:
+        """What distinguishes two loads of the same alias (a reload of the same is skipped)."""
+
+    def describe(self) -> str:
+        """One line for the logs: the version, the alias and what it was trained on."""
+
+
+class ServingModels(Protocol):
+    """The application's serving side: how its registered versions load, how a model
+    travelling as data applies, and the routes that answer with them."""
+
+    def load(self, cfg: PlatformConfig, version: Any, alias: str) -> ServingModel:
+        """Load a registered version (an MLflow ``ModelVersion``) for ``alias``."""
+
+    def apply(self, cfg: PlatformConfig, update: ModelUpdate) -> ServingModel | None:
+        """The model an update carries as data (an online model), None for one by reference."""
+
+    def router(self, service: Any) -> APIRouter:
+        """The application's routes, answering with ``service``'s models and views."""
+
+
+# --------------------------------------------------------------------------- the application
+
+
+@dataclass(frozen=True)
+class Application:
+    """An application: its contracts for the three layers, and what it needs from the config."""
+
+    name: str
+    event_types: tuple[str, ...]  # the event types it reads; each must be declared
+    features: FeatureEvents
+    batch: BatchUpdate
+    speed: SpeedUpdater
+    serving: ServingModels
+    check_config: Callable[[PlatformConfig], None] = lambda cfg: None
+
+    def check(self, cfg: PlatformConfig) -> None:
+        """Refuse a config the application cannot run with; ValueError naming the key."""
+        missing = [name for name in self.event_types if name not in cfg.events.types]
+        if missing:
+            raise ValueError(
+                f"{cfg.source}: events.types: the {self.name} application needs the event types {missing} "
+                f"(declared: {', '.join(cfg.events.types)})"
+            )
+        self.check_config(cfg)
+
+
+# Application type -> "module:attribute" of its Application object.
+APPLICATION_TYPES: dict[str, str] = {
+    "ctr": "lambda_ml_apps.ctr:APPLICATION",
+    "kmeans": "lambda_ml_apps.kmeans:APPLICATION",
+}
+
+
+def load_application(cfg: PlatformConfig) -> Application:
+    """The application ``cfg.app.type`` names, checked against the config it will run with.
+
+    Raises ValueError naming the key when the application cannot run with ``cfg`` (e.g. an
+    event type it needs is not declared).
+    """
+    return application(cfg.app.type, cfg)
+
+
+def application(name: str, cfg: PlatformConfig) -> Application:
+    """The registered application ``name``, checked against ``cfg`` (see :func:`load_application`)."""
+    if name not in APPLICATION_TYPES:
+        raise ValueError(f"app.type: {name!r} is not a registered application; registered: {', '.join(APPLICATION_TYPES)}")
+    module_name, attribute = APPLICATION_TYPES[name].split(":")
+    app: Application = getattr(importlib.import_module(module_name), attribute)
+    app.check(cfg)
+    return app
