@@ -51,7 +51,6 @@ from pyspark.errors import PySparkException
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from lambda_ml import contract
 from lambda_ml.catalog import lake_tables, table_names
 from lambda_ml.config import MaintenanceConfig, PlatformConfig, load_command_config
 from lambda_ml.contract import Horizon

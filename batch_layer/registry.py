@@ -1,16 +1,19 @@
-"""The batch layer's side of the MLflow model registry: register a run's two models as versions
-of one registered model with their lineage, decide which alias the new version gets (the quality
-gate), find a version already trained from the same inputs, and roll the champion back.
+"""The batch layer's side of the MLflow model registry: a run's versions of one registered model
+with their lineage, which alias the new version gets (the quality gate), a version already
+trained from the same inputs, and rolling the champion back.
 
-Aliases (all on ONNX versions, the flavor serving loads):
+An application registers its model in one or more flavours (the click-through application: a
+Spark pipeline and its ONNX export); one of them is *served* (tagged ``served=true``), the
+others point at it (``served_version``). Aliases are on served versions:
 
-- ``champion``: what serving answers with. It moves only to a version whose holdout AUC beats
-  the champion's AUC *on the same holdout rows* (the champion is re-scored on them).
+- ``champion``: what serving answers with. It moves only to a version whose holdout quality
+  (the application's metric, e.g. AUC) beats the champion's *on the same holdout rows* (the
+  candidate re-scores the champion on them).
 - ``challenger``: the latest version that did not beat the champion.
 - ``previous-champion``: the champion before the last move; ``rollback`` goes back to it.
 
-A version's lineage is its horizon plus the SHA-256 of the training config (sections ``ctr``
-and ``features``) and of the feature definitions: a second run with the same lineage finds the
+A version's lineage is its horizon plus the SHA-256 of the training config (the application's
+section and ``features``) and of the feature definitions: a second run with the same lineage finds the
 first run's versions instead of registering new ones.
 """
 
@@ -19,23 +22,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-import mlflow.spark
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from pyspark.ml import PipelineModel
 
 from lambda_ml import contract
+from lambda_ml.apps import Quality, Registered
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import Horizon
-
-# The registration itself lives in the shared package (the speed layer registers its online
-# model the same way).
-from lambda_ml.model_registry import RegisteredVersions, _jvm_logger_off
 
 log = logging.getLogger(__name__)
 
@@ -46,43 +43,33 @@ PREVIOUS_CHAMPION_ALIAS = "previous-champion"
 # Lineage: with the horizon tags, what a version was trained from.
 TAG_CONFIG_HASH = "config_sha256"
 TAG_FEATURES_HASH = "feature_definitions_sha256"
-# The quality gate's verdict, on the run and on both versions.
+# The served flavour of a run's versions, and the others pointing at it.
+TAG_SERVED = "served"  # "true" on the version aliases point at
+TAG_SERVED_VERSION = "served_version"  # on the other flavours: the served version
+# The quality gate's verdict, on the run and on every version: gate.<metric> (the new
+# version's holdout quality) and gate.champion_<metric> (the champion's on the same rows).
 TAG_DECISION = "gate.decision"  # "champion" | "challenger"
-TAG_AUC = "gate.auc"  # the new version's holdout AUC
+TAG_METRIC = "gate.metric"  # the quality's metric, e.g. "auc"
+TAG_HIGHER_IS_BETTER = "gate.higher_is_better"  # "true" | "false"
 TAG_CHAMPION_VERSION = "gate.champion_version"  # the champion it was compared with, if any
-TAG_CHAMPION_AUC = "gate.champion_auc"  # that champion's AUC on the same holdout rows
 TAG_REASON = "gate.reason"
 # On a version made champion (by the gate or a rollback): the champion it replaced.
 TAG_PREVIOUS_CHAMPION = "previous_champion"
 
-# Config sections a model is a function of; the others (ports, paths, URIs) are not hashed.
-TRAINING_CONFIG_SECTIONS = ("ctr", "features")
+# Config sections every model is a function of, besides its application's own section; the
+# others (ports, paths, URIs) are not hashed.
+TRAINING_CONFIG_SECTIONS = ("app", "events", "features")
 
 
 class RollbackError(RuntimeError):
     """The champion cannot be moved where asked (no such version, not an ONNX version...)."""
 
 
-def flat_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """A nested mapping as MLflow params: dotted keys, lists and scalars as text.
-
-    >>> flat_params({"model": "lr", "gbt": {"max_depth": 4}, "grid": [0.1, 1.0]}, "ctr")
-    {'ctr.model': 'lr', 'ctr.gbt.max_depth': '4', 'ctr.grid': '[0.1, 1.0]'}
-    """
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flat_params(value, name))
-        else:
-            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
-    return flat
-
-
 def training_config_hash(cfg: PlatformConfig) -> str:
-    """SHA-256 of the config sections a model depends on (``ctr`` and ``features``) as canonical
-    JSON: a run on another machine, port or lake path hashes the same."""
-    sections = cfg.model_dump(mode="json", include=set(TRAINING_CONFIG_SECTIONS))
+    """SHA-256 of the config sections a model depends on (the application's section, e.g.
+    ``ctr``, and the events and features) as canonical JSON: a run on another machine, port or
+    lake path hashes the same."""
+    sections = cfg.model_dump(mode="json", include={*TRAINING_CONFIG_SECTIONS, cfg.app.type})
     return hashlib.sha256(json.dumps(sections, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -107,20 +94,20 @@ class Lineage:
 class ExistingVersions:
     """Versions a previous run registered for the same lineage, and what the gate made of them."""
 
-    versions: RegisteredVersions
+    versions: Registered
     run_id: str
     decision: str | None
 
 
 def find_registered(client: MlflowClient, registered_model: str, lineage: Lineage) -> ExistingVersions | None:
-    """The ONNX version (and its Spark twin) already registered with this lineage, if any; the
-    oldest one if an earlier bug or race registered several."""
+    """The served version (and the other flavours of its run) already registered with this
+    lineage, if any; the oldest one if an earlier bug or race registered several."""
     if "'" in registered_model:
         raise ValueError(f"registered model names with quotes are not supported: {registered_model!r}")
-    clauses = [f"name = '{registered_model}'", f"tags.`{contract.TAG_FLAVOR}` = 'onnx'"]
+    clauses = [f"name = '{registered_model}'", f"tags.`{TAG_SERVED}` = 'true'"]
     clauses += [f"tags.`{key}` = '{value}'" for key, value in lineage.tags().items()]
     found = sorted(client.search_model_versions(" AND ".join(clauses)), key=lambda v: int(v.version))
-    complete = [v for v in found if contract.TAG_SPARK_VERSION in v.tags and v.run_id]
+    complete = [v for v in found if v.run_id]
     if not complete:
         return None
     first = complete[0]
@@ -128,8 +115,17 @@ def find_registered(client: MlflowClient, registered_model: str, lineage: Lineag
         log.warning(
             "%s versions %s share one lineage; using the oldest", registered_model, ", ".join(v.version for v in complete)
         )
-    versions = RegisteredVersions(spark=first.tags[contract.TAG_SPARK_VERSION], onnx=str(first.version))
-    return ExistingVersions(versions, str(first.run_id), first.tags.get(TAG_DECISION))
+    twins = client.search_model_versions(f"name = '{registered_model}' AND tags.`{TAG_SERVED_VERSION}` = '{first.version}'")
+    others = {v.tags.get(contract.TAG_FLAVOR, f"v{v.version}"): str(v.version) for v in twins}
+    return ExistingVersions(Registered(str(first.version), others), str(first.run_id), first.tags.get(TAG_DECISION))
+
+
+def mark_served(client: MlflowClient, registered_model: str, versions: Registered) -> None:
+    """Tag the served version, and point the other flavours at it (what :func:`find_registered`
+    and :func:`rollback` read)."""
+    client.set_model_version_tag(registered_model, versions.served, TAG_SERVED, "true")
+    for version in versions.others.values():
+        client.set_model_version_tag(registered_model, version, TAG_SERVED_VERSION, versions.served)
 
 
 def alias_versions(client: MlflowClient, registered_model: str) -> dict[str, str]:
@@ -147,11 +143,11 @@ def alias_versions(client: MlflowClient, registered_model: str) -> dict[str, str
 
 @dataclass(frozen=True)
 class ChampionScore:
-    """The current champion (its ONNX version) and its AUC on the new run's holdout rows, or
-    why it could not be scored on them."""
+    """The current champion and its quality on the new run's holdout rows, or why it could not
+    be scored on them."""
 
     version: str
-    auc: float | None
+    value: float | None
     unscorable_because: str = ""
 
 
@@ -160,7 +156,7 @@ class GateDecision:
     """Which alias a new version gets, and why."""
 
     decision: str  # CHAMPION_ALIAS or CHALLENGER_ALIAS
-    auc: float
+    quality: Quality
     champion: ChampionScore | None
     reason: str
 
@@ -169,76 +165,84 @@ class GateDecision:
         return self.decision == CHAMPION_ALIAS
 
     def tags(self) -> dict[str, str]:
-        """The verdict as tags; AUCs written with ``repr`` so that they read back exactly."""
-        tags = {TAG_DECISION: self.decision, TAG_AUC: repr(self.auc), TAG_REASON: self.reason}
+        """The verdict as tags; values written with ``repr`` so that they read back exactly."""
+        metric = self.quality.metric
+        tags = {
+            TAG_DECISION: self.decision,
+            TAG_METRIC: metric,
+            TAG_HIGHER_IS_BETTER: str(self.quality.higher_is_better).lower(),
+            f"gate.{metric}": repr(self.quality.value),
+            TAG_REASON: self.reason,
+        }
         if self.champion is not None:
             tags[TAG_CHAMPION_VERSION] = self.champion.version
-            if self.champion.auc is not None:
-                tags[TAG_CHAMPION_AUC] = repr(self.champion.auc)
+            if self.champion.value is not None:
+                tags[f"gate.champion_{metric}"] = repr(self.champion.value)
         return tags
 
 
-def decide(auc: float, champion: ChampionScore | None, min_gain: float = 0.0) -> GateDecision:
+def recorded_quality(tags: Mapping[str, str]) -> Quality:
+    """The candidate quality a run's gate tags record (NaN when the run has none).
+
+    >>> recorded_quality(GateDecision("champion", Quality("auc", 0.7, True), None, "first").tags())
+    Quality(metric='auc', value=0.7, higher_is_better=True, margin=0.0)
+    """
+    metric = tags.get(TAG_METRIC, "")
+    return Quality(metric, float(tags.get(f"gate.{metric}", "nan")), tags.get(TAG_HIGHER_IS_BETTER, "true") == "true")
+
+
+def decide(quality: Quality, champion: ChampionScore | None, margin: float | None = None) -> GateDecision:
     """The gate: the new version becomes champion if there is none, if the champion cannot be
     scored on this holdout (it reads inputs the current features no longer produce), or if its
-    AUC beats the champion's by more than ``min_gain``; challenger otherwise.
+    quality beats the champion's by more than ``margin`` (default: the quality's own, from the
+    application's config); challenger otherwise.
 
-    >>> decide(0.70, None).decision
+    >>> auc = lambda value: Quality("auc", value, higher_is_better=True)
+    >>> decide(auc(0.70), None).decision
     'champion'
-    >>> decide(0.70, ChampionScore("4", 0.72)).decision
+    >>> decide(auc(0.70), ChampionScore("4", 0.72)).decision
     'challenger'
-    >>> decide(0.73, ChampionScore("4", 0.72)).decision, decide(0.73, ChampionScore("4", 0.72), 0.02).decision
+    >>> decide(auc(0.73), ChampionScore("4", 0.72)).decision, decide(auc(0.73), ChampionScore("4", 0.72), 0.02).decision
     ('champion', 'challenger')
+    >>> decide(Quality("inertia", 9.0, higher_is_better=False), ChampionScore("4", 10.0)).reason
+    "inertia 9.0000 beats champion v4's 10.0000 on the same holdout rows"
     """
     if champion is None:
-        return GateDecision(CHAMPION_ALIAS, auc, None, "there was no champion")
-    if champion.auc is None:
+        return GateDecision(CHAMPION_ALIAS, quality, None, "there was no champion")
+    if champion.value is None:
         reason = f"champion v{champion.version} cannot be scored on this holdout ({champion.unscorable_because})"
-        return GateDecision(CHAMPION_ALIAS, auc, champion, reason)
-    margin = f" + {min_gain:g}" if min_gain else ""
-    if auc > champion.auc + min_gain:
-        reason = f"AUC {auc:.4f} beats champion v{champion.version}'s {champion.auc:.4f}{margin} on the same holdout rows"
-        return GateDecision(CHAMPION_ALIAS, auc, champion, reason)
-    reason = f"AUC {auc:.4f} does not beat champion v{champion.version}'s {champion.auc:.4f}{margin} on the same holdout rows"
-    return GateDecision(CHALLENGER_ALIAS, auc, champion, reason)
+        return GateDecision(CHAMPION_ALIAS, quality, champion, reason)
+    margin = quality.margin if margin is None else margin
+    shown = quality.metric.upper() if quality.metric in ("auc", "rmse", "mae") else quality.metric
+    margin_text = f" + {margin:g}" if margin else ""
+    versus = f"champion v{champion.version}'s {champion.value:.4f}{margin_text} on the same holdout rows"
+    if quality.beats(champion.value, margin):
+        return GateDecision(CHAMPION_ALIAS, quality, champion, f"{shown} {quality.value:.4f} beats {versus}")
+    return GateDecision(CHALLENGER_ALIAS, quality, champion, f"{shown} {quality.value:.4f} does not beat {versus}")
 
 
 def score_champion(
-    client: MlflowClient, registered_model: str, columns: Sequence[str], auc_of: Callable[[PipelineModel], float]
+    client: MlflowClient, registered_model: str, score: Callable[[ModelVersion], tuple[float | None, str]]
 ) -> ChampionScore | None:
-    """The champion's AUC on the new run's holdout, from its Spark twin; None without a champion.
-
-    ``columns`` are the holdout's columns and ``auc_of`` scores a Spark model on its rows (the
-    same function that measured the new model). A champion reading an input the holdout lacks
-    is reported unscorable rather than failing the run.
-    """
+    """The champion's quality on the new run's holdout, as the candidate's ``score`` measures it
+    (None and why when it cannot); None without a champion."""
     version = alias_versions(client, registered_model).get(CHAMPION_ALIAS)
     if version is None:
         return None
-    champion = client.get_model_version(registered_model, version)
-    inputs = [name for name in champion.tags.get(contract.TAG_MODEL_INPUTS, "").split(",") if name]
-    missing = [name for name in inputs if name not in columns]
-    if not inputs or missing:
-        why = f"it reads inputs the holdout lacks: {missing}" if missing else "it has no model_inputs tag"
-        return ChampionScore(str(version), None, why)
-    twin = version if champion.tags.get(contract.TAG_FLAVOR) == "spark" else champion.tags.get(contract.TAG_SPARK_VERSION)
-    if twin is None:
-        return ChampionScore(str(version), None, "it has no Spark twin to score with")
-    with _jvm_logger_off("org.apache.spark.ml.util.Instrumentation"):
-        model = mlflow.spark.load_model(f"models:/{registered_model}/{twin}")
-    score = auc_of(model)
-    log.info("champion %s v%s (Spark twin v%s) scores AUC %.4f on this holdout", registered_model, version, twin, score)
-    return ChampionScore(str(version), score)
+    value, why = score(client.get_model_version(registered_model, version))
+    if value is not None:
+        log.info("champion %s v%s scores %.4f on this holdout", registered_model, version, value)
+    return ChampionScore(str(version), value, why)
 
 
-def apply_decision(client: MlflowClient, registered_model: str, versions: RegisteredVersions, gate: GateDecision) -> None:
-    """Move the aliases as the gate decided: crown the ONNX version (remembering the champion it
-    replaces as ``previous-champion``), or make it ``challenger``."""
+def apply_decision(client: MlflowClient, registered_model: str, versions: Registered, gate: GateDecision) -> None:
+    """Move the aliases as the gate decided: crown the served version (remembering the champion
+    it replaces as ``previous-champion``), or make it ``challenger``."""
     if gate.promoted:
-        _crown(client, registered_model, versions.onnx, None if gate.champion is None else gate.champion.version)
+        _crown(client, registered_model, versions.served, None if gate.champion is None else gate.champion.version)
     else:
-        client.set_registered_model_alias(registered_model, CHALLENGER_ALIAS, versions.onnx)
-        log.info("alias %s of %s now points at version %s (%s)", CHALLENGER_ALIAS, registered_model, versions.onnx, gate.reason)
+        client.set_registered_model_alias(registered_model, CHALLENGER_ALIAS, versions.served)
+        log.info("alias %s of %s now points at version %s (%s)", CHALLENGER_ALIAS, registered_model, versions.served, gate.reason)
 
 
 def _crown(client: MlflowClient, registered_model: str, version: str, previous: str | None) -> None:
@@ -277,7 +281,7 @@ class Rollback:
 
 
 def rollback(client: MlflowClient, registered_model: str, to: str | None = None) -> Rollback:
-    """Point ``champion`` at ``to`` (an ONNX version), by default at ``previous-champion``.
+    """Point ``champion`` at ``to`` (a served version), by default at ``previous-champion``.
 
     The champion it replaces becomes ``previous-champion``, so a second rollback undoes the
     first. Serving picks the move up on its next reload.
@@ -292,15 +296,12 @@ def rollback(client: MlflowClient, registered_model: str, to: str | None = None)
                 "name the version to roll back to with --to VERSION"
             )
     target = _model_version(client, registered_model, str(to))
-    flavor = target.tags.get(contract.TAG_FLAVOR)
-    if flavor != "onnx":
-        twins = client.search_model_versions(
-            f"name = '{registered_model}' AND tags.`{contract.TAG_SPARK_VERSION}` = '{target.version}'"
-        )
-        hint = f"; its ONNX twin is version {twins[0].version}" if twins else ""
+    if target.tags.get(TAG_SERVED) != "true":
+        flavor = target.tags.get(contract.TAG_FLAVOR)
+        served = target.tags.get(TAG_SERVED_VERSION)
+        hint = f"; the version served in its place is {served}" if served else ""
         raise RollbackError(
-            f"version {target.version} of {registered_model} is a {flavor or 'untagged'} model, "
-            f"but serving loads ONNX versions{hint}"
+            f"version {target.version} of {registered_model} is a {flavor or 'untagged'} model serving does not load{hint}"
         )
     if current == str(target.version):
         return Rollback(registered_model, current, current)

@@ -233,7 +233,7 @@ def run_platform(cfg: PlatformConfig, records: list[Record]) -> dict[str, Any]:
     trained = time.monotonic()
     params = mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_run(result.run_id).data.params
     return {
-        "champion_auc": result.auc,
+        "champion_auc": result.quality.value,
         "decision": result.decision,
         "rows": result.rows,
         "holdout_after": datetime.fromisoformat(params["holdout_after"]),

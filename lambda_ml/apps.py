@@ -15,6 +15,7 @@ fails when the config is loaded, naming the file and the key.
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -55,10 +56,29 @@ class Quality:
     metric: str
     value: float
     higher_is_better: bool
+    margin: float = 0.0  # what the gate requires beyond the champion's value (config)
 
-    def beats(self, other: float, margin: float = 0.0) -> bool:
-        """True when this value is better than ``other`` by more than ``margin``."""
+    def beats(self, other: float, margin: float | None = None) -> bool:
+        """True when this value is better than ``other`` by more than ``margin`` (default: the
+        quality's own)."""
+        margin = self.margin if margin is None else margin
         return self.value > other + margin if self.higher_is_better else self.value < other - margin
+
+
+def flat_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested mapping as MLflow params: dotted keys, lists and scalars as text.
+
+    >>> flat_params({"model": "lr", "gbt": {"max_depth": 4}, "grid": [0.1, 1.0]}, "ctr")
+    {'ctr.model': 'lr', 'ctr.gbt.max_depth': '4', 'ctr.grid': '[0.1, 1.0]'}
+    """
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flat_params(value, name))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return flat
 
 
 @dataclass(frozen=True)
@@ -128,6 +148,11 @@ Trigger = Callable[["DataStreamWriter"], "DataStreamWriter"]
 QueryBuilder = Callable[["SparkSession", "PlatformConfig", Trigger], "StreamingQuery"]
 
 
+# The speed layer's own queries, which every application runs: Kafka -> bronze, and the feature
+# increments of the declarations.
+SPEED_LAYER_QUERIES = ("ingest", "increments")
+
+
 class SpeedUpdater(Protocol):
     """The application's speed layer (``<App>SpeedUpdater``): the streaming queries it adds to
     the layer's own (``ingest``: Kafka -> bronze, ``increments``: feature increments), e.g.
@@ -180,7 +205,7 @@ class Application:
     features: FeatureEvents
     batch: BatchUpdate
     speed: SpeedUpdater
-    serving: ServingModels
+    serving: ServingModels | None = None
     check_config: Callable[[PlatformConfig], None] = lambda cfg: None
 
     def check(self, cfg: PlatformConfig) -> None:
@@ -191,6 +216,10 @@ class Application:
                 f"{cfg.source}: events.types: the {self.name} application needs the event types {missing} "
                 f"(declared: {', '.join(cfg.events.types)})"
             )
+        known = [*SPEED_LAYER_QUERIES, *self.speed.queries()]
+        unknown = [name for name in cfg.speed.queries if name not in known]
+        if unknown:
+            raise ValueError(f"{cfg.source}: speed.queries: {unknown} are not queries of the speed layer or of {self.name} ({', '.join(known)})")
         self.check_config(cfg)
 
 

@@ -115,7 +115,7 @@ def _cluster(cfg: PlatformConfig, args: argparse.Namespace) -> int:
 
 def _batch(cfg: PlatformConfig, args: argparse.Namespace) -> int:
     if args.job == "evaluate":
-        from batch_layer import online_eval
+        from lambda_ml_apps.ctr import online_eval
 
         return online_eval.main([*(["--config", cfg.source] if cfg.source != "<defaults>" else []), *args.job_args])
     if args.job == "maintenance":

@@ -80,7 +80,7 @@ def follow_fresh_events(cfg: PlatformConfig, service_url: str, timeout_s: float 
 def _wait_for_online_model(cfg: PlatformConfig, timeout_s: float = 300) -> str:
     """The online model's summary once the running speed layer has saved a step from the
     current champion (a step of an earlier run's champion does not count)."""
-    from speed_layer.online import champion_version
+    from lambda_ml_apps.ctr.online import champion_version
 
     champion = champion_version(cfg)
     deadline = time.monotonic() + timeout_s
@@ -107,7 +107,7 @@ def _train(cfg: PlatformConfig):  # type: ignore[no-untyped-def]
 def _online_summary(cfg: PlatformConfig, champion: int | None) -> str | None:
     """The online model's last saved step, if it learned from version ``champion``."""
     from lambda_ml.spark import get_spark
-    from speed_layer.online_state import load_state
+    from lambda_ml_apps.ctr.online_state import load_state
 
     state = load_state(get_spark(cfg, "demo"), cfg)
     if state is None or state.champion_version != champion:
@@ -156,11 +156,11 @@ def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
                 f"{truth.malformed_total} malformed",
                 f"bronze (all runs):        {counts['impressions']} impressions, {counts['clicks']} clicks",
                 f"quarantined (all runs):   {counts['quarantine']} records, each with its reason",
-                f"model:                    {cfg.mlflow.registered_model} version {result.versions.onnx} (ONNX, "
+                f"model:                    {cfg.mlflow.registered_model} version {result.versions.served} (ONNX, "
                 f"{'already registered for this horizon' if result.reused else 'alias ' + result.decision}), "
-                f"Spark twin version {result.versions.spark}",
+                f"Spark twin version {result.versions.others.get('spark', '?')}",
                 f"quality gate:             {result.reason or 'no decision recorded'}",
-                f"holdout:                  AUC {result.auc:.4f}, log loss {result.log_loss:.4f} on "
+                f"holdout:                  AUC {result.quality.value:.4f}, log loss {result.metrics.get('log_loss', float('nan')):.4f} on "
                 f"{result.rows.get('holdout', 0)} impressions ({result.rows.get('train', 0)} trained on)",
                 f"horizon:                  {result.horizon}",
                 f"speed layer:              running (pid {speed_pid}): {', '.join(queries)}; log {speed.process.log_file}",

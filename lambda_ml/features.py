@@ -1,26 +1,23 @@
-"""Labels and features of the click-through application, in Spark, derived from the feature
-declarations (``features:`` in ``conf/``). :func:`feature_events` and :func:`bucket_increments`
-use only projections, unions and a grouped aggregation on event-time buckets, so the same
-code runs on a static DataFrame (the batch layer) and on a streaming one (the speed layer).
+"""Features in Spark, derived from the feature declarations (``features:`` in ``conf/``).
+:func:`bucket_increments` uses only projections and a grouped aggregation on event-time
+buckets, so the same code runs on a static DataFrame (the batch layer) and on a streaming one
+(the speed layer).
 
 The vocabulary:
 
-- An **attributed click** is a click (deduplicated by ``event_id``) whose impression is known
-  and whose event time lies in ``[impression time, impression time + attribution window]``.
-  Clicks without an impression, or after the window, are not counted anywhere.
-- A **label** is 1.0 for an impression with at least one attributed click, 0.0 for one without,
-  and only exists once the impression's window has closed (``impression time + window <= as_of``).
-- A **feature event** is an impression at its event time, or an attributed click at the click's
-  event time carrying its impression's fields (user, item, device, position...).
+- A **feature event** is one row an aggregate counts: ``kind`` (the event type an aggregate's
+  ``events`` names), ``event_id``, ``event_time`` and the fields the declarations read (entity
+  keys, measures). An application derives them from its events (``FeatureEvents`` in
+  ``lambda_ml.apps``: the click-through application attributes a click to its impression).
 - A **bucket increment** is one row per (entity keys, event-time bucket) with every declared
   aggregate of the feature events in that bucket. Aggregates are counts, sums, minima and
   maxima, so bucket rows are monoids: the rows of a snapshot merged with the rows of the events
   after it equal the rows of both (:func:`merge_buckets`).
-- A **window feature** of an impression at time ``t`` aggregates its entity's feature events
-  in ``[bucket_start(t) - window, t)``, or all of them before ``t`` for the lifetime window
-  (``all``): strictly before ``t``, so its own click, events at the
-  same instant and later events never leak into its features (:func:`add_window_features`).
-  The serving layer computes the same value from stored buckets with ``lambda_ml.buckets``.
+- A **window feature** of a row at time ``t`` aggregates its entity's feature events in
+  ``[bucket_start(t) - window, t)``, or all of them before ``t`` for the lifetime window
+  (``all``): strictly before ``t``, so events at the same instant and later events never leak
+  into its features (:func:`add_window_features`). The serving layer computes the same value
+  from stored buckets with ``lambda_ml.buckets``.
 """
 
 from __future__ import annotations
@@ -31,6 +28,7 @@ import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from pyspark.sql import Column, DataFrame, Window, WindowSpec
 from pyspark.sql import functions as F
@@ -42,7 +40,6 @@ from lambda_ml.contract import ModelInputs
 LABEL = "label"
 # Feature-event column telling impressions from attributed clicks (values: the aggregates' ``events``).
 KIND = "kind"
-IMPRESSIONS, CLICKS = "impressions", "clicks"
 BUCKET = contract.VIEW_BUCKET_COLUMN
 _MICROS = "_pit_micros"
 _INDEX = "_pit_bucket"
@@ -60,73 +57,6 @@ def dedup_events(events: DataFrame) -> DataFrame:
     """
     first = Window.partitionBy("event_id").orderBy("event_time")
     return events.withColumn("_delivery", F.row_number().over(first)).where(F.col("_delivery") == 1).drop("_delivery")
-
-
-def _minutes(minutes: int) -> Column:
-    # A literal interval: foldable, so a streaming join can derive its state bound from it.
-    return F.expr(f"INTERVAL {int(minutes)} MINUTES")
-
-
-def within_attribution_window(impression_time: Column, click_time: Column, window_minutes: int) -> Column:
-    """True when a click at ``click_time`` is attributed to an impression at ``impression_time``.
-
-    Both ends are inclusive. Written as a time-range condition so that the speed layer can use
-    it in a watermarked stream-stream join.
-    """
-    if window_minutes <= 0:
-        raise ValueError(f"attribution window must be positive, got {window_minutes} minutes")
-    return (click_time >= impression_time) & (click_time <= impression_time + _minutes(window_minutes))
-
-
-def attribute_clicks(
-    impressions: DataFrame,
-    clicks: DataFrame,
-    window_minutes: int,
-    impression_extra: Sequence[str] = (),
-    click_extra: Sequence[str] = (),
-) -> DataFrame:
-    """Attributed clicks with their impression's fields.
-
-    Returns ``click_id, impression_id, event_time`` (the click's), ``impression_time`` and the
-    impression's other columns (``user_id, item_id, device, position``), then the
-    ``impression_extra`` and ``click_extra`` columns carried along (the speed layer carries the
-    bronze versions). Both inputs must already be deduplicated; on streams, both need a
-    watermark on ``event_time`` (a stream-stream join).
-    """
-    fields = [c for c in impressions.columns if c not in ("event_id", "event_time", *impression_extra)]
-    imp = impressions.select(
-        F.col("event_id").alias("_imp_event_id"), F.col("event_time").alias("impression_time"), *fields, *impression_extra
-    )
-    clk = clicks.select(F.col("event_id").alias("click_id"), "impression_id", "event_time", *click_extra)
-    condition = (clk["impression_id"] == imp["_imp_event_id"]) & within_attribution_window(
-        imp["impression_time"], clk["event_time"], window_minutes
-    )
-    return clk.join(imp, condition, "inner").select(
-        "click_id", "impression_id", "event_time", "impression_time", *fields, *impression_extra, *click_extra
-    )
-
-
-def impressions_with_labels(
-    impressions: DataFrame, attributed: DataFrame, window_minutes: int, as_of: datetime
-) -> DataFrame:
-    """Every impression with ``label``: 1.0 or 0.0 once its attribution window closed by
-    ``as_of``, null while it is still open (``event_time + window > as_of``).
-
-    ``attributed`` is the output of :func:`attribute_clicks`.
-    """
-    clicked = attributed.select(F.col("impression_id").alias("_clicked_id")).distinct()
-    closed = F.col("event_time") <= F.lit(as_of) - _minutes(window_minutes)
-    return (
-        impressions.join(clicked, F.col("event_id") == F.col("_clicked_id"), "left")
-        .withColumn(LABEL, F.when(closed, F.when(F.col("_clicked_id").isNotNull(), 1.0).otherwise(0.0)))
-        .drop("_clicked_id")
-    )
-
-
-def label_impressions(impressions: DataFrame, attributed: DataFrame, window_minutes: int, as_of: datetime) -> DataFrame:
-    """Impressions whose attribution window closed by ``as_of``, with ``label`` 1.0 or 0.0;
-    the ones still open have no label yet and are dropped (see :func:`impressions_with_labels`)."""
-    return impressions_with_labels(impressions, attributed, window_minutes, as_of).where(F.col(LABEL).isNotNull())
 
 
 def latest_event_time(*frames: DataFrame) -> datetime | None:
@@ -147,30 +77,6 @@ def latest_event_time(*frames: DataFrame) -> datetime | None:
 
 
 # --------------------------------------------------------------------------- bucket increments
-
-
-def feature_events(
-    impressions: DataFrame, attributed: DataFrame, features: FeaturesConfig, extra: Sequence[str] = ()
-) -> DataFrame:
-    """Impressions and attributed clicks in one shape: ``kind, event_id, event_time``, the
-    impression fields the declarations use (entity keys, then measures), then the ``extra``
-    columns.
-
-    ``event_id`` is the impression's or the click's own id, so that "the events after a
-    horizon" is an anti-join on ``(kind, event_id)``. Works on streaming frames too. The
-    ``extra`` columns are carried from whichever side has them, null on the other (the speed
-    layer's bronze versions: a click has both, an impression only its own).
-    """
-    carried = list(features.carried_fields)
-    extra = [name for name in extra if name not in carried]
-    shown = impressions.select(
-        F.lit(IMPRESSIONS).alias(KIND), "event_id", "event_time", *carried, *[c for c in extra if c in impressions.columns]
-    )
-    clicked = attributed.select(
-        F.lit(CLICKS).alias(KIND), F.col("click_id").alias("event_id"), "event_time", *carried,
-        *[c for c in extra if c in attributed.columns],
-    )  # fmt: skip
-    return shown.unionByName(clicked, allowMissingColumns=bool(extra))
 
 
 def _value(aggregate: AggregateConfig) -> Column:
@@ -411,10 +317,11 @@ def model_input_columns(inputs: ModelInputs) -> list[Column]:
     return numeric + [F.col(name).cast("string").alias(name) for name in inputs.categorical]
 
 
-def definitions_hash(features: FeaturesConfig) -> str:
-    """SHA-256 of the declarations and of the code computing them: logged with every model so
-    that a changed definition shows."""
+def definitions_hash(features: FeaturesConfig, *modules: Any) -> str:
+    """SHA-256 of the declarations and of the code computing them (this module, the bucket
+    arithmetic and the given ``modules``, e.g. the application's feature events): logged with
+    every model so that a changed definition shows."""
     digest = hashlib.sha256(json.dumps(features.model_dump(mode="json"), sort_keys=True).encode())
-    for module in (buckets, sys.modules[__name__]):
+    for module in (buckets, sys.modules[__name__], *modules):
         digest.update(inspect.getsource(module).encode())
     return digest.hexdigest()

@@ -88,3 +88,21 @@ def shuffle_partitions(spark: SparkSession, partitions: int) -> Iterator[None]:
 def _under_spark_submit() -> bool:
     # spark-submit starts the Python driver with the gateway already running.
     return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+@contextmanager
+def jvm_logger_off(name: str) -> Iterator[None]:
+    """Silence one JVM logger for the duration of the block (no-op without a Spark session)."""
+    spark = SparkSession.getActiveSession()
+    if spark is None:
+        yield
+        return
+    jvm = spark.sparkContext._jvm
+    assert jvm is not None
+    log4j = jvm.org.apache.logging.log4j
+    previous = log4j.LogManager.getLogger(name).getLevel()
+    log4j.core.config.Configurator.setLevel(name, log4j.Level.OFF)
+    try:
+        yield
+    finally:
+        log4j.core.config.Configurator.setLevel(name, previous)

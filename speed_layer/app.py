@@ -3,12 +3,12 @@ its own checkpoint under ``lake.checkpoints/<query>``.
 
 - ``ingest``: Kafka -> bronze Delta, exactly once, bad records -> quarantine (:mod:`speed_layer.ingest`).
 - ``labels``: bronze impressions ⋈ clicks, a watermarked stream-stream join -> silver labels
-  (:mod:`speed_layer.labels`).
+  (:mod:`lambda_ml_apps.ctr.labels`).
 - ``increments``: the declared features on the stream, per (entity, bucket, bronze version) ->
   the increments tables the serving layer merges on top of the batch views
   (:mod:`speed_layer.increments`).
 - ``online``: newly labelled impressions -> one SGD or FTRL-Proximal step of the online model, published on the
-  model-updates topic (:mod:`speed_layer.online`).
+  model-updates topic (:mod:`lambda_ml_apps.ctr.online`).
 
 ``speed.queries`` picks the queries, ``speed.trigger_seconds`` the micro-batch interval. On
 SIGTERM or Ctrl-C each query is let finish the micro-batch it is running, then stopped; a
@@ -26,7 +26,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
@@ -36,6 +36,7 @@ from urllib.parse import urlparse
 from pyspark.sql import SparkSession
 from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 
+from lambda_ml.apps import QueryBuilder, Trigger, load_application
 from lambda_ml.config import PlatformConfig, load_config
 from lambda_ml.logs import setup_logging
 from lambda_ml.spark import get_spark
@@ -44,9 +45,6 @@ from speed_layer.monitor import ProgressReporter
 
 log = logging.getLogger(__name__)
 
-# A query's builder: (spark, cfg, trigger) -> a started query. ``trigger`` sets the writer's trigger.
-Trigger = Callable[[DataStreamWriter], DataStreamWriter]
-QueryBuilder = Callable[[SparkSession, PlatformConfig, Trigger], StreamingQuery]
 
 
 def _ingest(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger, totals: IngestTotals | None = None) -> StreamingQuery:
@@ -55,26 +53,20 @@ def _ingest(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger, totals: 
     return ingest.start_ingest(spark, cfg, trigger=trigger, totals=totals)
 
 
-def _labels(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger) -> StreamingQuery:
-    from speed_layer import labels
-
-    return labels.start_labels(spark, cfg, trigger)
-
-
 def _increments(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger) -> StreamingQuery:
     from speed_layer import increments
 
-    return increments.start_increments(spark, cfg, trigger)
+    return increments.start_increments(spark, cfg, trigger, load_application(cfg).features)
 
 
-def _online(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger) -> StreamingQuery:
-    from speed_layer import online
-
-    return online.start_online(spark, cfg, trigger)
+# The layer's own queries; the application adds its own after them (``SpeedUpdater.queries``).
+LAYER_QUERIES: dict[str, QueryBuilder] = {"ingest": _ingest, "increments": _increments}
 
 
-# The queries in the order they start (downstream queries read what upstream ones write).
-QUERIES: dict[str, QueryBuilder] = {"ingest": _ingest, "labels": _labels, "increments": _increments, "online": _online}
+def queries(cfg: PlatformConfig) -> dict[str, QueryBuilder]:
+    """Every query the speed layer can run for ``cfg``'s application, in the order they start
+    (downstream queries read what upstream ones write)."""
+    return {**LAYER_QUERIES, **load_application(cfg).speed.queries()}
 
 
 def checkpoint(cfg: PlatformConfig, query: str) -> str:
@@ -184,13 +176,14 @@ def run(cfg: PlatformConfig, names: Sequence[str] | None = None, available_now: 
     :class:`NothingLanded` if an ``available_now`` run read records and landed none.
     """
     names = list(names or cfg.speed.queries)
-    unknown = [n for n in names if n not in QUERIES]
+    known = queries(cfg)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown speed-layer queries {unknown}; known: {list(QUERIES)}")
-    ordered = [n for n in QUERIES if n in names]
+        raise ValueError(f"unknown speed-layer queries {unknown}; known: {list(known)}")
+    ordered = [n for n in known if n in names]
     totals = IngestTotals()
     with checkpoint_locks(cfg, ordered):
-        _run(cfg, ordered, available_now, {**QUERIES, "ingest": partial(_ingest, totals=totals)})
+        _run(cfg, ordered, available_now, {**known, "ingest": partial(_ingest, totals=totals)})
     log.info("speed layer stopped")
     if totals.read:
         log.info("ingest: %d records read, %d landed in bronze, %d quarantined", totals.read, totals.landed, totals.quarantined)
@@ -245,14 +238,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="speed_layer/app.py",
         description=(
-            "The speed layer: ingest (Kafka -> bronze), labels (stream-stream join -> silver), feature "
-            "increments and the online model, one Spark application, each query checkpointed. Stops cleanly on SIGTERM."
+            "The speed layer: ingest (Kafka -> bronze), feature increments, and the application's queries "
+            "(the click-through application: labels and the online model), one Spark application, each query "
+            "checkpointed. Stops cleanly on SIGTERM."
         ),
     )
     parser.add_argument("--config", help="platform config file (default: conf/platform.yaml)")
     parser.add_argument(
-        "--query", action="append", choices=list(QUERIES), dest="queries",
-        help="run only this query (repeatable; default: speed.queries)",
+        "--query", action="append", dest="queries", metavar="QUERY",
+        help="run only this query (repeatable; default: speed.queries; e.g. ingest, increments, or one of the application's)",
     )  # fmt: skip
     parser.add_argument("--available-now", action="store_true", help="process what the sources hold now, then stop")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -260,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.verbose)
     try:
         run(load_config(args.config), args.queries, available_now=args.available_now)
-    except (CheckpointInUse, NothingLanded) as exc:
+    except (CheckpointInUse, NothingLanded, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
 
 

@@ -1,10 +1,10 @@
 """Feature increments: the declared features (``features:`` in ``conf/``) applied to the stream.
 
-Bronze impressions and clicks (deduplicated within the watermark) are joined into attributed
-clicks with the batch layer's own :func:`lambda_ml.features.attribute_clicks`, turned into
-feature events with :func:`~lambda_ml.features.feature_events`, and each micro-batch is folded
-with :func:`~lambda_ml.features.bucket_increments` into rows per (entity keys, bucket, bronze
-versions) appended to ``speed/<entity>_increments`` (idempotently, by micro-batch id).
+The bronze tables feature events come from (deduplicated within the watermark) are turned into
+feature events by the application's own rule (``FeatureEvents.stream``, the rule its batch
+views use), and each micro-batch is folded with :func:`~lambda_ml.features.bucket_increments`
+into rows per (entity keys, bucket, bronze versions) appended to ``speed/<entity>_increments``
+(idempotently, by micro-batch id).
 
 Only events the current batch view does not count are written (``after_horizon`` of the
 horizon the entity's view was built at), and when a newer horizon is published the rows it
@@ -26,7 +26,8 @@ from pyspark.sql.utils import AnalysisException
 from lambda_ml import contract
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import INCREMENT_BATCH_COLUMN, Horizon, increment_version_column
-from lambda_ml.features import after_horizon, attribute_clicks, bucket_increments, feature_events
+from lambda_ml.apps import FeatureEvents
+from lambda_ml.features import after_horizon, bucket_increments
 from speed_layer.silver import silver_events
 
 log = logging.getLogger(__name__)
@@ -54,15 +55,6 @@ def view_horizon(spark: SparkSession, cfg: PlatformConfig, entity: str) -> Horiz
     if row is None:
         return Horizon.of()
     return Horizon.of({e: row[c] for e, c in present.items()})
-
-
-def stream_feature_events(impressions: DataFrame, clicks: DataFrame, cfg: PlatformConfig) -> DataFrame:
-    """Feature events with the bronze versions they came from (static or streaming inputs)."""
-    impression_version, click_version = (increment_version_column(e) for e in ("impressions", "clicks"))
-    attributed = attribute_clicks(
-        impressions, clicks, cfg.ctr.attribution_window_minutes, impression_extra=[impression_version], click_extra=[click_version]
-    )
-    return feature_events(impressions, attributed, cfg.features, extra=(impression_version, click_version))
 
 
 def batch_increments(events: DataFrame, cfg: PlatformConfig, horizons: dict[str, Horizon]) -> dict[str, DataFrame]:
@@ -118,13 +110,16 @@ class IncrementsWriter:
         self.pruned[entity] = horizon
 
 
-def start_increments(spark: SparkSession, cfg: PlatformConfig, trigger: Callable[[DataStreamWriter], DataStreamWriter]) -> StreamingQuery:
-    """Start the feature-increments query: bronze -> ``speed/<entity>_increments``."""
+def start_increments(
+    spark: SparkSession, cfg: PlatformConfig, trigger: Callable[[DataStreamWriter], DataStreamWriter], features: FeatureEvents
+) -> StreamingQuery:
+    """Start the feature-increments query: bronze -> ``features`` (the application's rule) ->
+    ``speed/<entity>_increments``."""
     from speed_layer.app import checkpoint
 
-    streams = silver_events(spark, cfg, ["impressions", "clicks"])
+    streams = silver_events(spark, cfg, cfg.features.source_event_types)
     writer = (
-        stream_feature_events(streams["impressions"], streams["clicks"], cfg)
+        features.stream(spark, streams, cfg)
         .writeStream.queryName("increments")
         .option("checkpointLocation", checkpoint(cfg, "increments"))
         .foreachBatch(IncrementsWriter(cfg))

@@ -21,10 +21,11 @@ from batch_layer.views import build_views, write_views
 from lambda_ml import cli, contract, generator
 from lambda_ml.catalog import table_names
 from lambda_ml.config import PlatformConfig, write_config
-from lambda_ml.features import LABEL, attribute_clicks, dedup_events, feature_events
+from lambda_ml.features import LABEL, dedup_events
+from lambda_ml_apps.ctr.events import attribute_clicks, feature_events
 from speed_layer import app, reprocess
 from speed_layer.increments import increments_path
-from speed_layer.labels import labels_path
+from lambda_ml_apps.ctr.labels import labels_path
 
 NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
 HISTORY = datetime(1998, 3, 1, 12, 0, tzinfo=UTC)

@@ -15,9 +15,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from sklearn.metrics import roc_auc_score
 
-from batch_layer import evaluation, models
-from batch_layer.evaluation import CalibrationBin, TrainingError
-from lambda_ml.onnx_export import check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
+from lambda_ml_apps.ctr import evaluation, models
+from lambda_ml_apps.ctr.evaluation import CalibrationBin, TrainingError
+from lambda_ml_apps.ctr.onnx_export import check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
 from lambda_ml import contract
 from lambda_ml.config import (
     DEFAULT_CONFIG,

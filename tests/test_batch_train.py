@@ -27,10 +27,12 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from batch_layer import registry, train
-from lambda_ml.onnx_export import ParityError, check_parity, onnx_click_probabilities, onnx_inputs
+from lambda_ml_apps.ctr import batch as ctr_batch
+from lambda_ml_apps.ctr.onnx_export import ParityError, check_parity, onnx_click_probabilities, onnx_inputs
 from batch_layer.registry import CHAMPION_ALIAS
 from batch_layer.snapshot import Snapshot, SnapshotError, read_snapshot
 from lambda_ml import contract
+from lambda_ml_apps.ctr import events as ctr_events
 from lambda_ml.config import FeaturesConfig, LrGridConfig, PlatformConfig, SearchConfig, write_config
 from lambda_ml.contract import Horizon
 from lambda_ml.schemas import DEVICES
@@ -112,9 +114,9 @@ def test_training_set_dedups_labels_and_counts_before(spark: SparkSession, cfg: 
         ],
     )
     snapshot = Snapshot(impressions, clicks, Horizon.of(impressions=0, clicks=0))
-    imps, clks = train.clean_events(snapshot)
+    imps, clks = ctr_events.clean_events(snapshot)
     as_of = T0 + timedelta(minutes=110)
-    training = train.build_training_set(imps, clks, cfg.model_copy(update={"features": SMALL_FEATURES}), as_of)
+    training = ctr_batch.build_training_set(imps, clks, cfg.model_copy(update={"features": SMALL_FEATURES}), as_of)
     inputs = contract.model_inputs(SMALL_FEATURES).names
     assert inputs == (
         "user_impressions_1h", "user_clicks_1h", "user_ctr_1h", "item_impressions_1h", "item_clicks_1h", "item_ctr_1h",
@@ -148,13 +150,13 @@ def test_check_trainable_refuses_a_single_class_and_constant_features(spark: Spa
         return spark.createDataFrame(rows, columns)
 
     good = frame([(1.0, 0.0, 2.0, 1.0, 1.0, 0.0), (2.0, 1.0, 3.0, 0.0, 2.0, 1.0)])
-    assert train.check_trainable(good, good) == {"train": 2, "train_positives": 1, "holdout": 2, "holdout_positives": 1}
+    assert ctr_batch.check_trainable(good, good) == {"train": 2, "train_positives": 1, "holdout": 2, "holdout_positives": 1}
     no_clicks = frame([(1.0, 0.0, 2.0, 1.0, 1.0, 0.0), (2.0, 1.0, 3.0, 0.0, 2.0, 0.0)])
-    with pytest.raises(train.TrainingError, match="holdout set has 2 rows of which 0 clicked"):
-        train.check_trainable(good, no_clicks)
+    with pytest.raises(ctr_batch.TrainingError, match="holdout set has 2 rows of which 0 clicked"):
+        ctr_batch.check_trainable(good, no_clicks)
     constant_position = frame([(1.0, 0.0, 2.0, 1.0, 1.0, 0.0), (2.0, 1.0, 3.0, 0.0, 1.0, 1.0)])
-    with pytest.raises(train.TrainingError, match=r"\['position'\] are constant"):
-        train.check_trainable(constant_position, good)
+    with pytest.raises(ctr_batch.TrainingError, match=r"\['position'\] are constant"):
+        ctr_batch.check_trainable(constant_position, good)
 
 
 def test_parity_check_fails_beyond_the_tolerance() -> None:
@@ -316,8 +318,8 @@ def test_job_registers_spark_and_onnx_versions_with_the_horizon(
     assert trained.horizon == Horizon.of(impressions=1, clicks=1)
 
     versions = {v.version: v for v in client.search_model_versions(f"name='{name}'")}
-    assert sorted(versions) == sorted([trained.versions.spark, trained.versions.onnx])
-    spark_v, onnx_v = versions[trained.versions.spark], versions[trained.versions.onnx]
+    assert sorted(versions) == sorted([trained.versions.others["spark"], trained.versions.served])
+    spark_v, onnx_v = versions[trained.versions.others["spark"]], versions[trained.versions.served]
     common = {
         "horizon.impressions": "1",
         "horizon.clicks": "1",
@@ -326,12 +328,15 @@ def test_job_registers_spark_and_onnx_versions_with_the_horizon(
         "feature_definitions_sha256": run_params(client, trained.run_id)["feature_definitions_sha256"],
         # The first version of a registered model passes the gate: there is no champion to beat.
         "gate.decision": "champion",
-        "gate.auc": repr(trained.auc),
+        "gate.metric": "auc",
+        "gate.higher_is_better": "true",
+        "gate.auc": repr(trained.quality.value),
         "gate.reason": "there was no champion",
     }
-    assert spark_v.tags == {**common, "flavor": "spark"}
-    assert onnx_v.tags == {**common, "flavor": "onnx", "spark_model_version": trained.versions.spark}
-    assert client.get_model_version_by_alias(name, CHAMPION_ALIAS).version == trained.versions.onnx
+    # The ONNX version is served; its Spark twin points at it.
+    assert spark_v.tags == {**common, "flavor": "spark", "served_version": trained.versions.served}
+    assert onnx_v.tags == {**common, "flavor": "onnx", "spark_model_version": trained.versions.others["spark"], "served": "true"}
+    assert client.get_model_version_by_alias(name, CHAMPION_ALIAS).version == trained.versions.served
     assert spark_v.run_id == onnx_v.run_id == trained.run_id
 
     run = client.get_run(trained.run_id)
@@ -341,7 +346,7 @@ def test_job_registers_spark_and_onnx_versions_with_the_horizon(
         "horizon.clicks": "1",
         "parity": "passed",
     }
-    assert run.data.metrics["auc"] == pytest.approx(trained.auc)
+    assert run.data.metrics["auc"] == pytest.approx(trained.quality.value)
     assert run.data.metrics["auc"] > 0.6
     assert 0 < run.data.metrics["log_loss"] < math.log(2)
     assert run.data.metrics["parity_max_abs_diff"] <= job_cfg.ctr.parity_atol
@@ -392,7 +397,7 @@ def test_registered_onnx_scores_equal_registered_spark(
     )
     rows["position"] = rng.integers(1, 6, 50).astype(float)
     rows["device"] = [*rng.choice(DEVICES, 49), "smart-tv"]  # one device never seen in training
-    spark_model = mlflow.spark.load_model(f"models:/{name}/{trained.versions.spark}")
+    spark_model = mlflow.spark.load_model(f"models:/{name}/{trained.versions.others['spark']}")
     scored = train.score(spark_model, spark.createDataFrame(rows)).select(train.CLICK_PROBABILITY)
     spark_p = np.array([r[0] for r in scored.collect()])
     onnx_model = mlflow.onnx.load_model(f"models:/{name}@{CHAMPION_ALIAS}")

@@ -25,6 +25,7 @@ from pyspark.sql import functions as F
 from batch_layer.snapshot import read_snapshot
 from batch_layer.views import build_views, write_views
 from lambda_ml import contract, features
+from lambda_ml_apps.ctr import events as ctr_events
 from lambda_ml.buckets import EntityBuckets, merge_entity_buckets, window_features
 from lambda_ml.config import PlatformConfig
 from support import CLICK, IMPRESSION
@@ -84,7 +85,7 @@ def lake(spark: SparkSession, cfg: PlatformConfig, tmp_path_factory: pytest.Temp
 def events_at(spark: SparkSession, cfg: PlatformConfig, version: int) -> DataFrame:
     snapshot = read_snapshot(spark, cfg, {"impressions": version, "clicks": version})
     impressions, clicks = features.dedup_events(snapshot["impressions"]), features.dedup_events(snapshot["clicks"])
-    return features.feature_events(impressions, features.attribute_clicks(impressions, clicks, WINDOW), cfg.features)
+    return ctr_events.feature_events(impressions, ctr_events.attribute_clicks(impressions, clicks, WINDOW), cfg.features)
 
 
 def publish(spark: SparkSession, cfg: PlatformConfig, version: int) -> dict[str, DataFrame]:

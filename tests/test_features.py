@@ -31,6 +31,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StructField, StructType
 
 from lambda_ml import buckets, contract, features
+from lambda_ml_apps.ctr import events as ctr_events
 from lambda_ml.config import DEFAULT_CONFIG, ConfigError, FeaturesConfig, PlatformConfig, load_config, parse_duration
 from support import CLICK, IMPRESSION
 
@@ -103,7 +104,7 @@ def story(spark: SparkSession) -> tuple[DataFrame, DataFrame]:
 
 
 def story_events(impressions: DataFrame, clicks: DataFrame, declared: FeaturesConfig = UNIT) -> DataFrame:
-    return features.feature_events(impressions, features.attribute_clicks(impressions, clicks, WINDOW), declared)
+    return ctr_events.feature_events(impressions, ctr_events.attribute_clicks(impressions, clicks, WINDOW), declared)
 
 
 def window_rows(frame: DataFrame, entity: str, window: str) -> dict[str, tuple[float, ...]]:
@@ -124,7 +125,7 @@ def test_dedup_keeps_one_row_per_event_id(spark: SparkSession) -> None:
 
 def test_attributed_clicks_are_inside_the_window_and_carry_their_impression(story: tuple[DataFrame, DataFrame]) -> None:
     impressions, clicks = story
-    attributed = features.attribute_clicks(impressions, clicks, WINDOW)
+    attributed = ctr_events.attribute_clicks(impressions, clicks, WINDOW)
     rows = attributed.select(
         "click_id", "impression_id", "user_id", "item_id", "device", "position", F.date_format("event_time", "HH:mm")
     )
@@ -137,10 +138,10 @@ def test_attributed_clicks_are_inside_the_window_and_carry_their_impression(stor
 
 def test_labels(story: tuple[DataFrame, DataFrame]) -> None:
     impressions, clicks = story
-    attributed = features.attribute_clicks(impressions, clicks, WINDOW)
+    attributed = ctr_events.attribute_clicks(impressions, clicks, WINDOW)
     as_of = features.latest_event_time(impressions, clicks)
     assert as_of == at("12:00")
-    labelled = features.label_impressions(impressions, attributed, WINDOW, as_of)
+    labelled = ctr_events.label_impressions(impressions, attributed, WINDOW, as_of)
     got = sorted((r.event_id, r.label) for r in labelled.collect())
     # i1: late click inside; i2: click after the window; i3: click on the boundary;
     # i4: click at the impression's instant; i5: no click; i6: window still open -> no row.
@@ -149,17 +150,17 @@ def test_labels(story: tuple[DataFrame, DataFrame]) -> None:
 
 def test_an_impression_is_unlabelled_until_its_window_closes(story: tuple[DataFrame, DataFrame]) -> None:
     impressions, clicks = story
-    attributed = features.attribute_clicks(impressions, clicks, WINDOW)
+    attributed = ctr_events.attribute_clicks(impressions, clicks, WINDOW)
     # At 11:29:59 the 11:00 windows are still open; at 11:30 they have just closed.
-    before = features.label_impressions(impressions, attributed, WINDOW, at("11:29", 59))
+    before = ctr_events.label_impressions(impressions, attributed, WINDOW, at("11:29", 59))
     assert sorted(r.event_id for r in before.collect()) == ["i1", "i2", "i3"]
-    closed = features.label_impressions(impressions, attributed, WINDOW, at("11:30"))
+    closed = ctr_events.label_impressions(impressions, attributed, WINDOW, at("11:30"))
     assert sorted(r.event_id for r in closed.collect()) == ["i1", "i2", "i3", "i4", "i5"]
 
 
 def test_window_must_be_positive() -> None:
     with pytest.raises(ValueError, match="attribution window must be positive"):
-        features.within_attribution_window(F.col("a"), F.col("b"), 0)
+        ctr_events.within_attribution_window(F.col("a"), F.col("b"), 0)
 
 
 def test_latest_event_time_of_empty_frames_is_none(story: tuple[DataFrame, DataFrame]) -> None:
@@ -239,7 +240,7 @@ def test_bucket_increments_on_a_streaming_frame_equal_the_static_ones(
     """The same declarations on a stream (two file sources, unioned, watermarked) give the rows
     the batch layer computes on the static frames."""
     impressions, clicks = story
-    attributed = features.attribute_clicks(impressions, clicks, WINDOW)
+    attributed = ctr_events.attribute_clicks(impressions, clicks, WINDOW)
     # Parquet rather than Delta sources: the same streaming plan, and a much faster first batch.
     impressions.write.parquet(str(tmp_path / "impressions"))
     attributed.write.parquet(str(tmp_path / "attributed"))
@@ -248,7 +249,7 @@ def test_bucket_increments_on_a_streaming_frame_equal_the_static_ones(
         path = str(tmp_path / name)
         return spark.readStream.schema(spark.read.parquet(path).schema).parquet(path).withWatermark("event_time", "2 hours")
 
-    streamed_events = features.feature_events(stream("impressions"), stream("attributed"), UNIT)
+    streamed_events = ctr_events.feature_events(stream("impressions"), stream("attributed"), UNIT)
     assert streamed_events.isStreaming
     user = UNIT.entities["user"]
     partitions = spark.conf.get("spark.sql.shuffle.partitions")
@@ -270,7 +271,7 @@ def test_bucket_increments_on_a_streaming_frame_equal_the_static_ones(
         spark.conf.set("spark.sql.shuffle.partitions", partitions)
     columns = ["user_id", "bucket_start", *UNIT.aggregates]
     streamed = sorted(tuple(r) for r in spark.table("user_buckets").select(*columns).collect())
-    static = features.bucket_increments(features.feature_events(impressions, attributed, UNIT), user, UNIT)
+    static = features.bucket_increments(ctr_events.feature_events(impressions, attributed, UNIT), user, UNIT)
     assert streamed == sorted(tuple(r) for r in static.select(*columns).collect())
     # u1 at 10:00 (i1, i2, c1) and 11:00 (i4, c5), u2 at 10:00 (i3, c3) and 11:00 (i5), u3 at 12:00 (i6).
     assert [(r[0], r[2], r[3]) for r in streamed] == [("u1", 2, 1), ("u1", 1, 1), ("u2", 1, 1), ("u2", 1, 0), ("u3", 1, 0)]
@@ -453,7 +454,7 @@ def test_training_features_equal_a_plain_python_reference(
     impressions, clicks = random_events()
     imps = features.dedup_events(impressions_frame(spark, impressions))
     clks = features.dedup_events(clicks_frame(spark, clicks))
-    events = features.feature_events(imps, features.attribute_clicks(imps, clks, WINDOW), default_features)
+    events = ctr_events.feature_events(imps, ctr_events.attribute_clicks(imps, clks, WINDOW), default_features)
     if path == "targets":
         frame = features.add_window_features(imps, events, default_features)
     else:
@@ -480,7 +481,7 @@ def test_serving_windows_over_bucket_rows_equal_the_reference(spark: SparkSessio
     impressions, clicks = random_events(seed=8)
     imps = features.dedup_events(impressions_frame(spark, impressions))
     clks = features.dedup_events(clicks_frame(spark, clicks))
-    events = features.feature_events(imps, features.attribute_clicks(imps, clks, WINDOW), default_features)
+    events = ctr_events.feature_events(imps, ctr_events.attribute_clicks(imps, clks, WINDOW), default_features)
     keys = [{"user_id": u, "item_id": i, "device": d} for u in ("u0", "u1", "u2", "nobody") for i in ("i0", "i2") for d in ("mobile", "desktop")]
     statistics = [*default_features.aggregates, *default_features.ratios]
     own_names = {

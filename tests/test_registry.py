@@ -31,10 +31,12 @@ from pyspark.sql import DataFrame, SparkSession
 from sklearn.metrics import roc_auc_score
 
 from batch_layer import registry, train
-from batch_layer.evaluation import split_by_time
-from lambda_ml.onnx_export import onnx_click_probabilities, onnx_inputs
+from lambda_ml_apps.ctr import batch as ctr_batch
+from lambda_ml_apps.ctr.evaluation import split_by_time
+from lambda_ml_apps.ctr.onnx_export import onnx_click_probabilities, onnx_inputs
 from batch_layer.snapshot import SnapshotError, read_snapshot, version_as_of
 from lambda_ml import cli, contract
+from lambda_ml_apps.ctr import events as ctr_events
 from lambda_ml.config import GbtGridConfig, LrGridConfig, PlatformConfig, SearchConfig, write_config
 from lambda_ml.features import definitions_hash, latest_event_time
 from lambda_ml.schemas import DEVICES
@@ -63,21 +65,31 @@ def test_config_hash_ignores_where_things_run_but_not_what_is_trained(cfg: Platf
 
 
 def test_gate_decisions_and_their_tags() -> None:
-    first = registry.decide(0.61, None)
+    from lambda_ml.apps import Quality
+
+    def auc(value: float, margin: float = 0.0) -> Quality:
+        return Quality("auc", value, higher_is_better=True, margin=margin)
+
+    first = registry.decide(auc(0.61), None)
     assert (first.decision, first.tags()) == (
         "champion",
-        {"gate.decision": "champion", "gate.auc": "0.61", "gate.reason": "there was no champion"},
-    )
-    worse = registry.decide(0.61, registry.ChampionScore("7", 0.64))
+        {"gate.decision": "champion", "gate.metric": "auc", "gate.higher_is_better": "true", "gate.auc": "0.61",
+         "gate.reason": "there was no champion"},
+    )  # fmt: skip
+    worse = registry.decide(auc(0.61), registry.ChampionScore("7", 0.64))
     assert worse.decision == "challenger" and not worse.promoted
     assert {k: worse.tags()[k] for k in ("gate.champion_version", "gate.champion_auc")} == {
         "gate.champion_version": "7",
         "gate.champion_auc": "0.64",
     }
-    assert registry.decide(0.64, registry.ChampionScore("7", 0.64)).decision == "challenger"  # a tie does not move it
-    assert registry.decide(0.65, registry.ChampionScore("7", 0.64)).decision == "champion"
-    assert registry.decide(0.65, registry.ChampionScore("7", 0.64), min_gain=0.02).decision == "challenger"
-    stale = registry.decide(0.55, registry.ChampionScore("7", None, "it reads inputs the holdout lacks: ['x_1h']"))
+    assert registry.decide(auc(0.64), registry.ChampionScore("7", 0.64)).decision == "challenger"  # a tie does not move it
+    assert registry.decide(auc(0.65), registry.ChampionScore("7", 0.64)).decision == "champion"
+    assert registry.decide(auc(0.65, margin=0.02), registry.ChampionScore("7", 0.64)).decision == "challenger"
+    # A quality where lower is better (k-means inertia): 9 beats 10, 11 does not.
+    inertia = lambda value: Quality("inertia", value, higher_is_better=False)  # noqa: E731
+    assert [registry.decide(inertia(v), registry.ChampionScore("7", 10.0)).decision for v in (9.0, 11.0)] == ["champion", "challenger"]
+    assert registry.recorded_quality(worse.tags()) == auc(0.61)
+    stale = registry.decide(auc(0.55), registry.ChampionScore("7", None, "it reads inputs the holdout lacks: ['x_1h']"))
     assert stale.decision == "champion" and "x_1h" in stale.reason and "gate.champion_auc" not in stale.tags()
 
 
@@ -218,13 +230,13 @@ def test_the_gate_crowns_only_a_better_model(gate_runs: GateRuns) -> None:
     a, b, c = gate_runs.a, gate_runs.b, gate_runs.c
     assert a.horizon == b.horizon == c.horizon == contract.Horizon.of(impressions=1, clicks=1)
     assert a.rows["holdout"] == b.rows["holdout"] == c.rows["holdout"] > 100
-    assert a.auc == c.auc == 0.5  # constant models
-    assert b.auc > 0.6
+    assert a.quality.value == c.quality.value == 0.5  # constant models
+    assert b.quality.value > 0.6
     assert [r.decision for r in (a, b, c)] == ["champion", "champion", "challenger"]
     assert gate_runs.aliases == [
-        {"champion": a.versions.onnx},
-        {"champion": b.versions.onnx, "previous-champion": a.versions.onnx},
-        {"champion": b.versions.onnx, "previous-champion": a.versions.onnx, "challenger": c.versions.onnx},
+        {"champion": a.versions.served},
+        {"champion": b.versions.served, "previous-champion": a.versions.served},
+        {"champion": b.versions.served, "previous-champion": a.versions.served, "challenger": c.versions.served},
     ]
 
 
@@ -235,31 +247,31 @@ def test_versions_carry_lineage_and_the_verdict(lake: Lake, gate_runs: GateRuns)
     a, b, c = gate_runs.a, gate_runs.b, gate_runs.c
     assert sorted(versions, key=int) == [str(v) for v in range(1, 7)]
     for result in (a, b, c):
-        spark_v, onnx_v = versions[result.versions.spark], versions[result.versions.onnx]
+        spark_v, onnx_v = versions[result.versions.others["spark"]], versions[result.versions.served]
         assert spark_v.run_id == onnx_v.run_id == result.run_id
         assert (spark_v.tags["flavor"], onnx_v.tags["flavor"], onnx_v.tags["spark_model_version"]) == (
             "spark",
             "onnx",
-            result.versions.spark,
+            result.versions.others["spark"],
         )
         for tags in (spark_v.tags, onnx_v.tags):
             assert (tags["horizon.impressions"], tags["horizon.clicks"]) == ("1", "1")
             assert tags["feature_definitions_sha256"] == gate_runs.features_sha256
             assert tags["gate.decision"] == result.decision
-            assert float(tags["gate.auc"]) == result.auc
-    config_hashes = {versions[r.versions.onnx].tags["config_sha256"] for r in (a, b, c)}
+            assert float(tags["gate.auc"]) == result.quality.value
+    config_hashes = {versions[r.versions.served].tags["config_sha256"] for r in (a, b, c)}
     assert len(config_hashes) == 3
 
-    assert "gate.champion_version" not in versions[a.versions.onnx].tags
-    b_tags, c_tags = versions[b.versions.onnx].tags, versions[c.versions.onnx].tags
+    assert "gate.champion_version" not in versions[a.versions.served].tags
+    b_tags, c_tags = versions[b.versions.served].tags, versions[c.versions.served].tags
     # B was compared with A, C with B: each champion re-scored on the same holdout rows gets
     # exactly the AUC its own run measured there.
-    assert (b_tags["gate.champion_version"], float(b_tags["gate.champion_auc"])) == (a.versions.onnx, 0.5)
-    assert c_tags["gate.champion_version"] == b.versions.onnx
-    assert float(c_tags["gate.champion_auc"]) == pytest.approx(b.auc, abs=1e-12)
-    assert b_tags["previous_champion"] == a.versions.onnx
+    assert (b_tags["gate.champion_version"], float(b_tags["gate.champion_auc"])) == (a.versions.served, 0.5)
+    assert c_tags["gate.champion_version"] == b.versions.served
+    assert float(c_tags["gate.champion_auc"]) == pytest.approx(b.quality.value, abs=1e-12)
+    assert b_tags["previous_champion"] == a.versions.served
     run_c = client.get_run(c.run_id).data
-    assert run_c.tags["gate.decision"] == "challenger" and run_c.metrics["champion_auc"] == pytest.approx(b.auc, abs=1e-12)
+    assert run_c.tags["gate.decision"] == "challenger" and run_c.metrics["champion_auc"] == pytest.approx(b.quality.value, abs=1e-12)
 
 
 @pytest.mark.integration
@@ -268,16 +280,16 @@ def test_the_champions_auc_agrees_with_scikit_learn_on_its_onnx_export(
 ) -> None:
     cfg = gate_runs.cfg_b
     snapshot = read_snapshot(spark, cfg, {"impressions": 1, "clicks": 1})
-    impressions, clicks = train.clean_events(snapshot)
+    impressions, clicks = ctr_events.clean_events(snapshot)
     labels_as_of = latest_event_time(impressions, clicks)
     assert labels_as_of is not None
-    training = train.build_training_set(impressions, clicks, cfg, labels_as_of)
+    training = ctr_batch.build_training_set(impressions, clicks, cfg, labels_as_of)
     holdout = split_by_time(training, cfg.ctr.holdout_fraction)[1].toPandas()
     assert len(holdout) == gate_runs.b.rows["holdout"]
 
     onnx_model = mlflow.onnx.load_model(f"models:/{MODEL}@champion")
     p = onnx_click_probabilities(onnx_model, onnx_inputs(holdout, contract.model_inputs(cfg.features)))
-    assert roc_auc_score(holdout["label"], p) == pytest.approx(gate_runs.b.auc, abs=1e-3)
+    assert roc_auc_score(holdout["label"], p) == pytest.approx(gate_runs.b.quality.value, abs=1e-3)
 
 
 @pytest.mark.integration
@@ -318,7 +330,7 @@ def test_a_second_run_of_the_same_horizon_registers_nothing(
     again = train.main(["--config", str(config_file), "--as-of", datetime.now(UTC).isoformat()])
     assert again.reused and again.horizon == contract.Horizon.of(impressions=1, clicks=1)
     assert (again.run_id, again.versions, again.decision) == (gate_runs.a.run_id, gate_runs.a.versions, "champion")
-    assert again.rows == gate_runs.a.rows and again.auc == gate_runs.a.auc
+    assert again.rows == gate_runs.a.rows and again.quality.value == gate_runs.a.quality.value
     logged = capsys.readouterr().err
     assert "already trained with this config" in logged and "skipping training, no new model version" in logged
 

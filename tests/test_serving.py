@@ -1156,7 +1156,7 @@ def test_model_updates_reload_once_per_fresh_generation() -> None:
 
 
 def test_stream_scoring_and_online_evaluation_have_help(capsys: pytest.CaptureFixture[str]) -> None:
-    from batch_layer import online_eval
+    from lambda_ml_apps.ctr import online_eval
     from serving_layer import stream
 
     for main in (stream.main, online_eval.parse_args):
@@ -1524,7 +1524,7 @@ def _rows_covering_every_entity(bronze: SeededBronze) -> list[dict[str, Any]]:
 @pytest.mark.slow
 def test_the_service_serves_the_champion_with_its_horizon(trained: Trained, service: Service) -> None:
     champion = _champion(trained.cfg)
-    assert champion.version == trained.result.versions.onnx
+    assert champion.version == trained.result.versions.served
     assert champion.tags[contract.TAG_FLAVOR] == "onnx"
     assert champion.tags[contract.TAG_MODEL_INPUTS] == contract.model_inputs(trained.cfg.features).tag()
     status, health = _get_json(f"{service.url}/health")
@@ -1536,7 +1536,7 @@ def test_the_service_serves_the_champion_with_its_horizon(trained: Trained, serv
         "alias": "champion",
         "run_id": trained.result.run_id,
         "horizon": horizon,
-        "quality": pytest.approx(trained.result.auc),
+        "quality": pytest.approx(trained.result.quality.value),
     }
     users, items = len(trained.bronze.users), len(trained.bronze.items)
     assert health["views"] == {"horizon": horizon, "users": users, "items": items}
@@ -1657,7 +1657,7 @@ def test_the_model_store_reads_the_registry(trained: Trained) -> None:
 
     model = load_registered_model(trained.cfg)
     assert model.inputs == contract.model_inputs(trained.cfg.features)
-    assert model.version == int(trained.result.versions.onnx)
+    assert model.version == int(trained.result.versions.served)
     assert model.run_id == trained.result.run_id
     assert model.horizon == Horizon.of(impressions=trained.result.horizon.version("impressions"), clicks=trained.result.horizon.version("clicks"))
 
@@ -1964,11 +1964,12 @@ def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: Platf
     from pyspark.sql import functions as F
 
     from batch_layer.snapshot import read_snapshot
-    from batch_layer.train import clean_events
+    from lambda_ml_apps.ctr.events import clean_events
     from batch_layer.views import build_views, write_views
-    from lambda_ml.features import attribute_clicks, feature_events
+    from lambda_ml_apps.ctr.events import attribute_clicks, feature_events
     from support import CLICK, IMPRESSION
-    from speed_layer.increments import IncrementsWriter, increments_path, stream_feature_events
+    from lambda_ml_apps.ctr.events import stream_feature_events
+    from speed_layer.increments import IncrementsWriter, increments_path
     from speed_layer.ingest import ensure_tables
 
     cfg = isolated(cfg, "merge-test", lake_root=tmp_path / "lake")
@@ -2118,7 +2119,7 @@ def test_the_prediction_log_equals_the_answers_and_online_auc_equals_sklearn(tra
     from mlflow.tracking import MlflowClient
     from sklearn.metrics import log_loss, roc_auc_score
 
-    from batch_layer import online_eval
+    from lambda_ml_apps.ctr import online_eval
     from lambda_ml import stack
 
     cfg = isolated(trained.cfg, REGISTERED_MODEL, topic_prefix="plog", lake_root=tmp_path / "lake")
@@ -2481,7 +2482,8 @@ def pit_lake(cfg: PlatformConfig, spark: Any, tmp_path_factory: pytest.TempPathF
     from pyspark.sql import functions as F
 
     from batch_layer.snapshot import read_snapshot
-    from batch_layer.train import clean_events, labelled_events, training_rows
+    from lambda_ml_apps.ctr.events import clean_events, labelled_events
+    from lambda_ml_apps.ctr.batch import training_rows
     from batch_layer.views import build_views, write_views
     from lambda_ml import generator
     from lambda_ml.features import KIND, latest_event_time

@@ -78,7 +78,7 @@ def test_sigterm_kill_9_and_restarts_neither_lose_nor_double_an_event(running_st
     bronze = {name: cfg.lake.table("bronze", name) for name in ("impressions", "clicks")}
     bronze["quarantine"] = cfg.lake.table("quarantine")
     user_increments = cfg.lake.table(*contract.increments_table("user"))
-    queries = list(app.QUERIES)
+    queries = list(app.queries(cfg))
     log = tmp_path / "speed.log"
 
     def landed() -> int:

@@ -17,7 +17,8 @@ from lambda_ml.config import GeneratorConfig, PlatformConfig
 from lambda_ml.contract import Horizon, increment_version_column
 from lambda_ml.features import BUCKET, dedup_events, merge_buckets
 from speed_layer import ingest
-from speed_layer.increments import batch_increments, stream_feature_events
+from lambda_ml_apps.ctr.events import stream_feature_events
+from speed_layer.increments import batch_increments
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 KAFKA_COLUMNS = "key binary, value binary, topic string, partition int, offset long, timestamp timestamp"

@@ -27,24 +27,25 @@ from pyspark.sql import functions as F
 from sklearn.metrics import roc_auc_score
 from support import IMPRESSION, isolated
 
-from batch_layer.models import build_pipeline
+from lambda_ml_apps.ctr.models import build_pipeline
 from batch_layer.snapshot import read_snapshot
-from batch_layer.train import build_training_set, clean_events
+from lambda_ml_apps.ctr.events import clean_events
+from lambda_ml_apps.ctr.batch import build_training_set
 from lambda_ml import contract, generator, stack
 from lambda_ml.config import OnlineConfig, PlatformConfig
 from lambda_ml.contract import Horizon, LinearWeights, ModelUpdate
 from lambda_ml.features import LABEL, latest_event_time
-from lambda_ml.model_registry import register_models
-from lambda_ml.onnx_export import export_onnx
+from lambda_ml_apps.ctr.model_registry import register_models
+from lambda_ml_apps.ctr.onnx_export import export_onnx
 from serving_layer.features import build_model_inputs
 from serving_layer.model_store import ModelStore
 from serving_layer.updates import ModelUpdateListener
 from speed_layer import app, ingest
-from speed_layer.labels import ensure_labels_table, label_schema, labels_path, merge_labels
+from lambda_ml_apps.ctr.labels import ensure_labels_table, label_schema, labels_path, merge_labels
 from speed_layer.monitor import metrics_experiment
-from speed_layer.online import OnlineLearner, publish_updates, update_of
-from speed_layer.online_state import load_state, model_table, save_state
-from speed_layer.online_steps import FtrlState, LinearModel, closed_stretches, ftrl_step, sgd_step
+from lambda_ml_apps.ctr.online import OnlineLearner, publish_updates, update_of
+from lambda_ml_apps.ctr.online_state import load_state, model_table, save_state
+from lambda_ml_apps.ctr.online_steps import FtrlState, LinearModel, closed_stretches, ftrl_step, sgd_step
 
 NAMES = ("x1", "x2", "x3")
 TRUE_W, TRUE_B = np.array([1.5, -2.0, 0.5]), -0.3

@@ -18,21 +18,12 @@ from batch_layer.snapshot import read_snapshot
 from batch_layer.views import build_views, write_views
 from lambda_ml import contract, generator
 from lambda_ml.config import PlatformConfig
-from lambda_ml.features import (
-    LABEL,
-    after_horizon,
-    attribute_clicks,
-    bucket_increments,
-    dedup_events,
-    feature_events,
-    label_impressions,
-    latest_event_time,
-    merge_buckets,
-)
+from lambda_ml.features import LABEL, after_horizon, bucket_increments, dedup_events, latest_event_time, merge_buckets
+from lambda_ml_apps.ctr.events import attribute_clicks, feature_events, label_impressions
 from speed_layer import app, ingest
 from speed_layer.increments import increments_path
-from speed_layer.labels import labels_path
-from speed_layer.online import labelled_features, merged_bucket_rows
+from lambda_ml_apps.ctr.labels import labels_path
+from lambda_ml_apps.ctr.online import labelled_features, merged_bucket_rows
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 KAFKA_COLUMNS = "key binary, value binary, topic string, partition int, offset long, timestamp timestamp"

@@ -2,7 +2,7 @@
 layer's logistic regression (string indexer, one-hot encoder, assemblers, classifier) carrying
 the online weights, exported to ONNX, checked for parity on the micro-batch's rows and registered
 as two versions of the registered model with the batch layer's own registration code
-(:mod:`lambda_ml.model_registry`), tagged ``layer=speed``, with the generation (horizon tags) and
+(:mod:`lambda_ml_apps.ctr.model_registry`), tagged ``layer=speed``, with the generation (horizon tags) and
 the update count; the alias ``speed`` moves to the ONNX version.
 """
 
@@ -24,10 +24,10 @@ from pyspark.sql import DataFrame, SparkSession
 from lambda_ml import contract
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import INDICATOR, ModelInputs
-from lambda_ml.model_registry import RegisteredVersions, register_models
-from lambda_ml.onnx_export import check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
+from lambda_ml_apps.ctr.model_registry import RegisteredVersions, register_models
+from lambda_ml_apps.ctr.onnx_export import check_parity, export_onnx, onnx_click_probabilities, onnx_inputs
 from speed_layer.monitor import metrics_experiment
-from speed_layer.online_steps import LinearModel
+from lambda_ml_apps.ctr.online_steps import LinearModel
 
 log = logging.getLogger(__name__)
 

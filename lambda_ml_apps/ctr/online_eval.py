@@ -1,6 +1,6 @@
 """Online evaluation: the prediction log joined with the clicks that followed, scored per model
 version and logged to MLflow. Run it with ``lambda-ml batch evaluate`` or
-``spark-submit batch_layer/online_eval.py`` (``--every N`` repeats it, one MLflow step per pass).
+``spark-submit lambda_ml_apps/ctr/online_eval.py`` (``--every N`` repeats it, one MLflow step per pass).
 
 - **Predictions** come from ``kafka.topics.predictions`` (read whole, as a batch): the records
   the service and the stream scorer write (see ``serving_layer.prediction_log``). Only records
@@ -268,7 +268,7 @@ def run(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="batch_layer/online_eval.py",
+        prog="lambda_ml_apps/ctr/online_eval.py",
         description="Join the prediction log with the clicks that followed and log live AUC, log loss and counts "
         "per model version and A/B arm to MLflow (experiment <mlflow.experiment>-online).",
     )

@@ -3,7 +3,7 @@
 One step of SGD or FTRL-Proximal on the mean log loss of a batch of rows, its gradient summed by
 one Spark aggregate (only that row of sums reaches the driver), on standardised terms; and the
 stretches of event time the online query learns from, one step each, once their labels are
-final (see :mod:`speed_layer.online`).
+final (see :mod:`lambda_ml_apps.ctr.online`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,7 @@ for its online model, in one place.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 
@@ -20,11 +19,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 from pyspark.ml import PipelineModel
-from pyspark.sql import SparkSession
 
 from lambda_ml import contract
 from lambda_ml.contract import Horizon, ModelInputs
-from lambda_ml.onnx_export import graph_inputs
+from lambda_ml.spark import jvm_logger_off
+from lambda_ml_apps.ctr.onnx_export import graph_inputs
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +63,6 @@ def version_tags(flavor: str, horizon: Horizon, model_inputs: ModelInputs) -> di
     }
 
 
-@contextmanager
-def _jvm_logger_off(name: str) -> Iterator[None]:
-    """Silence one JVM logger for the duration of the block (no-op without a Spark session)."""
-    spark = SparkSession.getActiveSession()
-    if spark is None:
-        yield
-        return
-    jvm = spark.sparkContext._jvm
-    assert jvm is not None
-    log4j = jvm.org.apache.logging.log4j
-    previous = log4j.LogManager.getLogger(name).getLevel()
-    log4j.core.config.Configurator.setLevel(name, log4j.Level.OFF)
-    try:
-        yield
-    finally:
-        log4j.core.config.Configurator.setLevel(name, previous)
-
-
 def _register(model_uri: str, name: str, tags: dict[str, str]) -> ModelVersion:
     registered = mlflow.register_model(model_uri, name, tags=tags)
     log.info("registered %s version %s (%s)", name, registered.version, tags[contract.TAG_FLAVOR])
@@ -105,7 +86,7 @@ def register_models(
     # Hadoop cannot open; Spark logs that expected failure at ERROR before MLflow falls back to
     # saving locally and uploading.
     model_inputs = graph_inputs(onnx_model)  # the Spark twin takes the same columns
-    with _jvm_logger_off("org.apache.spark.ml.util.Instrumentation"):
+    with jvm_logger_off("org.apache.spark.ml.util.Instrumentation"):
         spark_info = mlflow.spark.log_model(
             spark_model,
             SPARK_ARTIFACT,

@@ -18,7 +18,7 @@ from lambda_ml.catalog import ONLINE_MODEL_TABLE
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import Horizon
 from lambda_ml.metrics import AucBins, add_bins, bins_auc
-from speed_layer.online_steps import FtrlState, LinearModel
+from lambda_ml_apps.ctr.online_steps import FtrlState, LinearModel
 
 
 

@@ -21,7 +21,8 @@ from pyspark.sql.types import DoubleType, LongType, StructField, StructType
 
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import SILVER_LABELS_TABLE, increment_version_column
-from lambda_ml.features import LABEL, within_attribution_window
+from lambda_ml.features import LABEL
+from lambda_ml_apps.ctr.events import within_attribution_window
 from lambda_ml.schemas import EventType, event_type
 from speed_layer.ingest import CHANGE_FEED
 from speed_layer.silver import silver_events

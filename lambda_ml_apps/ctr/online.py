@@ -12,7 +12,7 @@ only**, in **stretches of event time** (``speed.online.step_minutes``, aligned o
   non-click for an impression at ``t``, its watermark has passed ``t`` + the window, so it has
   already written the final label of every impression at or before ``t``: the newest non-click
   in the labels table closes every stretch that ends at or before it
-  (:func:`speed_layer.online_steps.closed_stretches`);
+  (:func:`lambda_ml_apps.ctr.online_steps.closed_stretches`);
 * each closed stretch is one step, in event-time order, on its clicks and non-clicks together;
   ``learned_until`` (saved with the model) is the end of the last stretch learned from, the
   frontier the next micro-batch goes on from. The weights are then a function of the final
@@ -43,7 +43,7 @@ the same). Each micro-batch that closes stretches (:class:`OnlineLearner`):
    idempotent Delta append keyed by the batch id) and publishes it to the compacted model-updates topic
    (``lambda_ml.contract.ModelUpdate``, alias ``speed``, stamped with its generation);
 5. every ``speed.online.register_every`` updates, registers it in MLflow (see
-   :mod:`speed_layer.online_registry`).
+   :mod:`lambda_ml_apps.ctr.online_registry`).
 
 The model starts from the champion's weights (a Spark logistic regression: its coefficients are
 on the raw feature scale, one-hot terms ``<input>=<category>`` from its string indexer), and
@@ -75,19 +75,12 @@ from pyspark.sql import functions as F
 from lambda_ml import buckets, contract
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import INDICATOR, Horizon, ModelInputs, ModelUpdate
-from lambda_ml.features import (
-    LABEL,
-    add_window_features,
-    after_horizon,
-    attribute_clicks,
-    dedup_events,
-    feature_events,
-    merge_buckets,
-)
+from lambda_ml.features import LABEL, add_window_features, after_horizon, dedup_events, merge_buckets
+from lambda_ml_apps.ctr.events import attribute_clicks, feature_events
 from lambda_ml.metrics import AucBins, add_bins, auc_bins
 from lambda_ml.schemas import event_type
 from speed_layer.ingest import bronze_path
-from speed_layer.online_state import (
+from lambda_ml_apps.ctr.online_state import (
     SavedState,
     bin_rows,
     checkpoint_query_id,
@@ -96,7 +89,7 @@ from speed_layer.online_state import (
     model_table,
     save_state,
 )
-from speed_layer.online_steps import (
+from lambda_ml_apps.ctr.online_steps import (
     CHAMPION_P,
     STRETCH,
     LinearModel,
@@ -375,7 +368,7 @@ class OnlineLearner:
         version = self._labels_version(batch, batch_id, learned_until)
         if version is None:
             return
-        from speed_layer.labels import labels_path
+        from lambda_ml_apps.ctr.labels import labels_path
 
         width = online.step_minutes * 60_000_000
         labels = spark.read.format("delta").option("versionAsOf", version).load(labels_path(cfg))
@@ -592,7 +585,7 @@ class OnlineLearner:
 
     def _register(self, spark: SparkSession, model: LinearModel, auc: float | None, batch_id: int, rows: DataFrame) -> None:
         try:
-            from speed_layer.online_registry import register_speed_version
+            from lambda_ml_apps.ctr.online_registry import register_speed_version
 
             register_speed_version(spark, self.cfg, model, rows, auc, batch_id)
         except Exception as exc:  # noqa: BLE001 - registration is periodic; the next one retries
@@ -613,7 +606,7 @@ def _instant(micros: int | None) -> str:
 def start_online(spark: SparkSession, cfg: PlatformConfig, trigger: Any) -> Any:
     """Start the online query: the silver labels' change feed -> the online model."""
     from speed_layer.app import checkpoint
-    from speed_layer.labels import ensure_labels_table, labels_path
+    from lambda_ml_apps.ctr.labels import ensure_labels_table, labels_path
     from speed_layer.silver import first_change_feed_version
 
     ensure_labels_table(spark, cfg)
