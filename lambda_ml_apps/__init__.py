@@ -1,0 +1,1 @@
+"""Applications on the platform, one package each, plugging into the layers through the contracts."""
