@@ -27,10 +27,10 @@ class KMeansCentres:
     """k centres in d dimensions, the feature names giving the vector order, and per centre
     the weight (number of points, possibly decayed) it carries into mini-batch updates.
 
-    Any array-like is accepted; fields are stored as tuples of floats so that the model is
-    immutable and compares by value. Invalid input raises ``ValueError`` naming the field.
+    Fields are stored as tuples of floats so that the model is immutable and compares by value;
+    :meth:`of` takes arrays. Invalid input raises ``ValueError`` naming the field.
 
-    >>> m = KMeansCentres([[0, 0], [10, 0]], ("x0", "x1"), [5, 3])
+    >>> m = KMeansCentres.of([[0, 0], [10, 0]], ("x0", "x1"), [5, 3])
     >>> m.k, m.dimensions, m.counts
     (2, 2, (5.0, 3.0))
     >>> KMeansCentres.from_json(m.to_json()) == m
@@ -61,6 +61,17 @@ class KMeansCentres:
         object.__setattr__(self, "centres", tuple(tuple(float(v) for v in row) for row in centres))
         object.__setattr__(self, "feature_names", names)
         object.__setattr__(self, "counts", tuple(float(c) for c in counts))
+
+    @classmethod
+    def of(cls, centres: ArrayLike, feature_names: Sequence[str], counts: ArrayLike) -> KMeansCentres:
+        """A model from array-likes (NumPy arrays, nested lists), validated like the constructor.
+
+        >>> KMeansCentres.of(np.zeros((1, 2)), ["a", "b"], [3]).counts
+        (3.0,)
+        """
+        if isinstance(feature_names, str):
+            raise ValueError("feature_names must be a sequence of non-empty strings, not one string")
+        return cls(_tuples(centres), tuple(feature_names), _tuples(counts))
 
     @property
     def k(self) -> int:
@@ -102,7 +113,7 @@ class KMeansCentres:
         for name in _JSON_FIELDS:
             if not isinstance(data[name], list):
                 raise ValueError(f"{name} must be a JSON array, got {type(data[name]).__name__}")
-        return cls(tuple(data["centres"]), tuple(data["feature_names"]), tuple(data["counts"]))
+        return cls.of(data["centres"], data["feature_names"], data["counts"])
 
     def to_json(self) -> str:
         """Compact JSON; floats are written with ``repr`` so they read back bit for bit."""
@@ -116,6 +127,16 @@ class KMeansCentres:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"k-means model is not valid JSON: {e}") from e
         return cls.from_dict(data)
+
+
+def _tuples(values: Any) -> Any:
+    """Nested sequences (or an array) as nested tuples, for the frozen fields; left as they are
+    when not iterable, so that validation names the field."""
+    if isinstance(values, np.ndarray):
+        values = values.tolist()
+    if isinstance(values, (list, tuple)):
+        return tuple(_tuples(v) for v in values)
+    return values
 
 
 def _reject_constant(name: str) -> float:
@@ -176,7 +197,7 @@ def assign(centres: KMeansCentres, points: ArrayLike) -> tuple[NDArray[np.int64]
     """The nearest centre of each point (ties go to the lower index) and the Euclidean distance
     to it.
 
-    >>> m = KMeansCentres([[0.0, 0.0], [10.0, 0.0]], ("x0", "x1"), [1, 1])
+    >>> m = KMeansCentres.of([[0.0, 0.0], [10.0, 0.0]], ("x0", "x1"), [1, 1])
     >>> index, distance = assign(m, [[1.0, 0.0], [7.0, 4.0]])
     >>> index.tolist(), distance.tolist()
     ([0, 1], [1.0, 5.0])
@@ -189,7 +210,7 @@ def inertia(centres: KMeansCentres, points: ArrayLike) -> float:
     """The sum of squared Euclidean distances from each point to its nearest centre (k-means'
     objective; lower is better when two models are compared on the same points).
 
-    >>> m = KMeansCentres([[0.0, 0.0], [10.0, 0.0]], ("x0", "x1"), [1, 1])
+    >>> m = KMeansCentres.of([[0.0, 0.0], [10.0, 0.0]], ("x0", "x1"), [1, 1])
     >>> inertia(m, [[1.0, 0.0], [7.0, 4.0]])
     26.0
     """
@@ -217,7 +238,7 @@ def mini_batch_update(centres: KMeansCentres, points: ArrayLike, decay: float) -
     weigh in. An empty batch returns ``centres`` unchanged (no decay either: time is counted
     in batches that carry points).
 
-    >>> m = KMeansCentres([[0.0], [10.0]], ("x0",), [1, 2])
+    >>> m = KMeansCentres.of([[0.0], [10.0]], ("x0",), [1, 2])
     >>> mini_batch_update(m, [[1.0], [3.0], [12.0]], decay=1.0)
     KMeansCentres(centres=((1.3333333333333333,), (10.666666666666666,)), feature_names=('x0',), counts=(3.0, 3.0))
     """
@@ -236,7 +257,7 @@ def mini_batch_update(centres: KMeansCentres, points: ArrayLike, decay: float) -
     moved = received > 0
     updated = current.copy()
     updated[moved] = (counts[moved, None] * current[moved] + sums[moved]) / new_counts[moved, None]
-    return KMeansCentres(tuple(map(tuple, updated)), centres.feature_names, tuple(new_counts))
+    return KMeansCentres.of(updated, centres.feature_names, new_counts)
 
 
 def memory_batches(decay: float) -> float:
@@ -248,7 +269,3 @@ def memory_batches(decay: float) -> float:
     """
     return math.inf if decay >= 1.0 else 1.0 / (1.0 - decay)
 
-
-def centres_from_arrays(centres: Sequence[Sequence[float]] | NDArray[np.float64], feature_names: Sequence[str], counts: Sequence[float] | NDArray[np.float64]) -> KMeansCentres:
-    """A model from arrays (a trained model's centres and cluster sizes), validated."""
-    return KMeansCentres(tuple(map(tuple, np.asarray(centres, dtype=np.float64))), tuple(feature_names), tuple(np.asarray(counts, dtype=np.float64)))
