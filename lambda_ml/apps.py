@@ -18,6 +18,7 @@ import importlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -165,32 +166,63 @@ class SpeedUpdater(Protocol):
 # --------------------------------------------------------------------------- serving
 
 
+@dataclass(frozen=True)
+class VersionInfo:
+    """What the registry says of the version an alias points at (no artefact downloaded)."""
+
+    version: int
+    run_id: str | None
+    tags: Mapping[str, str]
+
+
 class ServingModel(Protocol):
     """One loaded model version (``<App>ServingModel``), swapped in whole by the model store."""
 
+    name: str  # the registered model
     version: int
     alias: str
+    run_id: str | None
     horizon: Horizon
+    quality: float | None  # the quality policy's score, higher is better (None: unknown)
 
+    @property
     def identity(self) -> tuple[int, str]:
-        """What distinguishes two loads of the same alias (a reload of the same is skipped)."""
+        """What tells loaded models apart: the registry version, and the alias of a model served
+        from memory (it shares the version number it was warm-started from)."""
+
+    def relabel(self, alias: str, tags: Mapping[str, str]) -> ServingModel:
+        """This model served under ``alias``, its quality read again from the version's ``tags``
+        (they may change without a new artefact)."""
 
     def describe(self) -> str:
         """One line for the logs: the version, the alias and what it was trained on."""
 
 
-class ServingModels(Protocol):
-    """The application's serving side: how its registered versions load, how a model
-    travelling as data applies, and the routes that answer with them."""
+class Service(Protocol):
+    """What the serving layer gives an application's routes."""
 
-    def load(self, cfg: PlatformConfig, version: Any, alias: str) -> ServingModel:
-        """Load a registered version (an MLflow ``ModelVersion``) for ``alias``."""
+    cfg: PlatformConfig
+
+    def served(self) -> Any:
+        """The models loaded now, swapped in as one object (``serving_layer.model_store.ServedModels``:
+        ``by_alias``, ``champion``, ``distinct()``); raises ``NotReadyError`` (answered 503) while
+        no champion is loaded."""
+
+
+class ServingModels(Protocol):
+    """The application's serving side (``<App>ServingModels``): how its registered versions
+    load, how a model travelling as data applies, and the routes that answer with them."""
+
+    def load(self, cfg: PlatformConfig, info: VersionInfo, alias: str, local_dir: Path) -> ServingModel:
+        """Open a registered version whose artefacts the store downloaded into ``local_dir``;
+        ModelLoadError-like ``RuntimeError`` naming what is wrong."""
 
     def apply(self, cfg: PlatformConfig, update: ModelUpdate) -> ServingModel | None:
-        """The model an update carries as data (an online model), None for one by reference."""
+        """The model an update carries as data (e.g. the speed layer's), None when it carries
+        none (a registry version travels by reference)."""
 
-    def router(self, service: Any) -> APIRouter:
-        """The application's routes, answering with ``service``'s models and views."""
+    def router(self, service: Service) -> APIRouter:
+        """The application's routes (e.g. ``POST /predict``, ``POST /assign``)."""
 
 
 # --------------------------------------------------------------------------- the application

@@ -161,8 +161,9 @@ SILVER_LABELS_TABLE = ("silver", "labels")
 # ``version`` the registry version it was warm-started from (0 for none), and the extra fields
 #   "updates": 42, "quality": 0.71,
 #   "linear": {"terms": ["user_ctr_1h", ..., "device=mobile"], "weights": [...], "intercept": -2.1}
-# (a logistic regression over the model inputs: numeric inputs by name, categorical ones as
-# "<input>=<value>" indicators). Serving ignores an update whose generation is older than one it
+# (the click-through application's logistic regression over the model inputs: numeric inputs by
+# name, categorical ones as "<input>=<value>" indicators); another application's model as data
+# travels in "data", a JSON object of its own (k-means: its centres). Serving ignores an update whose generation is older than one it
 # already applied for the alias, and an online update with fewer ``updates`` than one applied in
 # the same generation (a rollback moves an alias back in the registry, where the poll sees it).
 MODEL_UPDATE_FIELDS = ("registered_model", "alias", "version", "generation")
@@ -215,7 +216,8 @@ class ModelUpdate:
     generation: Horizon
     updates: int | None = None  # online steps since the warm start (online models only)
     quality: float | None = None  # recent progressive-validation AUC (online models only)
-    linear: LinearWeights | None = None  # the model itself, when it travels as data
+    linear: LinearWeights | None = None  # the click-through online model, when it travels as data
+    data: Mapping[str, Any] | None = None  # another application's model as data (a JSON object)
 
     def key(self) -> bytes:
         return model_update_key(self.registered_model, self.alias)
@@ -238,6 +240,8 @@ class ModelUpdate:
             body["quality"] = self.quality
         if self.linear is not None:
             body["linear"] = {"terms": list(self.linear.terms), "weights": list(self.linear.weights), "intercept": self.linear.intercept}
+        if self.data is not None:
+            body["data"] = dict(self.data)
         return json.dumps(body, sort_keys=True).encode()
 
     def is_stale(self, applied: ModelUpdate | None) -> bool:
@@ -271,7 +275,7 @@ def parse_model_update(value: bytes) -> ModelUpdate:
 
     >>> parse_model_update(b'{"registered_model": "ctr", "alias": "champion", "version": 7, '
     ...                    b'"generation": {"impressions": 12, "clicks": 11}}')
-    ModelUpdate(registered_model='ctr', alias='champion', version=7, generation=Horizon(versions=(('clicks', 11), ('impressions', 12))), updates=None, quality=None, linear=None)
+    ModelUpdate(registered_model='ctr', alias='champion', version=7, generation=Horizon(versions=(('clicks', 11), ('impressions', 12))), updates=None, quality=None, linear=None, data=None)
     >>> parse_model_update(b'{"alias": "champion"}')
     Traceback (most recent call last):
     ...
@@ -307,8 +311,11 @@ def parse_model_update(value: bytes) -> ModelUpdate:
             linear = LinearWeights(terms, weights, float(spec["intercept"]))
         except (TypeError, KeyError) as exc:
             raise ValueError(f"model update field linear must hold terms, weights and intercept ({exc})") from exc
+    data = body.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise ValueError("model update field data must be a JSON object")
     horizon = Horizon.of(generation)
-    return ModelUpdate(str(body["registered_model"]), str(body["alias"]), body["version"], horizon, updates, quality, linear)
+    return ModelUpdate(str(body["registered_model"]), str(body["alias"]), body["version"], horizon, updates, quality, linear, data)
 
 
 def _is_int(value: Any) -> bool:

@@ -30,15 +30,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pyspark.sql import Column, DataFrame, Window, WindowSpec
+from pyspark.sql import Column, DataFrame, SparkSession, Window, WindowSpec
 from pyspark.sql import functions as F
 
 from lambda_ml import buckets, contract
-from lambda_ml.config import AggregateConfig, FeaturesConfig, FeatureEntityConfig
+from lambda_ml.apps import Snapshot
+from lambda_ml.config import AggregateConfig, FeatureEntityConfig, FeaturesConfig, PlatformConfig
 from lambda_ml.contract import ModelInputs
 
 LABEL = "label"
-# Feature-event column telling impressions from attributed clicks (values: the aggregates' ``events``).
+# Feature-event column naming the event type a row counts for (values: the aggregates' ``events``).
 KIND = "kind"
 BUCKET = contract.VIEW_BUCKET_COLUMN
 _MICROS = "_pit_micros"
@@ -57,6 +58,45 @@ def dedup_events(events: DataFrame) -> DataFrame:
     """
     first = Window.partitionBy("event_id").orderBy("event_time")
     return events.withColumn("_delivery", F.row_number().over(first)).where(F.col("_delivery") == 1).drop("_delivery")
+
+
+class DeclaredFeatureEvents:
+    """Feature events straight from the declared event types (the ``FeatureEvents`` contract
+    for events that need no application rule, e.g. a user's own): every event of each type the
+    aggregates count, as it is, with the fields the declarations read. Each of those types must
+    hold every entity key and measure (:meth:`check`)."""
+
+    def check(self, cfg: PlatformConfig) -> None:
+        """ValueError naming the key when an event type the aggregates count lacks a field the
+        declarations read."""
+        carried = cfg.features.carried_fields
+        for event_type in cfg.features.source_event_types:
+            fields = cfg.events.types[event_type].fields
+            missing = [name for name in carried if name not in fields]
+            if missing:
+                raise ValueError(
+                    f"{cfg.source}: events.types.{event_type}: the features read {missing}, which {event_type} events lack"
+                )
+
+    def batch(self, snapshot: Snapshot, cfg: PlatformConfig) -> DataFrame:
+        return self._union({e: dedup_events(snapshot[e]) for e in cfg.features.source_event_types}, cfg)
+
+    def stream(self, spark: SparkSession, streams: Mapping[str, DataFrame], cfg: PlatformConfig) -> DataFrame:
+        return self._union(streams, cfg)
+
+    @staticmethod
+    def _union(frames: Mapping[str, DataFrame], cfg: PlatformConfig) -> DataFrame:
+        carried = list(cfg.features.carried_fields)
+        versions = [contract.increment_version_column(e) for e in cfg.features.source_event_types]
+        parts = []
+        for event_type in cfg.features.source_event_types:
+            frame = frames[event_type]
+            extra = [c for c in versions if c in frame.columns]
+            parts.append(frame.select(F.lit(event_type).alias(KIND), "event_id", "event_time", *carried, *extra))
+        union = parts[0]
+        for part in parts[1:]:
+            union = union.unionByName(part, allowMissingColumns=True)
+        return union
 
 
 def latest_event_time(*frames: DataFrame) -> datetime | None:
