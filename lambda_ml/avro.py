@@ -213,6 +213,7 @@ def decode(data: bytes, schema: dict[str, Any]) -> dict[str, Any]:
         entry = _parsed(schema)
     except ValueError as exc:
         raise AvroDecodeError(str(exc)) from None
+    record: dict[str, Any]
     try:
         record, end = _read(data, 0, entry.parsed)
     except (EOFError, IndexError, ValueError, OverflowError, TypeError):
