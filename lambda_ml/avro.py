@@ -11,9 +11,10 @@ as UTC ``datetime``).
 
 Decoding is strict: the bytes must hold exactly one record, every byte used. fastavro reads
 leniently (a boolean byte of 2, a variable-length integer of more than 10 bytes or past 64
-bits, an int past 32 bits, bytes left over), so a decoded record is written back and must give
-the same bytes; one that does not is read again field by field, to name the field and the
-reason, or to accept it when it only holds an integer padded past its shortest form.
+bits, an int past 32 bits, bytes left over), so a decoded record that could hide one of these
+is written back and must give the same bytes; one that does not is read again field by field,
+to name the field and the reason, or to accept it when it only holds an integer padded past
+its shortest form.
 
 >>> schema = {"type": "record", "name": "R", "fields": [{"name": "id", "type": "string"},
 ...           {"name": "n", "type": "int"}]}
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +53,9 @@ class AvroDecodeError(ValueError):
 _SUPPORTED = ("string", "int", "long", "boolean", "double")
 _TIMESTAMPS = ("timestamp-millis", "timestamp-micros")
 _INT_RANGE = range(-(2**31), 2**31)
+# fastavro misreads a variable-length integer only past 9 bytes that carry the continuation bit
+# (more than 10 bytes, or bits past the 64th): bytes without such a run need no write-back.
+_LONG_RUN = re.compile(rb"[\x80-\xff]{9}")
 _ENDS = "the record ends inside the value"
 _TOO_LONG = "a variable-length integer of more than 10 bytes"
 
@@ -107,6 +112,7 @@ class _Schema:
     parsed: Any
     timestamps: tuple[str, ...]
     ints: tuple[str, ...]
+    has_boolean: bool
 
 
 # Parsed schemas by the identity of the dict the caller holds: parsing costs as much as
@@ -129,6 +135,7 @@ def _parsed(schema: dict[str, Any]) -> _Schema:
         parsed=parsed,
         timestamps=tuple(f["name"] for f in fields if _kind(f["type"])[1] in _TIMESTAMPS),
         ints=tuple(f["name"] for f in fields if _kind(f["type"]) == ("int", None)),
+        has_boolean=any(_kind(f["type"])[0] == "boolean" for f in fields),
     )
     if len(_PARSED) >= 64:  # schemas built on the fly (tests) must not pile up
         _PARSED.clear()
@@ -218,7 +225,10 @@ def decode(data: bytes, schema: dict[str, Any]) -> dict[str, Any]:
         record, end = _read(data, 0, entry.parsed)
     except (EOFError, IndexError, ValueError, OverflowError, TypeError):
         raise _explain(data, schema) or AvroDecodeError("the bytes are not the Avro encoding of one record") from None
-    if end == len(data) and all(record[name] in _INT_RANGE for name in entry.ints) and _write(record, entry.parsed) == data:
+    exact = end == len(data) and all(record[name] in _INT_RANGE for name in entry.ints)
+    if exact and (entry.has_boolean or _LONG_RUN.search(data)):
+        exact = _write(record, entry.parsed) == data
+    if exact:
         return record
     problem = _explain(data, schema)
     if problem is not None:
