@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - install, resolve the JVM jars, start the stack and run the platform end to end
-#   make test   - install, resolve the JVM jars and run the whole test suite
+#   make test   - install, resolve the JVM jars, run the static checks (make lint) and the whole test suite
 # Both are idempotent: a second run reuses the virtualenv and the jars.
 
 PYTHON ?= python3
@@ -8,11 +8,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test stop status clean help
+.PHONY: setup demo lint test stop status clean help
 
 help:
 	@echo "make demo    run the platform end to end on the embedded stack (left running)"
-	@echo "make test    run the test suite (starts and stops its own stack)"
+	@echo "make test    run make lint, then the test suite (starts and stops its own stack)"
+	@echo "make lint    static checks: ruff (rules in pyproject.toml) and mypy (strict on the files it lists)"
 	@echo "make stop    stop the demo's stack (service, speed layer, MLflow, Kafka)"
 	@echo "make status  show what is running"
 
@@ -33,7 +34,12 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/lambda-ml demo
 
-test: setup
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# pytest's own exit code fails the target, 5 (no test collected) included.
+test: setup lint
 	$(PY) -m pytest
 
 stop:

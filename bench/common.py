@@ -1,5 +1,5 @@
 """What every benchmark shares: the machine it ran on, peak memory (summed RSS) and CPU time of
-a process tree sampled from ``/proc``, child processes run under a time limit, the result JSON and the printed table.
+a process tree sampled with psutil, child processes run under a time limit, the result JSON and the printed table.
 
 A benchmark runs each measured workload in a child process of its own, so that the memory
 figure is that workload's alone (a JVM never hands its heap back), and an over-long peer can
@@ -29,11 +29,11 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
 GIB = 1024**3
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- command line
@@ -68,7 +68,7 @@ def machine_info(packages: Iterable[str] = ()) -> dict[str, Any]:
             software[name] = None
     return {
         "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)),
+        "cores_usable": _usable_cores(),
         "ram_gib": round(_meminfo_kib("MemTotal") / 1024**2, 1),
         "cpu": _cpu_model(),
         "os": platform.platform(),
@@ -76,11 +76,19 @@ def machine_info(packages: Iterable[str] = ()) -> dict[str, Any]:
     }
 
 
+def _usable_cores() -> int | None:
+    """The cores this process may run on (its CPU affinity; macOS has none to set: all)."""
+    affinity = getattr(psutil.Process(), "cpu_affinity", None)
+    return len(affinity()) if affinity is not None else os.cpu_count()
+
+
 def _meminfo_kib(key: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1])
-    raise KeyError(key)
+    """``MemTotal`` or ``MemAvailable`` in KiB, as Linux's ``/proc/meminfo`` names them."""
+    memory = psutil.virtual_memory()
+    fields = {"MemTotal": memory.total, "MemAvailable": memory.available}
+    if key not in fields:
+        raise KeyError(key)
+    return fields[key] // 1024
 
 
 def _cpu_model() -> str:
@@ -115,48 +123,30 @@ class ProcessStat:
     vsize_bytes: int
 
 
-def _read_stat(pid: int) -> ProcessStat | None:
+def _read_stat(process: psutil.Process) -> ProcessStat | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None  # gone meanwhile
-    rss = pages * _PAGE_SIZE
-    # The command name may hold spaces and parentheses: it ends at the last ")".
-    head, tail = stat.rsplit(")", 1)
-    fields = tail.split()
-    return ProcessStat(
-        pid=pid,
-        parent=int(fields[1]),
-        name=head.split("(", 1)[1],
-        cpu_s=(int(fields[11]) + int(fields[12])) / _CLOCK_TICKS,
-        rss_bytes=rss,
-        vsize_bytes=int(fields[20]),
-    )
-
-
-def _parent_pids() -> dict[int, int]:
-    parents = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # gone meanwhile
-    return parents
+        with process.oneshot():
+            times, memory = process.cpu_times(), process.memory_info()
+            return ProcessStat(
+                pid=process.pid,
+                parent=process.ppid(),
+                name=process.name(),
+                cpu_s=times.user + times.system,
+                rss_bytes=memory.rss,
+                vsize_bytes=memory.vms,
+            )
+    except psutil.Error:
+        return None  # gone meanwhile, or not ours to read
 
 
 def process_tree(root: int) -> list[ProcessStat]:
     """``root`` and all its descendants (children, grandchildren...) alive now."""
-    children: dict[int, list[int]] = {}
-    for pid, parent in _parent_pids().items():
-        children.setdefault(parent, []).append(pid)
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo.extend(children.get(pid, ()))
-    return [s for s in map(_read_stat, pids) if s is not None]
+    try:
+        top = psutil.Process(root)
+        processes = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return []
+    return [s for s in map(_read_stat, processes) if s is not None]
 
 
 def tree_memory_bytes(tree: list[ProcessStat]) -> int:
@@ -178,7 +168,7 @@ def tree_memory_bytes(tree: list[ProcessStat]) -> int:
 
 def load_average() -> float:
     """The 1-minute load average: how busy the machine was, this benchmark included."""
-    return float(Path("/proc/loadavg").read_text().split()[0])
+    return float(psutil.getloadavg()[0])
 
 
 @dataclass(frozen=True)

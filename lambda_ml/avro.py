@@ -1,6 +1,6 @@
 """Avro binary encoding of flat event records, for the platform's producers, and its decoding,
 for the consumers (the speed layer's ingest and stream scoring, through
-:mod:`lambda_ml.validation`).
+:mod:`lambda_ml.validation`), both done by ``fastavro``.
 
 Events travel on Kafka as plain Avro binary (no container header, no schema-registry prefix):
 the schema is agreed through ``conf/avro/<event type>.avsc`` (spark-avro's ``to_avro`` writes
@@ -8,6 +8,13 @@ the same bytes, a test checks). Only what the event schemas use is supported: re
 ``string``, ``int``, ``long``, ``boolean``, ``double`` and ``long`` timestamps
 (``timestamp-millis`` / ``timestamp-micros``, given as ISO-8601 text or ``datetime``, decoded
 as UTC ``datetime``).
+
+Decoding is strict: the bytes must hold exactly one record, every byte used. fastavro reads
+leniently (a boolean byte of 2, a variable-length integer of more than 10 bytes or past 64
+bits, an int past 32 bits, bytes left over), so a decoded record that could hide one of these
+is written back and must give the same bytes; one that does not is read again field by field,
+to name the field and the reason, or to accept it when it only holds an integer padded past
+its shortest form.
 
 >>> schema = {"type": "record", "name": "R", "fields": [{"name": "id", "type": "string"},
 ...           {"name": "n", "type": "int"}]}
@@ -19,17 +26,38 @@ b'\\x02a\\x03'
 
 from __future__ import annotations
 
+import io
 import json
-import struct
-from datetime import UTC, datetime, timedelta
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import SchemaParseException
+from fastavro.validation import ValidationError, validate
 
 from lambda_ml.config import PROJECT_ROOT
 
 
 class AvroEncodeError(ValueError):
     """A record does not fit its Avro schema (missing field, wrong type)."""
+
+
+class AvroDecodeError(ValueError):
+    """Bytes that are not a record of the schema: cut short, left over, or a value its type
+    cannot hold; the message names the field."""
+
+
+_SUPPORTED = ("string", "int", "long", "boolean", "double")
+_TIMESTAMPS = ("timestamp-millis", "timestamp-micros")
+_INT_RANGE = range(-(2**31), 2**31)
+# fastavro misreads a variable-length integer only past 9 bytes that carry the continuation bit
+# (more than 10 bytes, or bits past the 64th): bytes without such a run need no write-back.
+_LONG_RUN = re.compile(rb"[\x80-\xff]{9}")
+_ENDS = "the record ends inside the value"
+_TOO_LONG = "a variable-length integer of more than 10 bytes"
 
 
 def schema_path(schema_dir: str | Path, event_type: str) -> Path:
@@ -39,6 +67,7 @@ def schema_path(schema_dir: str | Path, event_type: str) -> Path:
 
 
 def load_schema(path: str | Path) -> dict[str, Any]:
+    """The JSON of an ``.avsc`` file; ValueError unless it is an Avro record."""
     schema = json.loads(Path(path).read_text())
     if not isinstance(schema, dict) or schema.get("type") != "record":
         raise ValueError(f"{path}: an event schema must be an Avro record")
@@ -53,78 +82,10 @@ def event_schema(schema_dir: str | Path, event_type: str) -> dict[str, Any]:
     path = schema_path(schema_dir, event_type)
     try:
         schema = load_schema(path)
-        check_schema(schema)
+        _parsed(schema)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"kafka.avro_schemas: cannot decode Avro {event_type} with {path}: {exc}") from exc
     return schema
-
-
-def _long(value: int) -> bytes:
-    """Zig-zag then variable-length encoding of a 64-bit integer."""
-    n = (value << 1) ^ (value >> 63)
-    out = bytearray()
-    while n & ~0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _timestamp(value: Any, unit: int) -> int:
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if not isinstance(value, datetime):
-        raise AvroEncodeError(f"expected a timestamp, got {value!r}")
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
-    micros = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
-    return micros // unit
-
-
-def _field(value: Any, kind: Any, name: str) -> bytes:
-    logical = kind.get("logicalType") if isinstance(kind, dict) else None
-    base = kind["type"] if isinstance(kind, dict) else kind
-    try:
-        if logical in ("timestamp-millis", "timestamp-micros"):
-            return _long(_timestamp(value, 1000 if logical == "timestamp-millis" else 1))
-        if base == "string" and isinstance(value, str):
-            data = value.encode()
-            return _long(len(data)) + data
-        if base in ("int", "long") and isinstance(value, int) and not isinstance(value, bool):
-            limit = 2**31 if base == "int" else 2**63
-            if -limit <= value < limit:
-                return _long(value)
-        if base == "boolean" and isinstance(value, bool):
-            return b"\x01" if value else b"\x00"
-        if base == "double" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return struct.pack("<d", float(value))
-    except (ValueError, OverflowError) as exc:
-        raise AvroEncodeError(f"field {name}: {exc}") from None
-    if base not in ("string", "int", "long", "boolean", "double"):
-        raise AvroEncodeError(f"field {name}: Avro type {kind!r} is not supported")
-    raise AvroEncodeError(f"field {name}: expected {base}, got {value!r}")
-
-
-def encode(record: dict[str, Any], schema: dict[str, Any]) -> bytes:
-    """The Avro binary encoding of ``record`` (fields in schema order)."""
-    out = bytearray()
-    for field in schema["fields"]:
-        name = field["name"]
-        if name not in record:
-            raise AvroEncodeError(f"missing field: {name}")
-        out += _field(record[name], field["type"], name)
-    return bytes(out)
-
-
-class AvroDecodeError(ValueError):
-    """Bytes that are not a record of the schema: cut short, left over, or a value its type
-    cannot hold; the message names the field."""
-
-
-_SUPPORTED = ("string", "int", "long", "boolean", "double")
-_TIMESTAMP_UNITS = {"timestamp-millis": 1000, "timestamp-micros": 1}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def check_schema(schema: dict[str, Any]) -> None:
@@ -137,11 +98,105 @@ def check_schema(schema: dict[str, Any]) -> None:
     """
     for field in schema.get("fields", []):
         kind = field.get("type")
-        logical = kind.get("logicalType") if isinstance(kind, dict) else None
-        base = kind.get("type") if isinstance(kind, dict) else kind
-        supported = logical in _TIMESTAMP_UNITS and base == "long" if logical is not None else base in _SUPPORTED
+        base, logical = _kind(kind) if isinstance(kind, (str, dict)) else (None, None)
+        supported = logical in _TIMESTAMPS and base == "long" if logical is not None else base in _SUPPORTED
         if not supported:
             raise ValueError(f"field {field.get('name')}: Avro type {kind!r} is not supported")
+
+
+@dataclass(frozen=True)
+class _Schema:
+    """A record schema as given, fastavro's parsed form of it and what the strict checks need."""
+
+    source: dict[str, Any]
+    parsed: Any
+    timestamps: tuple[str, ...]
+    ints: tuple[str, ...]
+    has_boolean: bool
+
+
+# Parsed schemas by the identity of the dict the caller holds: parsing costs as much as
+# decoding a record, and callers pass the same dict for every record (and never change it).
+_PARSED: dict[int, _Schema] = {}
+
+
+def _parsed(schema: dict[str, Any]) -> _Schema:
+    cached = _PARSED.get(id(schema))
+    if cached is not None and cached.source is schema:
+        return cached
+    check_schema(schema)
+    try:
+        parsed = parse_schema(schema)
+    except SchemaParseException as exc:
+        raise ValueError(f"not a valid Avro schema: {exc}") from None
+    fields = schema["fields"]
+    entry = _Schema(
+        source=schema,
+        parsed=parsed,
+        timestamps=tuple(f["name"] for f in fields if _kind(f["type"])[1] in _TIMESTAMPS),
+        ints=tuple(f["name"] for f in fields if _kind(f["type"]) == ("int", None)),
+        has_boolean=any(_kind(f["type"])[0] == "boolean" for f in fields),
+    )
+    if len(_PARSED) >= 64:  # schemas built on the fly (tests) must not pile up
+        _PARSED.clear()
+    _PARSED[id(schema)] = entry
+    return entry
+
+
+def _kind(kind: str | dict[str, Any]) -> tuple[str | None, str | None]:
+    """The base type and logical type of a field type, e.g. ``("long", "timestamp-millis")``."""
+    if isinstance(kind, dict):
+        return kind.get("type"), kind.get("logicalType")
+    return kind, None
+
+
+def _write(value: Any, parsed: Any) -> bytes:
+    out = io.BytesIO()
+    schemaless_writer(out, parsed, value)
+    return out.getvalue()
+
+
+def _read(data: bytes, position: int, parsed: Any) -> tuple[Any, int]:
+    """The value at ``position`` and the position after it."""
+    stream = io.BytesIO(data)
+    stream.seek(position)
+    return schemaless_reader(stream, parsed, None), stream.tell()
+
+
+def _timestamp(value: Any, name: str) -> datetime:
+    """A timestamp field's value as an aware datetime (naive ones are UTC: fastavro would read
+    them in the machine's time zone)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise AvroEncodeError(f"field {name}: {exc}") from None
+    if not isinstance(value, datetime):
+        raise AvroEncodeError(f"field {name}: expected a timestamp, got {value!r}")
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def encode(record: dict[str, Any], schema: dict[str, Any]) -> bytes:
+    """The Avro binary encoding of ``record`` (fields in schema order); AvroEncodeError naming
+    the field when a field is missing or its value does not fit its type (no coercion: a
+    ``bool`` is not an ``int``, ``"3"`` is not a number)."""
+    try:
+        entry = _parsed(schema)
+    except ValueError as exc:
+        raise AvroEncodeError(str(exc)) from None
+    prepared: dict[str, Any] = {}
+    for field in schema["fields"]:
+        name = field["name"]
+        if name not in record:
+            raise AvroEncodeError(f"missing field: {name}")
+        prepared[name] = _timestamp(record[name], name) if name in entry.timestamps else record[name]
+    try:
+        validate(prepared, entry.parsed, raise_errors=True)
+    except ValidationError as exc:
+        error = exc.errors[0]
+        name = str(error.field).rsplit(".", 1)[-1]
+        raise AvroEncodeError(f"field {name}: expected {error.schema}, got {error.datum!r}") from None
+    return _write(prepared, entry.parsed)
 
 
 def decode(data: bytes, schema: dict[str, Any]) -> dict[str, Any]:
@@ -156,67 +211,79 @@ def decode(data: bytes, schema: dict[str, Any]) -> dict[str, Any]:
     Traceback (most recent call last):
     ...
     lambda_ml.avro.AvroDecodeError: field at: the record ends inside the value
+    >>> decode(b"\\x02\\x02", schema)
+    Traceback (most recent call last):
+    ...
+    lambda_ml.avro.AvroDecodeError: field ok: boolean byte 2, not 0 or 1
     """
-    record: dict[str, Any] = {}
+    try:
+        entry = _parsed(schema)
+    except ValueError as exc:
+        raise AvroDecodeError(str(exc)) from None
+    record: dict[str, Any]
+    try:
+        record, end = _read(data, 0, entry.parsed)
+    except (EOFError, IndexError, ValueError, OverflowError, TypeError):
+        raise _explain(data, schema) or AvroDecodeError("the bytes are not the Avro encoding of one record") from None
+    exact = end == len(data) and all(record[name] in _INT_RANGE for name in entry.ints)
+    if exact and (entry.has_boolean or _LONG_RUN.search(data)):
+        exact = _write(record, entry.parsed) == data
+    if exact:
+        return record
+    problem = _explain(data, schema)
+    if problem is not None:
+        raise problem
+    return record  # a variable-length integer longer than it needs to be, which Avro allows
+
+
+def _explain(data: bytes, schema: dict[str, Any]) -> AvroDecodeError | None:
+    """Why ``data`` is not exactly one record of ``schema``: the first field that does not read,
+    or the bytes left after the last one; None when it is one."""
     position = 0
     for field in schema["fields"]:
-        name = field["name"]
-        record[name], position = _read_field(data, position, field["type"], name)
+        reason, position = _check_field(data, position, field["type"])
+        if reason is not None:
+            return AvroDecodeError(f"field {field['name']}: {reason}")
     if position != len(data):
-        raise AvroDecodeError(f"{len(data) - position} byte(s) left after the last field ({schema['fields'][-1]['name']})")
-    return record
+        return AvroDecodeError(f"{len(data) - position} byte(s) left after the last field ({schema['fields'][-1]['name']})")
+    return None
 
 
-def _read_long(data: bytes, position: int, name: str) -> tuple[int, int]:
-    """A zig-zag variable-length integer and the position after it."""
-    n = shift = 0
-    while True:
-        if position >= len(data):
-            raise AvroDecodeError(f"field {name}: the record ends inside the value")
-        byte = data[position]
-        position += 1
-        n |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-        shift += 7
-        if shift >= 70:
-            raise AvroDecodeError(f"field {name}: a variable-length integer of more than 10 bytes")
-    value = (n >> 1) ^ -(n & 1)
-    if not -(2**63) <= value < 2**63:
-        raise AvroDecodeError(f"field {name}: {value} does not fit a long")
-    return value, position
-
-
-def _read_field(data: bytes, position: int, kind: Any, name: str) -> tuple[Any, int]:
-    logical = kind.get("logicalType") if isinstance(kind, dict) else None
-    base = kind["type"] if isinstance(kind, dict) else kind
-    if logical in _TIMESTAMP_UNITS:
-        value, position = _read_long(data, position, name)
-        try:
-            return _EPOCH + timedelta(microseconds=value * _TIMESTAMP_UNITS[logical]), position
-        except OverflowError:
-            raise AvroDecodeError(f"field {name}: timestamp {value} ({logical}) is out of range") from None
-    if base in ("int", "long"):
-        value, position = _read_long(data, position, name)
-        if base == "int" and not -(2**31) <= value < 2**31:
-            raise AvroDecodeError(f"field {name}: {value} does not fit an int")
-        return value, position
-    if base == "string":
-        length, position = _read_long(data, position, name)
-        if length < 0 or position + length > len(data):
-            raise AvroDecodeError(f"field {name}: a string of {length} byte(s) with {len(data) - position} left")
-        try:
-            return data[position : position + length].decode(), position + length
-        except UnicodeDecodeError as exc:
-            raise AvroDecodeError(f"field {name}: not UTF-8 ({exc.reason})") from None
+def _check_field(data: bytes, position: int, kind: str | dict[str, Any]) -> tuple[str | None, int]:
+    """What is wrong with the value of type ``kind`` at ``position`` (None: nothing), and the
+    position after it."""
+    base, logical = _kind(kind)
     if base == "boolean":
         if position >= len(data):
-            raise AvroDecodeError(f"field {name}: the record ends inside the value")
+            return _ENDS, position
         if data[position] not in (0, 1):
-            raise AvroDecodeError(f"field {name}: boolean byte {data[position]}, not 0 or 1")
-        return data[position] == 1, position + 1
+            return f"boolean byte {data[position]}, not 0 or 1", position
+        return None, position + 1
     if base == "double":
-        if position + 8 > len(data):
-            raise AvroDecodeError(f"field {name}: the record ends inside the value")
-        return struct.unpack_from("<d", data, position)[0], position + 8
-    raise AvroDecodeError(f"field {name}: Avro type {kind!r} is not supported")
+        return (_ENDS, position) if position + 8 > len(data) else (None, position + 8)
+    # int, long, the timestamps and a string's length: a zig-zag variable-length integer.
+    try:
+        number, end = _read(data, position, "long")
+    except (EOFError, IndexError):
+        continued = next((n for n, byte in enumerate(data[position:]) if not byte & 0x80), len(data) - position)
+        return (_TOO_LONG if continued >= 10 else _ENDS), position
+    if end - position > 10:
+        return _TOO_LONG, position
+    if end - position == 10 and data[end - 1] > 1:  # bits past the 64th, which fastavro drops
+        return "a variable-length integer that does not fit a long", position
+    if logical is not None:
+        try:
+            _read(data, position, parse_schema(kind))
+        except (OverflowError, ValueError):
+            return f"timestamp {number} ({logical}) is out of range", position
+    if base == "int" and number not in _INT_RANGE:
+        return f"{number} does not fit an int", position
+    if base != "string":
+        return None, end
+    if number < 0 or end + number > len(data):
+        return f"a string of {number} byte(s) with {len(data) - end} left", position
+    try:
+        _read(data, position, "string")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 ({exc.reason})", position
+    return None, end + number

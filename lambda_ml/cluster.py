@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from lambda_ml.config import PlatformConfig
 from lambda_ml.stack import ManagedProcess, wait_until
 
@@ -199,7 +201,7 @@ class StandaloneCluster:
 def _wait_gone(pid: int, timeout_s: float) -> None:
     """Wait until ``pid`` (ours, already signalled) has fully exited; SIGKILL it after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while Path(f"/proc/{pid}").exists():
+    while psutil.pid_exists(pid):  # a zombie counts until its parent reaps it
         try:
             os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
         except ChildProcessError:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from lambda_ml.config import PlatformConfig, TopicConfig
 from lambda_ml.jvm import KAFKA_BROKER, resolved_jars
 
@@ -51,15 +53,7 @@ class ManagedProcess:
             pid = int(self.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid
-        if _is_zombie(pid):
-            return None
-        return pid
+        return None if _is_gone(pid) else pid
 
     def start(self, command: list[str], env: dict[str, str] | None = None) -> int:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -124,13 +118,12 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 def group_members(group: int) -> list[int]:
     """The live processes of a process group (zombies left for their new parent to reap are not)."""
     members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for process in psutil.process_iter(["status"]):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if os.getpgid(process.pid) == group and process.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(process.pid)
         except OSError:
-            continue  # gone meanwhile
-        if int(fields[2]) == group and fields[0] != "Z":
-            members.append(int(stat.parent.name))
+            continue  # gone meanwhile, or (macOS) in a session we may not look into
     return members
 
 
@@ -149,18 +142,20 @@ def _stop_leftovers(group: int, timeout_s: float = 10) -> None:
             time.sleep(0.2)
 
 
-def _is_zombie(pid: int) -> bool:
+def _is_gone(pid: int) -> bool:
+    """True when ``pid`` has exited, or is a zombie (reaped here if it is our own child)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    if stat.rsplit(")", 1)[1].split()[0] == "Z":
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+        if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.NoSuchProcess:
         return True
-    return False
+    except psutil.AccessDenied:
+        return False  # alive, someone else's
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return True
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str, process: ManagedProcess) -> None:

@@ -149,7 +149,7 @@ def check_fields(event: EventType, payload: Mapping[str, Any], record_time: date
         if field.name not in payload:
             raise InvalidEvent(f"missing field: {field.name}")
     limit = rules.max_string_length
-    typed = {field.name: _KINDS[field.kind](field, payload[field.name], limit) for field in event.fields}
+    typed: dict[str, Any] = {field.name: _KINDS[field.kind](field, payload[field.name], limit) for field in event.fields}
     if EVENT_TIME in typed:
         check_event_time(typed[EVENT_TIME], record_time, rules)
     return typed
@@ -350,8 +350,8 @@ def _decode_iteratively(text: str, position: int) -> tuple[Any, int]:
             if text[position : position + 1] == "}":
                 value, position = {}, position + 1
             else:
-                key, position = key_at(position)
-                stack.append(([], True, [key]))
+                first_key, position = key_at(position)
+                stack.append(([], True, [first_key]))
                 continue
         elif char == "[":
             position = skip(position + 1)

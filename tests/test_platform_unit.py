@@ -189,3 +189,27 @@ def test_avro_impressions_decode_to_what_was_encoded_and_bad_bytes_name_the_fiel
     with pytest.raises(ValueError, match="field tags: Avro type"):
         avro.check_schema({**schema, "fields": [*schema["fields"], {"name": "tags", "type": ["null", "string"]}]})
     avro.check_schema(schema)
+
+
+def test_avro_decoding_is_as_strict_as_the_format_and_no_stricter() -> None:
+    """fastavro reads some bytes leniently; the decoder still refuses them, and still takes an
+    integer padded past its shortest form, which Avro allows."""
+    schema = {"type": "record", "name": "R", "fields": [{"name": "n", "type": "long"}, {"name": "ok", "type": "boolean"}]}
+    # By hand: 5 zig-zags to 10; 0x8a 0x80 0x00 is 10 in three bytes instead of one.
+    assert avro.decode(b"\x0a\x01", schema) == {"n": 5, "ok": True}
+    assert avro.decode(b"\x8a\x80\x00\x00", schema) == {"n": 5, "ok": False}
+    with pytest.raises(avro.AvroDecodeError, match="field ok: boolean byte 2, not 0 or 1"):
+        avro.decode(b"\x0a\x02", schema)
+    # A schema without a boolean, whose records are written back only when they could hide a
+    # long variable-length integer.
+    long_only = {**schema, "fields": schema["fields"][:1]}
+    assert avro.decode(b"\x8a" + b"\x80" * 8 + b"\x00", long_only) == {"n": 5}
+    for checked in (schema, long_only):
+        with pytest.raises(avro.AvroDecodeError, match="field n: a variable-length integer of more than 10 bytes"):
+            avro.decode(b"\x8a" + b"\x80" * 10 + b"\x00\x01"[: len(checked["fields"])], checked)
+        with pytest.raises(avro.AvroDecodeError, match="field n: a variable-length integer that does not fit a long"):
+            avro.decode(b"\xff" * 9 + b"\x02\x01"[: len(checked["fields"])], checked)  # bit 64 set: 2**64 - 1 + 2**64
+    with pytest.raises(avro.AvroDecodeError, match=r"2 byte\(s\) left after the last field \(ok\)"):
+        avro.decode(b"\x0a\x01\x00\x00", schema)
+    with pytest.raises(avro.AvroEncodeError, match="field n: expected long, got True"):
+        avro.encode({"n": True, "ok": True}, schema)

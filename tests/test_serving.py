@@ -1036,12 +1036,41 @@ def test_ready_and_metrics_report_what_is_loaded() -> None:
         text = client.get("/metrics")
         assert text.headers["content-type"].startswith("text/plain")
         lines = set(text.text.splitlines())
-        assert 'lambda_ml_http_requests_total{method="POST",route="/predict",status="200"} 3' in lines
-        assert 'lambda_ml_http_requests_total{method="POST",route="/predict",status="422"} 1' in lines
-        assert 'lambda_ml_http_request_duration_seconds_count{route="/predict"} 4' in lines
-        assert 'lambda_ml_predictions_total{policy="champion",versions="4"} 3' in lines
-        assert 'lambda_ml_model_version{alias="champion"} 4' in lines
-        assert 'lambda_ml_http_errors_total{route="/predict"} 0' in lines and "lambda_ml_ready 1" in lines
+        assert 'lambda_ml_http_requests_total{method="POST",route="/predict",status="200"} 3.0' in lines
+        assert 'lambda_ml_http_requests_total{method="POST",route="/predict",status="422"} 1.0' in lines
+        assert 'lambda_ml_http_request_duration_seconds_count{route="/predict"} 4.0' in lines
+        assert 'lambda_ml_predictions_total{policy="champion",versions="4"} 3.0' in lines
+        assert 'lambda_ml_model_version{alias="champion"} 4.0' in lines
+        assert 'lambda_ml_http_errors_total{route="/predict"} 0.0' in lines and "lambda_ml_ready 1.0" in lines
+
+
+def test_metrics_of_two_services_in_one_process_count_apart_and_parse_as_prometheus_text() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving_layer.metrics import LATENCY_BUCKETS, ServiceMetrics
+
+    first, second = ServiceMetrics(), ServiceMetrics()
+    latencies = [0.0005, 0.001, 0.003, 0.003, 0.2, 3.0]
+    for n, seconds in enumerate(latencies):
+        first.observe_request("POST", "/predict", 503 if n == 0 else 200, seconds)
+    second.observe_request("GET", "/health", 200, 0.001)
+    first.observe_predictions("consensus", [], 4)
+    text = first.render([("lambda_ml_model_version", "Version per alias.", {"alias": "champion"}, 7),
+                         ("lambda_ml_reloads_total", "Loads.", {"what": 'a "quoted" \\ name'}, 2)])  # fmt: skip
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    # By hand: a request counts in every bucket whose bound it does not exceed.
+    for bound in [*LATENCY_BUCKETS, float("inf")]:
+        le = "+Inf" if bound == float("inf") else str(bound)
+        expected = sum(seconds <= bound for seconds in latencies)
+        assert samples["lambda_ml_http_request_duration_seconds_bucket", (("le", le), ("route", "/predict"))] == expected
+    assert samples["lambda_ml_http_request_duration_seconds_sum", (("route", "/predict"),)] == pytest.approx(sum(latencies))
+    assert samples["lambda_ml_http_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "200"))] == 5
+    assert samples["lambda_ml_http_errors_total", (("route", "/predict"),)] == 1
+    assert samples["lambda_ml_predictions_total", (("policy", "consensus"), ("versions", "prior"))] == 4
+    assert samples["lambda_ml_model_version", (("alias", "champion"),)] == 7
+    assert samples["lambda_ml_reloads_total", (("what", 'a "quoted" \\ name'),)] == 2
+    assert not any(name.startswith("lambda_ml_http") and ("route", "/health") in labels for name, labels in samples)
+    assert 'lambda_ml_http_requests_total{method="GET",route="/health",status="200"} 1.0' in second.render([]).splitlines()
 
 
 def test_an_api_key_guards_the_api_and_is_named_when_missing() -> None:
@@ -1241,9 +1270,9 @@ def test_the_prediction_log_never_holds_up_a_request_and_counts_what_it_drops() 
         took = time.monotonic() - started
         metrics = client.get("/metrics").text
     assert statuses == [200] * 5 and took < 2, took
-    assert 'lambda_ml_prediction_log_records_total{outcome="dropped"} 2' in metrics
-    assert 'lambda_ml_prediction_log_records_total{outcome="sent"} 0' in metrics
-    assert "lambda_ml_prediction_log_queued 3" in metrics
+    assert 'lambda_ml_prediction_log_records_total{outcome="dropped"} 2.0' in metrics
+    assert 'lambda_ml_prediction_log_records_total{outcome="sent"} 0.0' in metrics
+    assert "lambda_ml_prediction_log_queued 3.0" in metrics
 
 
 def test_the_ab_policy_needs_its_challenger_among_the_candidates() -> None:
@@ -1821,8 +1850,8 @@ def test_alias_moves_are_hot_swapped_without_a_failed_request(trained: Trained, 
     loaded = {v["version"]: v for v in models["versions"]}
     assert loaded[original]["horizon"] == {"impressions": IMPRESSION_BATCHES - 1, "clicks": CLICK_BATCHES - 1}
     metrics = urllib.request.urlopen(f"{service.url}/metrics", timeout=10).read().decode()
-    assert f'lambda_ml_model_version{{alias="champion"}} {original}' in metrics
-    assert 'lambda_ml_http_errors_total{route="/predict"} 0' in metrics
+    assert f'lambda_ml_model_version{{alias="champion"}} {original}.0' in metrics
+    assert 'lambda_ml_http_errors_total{route="/predict"} 0.0' in metrics
 
 
 @pytest.mark.integration
@@ -1876,8 +1905,8 @@ def test_a_model_update_on_kafka_swaps_at_once_and_a_stale_one_is_ignored(traine
             publish(original, (11, 10))
             wait_for(lambda: http.get("/models").json()["aliases"]["champion"] == original, 30, "the newer update is applied")
             metrics = http.get("/metrics").text
-            assert 'lambda_ml_model_updates_total{outcome="applied"} 2' in metrics
-            assert 'lambda_ml_model_updates_total{outcome="stale"} 1' in metrics
+            assert 'lambda_ml_model_updates_total{outcome="applied"} 2.0' in metrics
+            assert 'lambda_ml_model_updates_total{outcome="stale"} 1.0' in metrics
     finally:
         producer.close()
         client.set_registered_model_alias(REGISTERED_MODEL, "champion", str(original))
@@ -2157,8 +2186,8 @@ def test_the_prediction_log_equals_the_answers_and_online_auc_equals_sklearn(tra
             plog = http.app.state.prediction_log  # type: ignore[attr-defined]
             wait_for(lambda: plog.sent == len(answers), 60, "every prediction acknowledged by the broker")
             metrics = http.get("/metrics").text
-        assert f'lambda_ml_prediction_log_records_total{{outcome="sent"}} {len(answers)}' in metrics
-        assert 'lambda_ml_prediction_log_records_total{outcome="dropped"} 0' in metrics
+        assert f'lambda_ml_prediction_log_records_total{{outcome="sent"}} {len(answers)}.0' in metrics
+        assert 'lambda_ml_prediction_log_records_total{outcome="dropped"} 0.0' in metrics
         records = read_topic(cfg, topic, len(answers))
         assert sorted(map(_logged_fields, records)) == sorted(answers)
         assert {r["source"] for r in records} == {"http"} and {r["registered_model"] for r in records} == {REGISTERED_MODEL}
@@ -2361,7 +2390,7 @@ def test_kafka_down_keeps_serving_and_the_prediction_log_recovers(trained: Train
         (expected[0], expected[1], json.dumps(expected[2]))
     }
     assert took < 10, f"40 requests took {took:.1f} s with Kafka down"
-    assert 'lambda_ml_prediction_log_records_total{outcome="dropped"} 0' in metrics
+    assert 'lambda_ml_prediction_log_records_total{outcome="dropped"} 0.0' in metrics
     for n in range(5):
         assert _post_json(f"{service.url}/predict", {**base, "event_id": f"kafka-after-{n}"})[0] == 200
     records = read_topic(cfg, topic, existing + 45, timeout_s=180)
