@@ -204,7 +204,7 @@ def request_rows(n: int, seed: int = 9) -> list[dict[str, Any]]:
 
 def peer_bodies(cfg: PlatformConfig, rows: list[dict[str, Any]], now: datetime) -> list[bytes]:
     """The same rows' 38 model inputs, as the peer's /invocations takes them."""
-    from serving_layer.features import lookup_features
+    from lambda_ml_apps.ctr.model_inputs import lookup_features
     from serving_layer.views import load_batch_views
 
     class Row:

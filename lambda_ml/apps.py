@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from fastapi import APIRouter
+    from fastapi import FastAPI
     from pyspark.sql import DataFrame, SparkSession
     from pyspark.sql.streaming.query import StreamingQuery
     from pyspark.sql.streaming.readwriter import DataStreamWriter
@@ -212,7 +212,8 @@ class Service(Protocol):
 
 class ServingModels(Protocol):
     """The application's serving side (``<App>ServingModels``): how its registered versions
-    load, how a model travelling as data applies, and the routes that answer with them."""
+    load, how a model travelling as data applies, and the routes that answer with them. (An
+    application with a FastAPI ``APIRouter`` mounts it with ``app.include_router``.)"""
 
     def load(self, cfg: PlatformConfig, info: VersionInfo, alias: str, local_dir: Path) -> ServingModel:
         """Open a registered version whose artefacts the store downloaded into ``local_dir``;
@@ -222,8 +223,9 @@ class ServingModels(Protocol):
         """The model an update carries as data (e.g. the speed layer's), None when it carries
         none (a registry version travels by reference)."""
 
-    def router(self, service: Service) -> APIRouter:
-        """The application's routes (e.g. ``POST /predict``, ``POST /assign``)."""
+    def mount(self, app: FastAPI, service: Service) -> None:
+        """Add the application's routes (e.g. ``POST /predict``, ``POST /assign``) to the
+        service's ``app``, with any middleware they need (added first, so innermost)."""
 
 
 # --------------------------------------------------------------------------- the application

@@ -142,7 +142,7 @@ def _batch(cfg: PlatformConfig, args: argparse.Namespace) -> int:
 
 def _serve(cfg: PlatformConfig, args: argparse.Namespace) -> int:
     if args.mode == "stream":
-        from serving_layer import stream
+        from lambda_ml_apps.ctr import stream
 
         return stream.run_from_args(cfg, args)
     from serving_layer.app import serve
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "predictions topic with the same models and features (stream; at least once, SIGTERM-safe).",
     )  # fmt: skip
     sub.add_argument("mode", nargs="?", choices=("http", "stream"), default="http", help="http (default) or stream")
-    from serving_layer.stream import add_arguments as add_stream_arguments
+    from lambda_ml_apps.ctr.stream import add_arguments as add_stream_arguments
 
     stream_options = sub.add_argument_group("stream options (serve stream)")
     add_stream_arguments(stream_options)  # type: ignore[arg-type]

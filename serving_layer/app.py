@@ -1,11 +1,11 @@
-"""The prediction service: ``POST /predict`` scores impressions with the model version(s) a
-serving policy picks among those loaded from the registry, on window features read off the
-batch views merged with the speed layer's increments at the time of the request (or the row's
-``event_time``). ``GET /features/...`` shows a merge, ``GET /models`` the loaded versions,
+"""The service: the application's routes (``ServingModels.mount``: the click-through
+application's ``POST /predict``, k-means' ``POST /assign``) answer with the model versions loaded
+from the registry and, where they read features, the batch views merged with the speed layer's
+increments. ``GET /features/...`` shows a merge, ``GET /models`` the loaded versions,
 ``/health``, ``/ready`` and ``/metrics`` are for operators. ``serve(cfg)`` runs it.
 
 Bad requests get a 4xx naming the field (``{"detail": [{"field", "message"}]}``), never a
-5xx; with no model registered yet /predict answers 503 and /health still answers.
+5xx; with no model registered yet the application's routes answer 503 and /health still answers.
 """
 
 from __future__ import annotations
@@ -15,58 +15,32 @@ import ipaddress
 import logging
 import os
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AwareDatetime, TypeAdapter, ValidationError
+from pydantic import AwareDatetime
 
-from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lambda_ml import contract
+from lambda_ml.apps import load_application
 from lambda_ml.buckets import EntityBuckets, bucket_start, from_micros, reach_micros, to_micros, window_plan
-from lambda_ml.config import AbConfig, FeaturesConfig, PlatformConfig
-from serving_layer.ab import CHALLENGER_ARM, CHAMPION_ARM, split_rows
-from serving_layer.api_models import (
-    BATCH_EXAMPLE,
-    REQUEST_KINDS,
-    ROW_EXAMPLE,
-    BucketRow,
-    ErrorResponse,
-    FeaturePart,
-    FeaturesResponse,
-    HealthResponse,
-    IncrementsOut,
-    ModelsResponse,
-    PolicyName,
-    PredictBatch,
-    PredictResponse,
-    PredictRow,
-    ReadyResponse,
-    ValidationErrorResponse,
-    batch_type_with_limit,
-    check_scoring_time,
-    predict_request_type,
-    row_type_with_limits,
-)
-from serving_layer.answers import AnswerWriter, Scored, horizon_out, model_out, views_out
-from serving_layer.features import lookup_features
+from lambda_ml.config import FeaturesConfig, PlatformConfig
+from serving_layer.api_models import BucketRow, ErrorResponse, FeaturePart, FeaturesResponse, HealthResponse, IncrementsOut, ModelsResponse, ReadyResponse, ValidationErrorResponse, ViewsOut, check_scoring_time, horizon_out, model_out
+from serving_layer.lake_events import LakeEventsError
 from serving_layer.metrics import CONTENT_TYPE, ServiceMetrics
 from serving_layer.model_store import ModelStore, ServedModels
-from serving_layer.policies import PolicyRunner
 from serving_layer.prediction_log import PredictionLog
 from serving_layer.reloadable import NotReadyError, Poller, Reloadable
 from serving_layer.updates import ModelUpdateListener
-from serving_layer.lake_events import LakeEventsError
 from serving_layer.views import BatchViews, ViewStore
 
 log = logging.getLogger(__name__)
@@ -78,8 +52,6 @@ RETRY_AFTER_S = 5
 # for pretty-printing. Bodies beyond max_rows rows of this are refused before parsing.
 BODY_BYTES_PER_ROW = 2048
 BODY_BYTES_BASE = 64 * 1024
-# Requests of at most this many rows are scored on the event loop (see predict).
-INLINE_ROWS = 16
 
 
 def max_body_bytes(max_rows: int) -> int:
@@ -91,16 +63,16 @@ def max_body_bytes(max_rows: int) -> int:
     return BODY_BYTES_BASE + max_rows * BODY_BYTES_PER_ROW
 
 
-def format_validation_errors(errors: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+def format_validation_errors(errors: Sequence[dict[str, Any]], union_tags: Collection[str] = ()) -> list[dict[str, str]]:
     """Pydantic/FastAPI validation errors as ``[{"field": "rows.0.position", "message": ...}]``.
 
-    The ``body`` prefix and the internal row/batch tag are dropped, so ``field`` is the path a
-    client wrote in its JSON.
+    The ``body`` prefix and the tag of a union body (``union_tags``, e.g. row or batch) are
+    dropped, so ``field`` is the path a client wrote in its JSON.
 
     >>> format_validation_errors([{"loc": ("body", "batch", "rows", 0, "position"), "type": "greater_than_equal",
-    ...                            "msg": "Input should be greater than or equal to 1"}])
+    ...                            "msg": "Input should be greater than or equal to 1"}], {"batch", "row"})
     [{'field': 'rows.0.position', 'message': 'Input should be greater than or equal to 1'}]
-    >>> format_validation_errors([{"loc": ("body", "row", "colour"), "type": "extra_forbidden", "msg": "x"}])
+    >>> format_validation_errors([{"loc": ("body", "row", "colour"), "type": "extra_forbidden", "msg": "x"}], {"batch", "row"})
     [{'field': 'colour', 'message': 'unknown field'}]
     """
     formatted = []
@@ -109,7 +81,7 @@ def format_validation_errors(errors: Sequence[dict[str, Any]]) -> list[dict[str,
         kind = error.get("type", "")
         if loc[:1] == ["body"]:
             loc = loc[1:]
-            if loc[:1] and loc[0] in REQUEST_KINDS:
+            if loc[:1] and loc[0] in union_tags:
                 loc = loc[1:]
         if kind == "json_invalid":
             # FastAPI puts the character offset in loc; it belongs in the message.
@@ -138,74 +110,6 @@ def is_json_content_type(content_type: str) -> bool:
     """
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
-
-
-def score_rows(
-    rows: Sequence[PredictRow],
-    served: ServedModels,
-    views: BatchViews,
-    features: FeaturesConfig,
-    now: datetime,
-    runner: PolicyRunner,
-    policy: str,
-    deadline_s: float | None = None,
-    ab: AbConfig | None = None,
-    request_id: str = "",
-) -> Scored:
-    """Compute the rows' features at ``now`` (or their own ``event_time``), answer with
-    ``policy`` over the loaded versions and shape the answer with the inputs the first answering
-    version took (all declared features when the prior answered). Under the ``ab`` policy each
-    row's user picks its arm (``ab``: the split), and each arm's rows are scored by its version.
-    ``answers.predict_response`` makes it the /predict answer, an ``AnswerWriter`` its JSON."""
-    found = lookup_features(rows, views, features, now)
-    if policy == "ab":
-        answers = _ab_answers(rows, found, served, runner, ab or AbConfig())
-    else:
-        answer = runner.answer(policy, served, lambda m: m.predict_rows(found), len(rows), deadline_s)
-        version = answer.models[0].version if len(answer.models) == 1 else None
-        answers = [(float(p), version, None) for p in answer.probabilities]
-        how, models = answer.how, list(answer.models)
-    if policy == "ab":
-        by_version = {m.version: m for m in served.distinct()}
-        models = [by_version[v] for v in dict.fromkeys(v for _, v, _ in answers if v is not None)]
-        arms = {arm: sum(1 for _, _, a in answers if a == arm) for arm in (CHAMPION_ARM, CHALLENGER_ARM)}
-        how = ", ".join(f"{n} row(s) to {arm}" for arm, n in arms.items() if n)
-    names = models[0].inputs.names if models else contract.model_inputs(features).names
-    return Scored(request_id, policy, how, models, views, rows, found, answers, names)
-
-
-def _ab_answers(
-    rows: Sequence[PredictRow], found: list[dict[str, Any]], served: ServedModels, runner: PolicyRunner, ab: AbConfig
-) -> list[tuple[float, int | None, str | None]]:
-    """(probability, version, arm) per row: the champion's version for the users in its arm,
-    the challenger's for the others; everyone gets the champion while no challenger is loaded."""
-    answers: list[tuple[float, int | None, str | None]] = [(0.0, None, None)] * len(rows)
-    challenger_loaded = ab.challenger_alias in served.by_alias
-    fraction = ab.challenger_fraction if challenger_loaded else 0.0
-    for arm, indexes in split_rows([r.user_id for r in rows], fraction, ab.salt).items():
-        if not indexes:
-            continue
-        arm_served = served if arm == CHAMPION_ARM else ServedModels(ab.challenger_alias, served.by_alias)
-        subset = [found[n] for n in indexes]
-        answer = runner.answer("champion", arm_served, lambda m: m.predict_rows(subset), len(indexes))
-        (model,) = answer.models
-        for n, p in zip(indexes, answer.probabilities, strict=True):
-            answers[n] = (float(p), model.version, arm)
-    return answers
-
-
-def prediction_records(scored: Scored, registered_model: str, scored_at: datetime, source: str) -> list[dict[str, Any]]:
-    """The prediction-log records of an answer, one per row (see ``serving_layer.prediction_log``)."""
-    versions = [m.version for m in scored.models]
-    return [
-        {
-            "request_id": scored.request_id, "event_id": row.event_id, "user_id": row.user_id, "item_id": row.item_id,
-            "device": row.device, "position": row.position, "event_time": row.event_time, "scored_at": scored_at,
-            "registered_model": registered_model, "policy": scored.policy, "arm": arm, "version": version,
-            "versions": versions, "probability": p, "source": source,
-        }  # fmt: skip
-        for row, (p, version, arm) in zip(scored.rows, scored.answers, strict=True)
-    ]
 
 
 def _part(
@@ -281,57 +185,6 @@ class ContentLengthLimit:
         await self.app(scope, receive, send)
 
 
-class PredictFastPath:
-    """ASGI middleware answering a plain ``POST /predict`` without FastAPI's routing and
-    dependency resolution, which take most of a small request's time: the body is read and
-    validated in one pass by pydantic-core (``answer`` returns None when it should not, or
-    cannot, answer). Anything else, and any request ``answer`` declines (an invalid body, a
-    query string, a missing API key, nothing loaded yet...), goes to FastAPI with the body replayed, so
-    errors and the OpenAPI document stay FastAPI's."""
-
-    class _Route:
-        path = "/predict"  # what RequestMetrics labels the request with
-
-    def __init__(self, app: ASGIApp, answer: Callable[[Headers, bytes], tuple[bytes, str] | None], max_bytes: int) -> None:
-        self.app, self.answer, self.max_bytes = app, answer, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST" or scope.get("query_string"):
-            await self.app(scope, receive, send)
-            return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunk = message.get("body", b"")
-            chunks.append(chunk)
-            size += len(chunk)
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                break
-        body = b"".join(chunks)
-        done = None if more else self.answer(Headers(scope=scope), body)
-        if done is None:
-            replayed = False
-
-            async def replay() -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": more}
-                return await receive()
-
-            await self.app(scope, replay, send)
-            return
-        out, request_id = done
-        scope["route"] = self._Route
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode()),
-                   (b"x-request-id", request_id.encode())]  # fmt: skip
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": out})
-
-
 class RequestMetrics:
     """ASGI middleware timing every HTTP request into ``metrics``, by route template (so
     /features/user/u1 and /features/user/u2 count as one route)."""
@@ -359,11 +212,7 @@ class RequestMetrics:
             self.metrics.observe_request(scope.get("method", "?"), route, status[0], time.perf_counter() - started)
 
 
-def _unavailable(reason: str) -> HTTPException:
-    return HTTPException(status_code=503, detail=reason, headers={"Retry-After": str(RETRY_AFTER_S)})
-
-
-def _get(slot: Reloadable[T], problems: list[str]) -> T | None:
+def get_or_report(slot: Reloadable[T], problems: list[str]) -> T | None:
     """The slot's value, or None with the reason appended to ``problems``."""
     try:
         return slot.get()
@@ -403,6 +252,33 @@ def api_key_guard(expected: str) -> Callable[..., None]:
     return check
 
 
+@dataclass
+class ServiceContext:
+    """What the service gives an application's routes (the ``Service`` contract): the config,
+    the model and view slots, the metrics, the clock, the prediction log, the API-key guard."""
+
+    cfg: PlatformConfig
+    models: Reloadable[ServedModels]
+    views: Reloadable[BatchViews]
+    metrics: ServiceMetrics
+    clock: Callable[[], datetime]
+    prediction_log: PredictionLog | None
+    guarded: list[Any]  # route dependencies checking the API key (empty without one)
+    unauthorized: dict[int | str, dict[str, Any]]  # the 401 of the OpenAPI document, when guarded
+    shutdown: list[Callable[[], None]] = field(default_factory=list)  # run when the service stops
+    # Tags of request bodies that are unions (e.g. one row or a batch): left out of error paths.
+    union_tags: set[str] = field(default_factory=set)
+
+    def served(self) -> ServedModels:
+        """The models loaded now; NotReadyError (a 503) while no champion is loaded."""
+        return self.models.get()
+
+
+def unavailable(reason: str) -> HTTPException:
+    """A 503 with Retry-After: something the answer needs is not loaded or not readable yet."""
+    return HTTPException(status_code=503, detail=reason, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def create_app(
     cfg: PlatformConfig,
     *,
@@ -418,13 +294,12 @@ def create_app(
     With ``poll``, a background thread reloads models and views while the app runs. Answers go
     to ``prediction_log`` (by default, with ``poll`` and ``serving.prediction_log.enabled``, a
     producer on ``kafka.topics.predictions``)."""
-    model_slot = models if models is not None else ModelStore.from_config(cfg)
+    application = load_application(cfg)
+    if application.serving is None:
+        raise ValueError(f"{cfg.source}: app.type: the {application.name} application has no serving side")
+    model_slot = models if models is not None else ModelStore.from_config(cfg, application.serving)
     view_slot = views if views is not None else ViewStore.from_config(cfg)
-    row_type = row_type_with_limits(cfg.events.max_string_length)
-    batch_type = batch_type_with_limit(cfg.serving.max_rows, row_type)
-    request_type = predict_request_type(batch_type, row_type)
     metrics = ServiceMetrics()
-    runner = PolicyRunner(cfg.serving.consensus, cfg.serving.deadline_ms / 1000, cfg.serving.prior_probability)
     poller = Poller([(model_slot, cfg.serving.poll_interval_s), (view_slot, cfg.serving.views_refresh_s)])
     listener = None
     if poll and cfg.serving.model_updates and isinstance(model_slot, ModelStore):
@@ -438,6 +313,8 @@ def create_app(
             cfg.kafka.bootstrap_servers, cfg.kafka.topics.predictions.name, logged.buffer_size, logged.linger_ms
         )
 
+    shutdown: list[Callable[[], None]] = []
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         _try_load(view_slot)
@@ -446,9 +323,10 @@ def create_app(
             for model in served.distinct():
                 log.info("serving %s", model.describe())
         else:
-            log.warning("no model to serve yet; /predict answers 503 until %s exists", model_slot.name)
+            log.warning("no model to serve yet; its routes answer 503 until %s exists", model_slot.name)
         if (loaded := view_slot.current) is not None:
-            log.info("batch views: %d users, %d items, from %s", loaded.size("user"), loaded.size("item"), loaded.horizon)
+            sizes = ", ".join(f"{loaded.size(entity)} {entity} keys" for entity in loaded.views)
+            log.info("batch views: %s, from %s", sizes, loaded.horizon)
         if poll:
             poller.start()
         if listener is not None:
@@ -464,11 +342,12 @@ def create_app(
             if listener is not None:
                 listener.stop()
             poller.stop()
-            runner.close()
+            for close in shutdown:
+                close()
 
     app = FastAPI(
         title="lambda-ml prediction service",
-        summary="Click-through probabilities from the registry's model versions and the merged feature views.",
+        summary=f"The {application.name} application's answers from the registry's model versions and the merged feature views.",
         version=_package_version(),
         lifespan=lifespan,
     )
@@ -479,19 +358,20 @@ def create_app(
     app.state.model_updates = listener
     app.state.prediction_log = prediction_log
 
-    too_large = _too_large_response(cfg.serving.max_rows)
-    # A declared Content-Length is refused before reading; a chunked body is cut off by the
-    # route's max_body_size, which raises the 413 handled here.
-    # answer_plain is defined below with the /predict route; it is looked up at request time.
-    app.add_middleware(PredictFastPath, answer=lambda h, b: answer_plain(h, b), max_bytes=max_body_bytes(cfg.serving.max_rows))
-    app.add_middleware(ContentLengthLimit, max_bytes=max_body_bytes(cfg.serving.max_rows), response=too_large)
-    app.add_middleware(RequestMetrics, metrics=metrics)
     guarded = [Depends(api_key_guard(cfg.serving.api_key))] if cfg.serving.api_key else []
     unauthorized = (
         {401: {"model": ValidationErrorResponse, "description": f"Missing or wrong {API_KEY_HEADER} header."}}
         if guarded
         else {}
     )
+    service = ServiceContext(cfg, model_slot, view_slot, metrics, clock, prediction_log, guarded, unauthorized, shutdown)
+    # The application's routes (and any middleware of theirs, innermost), then the service's.
+    application.serving.mount(app, service)
+    too_large = _too_large_response(cfg.serving.max_rows)
+    # A declared Content-Length is refused before reading; a chunked body is cut off by the
+    # route's max_body_size, which raises the 413 handled here.
+    app.add_middleware(ContentLengthLimit, max_bytes=max_body_bytes(cfg.serving.max_rows), response=too_large)
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.exception_handler(413)
     async def on_too_large(_: Request, __: Exception) -> JSONResponse:
@@ -503,129 +383,7 @@ def create_app(
         if content_type and not is_json_content_type(content_type):
             message = f"the body must be JSON sent with Content-Type: application/json, not {content_type}"
             return JSONResponse(status_code=415, content={"detail": [{"field": "body", "message": message}]})
-        return JSONResponse(status_code=422, content={"detail": format_validation_errors(exc.errors())})
-
-    writer = AnswerWriter()
-
-    def answer(
-        rows: list[PredictRow], served: ServedModels, views_now: BatchViews, chosen: str, budget_s: float | None, request_id: str
-    ) -> bytes:
-        now = clock()
-        try:
-            scored = score_rows(rows, served, views_now, cfg.features, now, runner, chosen, budget_s, cfg.serving.ab, request_id)
-            body = writer.write(scored)
-        except LakeEventsError as exc:
-            log.error("cannot compute features at the rows' event times: %s", exc)
-            raise _unavailable(f"cannot compute the features at the rows' event times exactly: {exc}") from exc
-        except Exception as exc:
-            # A request that passed validation should always score; if the graph still fails,
-            # say which version failed rather than answer a bare 500.
-            log.exception("%s failed to score %d row(s)", served.champion.uri, len(rows))
-            raise HTTPException(status_code=500, detail=f"{chosen} policy failed to score the request: {exc}") from exc
-        metrics.observe_predictions(chosen, (m.version for m in scored.models), len(rows))
-        if prediction_log is not None:
-            prediction_log.submit(prediction_records(scored, cfg.mlflow.registered_model, now, "http"))
-        return body
-
-    request_adapter: TypeAdapter[Any] = TypeAdapter(request_type)
-
-    def reads_lake(rows: Sequence[PredictRow], views_now: BatchViews) -> bool:
-        # A bronze read takes milliseconds: such a request goes to the thread pool, not the event loop.
-        if views_now.lake is None:
-            return False
-        now = to_micros(clock())
-        return any(views_now.reads_lake(now if r.event_time is None else to_micros(r.event_time)) for r in rows)
-
-    def answer_plain(headers: Headers, body: bytes) -> tuple[bytes, str] | None:
-        """The answer and request id of a plain /predict request (JSON, a few rows, the default
-        policy unless it waits, models and views loaded, the API key if one is set), else None."""
-        if guarded and not hmac.compare_digest(headers.get(API_KEY_HEADER, "").encode(), cfg.serving.api_key.encode()):
-            return None
-        if not is_json_content_type(headers.get("content-type", "")) or cfg.serving.policy == "deadline":
-            return None
-        views_now, served = view_slot.current, model_slot.current
-        if views_now is None or served is None:
-            return None
-        try:
-            request = request_adapter.validate_json(body)
-        except ValidationError:
-            return None
-        rows: list[PredictRow] = list(request.rows) if isinstance(request, PredictBatch) else [request]
-        if len(rows) > INLINE_ROWS or reads_lake(rows, views_now):
-            return None
-        request_id = uuid.uuid4().hex
-        try:
-            return answer(rows, served, views_now, cfg.serving.policy, None, request_id), request_id
-        except HTTPException:
-            return None  # FastAPI answers it again, with the error
-
-    async def predict(request: PredictRow | PredictBatch, policy: Any = None, deadline_ms: Any = None) -> Response:
-        """Score each row with the loaded model version(s) the policy picks, on window features
-        (per user, item... as declared: batch view merged with the speed layer's increments)
-        at the row's ``event_time`` or now; unknown users and items have empty windows. The
-        answer names the version(s) that produced it."""
-        rows: list[PredictRow] = list(request.rows) if isinstance(request, PredictBatch) else [request]
-        views_now, served = view_slot.current, model_slot.current
-        if views_now is None or served is None:
-            problems: list[str] = []  # a first load may take a while: off the event loop
-            views_now = await run_in_threadpool(_get, view_slot, problems)
-            served = await run_in_threadpool(_get, model_slot, problems)
-            if views_now is None or served is None:
-                raise _unavailable("not ready to predict: " + "; ".join(problems))
-        chosen = policy or cfg.serving.policy
-        budget_s = None if deadline_ms is None else deadline_ms / 1000
-        request_id = uuid.uuid4().hex
-        # A few rows score in a fraction of a millisecond: on the event loop, without a thread
-        # hop. Large batches and the deadline policy (which waits) go to the thread pool so they
-        # never hold up other requests. The body is serialised once here (returning a Response
-        # skips FastAPI's second validation of the response model).
-        if len(rows) <= INLINE_ROWS and chosen != "deadline" and not reads_lake(rows, views_now):
-            body = answer(rows, served, views_now, chosen, budget_s, request_id)
-        else:
-            body = await run_in_threadpool(answer, rows, served, views_now, chosen, budget_s, request_id)
-        return Response(body, media_type="application/json", headers={"X-Request-ID": request_id})
-
-    # The body type depends on serving.max_rows, so it is set here rather than written in the
-    # signature (FastAPI reads annotations, and a string one could not see this closure).
-    predict.__annotations__["request"] = Annotated[
-        request_type,
-        Body(
-            openapi_examples={
-                "one row": {"summary": "One impression", "value": ROW_EXAMPLE},
-                "batch": {"summary": f"Up to {cfg.serving.max_rows} impressions", "value": BATCH_EXAMPLE},
-            }
-        ),
-    ]
-    predict.__annotations__["policy"] = Annotated[
-        PolicyName | None,
-        Query(description=f"Serving policy for this request; default serving.policy ({cfg.serving.policy})."),
-    ]
-    predict.__annotations__["deadline_ms"] = Annotated[
-        float | None,
-        Query(
-            gt=0,
-            le=60_000,
-            description=f"Time budget of the deadline policy, ms; default serving.deadline_ms ({cfg.serving.deadline_ms:g}).",
-        ),
-    ]
-    predict.__annotations__["return"] = Response
-    app.post(
-        "/predict",
-        response_model=PredictResponse,
-        summary="Click probability of one impression or a batch",
-        max_body_size=max_body_bytes(cfg.serving.max_rows),
-        dependencies=guarded,
-        responses={
-            **unauthorized,
-            413: {"model": ValidationErrorResponse, "description": "The body is larger than max_rows rows."},
-            415: {"model": ValidationErrorResponse, "description": "The body is not sent as JSON."},
-            422: {"model": ValidationErrorResponse, "description": "Invalid request; each error names its field."},
-            503: {
-                "model": ErrorResponse,
-                "description": "No model or no batch views to serve yet, or bronze cannot be read for features at an event time.",
-            },
-        },
-    )(predict)
+        return JSONResponse(status_code=422, content={"detail": format_validation_errors(exc.errors(), service.union_tags)})
 
     @app.get(
         "/models",
@@ -639,7 +397,7 @@ def create_app(
         and quality score. A moved alias shows here once its version is loaded and swapped in."""
         served = model_slot.current
         if served is None:
-            raise _unavailable(model_slot.last_error or f"{model_slot.name} is not loaded yet")
+            raise unavailable(model_slot.last_error or f"{model_slot.name} is not loaded yet")
         problems = list(served.problems)
         if model_slot.last_error:
             problems.append(model_slot.last_error)
@@ -675,13 +433,13 @@ def create_app(
             except ValueError as exc:
                 raise HTTPException(422, detail=[{"field": "query.at", "message": str(exc)}]) from exc
         problems: list[str] = []
-        loaded = _get(view_slot, problems)
+        loaded = get_or_report(view_slot, problems)
         if loaded is None:
-            raise _unavailable("no views to read: " + "; ".join(problems))
+            raise unavailable("no views to read: " + "; ".join(problems))
         try:
             return features_response(cfg.features, loaded, entity, tuple(parts), at or clock())
         except LakeEventsError as exc:
-            raise _unavailable(f"cannot compute the features at {at} exactly: {exc}") from exc
+            raise unavailable(f"cannot compute the features at {at} exactly: {exc}") from exc
 
     # Set before registering the route (FastAPI reads annotations then); see predict.
     entity_features.__annotations__["at"] = Annotated[
@@ -822,3 +580,7 @@ def _package_version() -> str:
         return metadata.version("lambda-ml")
     except metadata.PackageNotFoundError:
         return "0.0.0"
+
+
+def views_out(views: BatchViews) -> ViewsOut:
+    return ViewsOut(horizon=horizon_out(views.horizon), users=views.size("user"), items=views.size("item"))

@@ -1,18 +1,11 @@
-"""The model the service scores with: the ONNX version behind a registry alias
-(``models:/<registered_model>@<alias>``), opened in onnxruntime. Its inputs are read from the
-graph: float tensors are numeric features, string tensors categorical ones; each must be a
-feature the declarations in ``conf/`` define, so the service can compute it. The session the
-service scores with takes the numeric ones packed in one tensor (``pack_numeric_inputs``):
-feeding it one tensor per feature cost about a fifth of a request's CPU time.
+"""The models the service answers with: the versions behind the registry aliases the service
+follows (``serving.aliases``), loaded by the application (``ServingModels.load``) from the
+artefacts downloaded here, and the models that travel as data on the model-update topic (the
+speed layer's), applied by the application (``ServingModels.apply``).
 
-Everything about one loaded version (session, version number, run, horizon) lives in one
-immutable ``CtrServingModel``. The speed layer's online model is one too: it arrives as data
-on the model-update topic (a logistic regression's weights, see ``lambda_ml.contract``), is
-scored in memory on the same feature vector, and is served under its alias (``speed``) with the
-version number of the registry version it was warm-started from. The ``ModelStore`` follows several aliases (``champion``,
-``challenger``...) and swaps a ``ServedModels`` (alias -> model) whole; the service's poller
-calls ``ModelStore.reload()`` every ``serving.poll_interval_s``, so an alias moved in the
-registry (a new champion, a rollback) is served without a restart and without a failed request.
+The ``ModelStore`` swaps a ``ServedModels`` (alias -> model) whole; the service's poller calls
+``ModelStore.reload()`` every ``serving.poll_interval_s``, so an alias moved in the registry (a
+new champion, a rollback) is served without a restart and without a failed request.
 """
 
 from __future__ import annotations
@@ -23,261 +16,21 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Protocol
 
-import numpy as np
-import onnx
-import onnxruntime as ort
-
-from lambda_ml import contract
-from lambda_ml.config import FeaturesConfig, PlatformConfig
-from lambda_ml.contract import Horizon, LinearWeights, ModelInputs, ModelUpdate
-from serving_layer.features import FeatureValue, PackedInputs, build_model_inputs
+from lambda_ml.apps import ServingModel, ServingModels, VersionInfo
+from lambda_ml.config import PlatformConfig
+from lambda_ml.contract import ModelUpdate
 from serving_layer.reloadable import Reloadable
 
 log = logging.getLogger(__name__)
 
-ONNX_FLAVOR = "onnx"
-# ONNX element types of numeric and categorical model inputs.
-_NUMERIC_TYPE = "tensor(float)"
-_STRING_TYPE = "tensor(string)"
-# The input a packed graph takes its numeric features in (see pack_numeric_inputs).
-PACKED_INPUT = "numeric_features"
-
 
 class ModelLoadError(RuntimeError):
     """The alias resolves to nothing usable; the message says what and where."""
-
-
-@dataclass(frozen=True)
-class CtrServingModel:
-    """One registered ONNX version of the click-through model, ready to score."""
-
-    name: str
-    version: int
-    alias: str
-    run_id: str | None
-    horizon: Horizon
-    session: ort.InferenceSession | None  # None for a model served from memory (``linear``)
-    inputs: ModelInputs  # as the graph takes them
-    holdout_auc: float | None = None  # the training run's holdout AUC
-    quality: float | None = None  # see quality_score()
-    linear: LinearWeights | None = None  # an online model's weights, scored in memory
-    updates: int = 0  # an online model's steps since its warm start
-    packed: PackedInputs | None = None  # how a packed session takes its inputs (pack_numeric_inputs)
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-    @property
-    def identity(self) -> tuple[int, str]:
-        """What tells loaded models apart: the registry version, and the alias of a model
-        served from memory (it shares the version number it was warm-started from)."""
-        return (self.version, "" if self.linear is None else self.alias)
-
-    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """P(click) per row, as float64 of shape [n], for one ``[n, 1]`` tensor per input."""
-        if self.linear is not None:
-            return linear_probabilities(self.linear, inputs)
-        if self.packed is not None:
-            inputs = self.packed.from_tensors(inputs)
-        return self._run(inputs)
-
-    def predict_rows(self, rows: Sequence[Mapping[str, FeatureValue]]) -> np.ndarray:
-        """P(click) per row of feature values by name (as ``lookup_features`` gives them), fed
-        to the session in the shape it takes."""
-        if self.packed is None:
-            return self.predict(build_model_inputs(rows, self.inputs))
-        return self._run(self.packed.build(rows))
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        assert self.session is not None  # a registry version always has one
-        (probability,) = self.session.run([contract.ONNX_PROBABILITY_OUTPUT], feeds)
-        return np.asarray(probability, dtype=np.float64)[:, 1]
-
-    def describe(self) -> str:
-        """One line for the logs.
-
-        >>> from lambda_ml.contract import Horizon
-        >>> from lambda_ml.contract import ModelInputs
-        >>> CtrServingModel("ctr", 3, "champion", "r1", Horizon.of(impressions=5, clicks=4), None, ModelInputs((), ())).describe()
-        'ctr version 3 (alias champion), trained on bronze clicks v4, impressions v5 in MLflow run r1'
-        """
-        return f"{self.name} version {self.version} (alias {self.alias}), trained on {self.horizon} in MLflow run {self.run_id}"
-
-
-def linear_probabilities(model: LinearWeights, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    """P(click) per row of a linear model over ``[n, 1]`` input tensors (as for ONNX).
-
-    >>> w = LinearWeights(("position", "device=mobile"), (-0.5, 1.0), 0.25)
-    >>> x = {"position": np.array([[1.0], [2.0]], dtype=np.float32), "device": np.array([["mobile"], ["tablet"]], dtype=object)}
-    >>> linear_probabilities(w, x).round(6).tolist()
-    [0.679179, 0.320821]
-    """
-    first = next(iter(inputs.values()))
-    margin = np.full(len(first), model.intercept, dtype=np.float64)
-    for term, weight in zip(model.terms, model.weights):
-        field, _, value = term.partition(contract.INDICATOR)
-        column = inputs[field].reshape(-1)
-        margin += weight * (column == value if value else column.astype(np.float64))
-    return np.asarray(1.0 / (1.0 + np.exp(-margin)), dtype=np.float64)
-
-
-def linear_serving_model(update: ModelUpdate, features: FeaturesConfig) -> CtrServingModel:
-    """An online model update as a servable model; ModelLoadError if it reads an input the
-    declarations do not define."""
-    assert update.linear is not None
-    inputs = update.linear.inputs()
-    declared = contract.model_inputs(features)
-    unknown = [n for n in inputs.numeric if n not in declared.numeric]
-    unknown += [n for n in inputs.categorical if n not in declared.categorical]
-    if unknown:
-        raise ModelLoadError(
-            f"the {update.alias} model update reads inputs {unknown} that the feature declarations do not define"
-        )
-    return CtrServingModel(
-        name=update.registered_model,
-        version=update.version,
-        alias=update.alias,
-        run_id=None,
-        horizon=update.generation,
-        session=None,
-        inputs=inputs,
-        quality=update.quality,
-        linear=update.linear,
-        updates=update.updates or 0,
-    )
-
-
-def open_onnx_session(model: str | Path | bytes) -> ort.InferenceSession:
-    """An onnxruntime session on one thread per request (small models, many requests)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
-
-
-def check_session(session: ort.InferenceSession, what: str, features: FeaturesConfig) -> ModelInputs:
-    """The graph's inputs; fail unless the declarations define each of them, with its type, and
-    the graph gives the contract's probability output."""
-    numeric = [i.name for i in session.get_inputs() if i.type == _NUMERIC_TYPE]
-    categorical = [i.name for i in session.get_inputs() if i.type == _STRING_TYPE]
-    other = [f"{i.name} ({i.type})" for i in session.get_inputs() if i.type not in (_NUMERIC_TYPE, _STRING_TYPE)]
-    if other:
-        raise ModelLoadError(f"{what} has inputs that are neither float nor string tensors: {', '.join(other)}")
-    declared = contract.model_inputs(features)
-    unknown = [n for n in numeric if n not in declared.numeric] + [n for n in categorical if n not in declared.categorical]
-    if unknown:
-        raise ModelLoadError(
-            f"{what} takes inputs {unknown} that the feature declarations do not define "
-            f"(they define {', '.join(declared.names)}): serve it with the configuration it was trained with"
-        )
-    outputs = [o.name for o in session.get_outputs()]
-    if contract.ONNX_PROBABILITY_OUTPUT not in outputs:
-        raise ModelLoadError(f"{what} has no output {contract.ONNX_PROBABILITY_OUTPUT!r}; its outputs are {outputs}")
-    return ModelInputs(tuple(numeric), tuple(categorical))
-
-
-def pack_numeric_inputs(model_bytes: bytes, numeric: Sequence[str]) -> bytes | None:
-    """The graph with its ``numeric`` inputs (each ``[n, 1]`` float) replaced by one ``[n, k]``
-    float input ``PACKED_INPUT`` that a ``Split`` node cuts back into the tensors of the old
-    names: the same computation on the same values, fed with one tensor instead of k (each
-    input costs onnxruntime conversion and checks per call). None when there is nothing to
-    gain or the graph is not one this can rewrite safely; then the graph is served as it is."""
-    model = onnx.load_from_string(model_bytes)
-    graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    by_name = {i.name: i for i in graph.input}
-    if len(numeric) < 2 or opset is None or any(name not in by_name for name in numeric):
-        return None
-    for name in numeric:
-        shape = by_name[name].type.tensor_type.shape.dim
-        if len(shape) != 2 or shape[1].dim_value != 1:
-            return None  # not [n, 1]: packing could change the meaning
-    numeric_names = set(numeric)
-    if any(i.name in numeric_names for i in graph.initializer):
-        return None  # an input with a default value
-    used = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {v.name for v in graph.value_info}
-    used |= {o.name for o in graph.output} | {name for node in graph.node for name in (*node.input, *node.output)}
-    packed = PACKED_INPUT
-    while packed in used:
-        packed += "_"
-    batch = by_name[numeric[0]].type.tensor_type.shape.dim[0]
-    new_input = onnx.helper.make_tensor_value_info(packed, onnx.TensorProto.FLOAT, [batch.dim_param or None, len(numeric)])
-    if opset >= 13:  # the sizes are an input from opset 13 on, an attribute before
-        sizes = onnx.numpy_helper.from_array(np.ones(len(numeric), dtype=np.int64), f"{packed}_sizes")
-        graph.initializer.append(sizes)
-        split = onnx.helper.make_node("Split", [packed, sizes.name], list(numeric), axis=1)
-    else:
-        split = onnx.helper.make_node("Split", [packed], list(numeric), axis=1, split=[1] * len(numeric))
-    kept = [i for i in graph.input if i.name not in numeric_names]
-    del graph.input[:]
-    graph.input.extend([new_input, *kept])
-    graph.node.insert(0, split)
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        log.warning("serving a graph with its %d numeric inputs as they are: the packed graph is invalid (%s)",
-                    len(numeric), exc)  # fmt: skip
-        return None
-    return model.SerializeToString()
-
-
-def open_serving_session(
-    model_bytes: bytes, what: str, features: FeaturesConfig
-) -> tuple[ort.InferenceSession, ModelInputs, PackedInputs | None]:
-    """A session on the graph checked against the declarations (``check_session``): its inputs
-    as the graph declares them, and, when its numeric inputs could be packed
-    (``pack_numeric_inputs``), how to feed the packed session."""
-    session = open_onnx_session(model_bytes)
-    inputs = check_session(session, what, features)
-    packed_bytes = pack_numeric_inputs(model_bytes, inputs.numeric)
-    if packed_bytes is None:
-        return session, inputs, None
-    packed_session = open_onnx_session(packed_bytes)
-    packed = PackedInputs(packed_session.get_inputs()[0].name, inputs)
-    # Belt and braces: both graphs must give the very same probabilities on the same rows.
-    rows = _probe_rows(inputs)
-    plain = build_model_inputs(rows, inputs)
-    output = [contract.ONNX_PROBABILITY_OUTPUT]
-    if not np.array_equal(session.run(output, plain)[0], packed_session.run(output, packed.build(rows))[0]):
-        log.warning("%s is served with its %d numeric inputs as they are: the packed graph answers differently",
-                    what, len(inputs.numeric))  # fmt: skip
-        return session, inputs, None
-    return packed_session, inputs, packed
-
-
-def _probe_rows(inputs: ModelInputs, n: int = 16, seed: int = 0) -> list[dict[str, FeatureValue]]:
-    """Rows of feature values of varied scales (rates, counts, positions); what packing changes
-    is how the numbers reach the graph, so one category value will do."""
-    rng = np.random.default_rng(seed)
-    scales = rng.choice([1.0, 10.0, 1000.0], size=len(inputs.numeric))
-    return [
-        {**{name: float(rng.random() * scale) for name, scale in zip(inputs.numeric, scales)},
-         **{name: "" for name in inputs.categorical}}
-        for _ in range(n)
-    ]  # fmt: skip
-
-
-def find_onnx_file(model_dir: Path) -> Path:
-    """The ONNX file of a downloaded MLflow model directory (named in its MLmodel file)."""
-    from mlflow.models import Model
-
-    try:
-        flavor = Model.load(str(model_dir)).flavors.get(ONNX_FLAVOR, {})
-    except Exception:  # noqa: BLE001 - fall back to looking for the file itself
-        flavor = {}
-    if "data" in flavor and (model_dir / flavor["data"]).is_file():
-        return model_dir / str(flavor["data"])
-    found = sorted(model_dir.rglob("*.onnx"))
-    if not found:
-        raise ModelLoadError(f"no ONNX file in the downloaded model at {model_dir}")
-    return found[0]
 
 
 def check_registry_reachable(tracking_uri: str, timeout_s: float = 3.0) -> None:
@@ -294,15 +47,6 @@ def check_registry_reachable(tracking_uri: str, timeout_s: float = 3.0) -> None:
         raise ModelLoadError(f"the MLflow tracking server at {tracking_uri} does not answer ({exc})") from exc
 
 
-@dataclass(frozen=True)
-class VersionInfo:
-    """What the registry says of the version an alias points at (no artefact downloaded)."""
-
-    version: int
-    run_id: str | None
-    tags: Mapping[str, str]
-
-
 class Registry(Protocol):
     """Where model versions come from: the MLflow registry in the service (``MlflowRegistry``)."""
 
@@ -312,34 +56,22 @@ class Registry(Protocol):
         """The version behind ``alias``, None if no version has it; raises if unreachable."""
         ...
 
-    def load(self, info: VersionInfo, alias: str) -> CtrServingModel:
+    def load(self, info: VersionInfo, alias: str) -> ServingModel:
         """Download and open one version (slow: called off the request path)."""
         ...
 
 
-def quality_score(tags: Mapping[str, str], holdout_auc: float | None) -> float | None:
-    """A version's quality score: its recent progressive-validation AUC (tag
-    ``quality.progressive_auc``, written by online evaluation) if any, else its holdout AUC.
-
-    >>> quality_score({"quality.progressive_auc": "0.71"}, 0.65), quality_score({}, 0.65), quality_score({}, None)
-    (0.71, 0.65, None)
-    """
-    tagged = tags.get(contract.TAG_QUALITY_SCORE)
-    try:
-        return float(tagged) if tagged is not None else holdout_auc
-    except ValueError:
-        return holdout_auc
-
-
 class MlflowRegistry:
-    """The versions of ``mlflow.registered_model`` in the MLflow registry at ``mlflow.tracking_uri``."""
+    """The versions of ``mlflow.registered_model`` in the MLflow registry at ``mlflow.tracking_uri``,
+    opened by the application's ``ServingModels``."""
 
-    def __init__(self, cfg: PlatformConfig) -> None:
+    def __init__(self, cfg: PlatformConfig, models: ServingModels) -> None:
         from mlflow.tracking import MlflowClient
 
+        self.cfg = cfg
+        self.models = models
         self.name = cfg.mlflow.registered_model
         self.uri = cfg.mlflow.tracking_uri
-        self.features = cfg.features
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def resolve(self, alias: str) -> VersionInfo | None:
@@ -356,50 +88,28 @@ class MlflowRegistry:
             raise ModelLoadError(f"could not resolve models:/{self.name}@{alias} in {self.uri}: {exc.message}") from exc
         return VersionInfo(int(version.version), version.run_id, dict(version.tags or {}))
 
-    def load(self, info: VersionInfo, alias: str) -> CtrServingModel:
-        name, uri = self.name, self.uri
-        flavor = info.tags.get(contract.TAG_FLAVOR)
-        if flavor != ONNX_FLAVOR:
-            raise ModelLoadError(
-                f"models:/{name}@{alias} is version {info.version} with flavor {flavor!r}; "
-                f"the service needs the {ONNX_FLAVOR!r} version"
-            )
-        what = f"models:/{name}/{info.version}"
-        check_registry_reachable(uri)
+    def load(self, info: VersionInfo, alias: str) -> ServingModel:
+        what = f"models:/{self.name}/{info.version}"
+        check_registry_reachable(self.uri)
         with tempfile.TemporaryDirectory(prefix="lambda-ml-model-") as tmp:
             import mlflow.artifacts
 
             started = time.monotonic()
-            local = mlflow.artifacts.download_artifacts(artifact_uri=what, dst_path=tmp, tracking_uri=uri, registry_uri=uri)
-            onnx_file = find_onnx_file(Path(local))
-            # The session keeps the graph in memory; the downloaded file can go.
-            session, inputs, packed = open_serving_session(onnx_file.read_bytes(), what, self.features)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=what, dst_path=tmp, tracking_uri=self.uri, registry_uri=self.uri)
             log.debug("downloaded %s in %.1f s", what, time.monotonic() - started)
-        tagged = info.tags.get(contract.TAG_MODEL_INPUTS)
-        if tagged is not None and tagged.split(",") != list(inputs.names):
-            raise ModelLoadError(f"{what} is tagged with inputs {tagged!r} but its graph takes {inputs.tag()!r}")
-        holdout_auc = None
-        if info.run_id:
-            holdout_auc = self.client.get_run(info.run_id).data.metrics.get("auc")
-        return CtrServingModel(
-            name=name,
-            version=info.version,
-            alias=alias,
-            run_id=info.run_id,
-            horizon=Horizon.from_tags(info.tags),
-            session=session,
-            inputs=inputs,
-            holdout_auc=holdout_auc,
-            quality=quality_score(info.tags, holdout_auc),
-            packed=packed,
-        )
+            # The application keeps what it needs in memory; the downloaded files can go.
+            return self.models.load(self.cfg, info, alias, Path(local))
 
 
-def load_registered_model(cfg: PlatformConfig, alias: str | None = None) -> CtrServingModel:
+def load_registered_model(cfg: PlatformConfig, alias: str | None = None) -> ServingModel:
     """Resolve ``models:/<registered_model>@<alias>`` (default ``serving.model_alias``),
-    download its ONNX file and open it."""
+    download it and open it with the application's ``ServingModels``."""
+    from lambda_ml.apps import load_application
+
     alias = alias or cfg.serving.model_alias
-    registry = MlflowRegistry(cfg)
+    app = load_application(cfg)
+    assert app.serving is not None, f"the {app.name} application has no serving side"
+    registry = MlflowRegistry(cfg, app.serving)
     info = registry.resolve(alias)
     if info is None:
         raise ModelLoadError(
@@ -415,17 +125,17 @@ class ServedModels:
     and scores with the versions it names, whatever moves meanwhile."""
 
     primary: str
-    by_alias: Mapping[str, CtrServingModel]
+    by_alias: Mapping[str, ServingModel]
     problems: tuple[str, ...] = ()
 
     @property
-    def champion(self) -> CtrServingModel:
+    def champion(self) -> ServingModel:
         """The version behind the primary alias (``serving.model_alias``)."""
         return self.by_alias[self.primary]
 
-    def distinct(self) -> list[CtrServingModel]:
+    def distinct(self) -> list[ServingModel]:
         """One model per loaded version, the primary alias's first, then by alias order."""
-        seen: dict[tuple[int, str], CtrServingModel] = {}
+        seen: dict[tuple[int, str], ServingModel] = {}
         for model in (self.champion, *self.by_alias.values()):
             seen.setdefault(model.identity, model)
         return list(seen.values())
@@ -445,22 +155,25 @@ class ModelStore(Reloadable[ServedModels]):
     """
 
     def __init__(
-        self, name: str, registry: Registry, aliases: Sequence[str], keep_versions: int = 8, features: FeaturesConfig | None = None
+        self, name: str, registry: Registry, aliases: Sequence[str], keep_versions: int = 8,
+        models: ServingModels | None = None, cfg: PlatformConfig | None = None,
     ) -> None:
         super().__init__(name, self._refresh)
         self.registry = registry
         self.aliases = tuple(aliases)
         self.keep_versions = keep_versions
-        self.features = features
-        self._loaded: dict[int, CtrServingModel] = {}  # version -> model, most recently used last
-        self._inline: dict[str, CtrServingModel] = {}  # alias -> model received as data
+        self.models, self.cfg = models, cfg
+        self._loaded: dict[int, ServingModel] = {}  # version -> model, most recently used last
+        self._inline: dict[str, ServingModel] = {}  # alias -> model received as data
         self.swaps = 0
 
     @classmethod
-    def from_config(cls, cfg: PlatformConfig) -> ModelStore:
+    def from_config(cls, cfg: PlatformConfig, models: ServingModels) -> ModelStore:
+        """The store of ``cfg``'s registered model, its versions opened by ``models`` (the
+        application's serving side)."""
         return cls(
-            f"models:/{cfg.mlflow.registered_model}@{cfg.serving.model_alias}", MlflowRegistry(cfg), cfg.serving.aliases,
-            features=cfg.features,
+            f"models:/{cfg.mlflow.registered_model}@{cfg.serving.model_alias}", MlflowRegistry(cfg, models), cfg.serving.aliases,
+            models=models, cfg=cfg,
         )  # fmt: skip
 
     def reload(self, update: ModelUpdate | None = None) -> ServedModels:
@@ -468,17 +181,17 @@ class ModelStore(Reloadable[ServedModels]):
         data, serve that model under its alias first. Raises if the update cannot be served
         (the alias keeps its model) or if no champion can be served."""
         if update is not None:
-            if update.linear is None:
+            if self.models is None or self.cfg is None:
+                raise ModelLoadError("this store was built without the application's serving side: it cannot apply an update")
+            model = self.models.apply(self.cfg, update)
+            if model is None:
                 raise ValueError(f"the update of {update.alias} carries no model; reload() without it")
-            if self.features is None:
-                raise ModelLoadError("this store was built without feature declarations: it cannot check an online model")
-            model = linear_serving_model(update, self.features)
             with self._lock:
                 self._inline[update.alias] = model
-            log.info("online model %s: %d updates since %s, %d terms", update.alias, model.updates, model.horizon, len(update.linear.terms))
+            log.info("model as data for %s: %s", update.alias, model.describe())
         return super().reload()
 
-    def _model_for(self, info: VersionInfo, alias: str) -> CtrServingModel:
+    def _model_for(self, info: VersionInfo, alias: str) -> ServingModel:
         model = self._loaded.pop(info.version, None)
         if model is None:
             model = self.registry.load(info, alias)
@@ -487,12 +200,12 @@ class ModelStore(Reloadable[ServedModels]):
         while len(self._loaded) > self.keep_versions:
             self._loaded.pop(next(iter(self._loaded)))
         # Tags (the quality score) may change on a version without a new artefact.
-        return replace(model, alias=alias, quality=quality_score(info.tags, model.holdout_auc))
+        return model.relabel(alias, info.tags)
 
     def _refresh(self) -> ServedModels:
         previous = self.current
         old = dict(previous.by_alias) if previous is not None else {}
-        found: dict[str, CtrServingModel] = {}
+        found: dict[str, ServingModel] = {}
         problems: list[str] = []
         primary = self.aliases[0]
         for alias in self.aliases:

@@ -5,7 +5,7 @@ read from Delta with pyarrow (no Spark here). An increment row carries the bronz
 events came from, so which rows count after *v* is exact (``contract.increment_after_horizon``,
 the rule the speed layer writes by), and buckets are monoids: batch view(v) ⊕ increments(after v)
 equals the batch view recomputed at the increments' bronze versions. Window features are read off
-the merged rows at request time (``serving_layer.features``).
+the merged rows at request time (``lambda_ml_apps.ctr.model_inputs``).
 
 An entity the views have never seen has no buckets, so its counts are zero, exactly what the
 batch layer computed for it at training time (no events before the scoring time).

@@ -39,24 +39,14 @@ from lambda_ml import contract
 from lambda_ml.buckets import EntityBuckets, to_micros, window_features
 from lambda_ml.config import DEFAULT_CONFIG, PROJECT_ROOT, PlatformConfig, load_config, parse_duration
 from lambda_ml.contract import Horizon, ModelInputs
-from serving_layer.answers import AnswerWriter, Scored, predict_response
-from serving_layer.api_models import PredictRow
-from serving_layer.app import create_app, format_validation_errors, max_body_bytes, score_rows
-from serving_layer.features import build_model_inputs, lookup_features
-from serving_layer.model_store import (
-    CtrServingModel,
-    ModelLoadError,
-    ModelStore,
-    ServedModels,
-    VersionInfo,
-    quality_score,
-    check_registry_reachable,
-    check_session,
-    find_onnx_file,
-    open_onnx_session,
-    open_serving_session,
-)
-from serving_layer.policies import PolicyRunner
+from lambda_ml_apps.ctr.answers import AnswerWriter, Scored, predict_response
+from lambda_ml_apps.ctr.api_models import REQUEST_KINDS, PredictRow
+from serving_layer.app import create_app, format_validation_errors, max_body_bytes
+from lambda_ml_apps.ctr.predict import score_rows
+from lambda_ml_apps.ctr.model_inputs import build_model_inputs, lookup_features
+from serving_layer.model_store import ModelLoadError, ModelStore, ServedModels, VersionInfo, check_registry_reachable
+from lambda_ml_apps.ctr.serving_model import CtrServingModel, quality_score, check_session, find_onnx_file, open_onnx_session, open_serving_session
+from lambda_ml_apps.ctr.policies import PolicyRunner
 from serving_layer.reloadable import NotReadyError, Reloadable
 from serving_layer.updates import ModelUpdateListener
 from serving_layer.views import (
@@ -73,14 +63,14 @@ from support import isolated
 
 SERVING_MODULES = [
     "lambda_ml.partial_buckets",
-    "serving_layer.ab",
-    "serving_layer.answers",
+    "lambda_ml_apps.ctr.ab",
+    "lambda_ml_apps.ctr.answers",
     "serving_layer.app",
     "serving_layer.api_models",
-    "serving_layer.features",
+    "lambda_ml_apps.ctr.model_inputs",
     "serving_layer.metrics",
     "serving_layer.model_store",
-    "serving_layer.policies",
+    "lambda_ml_apps.ctr.policies",
     "serving_layer.prediction_log",
     "serving_layer.reloadable",
     "serving_layer.updates",
@@ -494,7 +484,7 @@ def test_a_view_written_with_other_declarations_is_refused(tmp_path: Path) -> No
     ],
 )
 def test_validation_errors_name_the_field_as_the_client_wrote_it(error: dict[str, Any], expected: dict[str, str]) -> None:
-    assert format_validation_errors([error]) == [expected]
+    assert format_validation_errors([error], REQUEST_KINDS) == [expected]
 
 
 def test_a_failed_load_keeps_the_last_good_value_and_retries_are_throttled() -> None:
@@ -908,7 +898,7 @@ def test_policies_are_chosen_per_request_and_named_in_the_answer() -> None:
 
 
 def _expected_arm(user_id: str, fraction: float, salt: str) -> str:
-    """The documented split, computed here apart from serving_layer.ab."""
+    """The documented split, computed here apart from lambda_ml_apps.ctr.ab."""
     import hashlib
 
     bucket = int.from_bytes(hashlib.sha256(f"{salt}\x00{user_id}".encode()).digest()[:8], "big") / 2**64
@@ -916,7 +906,7 @@ def _expected_arm(user_id: str, fraction: float, salt: str) -> str:
 
 
 def test_the_ab_split_is_stable_and_near_its_fraction() -> None:
-    from serving_layer.ab import arm_of
+    from lambda_ml_apps.ctr.ab import arm_of
 
     users = [f"user-{n}" for n in range(20_000)]
     arms = [arm_of(u, 0.3, "s1") for u in users]
@@ -1186,7 +1176,7 @@ def test_model_updates_reload_once_per_fresh_generation() -> None:
 
 def test_stream_scoring_and_online_evaluation_have_help(capsys: pytest.CaptureFixture[str]) -> None:
     from lambda_ml_apps.ctr import online_eval
-    from serving_layer import stream
+    from lambda_ml_apps.ctr import stream
 
     for main in (stream.main, online_eval.parse_args):
         with pytest.raises(SystemExit) as done:
@@ -1208,7 +1198,7 @@ def avro_impressions(cfg: PlatformConfig) -> PlatformConfig:
 
 def test_stream_scoring_decodes_avro_impressions_and_skips_what_does_not_decode(caplog: pytest.LogCaptureFixture) -> None:
     from lambda_ml import avro
-    from serving_layer.stream import StreamScorer
+    from lambda_ml_apps.ctr.stream import StreamScorer
 
     def scorer(cfg: PlatformConfig) -> StreamScorer:
         models = Reloadable("models:/ctr@champion", lambda: served(toy_model()))
@@ -1225,7 +1215,7 @@ def test_stream_scoring_decodes_avro_impressions_and_skips_what_does_not_decode(
     encoded = [avro.encode(r, schema) for r in rows]
     bad = [encoded[0][:-1], encoded[1] + b"\x00", avro.encode({**rows[2], "position": 0}, schema), json.dumps(rows[0]).encode()]
     values = [(f"impressions/0@{n}", v) for n, v in enumerate([encoded[0], *bad[:2], encoded[1], *bad[2:], encoded[2]])]
-    with caplog.at_level("WARNING", logger="serving_layer.stream"):
+    with caplog.at_level("WARNING", logger="lambda_ml_apps.ctr.stream"):
         streamed = scorer(cfg).score(values)
     from_json = scorer(unit_cfg()).score([(f"impressions/0@{n}", json.dumps(r).encode()) for n, r in enumerate(rows)])
 
@@ -1247,7 +1237,7 @@ def test_stream_scoring_decodes_avro_impressions_and_skips_what_does_not_decode(
 
 def test_stream_scoring_of_avro_needs_a_readable_schema(tmp_path: Path) -> None:
     from lambda_ml.config import ConfigError
-    from serving_layer.stream import StreamScorer
+    from lambda_ml_apps.ctr.stream import StreamScorer
 
     cfg = avro_impressions(unit_cfg(**{"kafka.avro_schemas": str(tmp_path)}))
     with pytest.raises(ConfigError, match=f"kafka.avro_schemas: cannot decode Avro impressions with {tmp_path}/impressions.avsc"):
@@ -2315,7 +2305,7 @@ def test_stream_scoring_reads_an_avro_impressions_topic_as_predict_scores_its_ro
     from kafka import KafkaProducer
 
     from lambda_ml import avro, stack
-    from serving_layer.stream import StreamScorer
+    from lambda_ml_apps.ctr.stream import StreamScorer
 
     cfg = avro_impressions(isolated(trained.cfg, REGISTERED_MODEL, topic_prefix="stream-avro"))
     stack.create_topics(cfg)
@@ -2457,7 +2447,7 @@ def _write_small_lake(cfg: PlatformConfig) -> None:
 def test_a_bucket_counts_only_its_events_before_the_scoring_time(
     tmp_path: Path, at: datetime | None, shown_1h: int, shown_24h: int, clicked: int, device_clicked: int, top: float
 ) -> None:
-    from serving_layer.features import row_features
+    from lambda_ml_apps.ctr.model_inputs import row_features
 
     cfg = unit_cfg(**{"lake.root": str(tmp_path / "lake")})
     _write_small_lake(cfg)
@@ -2589,7 +2579,7 @@ def _later_in_bucket(lake: PitLake) -> tuple[int, int]:
 
 @pytest.mark.integration
 def test_features_at_each_impressions_time_equal_its_training_row(pit_lake: PitLake) -> None:
-    from serving_layer.features import row_features
+    from lambda_ml_apps.ctr.model_inputs import row_features
     from serving_layer.views import load_batch_views
 
     cfg, training = pit_lake.cfg, pit_lake.training
@@ -2651,7 +2641,7 @@ def test_features_and_predict_over_http_at_past_times_equal_the_training_rows(pi
 
 @pytest.mark.integration
 def test_stream_scoring_of_a_backlog_sees_only_the_past_of_each_impression(pit_lake: PitLake) -> None:
-    from serving_layer.stream import StreamScorer
+    from lambda_ml_apps.ctr.stream import StreamScorer
     from serving_layer.views import load_batch_views
 
     loaded = load_batch_views(pit_lake.cfg)

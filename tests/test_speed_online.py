@@ -37,7 +37,7 @@ from lambda_ml.contract import Horizon, LinearWeights, ModelUpdate
 from lambda_ml.features import LABEL, latest_event_time
 from lambda_ml_apps.ctr.model_registry import register_models
 from lambda_ml_apps.ctr.onnx_export import export_onnx
-from serving_layer.features import build_model_inputs
+from lambda_ml_apps.ctr.model_inputs import build_model_inputs
 from serving_layer.model_store import ModelStore
 from serving_layer.updates import ModelUpdateListener
 from speed_layer import app, ingest
@@ -536,7 +536,7 @@ def test_the_online_query_learns_like_numpy_sgd_whatever_the_label_order_and_rea
         np.testing.assert_allclose(speed.predict(build_model_inputs(sample, speed.inputs)), expected, rtol=1e-5)
         np.testing.assert_allclose(registered_speed.predict(build_model_inputs(sample, registered_speed.inputs)), expected, rtol=1e-4)
         # Policies: latest prefers the online model to the champion it started from.
-        from serving_layer.policies import PolicyRunner
+        from lambda_ml_apps.ctr.policies import PolicyRunner
 
         runner = PolicyRunner("mean", 1.0, 0.05)
         try:

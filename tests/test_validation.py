@@ -232,7 +232,7 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
 def test_the_service_and_stream_scoring_refuse_the_same_values_with_the_same_reason() -> None:
     from serving_layer.app import create_app
     from serving_layer.reloadable import Reloadable
-    from serving_layer.stream import StreamScorer
+    from lambda_ml_apps.ctr.stream import StreamScorer
 
     cfg = _unit_cfg(**{"events.max_string_length": 10})
     models, views = Reloadable("models", _not_loaded), Reloadable("views", _not_loaded)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from lambda_ml.apps import Application
 from lambda_ml_apps.ctr.batch import CtrBatchUpdate
 from lambda_ml_apps.ctr.events import CLICKS, IMPRESSIONS, CtrFeatureEvents
+from lambda_ml_apps.ctr.serving import CtrServingModels
 from lambda_ml_apps.ctr.speed import CtrSpeedUpdater
 
 APPLICATION = Application(
@@ -20,4 +21,5 @@ APPLICATION = Application(
     features=CtrFeatureEvents(),
     batch=CtrBatchUpdate(),
     speed=CtrSpeedUpdater(),
+    serving=CtrServingModels(),
 )

@@ -6,7 +6,7 @@ combine. Every answer names the versions that produced it (none when the prior a
   model (alias ``speed``, numbered after the version it was warm-started from) ranks above that
   version, since it has learned from the events after it, and below any later version.
 - ``quality``: the loaded version with the best quality score (its recent progressive-validation
-  AUC, else its holdout AUC; see ``model_store.quality_score``); ties go to the newer model.
+  AUC, else its holdout AUC; see ``serving_model.quality_score``); ties go to the newer model.
 - ``consensus``: every loaded version; ``mean`` of the probabilities, or ``vote``: the share of
   versions whose probability is at least 0.5.
 - ``deadline``: every loaded version at once on a thread pool; the answer of the best-ranked
@@ -24,7 +24,8 @@ from typing import Literal
 
 import numpy as np
 
-from serving_layer.model_store import CtrServingModel, ServedModels
+from serving_layer.model_store import ServedModels
+from lambda_ml_apps.ctr.serving_model import CtrServingModel
 
 Policy = Literal["champion", "latest", "quality", "consensus", "deadline"]
 POLICIES: tuple[str, ...] = ("champion", "latest", "quality", "consensus", "deadline")

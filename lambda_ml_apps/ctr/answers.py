@@ -16,10 +16,10 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError, to_json
 
-from lambda_ml.contract import Horizon
-from serving_layer.api_models import HorizonOut, ModelOut, Prediction, PredictResponse, PredictRow, ViewsOut
-from serving_layer.features import FeatureValue
-from serving_layer.model_store import CtrServingModel
+from lambda_ml_apps.ctr.api_models import Prediction, PredictResponse, PredictRow
+from serving_layer.api_models import ViewsOut, horizon_out, model_out
+from lambda_ml_apps.ctr.model_inputs import FeatureValue
+from lambda_ml_apps.ctr.serving_model import CtrServingModel
 from serving_layer.views import BatchViews
 
 # (probability, the version that produced it or None, the A/B arm or None) per row.
@@ -40,21 +40,6 @@ class Scored:
     features: Sequence[Mapping[str, FeatureValue]]
     answers: Sequence[RowAnswer]
     names: Sequence[str]
-
-
-def horizon_out(horizon: Horizon) -> HorizonOut:
-    return horizon.parts
-
-
-def model_out(model: CtrServingModel) -> ModelOut:
-    return ModelOut(
-        name=model.name,
-        version=model.version,
-        alias=model.alias,
-        run_id=model.run_id,
-        horizon=horizon_out(model.horizon),
-        quality=model.quality,
-    )
 
 
 def views_out(views: BatchViews) -> ViewsOut:

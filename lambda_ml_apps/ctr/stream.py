@@ -47,7 +47,7 @@ from lambda_ml import avro, validation
 from lambda_ml.config import ConfigError, PlatformConfig, load_command_config
 from lambda_ml.logs import setup_logging
 from lambda_ml.schemas import event_type
-from serving_layer.api_models import PredictRow, row_type_with_limits
+from lambda_ml_apps.ctr.api_models import PredictRow, row_type_with_limits
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class StreamScorer:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         from serving_layer.model_store import ModelStore
-        from serving_layer.policies import PolicyRunner
+        from lambda_ml_apps.ctr.policies import PolicyRunner
         from serving_layer.views import ViewStore
 
         self.cfg = cfg
@@ -134,8 +134,8 @@ class StreamScorer:
         """Prediction-log records (``source`` "stream") for the valid impressions among
         ``values`` ((where, raw value[, Kafka record time]) tuples); invalid ones are logged,
         counted and skipped."""
-        from serving_layer.answers import predict_response
-        from serving_layer.app import prediction_records, score_rows
+        from lambda_ml_apps.ctr.answers import predict_response
+        from lambda_ml_apps.ctr.predict import prediction_records, score_rows
 
         rows: list[PredictRow] = []
         for where, value, *record_time in values:
@@ -238,7 +238,7 @@ def _record_time(timestamp_ms: int | None) -> datetime | None:
     return None if timestamp_ms is None or timestamp_ms < 0 else datetime.fromtimestamp(timestamp_ms / 1000, UTC)
 
 
-def build_parser(prog: str = "python -m serving_layer.stream") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m lambda_ml_apps.ctr.stream") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(
