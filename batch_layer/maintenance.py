@@ -215,11 +215,11 @@ def pinned_versions(part: str | None, in_use: Sequence[ModelInUse]) -> tuple[int
     """Versions of the table a horizon ``part`` names (None: a table no horizon pins) that the
     models in use were trained on: () if none, None if unknown.
 
-    >>> champion = ModelInUse("4", ("champion",), Horizon.of(impressions=7, clicks=3))
+    >>> champion = ModelInUse("4", ("champion",), Horizon.of(views=7, orders=3))
     >>> untagged = ModelInUse("2", ("challenger",), Horizon.of())
-    >>> pinned_versions("clicks", [champion]), pinned_versions(None, [champion, untagged])
+    >>> pinned_versions("orders", [champion]), pinned_versions(None, [champion, untagged])
     ((3,), ())
-    >>> pinned_versions("impressions", [champion, untagged]) is None
+    >>> pinned_versions("views", [champion, untagged]) is None
     True
     """
     if part is None:
@@ -247,13 +247,13 @@ def plan_vacuum(
     >>> cfg = MaintenanceConfig(retention_hours=24, safety_margin_minutes=30)
     >>> hour = 3_600_000
     >>> commits = {0: 0, 1: 50 * hour, 2: 90 * hour}
-    >>> plan_vacuum("bronze/clicks", cfg, 100 * hour, (1, 2), commits).retention_hours  # 100-50+0.5
+    >>> plan_vacuum("bronze/orders", cfg, 100 * hour, (1, 2), commits).retention_hours  # 100-50+0.5
     51
-    >>> plan_vacuum("bronze/clicks", cfg, 100 * hour, (2,), commits).retention_hours  # 24 > 100-90+0.5
+    >>> plan_vacuum("bronze/orders", cfg, 100 * hour, (2,), commits).retention_hours  # 24 > 100-90+0.5
     24
-    >>> print(plan_vacuum("bronze/clicks", cfg, 100 * hour, (5,), commits).reason)
+    >>> print(plan_vacuum("bronze/orders", cfg, 100 * hour, (5,), commits).reason)
     version 5 in use is newer than its latest version 2: is the registry this lake's?
-    >>> plan_vacuum("bronze/clicks", cfg, 100 * hour, None, commits).allowed
+    >>> plan_vacuum("bronze/orders", cfg, 100 * hour, None, commits).allowed
     False
     """
     margin_hours = cfg.safety_margin_minutes / 60

@@ -2,8 +2,8 @@
 with their lineage, which alias the new version gets (the quality gate), a version already
 trained from the same inputs, and rolling the champion back.
 
-An application registers its model in one or more flavours (the click-through application: a
-Spark pipeline and its ONNX export); one of them is *served* (tagged ``served=true``), the
+An application registers its model in one or more flavours (e.g. a Spark pipeline and its
+ONNX export); one of them is *served* (tagged ``served=true``), the
 others point at it (``served_version``). Aliases are on served versions:
 
 - ``champion``: what serving answers with. It moves only to a version whose holdout quality
@@ -77,9 +77,9 @@ def training_config_hash(cfg: PlatformConfig) -> str:
 class Lineage:
     """What a model is a function of. Two runs with the same lineage train the same model.
 
-    >>> sorted(Lineage(Horizon.of(impressions=3, clicks=5), "c0ffee", "fea7").tags().items())  # doctest: +NORMALIZE_WHITESPACE
+    >>> sorted(Lineage(Horizon.of(views=3, orders=5), "c0ffee", "fea7").tags().items())  # doctest: +NORMALIZE_WHITESPACE
     [('config_sha256', 'c0ffee'), ('feature_definitions_sha256', 'fea7'),
-     ('horizon.clicks', '5'), ('horizon.impressions', '3')]
+     ('horizon.orders', '5'), ('horizon.views', '3')]
     """
 
     horizon: Horizon

@@ -195,7 +195,7 @@ def reused_result(client: mlflow.MlflowClient, existing: ExistingVersions, horiz
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="batch_layer/train.py",
-        description="Train the click-through model on a pinned bronze snapshot, publish the batch "
+        description="Train the application's model (app.type) on a pinned bronze snapshot, publish the batch "
         "views and register the Spark and ONNX models in MLflow.",
     )
     parser.add_argument("--config", help="platform config file (default: $LAMBDA_ML_CONFIG or conf/platform.yaml)")
@@ -215,7 +215,7 @@ def add_horizon_arguments(parser: argparse.ArgumentParser) -> None:
         type=_event_version,
         action="append",
         metavar="EVENT=N",
-        help="pin bronze/EVENT at Delta version N, e.g. --version impressions=12 (repeatable; default: the latest of each)",
+        help="pin bronze/EVENT at Delta version N, e.g. --version orders=12 (repeatable; default: the latest of each)",
     )
     parser.add_argument(
         "--as-of",
@@ -229,7 +229,7 @@ def add_horizon_arguments(parser: argparse.ArgumentParser) -> None:
 def _event_version(text: str) -> tuple[str, int]:
     event, sep, number = text.partition("=")
     if not sep or not event:
-        raise argparse.ArgumentTypeError(f"a pinned version is EVENT=N, e.g. impressions=12, not {text!r}")
+        raise argparse.ArgumentTypeError(f"a pinned version is EVENT=N, e.g. orders=12, not {text!r}")
     return event, _version(number)
 
 

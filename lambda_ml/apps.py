@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from lambda_ml.config import PlatformConfig
     from lambda_ml.contract import Horizon, ModelUpdate
+    from lambda_ml.partial_buckets import FeatureEvent
 
 # --------------------------------------------------------------------------- batch
 
@@ -139,6 +140,15 @@ class FeatureEvents(Protocol):
     def stream(self, spark: SparkSession, streams: Mapping[str, DataFrame], cfg: PlatformConfig) -> DataFrame:
         """Feature events of bronze change streams (event type -> streaming frame carrying
         ``<event type>_version``), deduplicated within the watermark."""
+
+    def lookback_micros(self, cfg: PlatformConfig, event_type: str) -> int:
+        """How long before a bucket the rule needs events of ``event_type`` to derive the
+        bucket's feature events (0: only the bucket's own)."""
+
+    def in_memory(self, rows: Mapping[str, Iterable[Mapping[str, Any]]], cfg: PlatformConfig, first: int, last: int) -> list[FeatureEvent]:
+        """The same rule in plain Python, for serving at a past time: the feature events with a
+        time in ``[first, last)`` (epoch microseconds) of bronze rows (event type -> rows, every
+        copy, event times in microseconds, from ``first - lookback_micros`` on)."""
 
 
 # --------------------------------------------------------------------------- speed

@@ -37,6 +37,7 @@ from lambda_ml import buckets, contract
 from lambda_ml.apps import Snapshot
 from lambda_ml.config import AggregateConfig, FeatureEntityConfig, FeaturesConfig, PlatformConfig
 from lambda_ml.contract import ModelInputs
+from lambda_ml.partial_buckets import FeatureEvent, declared_feature_events
 
 LABEL = "label"
 # Feature-event column naming the event type a row counts for (values: the aggregates' ``events``).
@@ -83,6 +84,12 @@ class DeclaredFeatureEvents:
 
     def stream(self, spark: SparkSession, streams: Mapping[str, DataFrame], cfg: PlatformConfig) -> DataFrame:
         return self._union(streams, cfg)
+
+    def lookback_micros(self, cfg: PlatformConfig, event_type: str) -> int:
+        return 0  # an event counts in its own bucket only
+
+    def in_memory(self, rows: Mapping[str, Iterable[Mapping[str, Any]]], cfg: PlatformConfig, first: int, last: int) -> list[FeatureEvent]:
+        return declared_feature_events(rows, first, last)
 
     @staticmethod
     def _union(frames: Mapping[str, DataFrame], cfg: PlatformConfig) -> DataFrame:

@@ -8,9 +8,10 @@ serving layer computes it here from the bucket's events read from bronze, follow
 definitions:
 
 - an event counts once (the earliest copy of an ``event_id``, as ``features.dedup_events``);
-- a **feature event** is an impression at its time, or an attributed click (its impression
-  known, the click within ``[impression time, impression time + attribution window]``) at the
-  click's time carrying its impression's fields (``features.feature_events``);
+- the **feature events** are the application's (``FeatureEvents.in_memory``, the same rule as
+  its Spark one: each declared event as it is, or, for the click-through application, an
+  impression at its time and an attributed click at the click's time with its impression's
+  fields);
 - each declared aggregate folds the feature events of its kind (``features.aggregates``: a
   count, or the sum, min or max of a measure), the same declarations the Spark code reads.
 
@@ -28,13 +29,12 @@ from typing import Any
 from lambda_ml.config import FeaturesConfig
 
 Value = float | int | None
-IMPRESSIONS, CLICKS = "impressions", "clicks"  # the ``events`` of an aggregate
 
 
 @dataclass(frozen=True)
 class FeatureEvent:
-    """An impression at its time, or an attributed click at the click's time; ``fields`` are
-    the impression's (entity keys and measures)."""
+    """One event an aggregate counts: ``kind`` (the event type its ``events`` names), its time,
+    and the fields the declarations read (entity keys and measures)."""
 
     kind: str
     micros: int  # event time, epoch microseconds
@@ -57,32 +57,23 @@ def earliest_copies(rows: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str,
     return kept
 
 
-def bucket_feature_events(
-    impressions: Iterable[Mapping[str, Any]], clicks: Iterable[Mapping[str, Any]], window: int, first: int, last: int
+def declared_feature_events(
+    rows: Mapping[str, Iterable[Mapping[str, Any]]], first: int, last: int
 ) -> list[FeatureEvent]:
-    """The feature events with a time in ``[first, last)`` (epoch microseconds).
+    """Each event type's events with a time in ``[first, last)``, as they are (the rule of
+    ``lambda_ml.features.DeclaredFeatureEvents``): the earliest copy of each.
 
-    ``impressions`` must hold every impression copy with a time in ``[first - window, last)``
-    (a click in the bucket may belong to one shown up to ``window`` microseconds, the
-    attribution window, before it), ``clicks`` every click copy with a time in
-    ``[first, last)``; event times are epoch microseconds. Copies of one event are assumed to
-    share its event time when one of them falls in that range (the earliest copy decides).
-
-    >>> imps = [{"event_id": "i1", "event_time": 90, "user_id": "u"}, {"event_id": "i2", "event_time": 120, "user_id": "v"}]
-    >>> clks = [{"event_id": "c1", "impression_id": "i1", "event_time": 105},
-    ...         {"event_id": "c1", "impression_id": "i1", "event_time": 105},
-    ...         {"event_id": "c2", "impression_id": "i1", "event_time": 150}]  # after the window
-    >>> [(e.kind, e.micros, e.fields["user_id"]) for e in bucket_feature_events(imps, clks, 30, 100, 200)]
-    [('impressions', 120, 'v'), ('clicks', 105, 'u')]
+    >>> rows = {"views": [{"event_id": "a", "event_time": 150, "page": "p"}, {"event_id": "a", "event_time": 150, "page": "p"},
+    ...                   {"event_id": "b", "event_time": 250, "page": "q"}]}
+    >>> [(e.kind, e.micros, e.fields["page"]) for e in declared_feature_events(rows, 100, 200)]
+    [('views', 150, 'p')]
     """
-    shown = earliest_copies(impressions)
-    events = [FeatureEvent(IMPRESSIONS, row["event_time"], row) for row in shown.values() if first <= row["event_time"] < last]
-    for click in earliest_copies(clicks).values():
-        at = click["event_time"]
-        impression = shown.get(click["impression_id"])
-        if first <= at < last and impression is not None and impression["event_time"] <= at <= impression["event_time"] + window:
-            events.append(FeatureEvent(CLICKS, at, impression))
-    return events
+    return [
+        FeatureEvent(kind, row["event_time"], row)
+        for kind, events in rows.items()
+        for row in earliest_copies(events).values()
+        if first <= row["event_time"] < last
+    ]
 
 
 def _step(aggregation: str, running: Value, value: Value) -> Value:

@@ -14,10 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m serving_layer",
         description=(
-            "Serve click-through predictions over HTTP: POST /predict, GET /features/{entity}/{key...}, "
-            "/models, /health, /ready, /metrics; OpenAPI at /docs. Scores with the ONNX versions behind "
-            "the registry aliases serving.model_alias and serving.candidate_aliases (polled and hot-swapped, "
-            "answered by serving.policy), on the batch views merged with the speed layer's increments."
+            "Serve the application's answers over HTTP (app.type: POST /predict, POST /assign...), "
+            "GET /features/{entity}/{key...}, /models, /health, /ready, /metrics; OpenAPI at /docs. Answers "
+            "with the versions behind the registry aliases serving.model_alias and serving.candidate_aliases "
+            "(polled and hot-swapped), on the batch views merged with the speed layer's increments."
         ),
     )
     parser.add_argument("--config", metavar="FILE", help="platform config (default: $LAMBDA_ML_CONFIG or conf/platform.yaml)")

@@ -34,7 +34,7 @@ def check_scoring_time(value: datetime) -> None:
 # --------------------------------------------------------------------------- responses
 
 
-# Bronze Delta versions a batch run read, by event type (e.g. {"impressions": 12, "clicks": 11});
+# Bronze Delta versions a batch run read, by event type (e.g. {"views": 12, "orders": 11});
 # null where unknown.
 HorizonOut = dict[str, int | None]
 
@@ -130,7 +130,7 @@ class FeaturePart(_Body):
 
 class IncrementsOut(_Body):
     through: HorizonOut | None = Field(
-        description="Newest bronze versions (impressions_version, clicks_version) of the merged increments (null: none merged)."
+        description="Newest bronze versions (views_version, orders_version) of the merged increments (null: none merged)."
     )
     rows_merged: int = Field(
         description="Increment rows after the batch horizon (a bronze version of one of their events "
@@ -150,15 +150,15 @@ class FeaturesResponse(_Body):
                     "entity": "user",
                     "key": {"user_id": "u42"},
                     "at": "2026-11-22T10:30:00Z",
-                    "horizon": {"impressions": 12, "clicks": 11},
-                    "increments": {"through": {"impressions": 14, "clicks": 13}, "rows_merged": 2,
+                    "horizon": {"views": 12, "orders": 11},
+                    "increments": {"through": {"views": 14, "orders": 13}, "rows_merged": 2,
                                    "rows_in_batch": 0},
-                    "merged": {"features": {"user_impressions_1h": 3.0}, "buckets": [
-                        {"bucket_start": "2026-11-22T10:00:00Z", "values": {"impressions": 3}}]},
-                    "batch": {"features": {"user_impressions_1h": 1.0}, "buckets": [
-                        {"bucket_start": "2026-11-22T10:00:00Z", "values": {"impressions": 1}}]},
-                    "speed": {"features": {"user_impressions_1h": 2.0}, "buckets": [
-                        {"bucket_start": "2026-11-22T10:00:00Z", "values": {"impressions": 2}}]},
+                    "merged": {"features": {"user_views_1h": 3.0}, "buckets": [
+                        {"bucket_start": "2026-11-22T10:00:00Z", "values": {"views": 3}}]},
+                    "batch": {"features": {"user_views_1h": 1.0}, "buckets": [
+                        {"bucket_start": "2026-11-22T10:00:00Z", "values": {"views": 1}}]},
+                    "speed": {"features": {"user_views_1h": 2.0}, "buckets": [
+                        {"bucket_start": "2026-11-22T10:00:00Z", "values": {"views": 2}}]},
                 }
             ]
         }

@@ -1,5 +1,5 @@
-"""The service: the application's routes (``ServingModels.mount``: the click-through
-application's ``POST /predict``, k-means' ``POST /assign``) answer with the model versions loaded
+"""The service: the application's routes (``ServingModels.mount``: e.g. ``POST /predict`` of the
+CTR application, ``POST /assign`` of k-means) answer with the model versions loaded
 from the registry and, where they read features, the batch views merged with the speed layer's
 increments. ``GET /features/...`` shows a merge, ``GET /models`` the loaded versions,
 ``/health``, ``/ready`` and ``/metrics`` are for operators. ``serve(cfg)`` runs it.

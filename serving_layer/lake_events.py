@@ -4,9 +4,10 @@ and the feature events of the buckets asked about (``lambda_ml.partial_buckets``
 A bucket's row in the views counts all of the bucket's events, so it gives the features at
 ``t`` exactly only when no event of the lake is at or after ``t``: :meth:`LakeEvents.covers`
 tells. Otherwise the service reads ``t``'s bucket from bronze (the master dataset), at the
-bronze versions pinned when the views were loaded, and takes the part before ``t``. A bucket is
-read once (impressions from the attribution window before it, clicks inside it, pruned by the
-files' event-time statistics) and kept, up to ``serving.point_in_time_buckets`` buckets, the
+bronze versions pinned when the views were loaded, derives its feature events with the
+application's rule (``FeatureEvents.in_memory``) and takes the part before ``t``. A bucket is
+read once (each event type from as far before it as the rule needs, pruned by the files'
+event-time statistics) and kept, up to ``serving.point_in_time_buckets`` buckets, the
 least recently used dropped first; the cache goes with the views it was loaded with, so it is
 refreshed when they are.
 """
@@ -27,7 +28,8 @@ from typing import Any
 
 from lambda_ml.buckets import from_micros, to_micros
 from lambda_ml.config import PlatformConfig
-from lambda_ml.partial_buckets import BucketPart, bucket_feature_events, bucket_part
+from lambda_ml.apps import FeatureEvents, load_application
+from lambda_ml.partial_buckets import BucketPart, bucket_part
 from lambda_ml.schemas import EventType, event_type
 
 log = logging.getLogger(__name__)
@@ -95,13 +97,13 @@ class LakeEvents:
     """What bronze holds at the versions pinned when the views were loaded: the newest event
     time, and the feature events of the buckets asked about (read on first use, cached)."""
 
-    def __init__(self, cfg: PlatformConfig) -> None:
+    def __init__(self, cfg: PlatformConfig, rule: FeatureEvents | None = None) -> None:
         self.cfg = cfg
-        self.impressions, self.clicks = BronzeTable(cfg, event_type(cfg, "impressions")), BronzeTable(cfg, event_type(cfg, "clicks"))
-        newest = [t for t in (self.impressions.newest_event(), self.clicks.newest_event()) if t is not None]
+        self.rule = rule if rule is not None else load_application(cfg).features
+        self.tables = {name: BronzeTable(cfg, event_type(cfg, name)) for name in cfg.features.source_event_types}
+        newest = [t for t in (table.newest_event() for table in self.tables.values()) if t is not None]
         self.newest: int | None = max(newest) if newest else None
         self.width = to_micros(cfg.features.bucket_width)
-        self.window = cfg.ctr.attribution_window_minutes * 60_000_000
         self.keep = cfg.serving.point_in_time_buckets
         self._parts: OrderedDict[int, BucketPart] = OrderedDict()
         self._lock = threading.Lock()
@@ -139,16 +141,17 @@ class LakeEvents:
         end = start + self.width
         at = from_micros(start).isoformat()
         try:
-            impressions = self.impressions.rows(start - self.window, end)
-            clicks = self.clicks.rows(start, end)
+            rows = {
+                name: table.rows(start - self.rule.lookback_micros(self.cfg, name), end) for name, table in self.tables.items()
+            }
         except (DeltaError, OSError) as exc:
             raise LakeEventsError(f"cannot read bronze for the events of the bucket starting {at}: {exc}") from exc
-        part = bucket_part(bucket_feature_events(impressions, clicks, self.window, start, end), self.cfg.features, start)
+        part = bucket_part(self.rule.in_memory(rows, self.cfg, start, end), self.cfg.features, start)
         self.reads += 1
         log.info(
-            "read the bucket starting %s from bronze (impressions v%s, clicks v%s): %d impression and %d click row(s), "
-            "%d feature event(s) over all entities, in %.0f ms",
-            at, self.impressions.version, self.clicks.version, len(impressions), len(clicks), part.size,
+            "read the bucket starting %s from bronze (%s): %s, %d feature event(s) over all entities, in %.0f ms",
+            at, ", ".join(f"{name} v{table.version}" for name, table in self.tables.items()),
+            ", ".join(f"{len(found)} {name} row(s)" for name, found in rows.items()), part.size,
             (time.monotonic() - began) * 1000,
         )  # fmt: skip
         return part

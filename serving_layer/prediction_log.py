@@ -1,16 +1,13 @@
 """The prediction log: one record per scored row on ``kafka.topics.predictions``, so that joining
-it with the clicks that follow gives live metrics per model version (``lambda-ml batch evaluate``).
+it with the outcomes that follow gives live metrics per model version (the CTR
+application's ``lambda-ml batch evaluate``).
 
-A record (JSON, keyed by the event id when the request gave one, else the request id)::
-
-    {"request_id": "9b1d...", "event_id": "imp-7-12", "user_id": "u42", "item_id": "i7",
-     "device": "mobile", "position": 1, "event_time": "2026-11-22T10:00:00+00:00",
-     "scored_at": "2026-11-22T10:00:00.120+00:00", "registered_model": "ctr", "policy": "ab",
-     "arm": "challenger", "version": 7, "versions": [7], "probability": 0.0731, "source": "http"}
-
-``event_time`` is the impression's time when the row gave one, else null (scored at
-``scored_at``). ``version`` is the one version that produced the probability, null under the
-consensus policy (``versions`` names them all) and when the deadline policy answered the prior.
+A record is a JSON object the application builds (keyed by the event id when the request gave
+one, else the request id), with at least ``request_id``, ``event_id``, ``event_time`` (the
+row's, or null when scored at ``scored_at``), ``scored_at``, ``registered_model``, ``policy``,
+``version`` (the one version that answered, null when several did: ``versions`` names them
+all) and ``source``. The CTR application's records are described in
+``lambda_ml_apps.ctr.predict``.
 
 The service never waits for Kafka: :class:`PredictionLog` queues records in a bounded buffer
 and a background thread sends them. With Kafka down the producer keeps what it holds and

@@ -3,7 +3,7 @@ model reaches the service. Records on the compacted topic ``kafka.topics.model_u
 one format, defined in ``lambda_ml.contract`` (:class:`~lambda_ml.contract.ModelUpdate`): a
 registry alias move (``{"registered_model", "alias", "version", "generation"}``) makes the
 listener reload the model store at once instead of waiting for the next registry poll; an update
-carrying a model as data (alias ``speed``: the click-through application's ``linear`` weights,
+carrying a model as data (alias ``speed``: the CTR application's ``linear`` weights,
 another application's ``data``) is handed to the store as it is, to be served from memory. An update older than one already applied for its alias (an older generation, or fewer
 online updates in the same generation) is stale and ignored. Kafka down only means waiting for
 the poll: the listener reconnects by itself and never touches requests.

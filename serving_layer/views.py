@@ -69,8 +69,8 @@ class BucketView:
     def lookup(self, key: tuple[str, ...]) -> EntityBuckets:
         """The merged buckets of one entity; none for an entity the views have never seen.
 
-        >>> view = BucketView("user", ("user_id",), "mem", {("u1",): EntityBuckets((0,), {"clicks": (2,)})})
-        >>> view.lookup(("u1",)).values["clicks"], view.lookup(("nobody",)).starts
+        >>> view = BucketView("user", ("user_id",), "mem", {("u1",): EntityBuckets((0,), {"orders": (2,)})})
+        >>> view.lookup(("u1",)).values["orders"], view.lookup(("nobody",)).starts
         ((2,), ())
         """
         return (self.rows if self.merged is None else self.merged).get(key, NO_BUCKETS)
@@ -144,11 +144,11 @@ def bucket_view_from_arrow(
 
     >>> from datetime import datetime, timezone
     >>> hours = [datetime(1970, 1, 1, h, tzinfo=timezone.utc) for h in (2, 1, 1)]
-    >>> t = pyarrow.table({"user_id": ["a", "a", "b"], "bucket_start": hours, "clicks": [1, 0, 3],
-    ...                    "horizon_impressions": [7, 7, 7], "horizon_clicks": [4, 4, 4]})
-    >>> view = bucket_view_from_arrow("mem", t, "user", ["user_id"], ["clicks"])
+    >>> t = pyarrow.table({"user_id": ["a", "a", "b"], "bucket_start": hours, "orders": [1, 0, 3],
+    ...                    "horizon_views": [7, 7, 7], "horizon_orders": [4, 4, 4]})
+    >>> view = bucket_view_from_arrow("mem", t, "user", ["user_id"], ["orders"])
     >>> view.lookup(("a",)), view.horizon
-    (EntityBuckets(starts=(3600000000, 7200000000), values={'clicks': (0, 1)}), Horizon(versions=(('clicks', 4), ('impressions', 7))))
+    (EntityBuckets(starts=(3600000000, 7200000000), values={'orders': (0, 1)}), Horizon(versions=(('orders', 4), ('views', 7))))
     """
     wanted = [*keys, BUCKET, *aggregates]
     missing = [c for c in wanted if c not in table.column_names]
@@ -216,11 +216,11 @@ def increments_from_arrow(
 
     >>> from datetime import datetime, timezone
     >>> hour = datetime(1970, 1, 1, 1, tzinfo=timezone.utc)
-    >>> t = pyarrow.table({"user_id": ["a", "a", "a", "b"], "bucket_start": [hour] * 4, "clicks": [1, 2, 9, 4],
-    ...                    "impressions_version": [6, 3, 5, 7], "clicks_version": [None, 6, None, 2]})
-    >>> inc = increments_from_arrow("mem", t, ["user_id"], {"clicks": "count"}, Horizon.of(impressions=5, clicks=5))
+    >>> t = pyarrow.table({"user_id": ["a", "a", "a", "b"], "bucket_start": [hour] * 4, "orders": [1, 2, 9, 4],
+    ...                    "views_version": [6, 3, 5, 7], "orders_version": [None, 6, None, 2]})
+    >>> inc = increments_from_arrow("mem", t, ["user_id"], {"orders": "count"}, Horizon.of(views=5, orders=5))
     >>> inc.rows[("a",)].values, str(inc.through), (inc.used, inc.already_in_batch)
-    ({'clicks': (3,)}, 'bronze clicks v6, impressions v7', (3, 1))
+    ({'orders': (3,)}, 'bronze orders v6, views v7', (3, 1))
     """
     # The version columns of the event types feature events come from (a horizon part without
     # one is a table no increment row comes from).

@@ -2,13 +2,12 @@
 its own checkpoint under ``lake.checkpoints/<query>``.
 
 - ``ingest``: Kafka -> bronze Delta, exactly once, bad records -> quarantine (:mod:`speed_layer.ingest`).
-- ``labels``: bronze impressions ⋈ clicks, a watermarked stream-stream join -> silver labels
-  (:mod:`lambda_ml_apps.ctr.labels`).
 - ``increments``: the declared features on the stream, per (entity, bucket, bronze version) ->
   the increments tables the serving layer merges on top of the batch views
   (:mod:`speed_layer.increments`).
-- ``online``: newly labelled impressions -> one SGD or FTRL-Proximal step of the online model, published on the
-  model-updates topic (:mod:`lambda_ml_apps.ctr.online`).
+- the application's own queries (``SpeedUpdater.queries``): e.g. the CTR
+  application's label join and online model, k-means' moving centres, each publishing its
+  updates on the model-updates topic.
 
 ``speed.queries`` picks the queries, ``speed.trigger_seconds`` the micro-batch interval. On
 SIGTERM or Ctrl-C each query is let finish the micro-batch it is running, then stopped; a
@@ -238,9 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="speed_layer/app.py",
         description=(
-            "The speed layer: ingest (Kafka -> bronze), feature increments, and the application's queries "
-            "(the click-through application: labels and the online model), one Spark application, each query "
-            "checkpointed. Stops cleanly on SIGTERM."
+            "The speed layer: ingest (Kafka -> bronze), feature increments, and the application's own queries "
+            "(app.type), one Spark application, each query checkpointed. Stops cleanly on SIGTERM."
         ),
     )
     parser.add_argument("--config", help="platform config file (default: conf/platform.yaml)")

@@ -142,7 +142,7 @@ def split_checked(checked: dict[str, DataFrame]) -> dict[str, DataFrame]:
 def parse_events(raw: DataFrame, cfg: PlatformConfig) -> dict[str, DataFrame]:
     """Split a frame of Kafka records into one valid-event frame per event type plus quarantine.
 
-    Returns ``{"impressions": df, "clicks": df, "quarantine": df}`` with the bronze and
+    Returns ``{<event type>: df, ..., "quarantine": df}`` with the bronze and
     quarantine schemas of :mod:`lambda_ml.schemas`.
     """
     return split_checked(checked_events(raw, cfg))

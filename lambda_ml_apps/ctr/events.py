@@ -6,8 +6,9 @@ batch layer) and on streams (the speed layer's increments and labels).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -17,6 +18,7 @@ from lambda_ml.apps import Snapshot
 from lambda_ml.config import FeaturesConfig, PlatformConfig
 from lambda_ml.contract import increment_version_column
 from lambda_ml.features import KIND, LABEL, dedup_events, latest_event_time
+from lambda_ml.partial_buckets import FeatureEvent, earliest_copies
 from lambda_ml.schemas import event_type
 
 IMPRESSIONS, CLICKS = "impressions", "clicks"
@@ -137,6 +139,34 @@ def labelled_events(impressions: DataFrame, clicks: DataFrame, cfg: PlatformConf
     return feature_events(shown, attributed, cfg.features, extra=carried)
 
 
+def bucket_feature_events(
+    impressions: Iterable[Mapping[str, Any]], clicks: Iterable[Mapping[str, Any]], window: int, first: int, last: int
+) -> list[FeatureEvent]:
+    """The feature events with a time in ``[first, last)`` (epoch microseconds).
+
+    ``impressions`` must hold every impression copy with a time in ``[first - window, last)``
+    (a click in the bucket may belong to one shown up to ``window`` microseconds, the
+    attribution window, before it), ``clicks`` every click copy with a time in
+    ``[first, last)``; event times are epoch microseconds. Copies of one event are assumed to
+    share its event time when one of them falls in that range (the earliest copy decides).
+
+    >>> imps = [{"event_id": "i1", "event_time": 90, "user_id": "u"}, {"event_id": "i2", "event_time": 120, "user_id": "v"}]
+    >>> clks = [{"event_id": "c1", "impression_id": "i1", "event_time": 105},
+    ...         {"event_id": "c1", "impression_id": "i1", "event_time": 105},
+    ...         {"event_id": "c2", "impression_id": "i1", "event_time": 150}]  # after the window
+    >>> [(e.kind, e.micros, e.fields["user_id"]) for e in bucket_feature_events(imps, clks, 30, 100, 200)]
+    [('impressions', 120, 'v'), ('clicks', 105, 'u')]
+    """
+    shown = earliest_copies(impressions)
+    events = [FeatureEvent(IMPRESSIONS, row["event_time"], row) for row in shown.values() if first <= row["event_time"] < last]
+    for click in earliest_copies(clicks).values():
+        at = click["event_time"]
+        impression = shown.get(click["impression_id"])
+        if first <= at < last and impression is not None and impression["event_time"] <= at <= impression["event_time"] + window:
+            events.append(FeatureEvent(CLICKS, at, impression))
+    return events
+
+
 class CtrFeatureEvents:
     """Feature events of the click-through application (the ``FeatureEvents`` contract)."""
 
@@ -153,6 +183,14 @@ class CtrFeatureEvents:
 
     def stream(self, spark: SparkSession, streams: Mapping[str, DataFrame], cfg: PlatformConfig) -> DataFrame:
         return stream_feature_events(streams[IMPRESSIONS], streams[CLICKS], cfg)
+
+    def lookback_micros(self, cfg: PlatformConfig, event_type: str) -> int:
+        """A click in a bucket may belong to an impression shown up to the attribution window before it."""
+        return cfg.ctr.attribution_window_minutes * 60_000_000 if event_type == IMPRESSIONS else 0
+
+    def in_memory(self, rows: Mapping[str, Iterable[Mapping[str, Any]]], cfg: PlatformConfig, first: int, last: int) -> list[FeatureEvent]:
+        window = cfg.ctr.attribution_window_minutes * 60_000_000
+        return bucket_feature_events(rows[IMPRESSIONS], rows[CLICKS], window, first, last)
 
 
 def stream_feature_events(impressions: DataFrame, clicks: DataFrame, cfg: PlatformConfig) -> DataFrame:

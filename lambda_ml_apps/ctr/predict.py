@@ -107,7 +107,15 @@ def _ab_answers(
 
 
 def prediction_records(scored: Scored, registered_model: str, scored_at: datetime, source: str) -> list[dict[str, Any]]:
-    """The prediction-log records of an answer, one per row (see ``serving_layer.prediction_log``)."""
+    """The prediction-log records of an answer, one per row (see ``serving_layer.prediction_log``)::
+
+        {"request_id": "9b1d...", "event_id": "imp-7-12", "user_id": "u42", "item_id": "i7",
+         "device": "mobile", "position": 1, "event_time": "2026-11-22T10:00:00+00:00",
+         "scored_at": "2026-11-22T10:00:00.120+00:00", "registered_model": "ctr", "policy": "ab",
+         "arm": "challenger", "version": 7, "versions": [7], "probability": 0.0731, "source": "http"}
+
+    ``event_time`` is the impression's time when the row gave one; ``version`` is null under
+    the consensus policy and when the deadline policy answered the prior."""
     versions = [m.version for m in scored.models]
     return [
         {
