@@ -238,6 +238,39 @@ class ServingModels(Protocol):
         service's ``app``, with any middleware they need (added first, so innermost)."""
 
 
+# --------------------------------------------------------------------------- the demo
+
+
+@dataclass(frozen=True)
+class FreshEvents:
+    """Events the demo sends once everything runs, and where the service's merged features show
+    them: ``count`` more of ``aggregate`` for ``entity``'s ``key`` (its path, ``a/b`` for
+    several key fields)."""
+
+    records: list[Any]  # lambda_ml.generator.Record
+    entity: str
+    key: str
+    aggregate: str
+    count: int
+
+
+class DemoScript(Protocol):
+    """What ``lambda-ml demo`` does that depends on the application."""
+
+    # The application's queries the demo's first, catch-up pass of the speed layer runs (before
+    # there is a champion); every configured query runs afterwards.
+    warm_queries: tuple[str, ...]
+
+    def send_events(self, cfg: PlatformConfig, count: int | None) -> str:
+        """Send generated events (``count``, default the config's) to Kafka; one summary line."""
+
+    def fresh_events(self, cfg: PlatformConfig, now: Any) -> FreshEvents:
+        """New events at ``now`` (a datetime) the running platform should count."""
+
+    def example(self, cfg: PlatformConfig) -> tuple[str, dict[str, Any]]:
+        """One request to the application's route: its path and JSON body."""
+
+
 # --------------------------------------------------------------------------- the application
 
 
@@ -251,6 +284,7 @@ class Application:
     batch: BatchUpdate
     speed: SpeedUpdater
     serving: ServingModels | None = None
+    demo: DemoScript | None = None
     check_config: Callable[[PlatformConfig], None] = lambda cfg: None
 
     def check(self, cfg: PlatformConfig) -> None:

@@ -164,7 +164,7 @@ def _submit(cfg: PlatformConfig, args: argparse.Namespace) -> int:
 def _demo(cfg: PlatformConfig, args: argparse.Namespace) -> int:
     from lambda_ml import demo
 
-    return demo.run(cfg, impressions=args.impressions)
+    return demo.run(cfg, events=args.events)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,8 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--print", action="store_true", help="print the spark-submit command instead of running it")
     sub.add_argument("script", help="job script, e.g. batch_layer/train.py or speed_layer/ingest.py")
     sub.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the job")
-    sub = verb("demo", _demo, "Stack up, generate, speed layer, train, online model, serve, and print a summary; the stack stays up.")
-    sub.add_argument("--impressions", type=int, help="impressions to generate (default: generator.impressions)")
+    sub = verb("demo", _demo, "Stack up, generate, speed layer, train, the speed model, serve, and print a summary, for the "
+               "application app.type names (e.g. --config conf/kmeans.yaml); the stack stays up.")  # fmt: skip
+    sub.add_argument("--events", "--impressions", dest="events", type=int,
+                     help="events to generate (default: the config's generator setting)")  # fmt: skip
     return parser
 
 

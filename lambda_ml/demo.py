@@ -1,11 +1,12 @@
-"""``lambda-ml demo``: one event's whole journey on the embedded stack, with a summary.
+"""``lambda-ml demo``: the events' whole journey on the embedded stack, with a summary, for the
+application the config names (``app.type``; what depends on it is its ``DemoScript``).
 
-Kafka -> speed layer (ingest, labels, feature increments) -> Delta lake -> batch training ->
-MLflow registry -> ONNX -> the speed layer running continuously (its online model warm-started
-from the new champion) -> serving (champion and online model, batch views merged with the speed
-layer's increments), then fresh events followed until serving counts them.
-The stack, the speed layer and the service stay up afterwards; ``make stop`` (``lambda-ml stack
-down``) stops them.
+Kafka -> speed layer (ingest, feature increments, the application's first queries) -> Delta lake
+-> batch training -> MLflow registry -> the speed layer running continuously (its model updates,
+from the new champion, on the model-updates topic) -> serving (champion and speed model, batch
+views merged with the speed layer's increments), then fresh events followed until serving counts
+them, and one request. The stack, the speed layer and the service stay up afterwards; ``make
+stop`` (``lambda-ml stack down``) stops them.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import logging
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from lambda_ml import contract, generator, jvm, stack
+from lambda_ml.apps import DemoScript, load_application
 from lambda_ml.config import PlatformConfig
+from lambda_ml.contract import Horizon, ModelUpdate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,49 +46,81 @@ def _json(url: str, payload: dict[str, object] | None = None) -> dict[str, Any]:
         return result
 
 
-FRESH_USER, FRESH_IMPRESSIONS = "u1", 5
-
-
-def follow_fresh_events(cfg: PlatformConfig, service_url: str, timeout_s: float = 300) -> str:
-    """Send ``FRESH_IMPRESSIONS`` new impressions of user ``FRESH_USER`` (event time now) and
-    wait until the service's merged features count them (batch view ⊕ the running speed layer's
-    increments); say how long that took."""
-    feature = contract.window_feature_name("user", "impressions", cfg.features.windows[0])
+def follow_fresh_events(cfg: PlatformConfig, script: DemoScript, service_url: str, timeout_s: float = 300) -> str:
+    """Send the application's fresh events (event time now) and wait until the service's merged
+    features count them (batch view ⊕ the running speed layer's increments); say how long that took."""
     sent_at = datetime.now(UTC)
+    fresh = script.fresh_events(cfg, sent_at)
+    feature = contract.window_feature_name(fresh.entity, fresh.aggregate, cfg.features.windows[0])
     # One instant for every read: the window does not move while we wait.
     at = urllib.parse.quote((sent_at + timedelta(seconds=1)).isoformat())
-    url = f"{service_url}/features/user/{FRESH_USER}?at={at}"
+    url = f"{service_url}/features/{fresh.entity}/{fresh.key}?at={at}"
     before = float(_json(url)["merged"]["features"][feature])
-    records = [
-        generator.Record("impressions", FRESH_USER.encode(), json.dumps({
-            "event_id": f"demo-{uuid.uuid4().hex}", "event_time": generator.iso(sent_at), "user_id": FRESH_USER,
-            "item_id": "i1", "device": "mobile", "position": 1,
-        }).encode())  # fmt: skip
-        for _ in range(FRESH_IMPRESSIONS)
-    ]
     started = time.monotonic()
-    generator.produce(cfg, records, progress=False)
+    generator.produce(cfg, fresh.records, progress=False)
+    what = f"{fresh.count} new event(s) of {fresh.entity} {fresh.key}"
     while time.monotonic() - started < timeout_s:
         now = float(_json(url)["merged"]["features"][feature])
-        if now >= before + FRESH_IMPRESSIONS:
-            return (
-                f"{FRESH_IMPRESSIONS} new impressions of {FRESH_USER} counted by serving after "
-                f"{time.monotonic() - started:.0f} s ({feature}: {before:g} -> {now:g})"
-            )
+        if now >= before + fresh.count:
+            return f"{what} counted by serving after {time.monotonic() - started:.0f} s ({feature}: {before:g} -> {now:g})"
         time.sleep(1)
-    return f"{FRESH_IMPRESSIONS} new impressions of {FRESH_USER} not counted by serving within {timeout_s:.0f} s"
+    return f"{what} not counted by serving within {timeout_s:.0f} s"
 
 
-def _wait_for_online_model(cfg: PlatformConfig, timeout_s: float = 300) -> str:
-    """The online model's summary once the running speed layer has saved a step from the
-    current champion (a step of an earlier run's champion does not count)."""
-    from lambda_ml_apps.ctr.online import champion_version
+def champion_horizon(cfg: PlatformConfig) -> tuple[int, Horizon] | None:
+    """The champion's version and horizon in the registry, None without a champion."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    champion = champion_version(cfg)
+    try:
+        version = MlflowClient(cfg.mlflow.tracking_uri).get_model_version_by_alias(cfg.mlflow.registered_model, contract.CHAMPION_ALIAS)
+    except MlflowException:
+        return None
+    return int(version.version), Horizon.from_tags(version.tags)
+
+
+def latest_speed_update(cfg: PlatformConfig, timeout_ms: int = 3000) -> ModelUpdate | None:
+    """The last model update the speed layer published (alias ``speed``) on the model-updates
+    topic, None if there is none: what serving receives, read the way serving reads it."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=cfg.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                             consumer_timeout_ms=timeout_ms)  # fmt: skip
+    try:
+        topic = cfg.kafka.topics.model_updates.name
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            return None
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        key = contract.model_update_key(cfg.mlflow.registered_model, contract.SPEED_ALIAS)
+        latest = None
+        for record in consumer:
+            if record.key == key and record.value is not None:
+                try:
+                    latest = contract.parse_model_update(record.value)
+                except ValueError:
+                    continue
+        return latest
+    finally:
+        consumer.close()
+
+
+def wait_for_speed_model(cfg: PlatformConfig, timeout_s: float = 300) -> str:
+    """Once the running speed layer has published an update from the current champion (its
+    generation is the champion's horizon), what it says; why not after ``timeout_s``."""
+    champion = champion_horizon(cfg)
+    if champion is None:
+        return "no champion in the registry"
+    version, horizon = champion
     deadline = time.monotonic() + timeout_s
-    while (summary := _online_summary(cfg, champion)) is None and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        update = latest_speed_update(cfg)
+        if update is not None and update.generation == horizon:
+            quality = "" if update.quality is None else f", recent quality {update.quality:.4f}"
+            return f"{update.updates or 0} update(s) since champion v{version} ({horizon}){quality}, published on the model-updates topic"
         time.sleep(5)
-    return summary or f"no step from champion v{champion} saved within {timeout_s:.0f} s (see the speed layer's log)"
+    return f"no update from champion v{version} published within {timeout_s:.0f} s (see the speed layer's log)"
 
 
 def _lake_counts(cfg: PlatformConfig) -> dict[str, int]:
@@ -104,75 +138,60 @@ def _train(cfg: PlatformConfig):  # type: ignore[no-untyped-def]
     return train.run(get_spark(cfg, "demo"), cfg)
 
 
-def _online_summary(cfg: PlatformConfig, champion: int | None) -> str | None:
-    """The online model's last saved step, if it learned from version ``champion``."""
-    from lambda_ml.spark import get_spark
-    from lambda_ml_apps.ctr.online_state import load_state
-
-    state = load_state(get_spark(cfg, "demo"), cfg)
-    if state is None or state.champion_version != champion:
-        return None
-    model = state.model
-    auc = "not measured yet" if state.auc is None else f"{state.auc:.4f}"
-    return f"{model.updates} update(s) since champion v{model.base_version} ({model.generation}), progressive AUC {auc}"
-
-
-def run(cfg: PlatformConfig, impressions: int | None = None) -> int:
+def run(cfg: PlatformConfig, events: int | None = None) -> int:
     """Run the demo end to end and print a summary; return the process exit code."""
     from speed_layer import app
 
-    if impressions is not None:
-        cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(update={"impressions": impressions})})
+    application = load_application(cfg)
+    script = application.demo
+    if script is None:
+        raise ValueError(f"{cfg.source}: app.type: the {application.name} application has no demo")
     started = time.monotonic()
-    steps = 9
+    steps = 10
     _step(1, steps, "resolve JVM jars", lambda: jvm.resolve_all(cfg))
     _step(2, steps, "start Kafka broker and MLflow server", lambda: stack.up(cfg))
     speed = stack.SpeedProcess(cfg)
     if speed.stop():  # its queries share the checkpoints the drain below uses
         log.info("stopped the speed layer an earlier demo left running; it starts again after training")
-    truth = _step(3, steps, "generate events to Kafka", lambda: generator.run(cfg))
-    _step(
-        4, steps, "speed layer: ingest Kafka into bronze, labels, feature increments",
-        lambda: app.run(cfg, ["ingest", "labels", "increments"], available_now=True),
-    )  # fmt: skip
+    sent = _step(3, steps, "generate events to Kafka", lambda: script.send_events(cfg, events))
+    warm = ["ingest", "increments", *script.warm_queries]
+    _step(4, steps, f"speed layer: {', '.join(warm)} (catch up and stop)", lambda: app.run(cfg, warm, available_now=True))
     counts = _lake_counts(cfg)
-    result = _step(5, steps, "batch layer: label, featurise, train, export ONNX, register", lambda: _train(cfg))
-    # From here on the speed layer runs continuously, its online model learning from the champion.
-    queries = list(dict.fromkeys([*cfg.speed.queries, "online"]))  # online even if the config leaves it out
+    result = _step(5, steps, "batch layer: views, train, gate, register", lambda: _train(cfg))
+    # From here on the speed layer runs continuously, its model updates following the champion.
+    queries = list(cfg.speed.queries)
     speed_pid = _step(6, steps, f"speed layer: run continuously ({', '.join(queries)})", lambda: speed.start(cfg.source, queries))
-    online = _wait_for_online_model(cfg)
+    speed_model = _step(7, steps, "speed layer: first update from the champion", lambda: wait_for_speed_model(cfg))
     service = stack.ServingProcess(cfg)
-    _step(7, steps, "serving layer: start the prediction service", lambda: service.start(cfg.source))
-    fresh = _step(8, steps, "fresh events: send some and wait until serving counts them", lambda: follow_fresh_events(cfg, service.url))
-    example = {"user_id": FRESH_USER, "item_id": "i1", "device": "mobile", "position": 1}
-    answer = _step(9, steps, "ask for one prediction", lambda: _json(f"{service.url}/predict", example))
+    _step(8, steps, "serving layer: start the service", lambda: service.start(cfg.source))
+    fresh = _step(9, steps, "fresh events: send some and wait until serving counts them",
+                  lambda: follow_fresh_events(cfg, script, service.url))  # fmt: skip
+    path, example = script.example(cfg)
+    answer = _step(10, steps, f"ask the service: POST {path}", lambda: _json(f"{service.url}{path}", example))
 
+    bronze = ", ".join(f"{counts[name]} {name}" for name in cfg.events.types)
+    others = "".join(f", {flavour} version {v}" for flavour, v in result.versions.others.items())
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.metrics.items()) if not k.startswith(("rows_", "seconds_")))
     print(
         "\n".join(
             [
                 "",
-                "=== lambda-ml demo summary ===",
-                f"events sent this run:     {truth.impressions} impressions, {truth.clicks_sent} clicks, "
-                f"{truth.malformed_total} malformed",
-                f"bronze (all runs):        {counts['impressions']} impressions, {counts['clicks']} clicks",
+                f"=== lambda-ml demo summary ({application.name}) ===",
+                f"events sent this run:     {sent}",
+                f"bronze (all runs):        {bronze}",
                 f"quarantined (all runs):   {counts['quarantine']} records, each with its reason",
-                f"model:                    {cfg.mlflow.registered_model} version {result.versions.served} (ONNX, "
-                f"{'already registered for this horizon' if result.reused else 'alias ' + result.decision}), "
-                f"Spark twin version {result.versions.others.get('spark', '?')}",
+                f"model:                    {cfg.mlflow.registered_model} version {result.versions.served}{others} "
+                f"({'already registered for this horizon' if result.reused else 'alias ' + result.decision})",
                 f"quality gate:             {result.reason or 'no decision recorded'}",
-                f"holdout:                  AUC {result.quality.value:.4f}, log loss {result.metrics.get('log_loss', float('nan')):.4f} on "
-                f"{result.rows.get('holdout', 0)} impressions ({result.rows.get('train', 0)} trained on)",
+                f"holdout:                  {metrics}",
                 f"horizon:                  {result.horizon}",
                 f"speed layer:              running (pid {speed_pid}): {', '.join(queries)}; log {speed.process.log_file}",
-                f"online model:             {online}",
+                f"speed model:              {speed_model}",
                 f"fresh events:             {fresh}",
-                f"one prediction:           POST {service.url}/predict {json.dumps(example)}",
+                f"one request:              POST {service.url}{path} {json.dumps(example)}",
                 f"                          -> {json.dumps(answer)}",
                 f"MLflow UI:                {cfg.mlflow.tracking_uri}",
-                f"prediction service:       {service.url}/docs",
-                f"prediction log:           Kafka topic {cfg.kafka.topics.predictions.name}"
-                + ("" if cfg.serving.prediction_log.enabled else " (off: serving.prediction_log.enabled)")
-                + "; `lambda-ml batch evaluate` joins it with later clicks (live AUC per version in MLflow)",
+                f"service:                  {service.url}/docs",
                 f"total time:               {time.monotonic() - started:.0f} s",
                 "The stack, the speed layer and the service are still running; stop them with `make stop` (lambda-ml stack down).",
             ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from lambda_ml.apps import Application
 from lambda_ml_apps.ctr.batch import CtrBatchUpdate
+from lambda_ml_apps.ctr.demo import CtrDemo
 from lambda_ml_apps.ctr.events import CLICKS, IMPRESSIONS, CtrFeatureEvents
 from lambda_ml_apps.ctr.serving import CtrServingModels
 from lambda_ml_apps.ctr.speed import CtrSpeedUpdater
@@ -22,4 +23,5 @@ APPLICATION = Application(
     batch=CtrBatchUpdate(),
     speed=CtrSpeedUpdater(),
     serving=CtrServingModels(),
+    demo=CtrDemo(),
 )
