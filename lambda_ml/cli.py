@@ -3,16 +3,16 @@
     lambda-ml setup                      resolve the JVM jars from Maven Central
     lambda-ml stack up|down|status       the embedded Kafka broker, MLflow server (and the demo's service and speed layer)
     lambda-ml cluster up|down|status     a local Spark standalone cluster (master + one worker)
-    lambda-ml generate                   send generated click-through events to Kafka
+    lambda-ml generate                   send the application's generated events to Kafka
     lambda-ml speed ingest               Kafka -> bronze Delta tables (streaming)
-    lambda-ml speed run                  the whole speed layer: ingest, labels, feature increments, online model
+    lambda-ml speed run                  the whole speed layer: ingest, feature increments, the application's queries
     lambda-ml speed reprocess-quarantine land quarantined records that pass the current config (once each)
     lambda-ml batch train                train, register and gate a model from bronze
     lambda-ml batch rollback [--to V]    move the champion alias back (default: previous champion)
     lambda-ml batch maintenance          OPTIMIZE and VACUUM the lake, keeping pinned horizons
-    lambda-ml batch evaluate             live AUC per model version: prediction log joined with clicks
-    lambda-ml serve                      the prediction service
-    lambda-ml serve stream               score impressions from Kafka into the predictions topic
+    lambda-ml batch evaluate             CTR: live AUC per model version, prediction log joined with clicks
+    lambda-ml serve                      the service (the application's routes, features, models, metrics)
+    lambda-ml serve stream               CTR: score impressions from Kafka into the predictions topic
     lambda-ml submit SCRIPT [ARGS]       run a job with spark-submit and the platform's jars
     lambda-ml demo                       all of the above, end to end, with a summary
 
@@ -59,15 +59,15 @@ def _stack(cfg: PlatformConfig, args: argparse.Namespace) -> int:
 
 
 def _generate(cfg: PlatformConfig, args: argparse.Namespace) -> int:
-    from lambda_ml import generator
+    from lambda_ml.apps import load_application
 
-    updates = {k: v for k, v in (("impressions", args.impressions), ("seed", args.seed)) if v is not None}
-    cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(update=updates)})
-    truth = generator.run(cfg)
-    print(
-        f"sent {truth.impressions} impressions, {truth.clicks_sent} clicks ({truth.distinct_clicks} distinct, "
-        f"{truth.positives} within the attribution window) and {truth.malformed_total} malformed records"
-    )
+    application = load_application(cfg)
+    if application.demo is None:
+        print(f"the {application.name} application has no generator", file=sys.stderr)
+        return 2
+    if args.seed is not None:
+        cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(update={"seed": args.seed})})
+    print(f"sent {application.demo.send_events(cfg, args.events)}")
     return 0
 
 
@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     verb("setup", _setup, "Resolve the Delta, Kafka-connector, Avro and Kafka-broker jars from Maven Central (idempotent).")
     sub = verb("stack", _stack, "Start, stop or inspect the embedded Kafka broker and MLflow server (down and status also cover the demo's service and speed layer).")
     sub.add_argument("action", choices=("up", "down", "status"))
-    sub = verb("generate", _generate, "Send generated impressions and clicks (with a known ground truth) to Kafka.")
-    sub.add_argument("--impressions", type=int, help="impressions to generate (default: generator.impressions)")
+    sub = verb("generate", _generate, "Send the application's generated events (with a known ground truth) to Kafka.")
+    sub.add_argument("--events", "--impressions", dest="events", type=int, help="events to generate (default: the config's generator setting)")
     sub.add_argument("--seed", type=int, help="random seed (default: generator.seed)")
     sub = verb("speed", _speed, "Run the speed layer.")
     speed = sub.add_subparsers(dest="job", required=True, metavar="JOB")
@@ -190,12 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--available-now", action="store_true", help="ingest what Kafka holds now, then stop")
     run_app = speed.add_parser(
         "run",
-        help="The whole speed layer (ingest, labels, feature increments, online model) as one streaming application; "
-        "stops cleanly on SIGTERM.",
+        help="The whole speed layer (ingest, feature increments and the application's queries) as one streaming "
+        "application; stops cleanly on SIGTERM.",
     )
     run_app.add_argument(
-        "--query", action="append", choices=("ingest", "labels", "increments", "online"), dest="queries",
-        help="run only this query (repeatable; default: speed.queries)",
+        "--query", action="append", dest="queries", metavar="QUERY",
+        help="run only this query (repeatable; default: speed.queries): ingest, increments or one of the application's",
     )  # fmt: skip
     run_app.add_argument("--available-now", action="store_true", help="process what the sources hold now, then stop")
     from speed_layer.reprocess import DESCRIPTION as REPROCESS, add_arguments as add_reprocess_arguments
