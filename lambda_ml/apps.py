@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -93,6 +93,7 @@ class Registered:
     others: Mapping[str, str]
 
 
+@runtime_checkable
 class Candidate(Protocol):
     """A model an application trained; the batch layer logs it in an MLflow run with its
     lineage, gates it against the champion and registers it."""
@@ -116,6 +117,7 @@ class Candidate(Protocol):
         """Free what the candidate keeps cached (called once the run is over)."""
 
 
+@runtime_checkable
 class BatchUpdate(Protocol):
     """The application's batch layer (``<App>BatchUpdate``): a pinned snapshot -> a candidate."""
 
@@ -127,6 +129,7 @@ class BatchUpdate(Protocol):
 # --------------------------------------------------------------------------- features
 
 
+@runtime_checkable
 class FeatureEvents(Protocol):
     """How an application turns its event types into the feature events the declarations
     aggregate (``features:``): one row per event counted, with ``kind`` (the event type an
@@ -165,6 +168,7 @@ QueryBuilder = Callable[["SparkSession", "PlatformConfig", Trigger], "StreamingQ
 SPEED_LAYER_QUERIES = ("ingest", "increments")
 
 
+@runtime_checkable
 class SpeedUpdater(Protocol):
     """The application's speed layer (``<App>SpeedUpdater``): the streaming queries it adds to
     the layer's own (``ingest``: Kafka -> bronze, ``increments``: feature increments), e.g.
@@ -186,6 +190,7 @@ class VersionInfo:
     tags: Mapping[str, str]
 
 
+@runtime_checkable
 class ServingModel(Protocol):
     """One loaded model version (``<App>ServingModel``), swapped in whole by the model store."""
 
@@ -209,6 +214,7 @@ class ServingModel(Protocol):
         """One line for the logs: the version, the alias and what it was trained on."""
 
 
+@runtime_checkable
 class Service(Protocol):
     """What the serving layer gives an application's routes."""
 
@@ -220,6 +226,7 @@ class Service(Protocol):
         no champion is loaded."""
 
 
+@runtime_checkable
 class ServingModels(Protocol):
     """The application's serving side (``<App>ServingModels``): how its registered versions
     load, how a model travelling as data applies, and the routes that answer with them. (An
@@ -254,6 +261,7 @@ class FreshEvents:
     count: int
 
 
+@runtime_checkable
 class DemoScript(Protocol):
     """What ``lambda-ml demo`` does that depends on the application."""
 
@@ -286,6 +294,9 @@ class Application:
     serving: ServingModels | None = None
     demo: DemoScript | None = None
     check_config: Callable[[PlatformConfig], None] = lambda cfg: None
+    # A complete config running the application (relative to the project root): what its demo
+    # and the contract tests start from.
+    example_config: str = "conf/platform.yaml"
 
     def check(self, cfg: PlatformConfig) -> None:
         """Refuse a config the application cannot run with; ValueError naming the key."""

@@ -113,9 +113,20 @@ def _cluster(cfg: PlatformConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _ctr_only(cfg: PlatformConfig, what: str) -> bool:
+    """False, after saying why, when ``cfg`` runs another application than click-through prediction."""
+    if cfg.app.type == "ctr":
+        return True
+    print(f"{what} belongs to the ctr application; {cfg.source} runs app.type {cfg.app.type}", file=sys.stderr)
+    return False
+
+
 def _batch(cfg: PlatformConfig, args: argparse.Namespace) -> int:
     if args.job == "evaluate":
         from lambda_ml_apps.ctr import online_eval
+
+        if not _ctr_only(cfg, "lambda-ml batch evaluate"):
+            return 2
 
         return online_eval.main([*(["--config", cfg.source] if cfg.source != "<defaults>" else []), *args.job_args])
     if args.job == "maintenance":
@@ -143,6 +154,9 @@ def _batch(cfg: PlatformConfig, args: argparse.Namespace) -> int:
 def _serve(cfg: PlatformConfig, args: argparse.Namespace) -> int:
     if args.mode == "stream":
         from lambda_ml_apps.ctr import stream
+
+        if not _ctr_only(cfg, "lambda-ml serve stream"):
+            return 2
 
         return stream.run_from_args(cfg, args)
     from serving_layer.app import serve

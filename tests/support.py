@@ -54,3 +54,24 @@ def default_event_type(name: str) -> EventType:
 
 # The click-through application's event types, as declared by default.
 IMPRESSION, CLICK = default_event_type("impressions"), default_event_type("clicks")
+
+
+def config_on_stack(path: str | Path, stack_cfg: PlatformConfig, lake_root: Path) -> PlatformConfig:
+    """Another config file (e.g. another application's) on the session's running stack: its
+    ports, data dir and Spark master, with its own lake (and checkpoints beside it)."""
+    return load_config(
+        path,
+        overrides={
+            "data_dir": str(stack_cfg.data_dir),
+            "kafka.port": stack_cfg.kafka.port,
+            "kafka.controller_port": stack_cfg.kafka.controller_port,
+            "kafka.bootstrap_servers": stack_cfg.kafka.bootstrap_servers,
+            "mlflow.port": stack_cfg.mlflow.port,
+            "mlflow.tracking_uri": stack_cfg.mlflow.tracking_uri,
+            "serving.port": stack_cfg.serving.port,
+            "lake.root": str(lake_root),
+            "lake.checkpoints": str(lake_root.parent / "checkpoints"),
+            "spark.master": stack_cfg.spark.master,
+        },
+        env={},
+    )
