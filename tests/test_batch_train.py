@@ -30,7 +30,9 @@ from batch_layer import registry, train
 from lambda_ml_apps.ctr import batch as ctr_batch
 from lambda_ml_apps.ctr.onnx_export import ParityError, check_parity, onnx_click_probabilities, onnx_inputs
 from batch_layer.registry import CHAMPION_ALIAS
-from batch_layer.snapshot import Snapshot, SnapshotError, read_snapshot
+from batch_layer.snapshot import SnapshotError, read_snapshot
+from lambda_ml.apps import Snapshot
+from lambda_ml_apps.ctr import evaluation as ctr_evaluation
 from lambda_ml import contract
 from lambda_ml_apps.ctr import events as ctr_events
 from lambda_ml.config import FeaturesConfig, LrGridConfig, PlatformConfig, SearchConfig, write_config
@@ -113,8 +115,8 @@ def test_training_set_dedups_labels_and_counts_before(spark: SparkSession, cfg: 
             ("k4", "c", m(110)),  # long after c; also the latest event time
         ],
     )
-    snapshot = Snapshot(impressions, clicks, Horizon.of(impressions=0, clicks=0))
-    imps, clks = ctr_events.clean_events(snapshot)
+    snapshot = Snapshot({"impressions": impressions, "clicks": clicks}, Horizon.of(impressions=0, clicks=0))
+    imps, clks = ctr_events.clean_events(snapshot, cfg)
     as_of = T0 + timedelta(minutes=110)
     training = ctr_batch.build_training_set(imps, clks, cfg.model_copy(update={"features": SMALL_FEATURES}), as_of)
     inputs = contract.model_inputs(SMALL_FEATURES).names
@@ -135,12 +137,12 @@ def test_training_set_dedups_labels_and_counts_before(spark: SparkSession, cfg: 
 def test_split_by_time_holds_out_the_most_recent_rows(spark: SparkSession) -> None:
     times = [T0 + timedelta(minutes=7 * k) for k in range(10)]
     frame = spark.createDataFrame([(f"e{k}", t) for k, t in enumerate(times)], "event_id string, event_time timestamp")
-    train_part, holdout, cutoff = train.split_by_time(frame, 0.2)
+    train_part, holdout, cutoff = ctr_evaluation.split_by_time(frame, 0.2)
     assert sorted(r.event_id for r in holdout.collect()) == ["e8", "e9"]
     assert sorted(r.event_id for r in train_part.collect()) == [f"e{k}" for k in range(8)]
     assert cutoff == times[7]
     with pytest.raises(ValueError, match="holdout fraction"):
-        train.split_by_time(frame, 1.0)
+        ctr_evaluation.split_by_time(frame, 1.0)
 
 
 def test_check_trainable_refuses_a_single_class_and_constant_features(spark: SparkSession) -> None:
@@ -398,7 +400,7 @@ def test_registered_onnx_scores_equal_registered_spark(
     rows["position"] = rng.integers(1, 6, 50).astype(float)
     rows["device"] = [*rng.choice(DEVICES, 49), "smart-tv"]  # one device never seen in training
     spark_model = mlflow.spark.load_model(f"models:/{name}/{trained.versions.others['spark']}")
-    scored = train.score(spark_model, spark.createDataFrame(rows)).select(train.CLICK_PROBABILITY)
+    scored = ctr_evaluation.score(spark_model, spark.createDataFrame(rows)).select(ctr_evaluation.CLICK_PROBABILITY)
     spark_p = np.array([r[0] for r in scored.collect()])
     onnx_model = mlflow.onnx.load_model(f"models:/{name}@{CHAMPION_ALIAS}")
     onnx_p = onnx_click_probabilities(onnx_model, onnx_inputs(rows, inputs))

@@ -280,7 +280,7 @@ def test_the_champions_auc_agrees_with_scikit_learn_on_its_onnx_export(
 ) -> None:
     cfg = gate_runs.cfg_b
     snapshot = read_snapshot(spark, cfg, {"impressions": 1, "clicks": 1})
-    impressions, clicks = ctr_events.clean_events(snapshot)
+    impressions, clicks = ctr_events.clean_events(snapshot, cfg)
     labels_as_of = latest_event_time(impressions, clicks)
     assert labels_as_of is not None
     training = ctr_batch.build_training_set(impressions, clicks, cfg, labels_as_of)

@@ -2002,7 +2002,7 @@ def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: Platf
         )
 
     def events_of(snapshot: Any) -> Any:
-        impressions, clicks = clean_events(snapshot)
+        impressions, clicks = clean_events(snapshot, cfg)
         attributed = attribute_clicks(impressions, clicks, cfg.ctr.attribution_window_minutes)
         return feature_events(impressions, attributed, declared)
 
@@ -2521,7 +2521,7 @@ def pit_lake(cfg: PlatformConfig, spark: Any, tmp_path_factory: pytest.TempPathF
         ingest.ingest_batch(spark.createDataFrame(rows, PIT_KAFKA_COLUMNS), batch_id, lake)
 
     snapshot = read_snapshot(spark, lake)
-    impressions, clicks = clean_events(snapshot)
+    impressions, clicks = clean_events(snapshot, lake)
     as_of = latest_event_time(impressions, clicks)
     assert as_of is not None
     events = labelled_events(impressions, clicks, lake, as_of).cache()

@@ -38,6 +38,7 @@ from lambda_ml.features import LABEL, latest_event_time
 from lambda_ml_apps.ctr.model_registry import register_models
 from lambda_ml_apps.ctr.onnx_export import export_onnx
 from lambda_ml_apps.ctr.model_inputs import build_model_inputs
+from lambda_ml_apps.ctr.serving import CtrServingModels
 from serving_layer.model_store import ModelStore
 from serving_layer.updates import ModelUpdateListener
 from speed_layer import app, ingest
@@ -351,7 +352,7 @@ def test_the_online_query_learns_like_numpy_sgd_whatever_the_label_order_and_rea
 
     # The batch layer's own training rows: every labelled impression with its features.
     snapshot = read_snapshot(spark, local)
-    impressions, clicks = (frame.cache() for frame in clean_events(snapshot))
+    impressions, clicks = (frame.cache() for frame in clean_events(snapshot, local))
     as_of = latest_event_time(impressions, clicks)
     assert as_of is not None
     training = build_training_set(impressions, clicks, local, as_of).withColumn("_micros", F.unix_micros("event_time")).cache()
@@ -516,7 +517,7 @@ def test_the_online_query_learns_like_numpy_sgd_whatever_the_label_order_and_rea
 
     # Serving: the store loads the champion and the registered speed version, then the update
     # from the compacted topic replaces it with the model in memory; stale updates are ignored.
-    store = ModelStore.from_config(local)
+    store = ModelStore.from_config(local, CtrServingModels())
     registered_speed = store.reload().by_alias[contract.SPEED_ALIAS]
     assert registered_speed.linear is None and registered_speed.version == int(onnx_version.version)
     listener = ModelUpdateListener(
@@ -597,7 +598,7 @@ def test_on_a_stationary_stream_the_online_model_scores_within_5_percent_of_the_
     head = len(records) // 4
     _land(spark, local, records[:head])
     snapshot = read_snapshot(spark, local)
-    impressions, clicks = clean_events(snapshot)
+    impressions, clicks = clean_events(snapshot, local)
     as_of = latest_event_time(impressions, clicks)
     assert as_of is not None
     _register_champion(spark, local, build_training_set(impressions, clicks, local, as_of), snapshot.horizon)
