@@ -287,11 +287,11 @@ def job_cfg(
 def test_read_snapshot_pins_delta_versions(spark: SparkSession, job_cfg: PlatformConfig, generated: Generated) -> None:
     latest = read_snapshot(spark, job_cfg)
     assert latest.horizon == Horizon.of(impressions=2, clicks=2)
-    assert latest.impressions.count() == sum(len(c) for c in generated.impression_commits)
+    assert latest["impressions"].count() == sum(len(c) for c in generated.impression_commits)
     pinned = read_snapshot(spark, job_cfg, {"impressions": 0, "clicks": 1})
     assert pinned.horizon == Horizon.of(impressions=0, clicks=1)
-    assert pinned.impressions.count() == len(generated.impression_commits[0])
-    assert pinned.clicks.count() == len(generated.click_commits[0]) + len(generated.click_commits[1])
+    assert pinned["impressions"].count() == len(generated.impression_commits[0])
+    assert pinned["clicks"].count() == len(generated.click_commits[0]) + len(generated.click_commits[1])
     with pytest.raises(SnapshotError, match="versions 0..2; version 7 was requested"):
         read_snapshot(spark, job_cfg, {"impressions": 7})
     empty_lake = isolated(job_cfg, "unused", lake_root=Path(job_cfg.lake.root).parent / "nothing-here")

@@ -173,7 +173,7 @@ def test_as_of_resolves_the_version_delta_time_travel_reads(spark: SparkSession,
             version_as_of(spark, path, datetime.now(UTC) + timedelta(hours=1))
     pinned = read_snapshot(spark, lake.cfg, as_of=lake.between)
     assert pinned.horizon == contract.Horizon.of(impressions=0, clicks=0)
-    assert (pinned.impressions.count(), pinned.clicks.count()) == (lake.counts["impressions"][0], lake.counts["clicks"][0])
+    assert (pinned["impressions"].count(), pinned["clicks"].count()) == (lake.counts["impressions"][0], lake.counts["clicks"][0])
     with pytest.raises(ValueError, match="either by versions or by an as-of time"):
         read_snapshot(spark, lake.cfg, {"impressions": 1}, as_of=lake.between)
 
