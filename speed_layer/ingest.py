@@ -66,7 +66,7 @@ def check_batches(
     """The ``mapInArrow`` body: each record (``raw_value``, ``kafka_timestamp``) through
     :func:`lambda_ml.validation.check_record`, the validator stream scoring and the service
     share; the Kafka columns pass through untouched."""
-    arrow_types = {"string": pa.string(), "int": pa.int32(), "timestamp": pa.timestamp("us", tz="UTC")}
+    arrow_types = {"string": pa.string(), "int": pa.int32(), "double": pa.float64(), "timestamp": pa.timestamp("us", tz="UTC")}
     names = [f.name for f in event.fields]
     check = validation.check_record
     for batch in batches:
