@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,6 @@ def records(batch: PointBatch) -> list[Record]:
 def land_in_bronze(spark: SparkSession, cfg: PlatformConfig, events: list[dict[str, Any]], first_offset: int) -> None:
     """One bronze commit of ``events`` as the ingest query writes them: the declared fields
     typed, with Kafka coordinates (partition 0, consecutive offsets)."""
-    from datetime import UTC, datetime
-
     from lambda_ml.schemas import event_type
     from speed_layer.ingest import bronze_path, ensure_tables
 
@@ -323,7 +322,7 @@ def test_serving_loads_the_registered_centres_applies_the_update_and_assigns(
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="speed_layer/ingest.py check_batches has no Arrow type for double fields (KeyError: 'double')")
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="speed_layer/ingest.py check_batches has no Arrow type for double fields (KeyError: 'double')")
 def test_ingest_lands_points_with_double_fields(running_stack: PlatformConfig, spark: SparkSession, tmp_path: Path) -> None:
     from speed_layer.ingest import bronze_path
 
@@ -334,3 +333,79 @@ def test_ingest_lands_points_with_double_fields(running_stack: PlatformConfig, s
     app.run(cfg, ["ingest"], available_now=True)
     landed = spark.read.format("delta").load(bronze_path(cfg, "points")).orderBy("event_time").select("x0", "x1").collect()
     np.testing.assert_array_equal([[r["x0"], r["x1"]] for r in landed], sample.points)
+
+
+@pytest.mark.integration
+def test_centres_start_again_from_a_new_champion_and_catch_up_on_the_points_after_its_horizon(
+    trained: Trained, speed_update: tuple[bytes, bytes], spark: SparkSession
+) -> None:
+    """The stream passes bronze v3 under champion v1; a batch run pinned at v2 then wins the
+    gate; at v4 the query starts from the new champion and first applies v3 (bronze's change
+    feed), then v4, never v1-v2 again."""
+    cfg = trained.cfg
+    size, decay = cfg.kmeans.mini_batch_size, cfg.kmeans.decay
+    v3 = GEN.sample(600, first_index=BATCH_POINTS + SPEED_POINTS)
+    land_in_bronze(spark, cfg, v3.events, 10_000)
+    app.run(cfg, ["centres"], available_now=True)
+    under_v1 = parse_model_update(read_updates(cfg)[-1][1])
+    assert (under_v1.version, under_v1.generation, under_v1.updates) == (1, Horizon.of(points=1), 24 + 6)
+
+    second = train.run(spark, cfg, {"points": 2})
+    assert second.decision == contract.CHAMPION_ALIAS and second.horizon == Horizon.of(points=2), second.reason
+    champion = KMeansCentres.from_dict(
+        json.loads(Path(mlflow.artifacts.download_artifacts(run_id=second.run_id, artifact_path="centres.json")).read_text())
+    )
+    v4 = GEN.sample(300, first_index=BATCH_POINTS + SPEED_POINTS + 600)
+    land_in_bronze(spark, cfg, v4.events, 20_000)
+    app.run(cfg, ["centres"], available_now=True)
+    update = parse_model_update(read_updates(cfg)[-1][1])
+    assert (update.version, update.generation, update.updates) == (int(second.versions.served), Horizon.of(points=2), 6 + 3)
+    caught_up, counts = sculley(champion.array, champion.count_array, v3.points, decay, size)
+    expected, weights = sculley(caught_up, counts, v4.points, decay, size)
+    moved = KMeansCentres.from_dict(update.data or {})
+    np.testing.assert_allclose(moved.array, expected, rtol=1e-9)
+    np.testing.assert_allclose(moved.count_array, weights, rtol=1e-9)
+
+
+@pytest.mark.integration
+def test_centres_wait_for_a_champion_with_one_log_line(
+    running_stack: PlatformConfig, spark: SparkSession, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lambda_ml_apps.kmeans.speed import CentresUpdater, state_path
+
+    cfg = kmeans_config(running_stack, tmp_path, "kmeans-no-champion")
+    frame = spark.createDataFrame(
+        [(e["event_id"], datetime.fromisoformat(e["event_time"]), e["x0"], e["x1"], 1) for e in GEN.sample(10).events],
+        "event_id string, event_time timestamp, x0 double, x1 double, points_version long",
+    )
+    updater = CentresUpdater(cfg)
+    with caplog.at_level("INFO", logger="lambda_ml_apps.kmeans.speed"):
+        updater(frame, 0)
+        updater(frame, 1)
+    waiting = [r.getMessage() for r in caplog.records if "until the batch layer registers one" in r.getMessage()]
+    assert waiting == [f"centres: {cfg.mlflow.registered_model} has no champion yet: the micro-batches are skipped until the batch layer registers one"]
+    assert updater.state is None and updater.published == 0 and not Path(state_path(cfg)).exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kmeans.features": ["x0", "x9"]}, "kmeans.features: 'x9' is not a field of events.types.points"),
+        ({"kmeans.features": ["x0", "source_id"]}, "kmeans.features: 'source_id' is a string field of points"),
+        ({"speed.queries": ["ingest", "online"]}, "speed.queries: ['online'] are not queries"),
+    ],
+)
+def test_the_application_refuses_a_config_it_cannot_run_naming_file_and_key(overrides: dict[str, Any], message: str) -> None:
+    assert load_application(load_config(KMEANS_CONFIG, env={})).name == "kmeans"
+    with pytest.raises(ValueError, match=re.escape(f"{KMEANS_CONFIG}: {message}")):
+        load_application(load_config(KMEANS_CONFIG, env={}, overrides=overrides))
+
+
+def test_the_feature_declarations_must_find_their_fields_in_the_points() -> None:
+    cfg = load_config(KMEANS_CONFIG, env={})
+    # A declaration over a second event type lacking the key: DeclaredFeatureEvents.check refuses it.
+    types = {**cfg.events.types, "marks": cfg.events.types["points"].model_copy(update={"fields": {"event_id": "string", "event_time": "timestamp"}})}
+    aggregates = {**cfg.features.aggregates, "marks": cfg.features.aggregates["points"].model_copy(update={"events": "marks"})}
+    wrong = cfg.model_copy(update={"events": cfg.events.model_copy(update={"types": types}), "features": cfg.features.model_copy(update={"aggregates": aggregates})})
+    with pytest.raises(ValueError, match=re.escape("events.types.marks: the features read ['source_id', 'x0'], which marks events lack")):
+        load_application(wrong)

@@ -9,14 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import set_model
+from mlflow.pyfunc.model import PythonModel
 
 from lambda_ml_apps.kmeans.model import KMeansCentres, assign
 
 
-class KMeansPyfunc(mlflow.pyfunc.PythonModel):
+class KMeansPyfunc(PythonModel):
     """Nearest-centre assignment of the centres logged with it (artifact ``centres``)."""
 
     centres: KMeansCentres | None = None

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.streaming import StreamingQuery
+from pyspark.sql.streaming.query import StreamingQuery
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from lambda_ml import contract
@@ -144,8 +144,8 @@ def ordered_points(frame: DataFrame, features: tuple[str, ...]) -> np.ndarray:
     ties), as an ``(n, d)`` array on the driver."""
     columns = list(features)
     rows = complete_rows(frame, columns).orderBy("event_time", "event_id").select(*[F.col(c).cast("double") for c in columns])
-    table = rows.toPandas()
-    return table.to_numpy(dtype=np.float64).reshape(len(table), len(columns))
+    values: np.ndarray = np.asarray(rows.toPandas(), dtype=np.float64)
+    return values.reshape(len(values), len(columns))
 
 
 @dataclass(frozen=True)
