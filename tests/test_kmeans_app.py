@@ -21,6 +21,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 from support import prefixed_topics
@@ -34,6 +35,7 @@ from lambda_ml.generator import Record, produce
 from lambda_ml_apps.kmeans.generator import MovingClusters, PointBatch
 from lambda_ml_apps.kmeans.model import KMeansCentres
 from lambda_ml_apps.kmeans.serving import KMeansServingModel, KMeansServingModels
+from serving_layer.reloadable import NotReadyError
 from speed_layer import app
 
 KMEANS_CONFIG = PROJECT_ROOT / "conf" / "kmeans.yaml"
@@ -177,20 +179,38 @@ def read_updates(cfg: PlatformConfig) -> list[tuple[bytes, bytes]]:
 
 @pytest.fixture(scope="module")
 def speed_update(trained: Trained, spark: SparkSession) -> tuple[bytes, bytes]:
-    """The next four hours of points (some delivered twice) in bronze, then the centres query;
-    the last update it published."""
+    """The next four hours of points (some delivered twice) in bronze, then the increments and
+    centres queries; the last update the centres query published."""
     cfg = trained.cfg
     later = GEN.sample(SPEED_POINTS, first_index=BATCH_POINTS)
     land_in_bronze(spark, cfg, later.events + later.events[:DUPLICATES], BATCH_POINTS)
-    app.run(cfg, ["centres"], available_now=True)
+    app.run(cfg, ["increments", "centres"], available_now=True)
     updates = read_updates(cfg)
     assert updates, "the centres query published no update"
     return updates[-1]
 
 
 @pytest.mark.integration
-def test_speed_layer_moves_the_champion_centres_after_its_horizon(trained: Trained, speed_update: tuple[bytes, bytes]) -> None:
+def test_speed_layer_moves_the_champion_centres_after_its_horizon(
+    trained: Trained, speed_update: tuple[bytes, bytes], spark: SparkSession
+) -> None:
     cfg = trained.cfg
+    # The declared features run for points too: per source, the increments after the view's
+    # horizon count each new point once, with its x0 sum, minimum and maximum.
+    increments = spark.read.format("delta").load(cfg.lake.table(*contract.increments_table("source")))
+    per_source = {
+        r["source_id"]: (r["points"], r["x0_sum"], r["x0_min"], r["x0_max"])
+        for r in increments.where("points_version > 1").groupBy("source_id")
+        .agg(F.sum("points").alias("points"), F.sum("x0_sum").alias("x0_sum"), F.min("x0_min").alias("x0_min"), F.max("x0_max").alias("x0_max"))
+        .collect()
+    }  # fmt: skip
+    later_events = GEN.sample(SPEED_POINTS, first_index=BATCH_POINTS).events
+    sources = sorted({e["source_id"] for e in later_events})
+    assert sorted(per_source) == sources
+    for source in sources:
+        x0 = np.array([e["x0"] for e in later_events if e["source_id"] == source])
+        count, total, low, high = per_source[source]
+        assert (count, low, high) == (len(x0), x0.min(), x0.max()) and total == pytest.approx(x0.sum(), rel=1e-12)
     key, value = speed_update
     update = parse_model_update(value)
     assert key == f"{cfg.mlflow.registered_model}@speed".encode()
@@ -253,6 +273,8 @@ class Harness:
     models: Served
 
     def served(self) -> Served:
+        if not self.models.by_alias:
+            raise NotReadyError("no champion of kmeans is loaded yet")
         return self.models
 
 
@@ -313,6 +335,12 @@ def test_serving_loads_the_registered_centres_applies_the_update_and_assigns(
     assert unknown.status_code == 422 and "rows" in unknown.text
     policy = http.post("/assign", params={"policy": "quality"}, json=body)
     assert policy.status_code == 422 and "policy" in policy.text
+
+    # The routes mounted on a service: behind its guard; a 503 while nothing is loaded.
+    mounted = FastAPI()
+    serving.mount(mounted, Harness(cfg, Served({})))
+    waiting = TestClient(mounted).post("/assign", json=body)
+    assert waiting.status_code == 503 and waiting.headers["retry-after"] and "no champion" in waiting.json()["detail"]
 
     with pytest.raises(ValueError, match="model update field data: .*feature_names"):
         serving.apply(cfg, contract.ModelUpdate(cfg.mlflow.registered_model, "speed", 1, Horizon.of(points=1), 1, data={"centres": [[0.0, 0.0]], "counts": [1.0]}))

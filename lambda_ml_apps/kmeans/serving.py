@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, FastAPI, HTTPException, Query
 from pydantic import BaseModel, ConfigDict
 
 from lambda_ml import contract
@@ -25,6 +25,14 @@ from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import Horizon, ModelUpdate
 from lambda_ml_apps.kmeans.model import KMeansCentres, assign
 from lambda_ml_apps.kmeans.registry import read_centres
+from serving_layer.reloadable import NotReadyError
+
+def unavailable(reason: str) -> HTTPException:
+    """A 503 with Retry-After, as the service answers when what a route needs is not loaded."""
+    from serving_layer.app import RETRY_AFTER_S
+
+    return HTTPException(status_code=503, detail=reason, headers={"Retry-After": str(RETRY_AFTER_S)})
+
 
 # The gate's quality metric of a k-means version (KMeansBatchUpdate: lower is better).
 QUALITY_METRIC = "inertia"
@@ -159,8 +167,13 @@ class KMeansServingModels:
             update.registered_model, update.version, update.alias, None, update.generation, None, centres, update.updates or 0
         )
 
+    def mount(self, app: FastAPI, service: Service) -> None:
+        """Add ``POST /assign`` to the service's ``app``, behind the service's API-key guard
+        when it has one (its ``guarded`` dependencies)."""
+        app.include_router(self.router(service), dependencies=list(getattr(service, "guarded", ())))
+
     def router(self, service: Service) -> APIRouter:
-        """``POST /assign``."""
+        """``POST /assign``; 422 naming the field for a bad point, 503 while no champion is loaded."""
         router = APIRouter(tags=["kmeans"])
         features = tuple(service.cfg.kmeans.features)
         max_rows = service.cfg.serving.max_rows
@@ -177,7 +190,10 @@ class KMeansServingModels:
                 points = request_points(body, features, max_rows)
             except ValueError as exc:
                 raise HTTPException(status_code=422, detail=str(exc)) from None
-            served = service.served()  # raises while no champion is loaded (answered 503)
+            try:
+                served = service.served()
+            except NotReadyError as exc:
+                raise unavailable(f"not ready to assign: {exc}") from None
             model: KMeansServingModel = served.champion
             if (policy or default_policy) == "latest":
                 model = served.by_alias.get(contract.SPEED_ALIAS, model)
