@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from pyspark.errors import StreamingQueryException
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from scipy.optimize import linear_sum_assignment
@@ -350,7 +351,7 @@ def test_serving_loads_the_registered_centres_applies_the_update_and_assigns(
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="speed_layer/ingest.py check_batches has no Arrow type for double fields (KeyError: 'double')")
+@pytest.mark.xfail(strict=True, raises=StreamingQueryException, reason="speed_layer/ingest.py check_batches has no Arrow type for double fields (KeyError: 'double')")
 def test_ingest_lands_points_with_double_fields(running_stack: PlatformConfig, spark: SparkSession, tmp_path: Path) -> None:
     from speed_layer.ingest import bronze_path
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Mapping
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import mlflow
@@ -47,8 +48,9 @@ def register_centres(centres: KMeansCentres, registered_model: str, tags: Mappin
             python_model=str(_PYFUNC_CODE),
             artifacts={"centres": str(path)},
             signature=signature(centres),
-            # Pinned rather than inferred: inferring loads the model in a subprocess.
-            pip_requirements=["numpy", "pandas", "mlflow"],
+            # Pinned rather than inferred: inferring loads the model in a subprocess. Loading it
+            # also needs this project's lambda_ml_apps package (the code imports its model).
+            pip_requirements=[f"{p}=={package_version(p)}" for p in ("mlflow", "numpy", "pandas")],
         )
     version_tags = {
         **tags,
