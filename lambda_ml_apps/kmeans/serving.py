@@ -159,10 +159,7 @@ class KMeansServingModels:
             raise ValueError(f"model update field data: {exc}") from exc
         if update.registered_model != cfg.mlflow.registered_model:
             raise ValueError(f"model update field registered_model: {update.registered_model!r} is not {cfg.mlflow.registered_model!r}")
-        try:
-            _check_features(cfg, centres, "model update field data.feature_names")
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
+        _check_features(cfg, centres, "model update field data.feature_names")
         return KMeansServingModel(
             update.registered_model, update.version, update.alias, None, update.generation, None, centres, update.updates or 0
         )
