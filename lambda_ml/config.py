@@ -186,6 +186,33 @@ class CtrConfig(_Model):
     parity_atol: float = Field(1e-5, gt=0)
 
 
+class KMeansConfig(_Model):
+    """The k-means application (``app.type: kmeans``): batch training, its quality gate and the
+    speed layer's mini-batch updates."""
+
+    # The numeric fields of the points event type, in vector order.
+    features: tuple[str, ...] = Field(("x0", "x1"), min_length=1)
+    # Candidate k of the silhouette search (each at least 2).
+    k_values: tuple[Annotated[int, Field(ge=2)], ...] = Field((2, 3, 4, 5, 6), min_length=1)
+    seed: int = 0
+    max_iter: int = Field(50, gt=0)
+    tol: float = Field(1e-6, ge=0)
+    runs: int = Field(3, gt=0)
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    # Absolute, in squared distance per holdout point.
+    min_inertia_gain: float = Field(0.0, ge=0)
+    decay: float = Field(0.9, gt=0, le=1)
+    mini_batch_size: int = Field(100, gt=0)
+    publish_every: int = Field(1, gt=0)
+
+    @field_validator("features")
+    @classmethod
+    def _distinct_features(cls, features: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(features)) != len(features):
+            raise ValueError(f"features must be distinct, got {list(features)}")
+        return features
+
+
 _DURATION = re.compile(r"^([1-9][0-9]*)([smhd])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -584,6 +611,7 @@ class PlatformConfig(_Model):
     mlflow: MlflowConfig = MlflowConfig()
     lake: LakeConfig = LakeConfig()
     ctr: CtrConfig = CtrConfig()
+    kmeans: KMeansConfig = KMeansConfig()
     features: FeaturesConfig
     speed: SpeedConfig = SpeedConfig()
     events: EventsConfig

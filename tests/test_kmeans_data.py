@@ -19,7 +19,7 @@ def test_generator_is_deterministic_and_its_points_follow_the_true_centres() -> 
     assert first.events == again.events
     assert MovingClusters(k=3, dimensions=4, seed=10).sample(5).events != MovingClusters(k=3, dimensions=4, seed=9).sample(5).events
     event = first.events[600]
-    assert list(event) == ["event_id", "event_time", "x0", "x1", "x2", "x3"]
+    assert list(event) == ["event_id", "event_time", "source_id", "x0", "x1", "x2", "x3"]
     assert event["event_time"] == "2026-01-01T01:00:00.000Z"
     assert datetime.fromisoformat(event["event_time"]) == gen.start + timedelta(hours=1)
     assert len({e["event_id"] for e in first.events}) == 3_000

@@ -8,3 +8,41 @@ each point to its nearest centre (:func:`.model.assign`). The model travels as d
 true centres move at a known speed; :mod:`.datasets` loads a real public data set shipped
 with scikit-learn.
 """
+
+from __future__ import annotations
+
+from lambda_ml.apps import Application
+from lambda_ml.config import PlatformConfig
+from lambda_ml.features import DeclaredFeatureEvents
+from lambda_ml_apps.kmeans.batch import POINTS, KMeansBatchUpdate
+from lambda_ml_apps.kmeans.serving import KMeansServingModels
+from lambda_ml_apps.kmeans.speed import KMeansSpeedUpdater
+
+_FEATURE_EVENTS = DeclaredFeatureEvents()
+
+
+def check_config(cfg: PlatformConfig) -> None:
+    """Refuse a config k-means cannot run with (ValueError naming the file and the key): its
+    features must be numeric fields of the points, and the feature declarations must find the
+    fields they read in the events they count."""
+    fields = cfg.events.types[POINTS].fields
+    for name in cfg.kmeans.features:
+        kind = fields.get(name)
+        if kind is None:
+            raise ValueError(
+                f"{cfg.source}: kmeans.features: {name!r} is not a field of events.types.{POINTS} ({', '.join(fields)})"
+            )
+        if kind not in ("int", "double"):
+            raise ValueError(f"{cfg.source}: kmeans.features: {name!r} is a {kind} field of {POINTS}; the centres need numbers (int or double)")
+    _FEATURE_EVENTS.check(cfg)
+
+
+APPLICATION = Application(
+    name="kmeans",
+    event_types=(POINTS,),
+    features=_FEATURE_EVENTS,
+    batch=KMeansBatchUpdate(),
+    speed=KMeansSpeedUpdater(),
+    serving=KMeansServingModels(),
+    check_config=check_config,
+)

@@ -3,27 +3,40 @@
 :func:`train_kmeans` fits ``pyspark.ml.clustering.KMeans`` (k-means|| initialisation) for each
 candidate k and keeps the k with the best silhouette (squared Euclidean); :func:`evaluate`
 measures a model's inertia on any rows without collecting them, so two models can be compared
-on the same holdout (lower is better).
+on the same holdout (lower is better). :class:`KMeansBatchUpdate` is the application's batch
+layer contract built on them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from functools import reduce
+from typing import TYPE_CHECKING, Any
+
+import mlflow
 
 from pyspark.ml.clustering import KMeans, KMeansModel
 from pyspark.ml.evaluation import ClusteringEvaluator
 from pyspark.ml.feature import VectorAssembler
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import NumericType
 
+from lambda_ml.apps import Quality, Registered, Snapshot, flat_params
+from lambda_ml.config import PlatformConfig
+from lambda_ml.features import dedup_events
 from lambda_ml_apps.kmeans.model import KMeansCentres
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
+# The event type the application reads.
+POINTS = "points"
 _FEATURES = "features"
 _CLUSTER = "cluster"
 
@@ -176,3 +189,129 @@ def train_kmeans(
         inertia=total,
         rows=row_count,
     )
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+def silhouette_figure(silhouettes: Mapping[int, float], chosen: int, title: str) -> Figure:
+    """The silhouette of every k tried, the chosen one highlighted."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4))
+    axes = figure.subplots()
+    ks = sorted(silhouettes)
+    axes.bar(ks, [silhouettes[k] for k in ks], color=["tab:orange" if k == chosen else "tab:blue" for k in ks])
+    axes.set_xticks(ks)
+    axes.set_xlabel("k (number of clusters)")
+    axes.set_ylabel("silhouette (squared Euclidean)")
+    axes.set_title(title)
+    return figure
+
+
+@dataclass
+class KMeansCandidate:
+    """Centres trained on a snapshot's older points, with their holdout evaluation and the
+    holdout points (cached) the gate scores the champion on."""
+
+    cfg: PlatformConfig
+    result: KMeansResult
+    holdout: DataFrame
+    quality: Quality
+    metrics: Mapping[str, float]
+    params: Mapping[str, str]
+    horizon_text: str = ""
+    cached: list[DataFrame] = field(default_factory=list)
+
+    def log_artifacts(self) -> None:
+        """The centres, the silhouette table and its plot."""
+        result = self.result
+        mlflow.log_dict(result.centres.to_dict(), "centres.json")
+        table = {"k": sorted(result.silhouettes), "silhouette": [result.silhouettes[k] for k in sorted(result.silhouettes)], "chosen": result.k}
+        mlflow.log_dict(table, "silhouette.json")
+        title = f"{self.cfg.mlflow.registered_model}: k={result.k} chosen, {self.horizon_text}"
+        mlflow.log_figure(silhouette_figure(result.silhouettes, result.k, title), "silhouette.png")
+
+    def score(self, version: Any) -> tuple[float | None, str]:
+        """A registered version's holdout inertia per point (mean squared distance to its
+        nearest centre) on this candidate's holdout; None when its features differ."""
+        from lambda_ml_apps.kmeans import registry
+
+        ours = self.result.centres.feature_names
+        theirs = registry.feature_names_tag(version.tags or {})
+        if theirs != ours:
+            return None, f"its features {list(theirs)} are not the holdout's {list(ours)}"
+        centres = registry.download_centres(self.cfg.mlflow.tracking_uri, version.name, version.version)
+        if centres.feature_names != ours:
+            return None, f"its centres are over {list(centres.feature_names)}, not the holdout's {list(ours)}"
+        return float(evaluate(centres, self.holdout)["mean_squared_distance"]), ""
+
+    def register(self, registered_model: str, tags: Mapping[str, str]) -> Registered:
+        """One version, served (``flavor=centres``)."""
+        from lambda_ml_apps.kmeans import registry
+
+        return Registered(served=registry.register_centres(self.result.centres, registered_model, tags), others={})
+
+    def release(self) -> None:
+        for frame in (self.holdout, *self.cached):
+            frame.unpersist()
+
+
+def split_points(points: DataFrame, holdout_fraction: float) -> tuple[DataFrame, DataFrame, datetime]:
+    """Deduplicated points with every feature set -> (train, holdout, cutoff): the holdout is
+    the most recent ``holdout_fraction`` by event time (``lambda_ml_apps.ctr.evaluation.split_by_time``)."""
+    from lambda_ml_apps.ctr.evaluation import split_by_time
+
+    return split_by_time(points, holdout_fraction)
+
+
+class KMeansBatchUpdate:
+    """The k-means application's batch update (the ``BatchUpdate`` contract): deduplicated
+    points of the snapshot, a time-based holdout, the silhouette search and k-means on the
+    older points, the holdout inertia per point as the gate's quality (lower is better)."""
+
+    def train(self, spark: SparkSession, snapshot: Snapshot, events: DataFrame | None, cfg: PlatformConfig) -> KMeansCandidate:
+        """``events`` (the declared feature events) are not read: the model reads the points'
+        coordinates, which the feature events do not all carry."""
+        settings = cfg.kmeans
+        columns = list(settings.features)
+        raw = snapshot[POINTS]
+        points = complete_rows(dedup_events(raw).select("event_id", "event_time", *columns), columns)
+        train, holdout, cutoff = split_points(points, settings.holdout_fraction)
+        train, holdout = train.cache(), holdout.cache()
+        counted = {"train": train.count(), "holdout": holdout.count()}
+        if counted["holdout"] == 0 or counted["train"] == 0:
+            train.unpersist()
+            holdout.unpersist()
+            raise ValueError(
+                f"{snapshot.horizon}: {counted['train']} training and {counted['holdout']} holdout points with every one of "
+                f"{columns} set: both are needed (kmeans.holdout_fraction {settings.holdout_fraction})"
+            )
+        log.info("points up to %s train (%d), after it are held out (%d)", cutoff, counted["train"], counted["holdout"])
+        try:
+            result = train_kmeans(train, columns, settings.k_values, settings.seed, settings.max_iter, settings.tol, settings.runs)
+        finally:
+            train.unpersist()
+        held = evaluate(result.centres, holdout)
+        log.info(
+            "k=%d: holdout inertia %.6g over %d points (%.6g per point), training inertia %.6g",
+            result.k, held["inertia"], held["rows"], held["mean_squared_distance"], result.inertia,
+        )  # fmt: skip
+        metrics = {
+            "holdout_inertia": float(held["inertia"]),
+            "holdout_mean_squared_distance": float(held["mean_squared_distance"]),
+            "train_inertia": result.inertia,
+            "train_mean_squared_distance": result.inertia / result.rows,
+            "k": float(result.k),
+            **{f"silhouette_k{k}": value for k, value in result.silhouettes.items()},
+            "rows_points": float(raw.count()),
+            "rows_train": float(counted["train"]),
+            "rows_holdout": float(held["rows"]),
+        }
+        params = {
+            **flat_params(settings.model_dump(mode="json"), "kmeans"),
+            "chosen.k": str(result.k),
+            "holdout_after": cutoff.isoformat(),
+        }
+        quality = Quality("inertia", float(held["mean_squared_distance"]), higher_is_better=False, margin=settings.min_inertia_gain)
+        return KMeansCandidate(cfg, result, holdout, quality, metrics, params, str(snapshot.horizon))

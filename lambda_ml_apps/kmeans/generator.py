@@ -1,8 +1,10 @@
 """Point events with a known ground truth: ``k`` clusters whose true centres move in a straight
 line at a set speed over event time.
 
-Each event is a flat JSON object, ``{"event_id", "event_time", "x0", "x1", ...}``, one float
-field per dimension, so a generic ingest can validate it field by field. Event ``i`` happens
+Each event is a flat JSON object, ``{"event_id", "event_time", "source_id", "x0", "x1", ...}``,
+one float field per dimension, so a generic ingest can validate it field by field; the source
+(``src-0`` .. ``src-<sources - 1>``, drawn uniformly) is a string key the declared features
+aggregate per. Event ``i`` happens
 at ``start + i / events_per_hour`` hours, belongs to a cluster drawn uniformly, and lies at that
 cluster's true centre at its event time plus Gaussian noise of standard deviation ``spread``
 per dimension. :meth:`MovingClusters.true_centres` says where the centres are at any time.
@@ -42,7 +44,7 @@ class MovingClusters:
     >>> gen = MovingClusters(k=2, dimensions=3, seed=1)
     >>> batch = gen.sample(2)
     >>> sorted(batch.events[0])
-    ['event_id', 'event_time', 'x0', 'x1', 'x2']
+    ['event_id', 'event_time', 'source_id', 'x0', 'x1', 'x2']
     >>> batch.events[1]["event_time"]
     '2026-01-01T00:00:01.000Z'
     """
@@ -55,8 +57,11 @@ class MovingClusters:
     events_per_hour: float = 3600.0
     start: datetime = field(default_factory=lambda: datetime(2026, 1, 1, tzinfo=UTC))
     seed: int = 0
+    sources: int = 8  # distinct source_id values
 
     def __post_init__(self) -> None:
+        if self.sources < 1:
+            raise ValueError(f"sources must be at least 1, got {self.sources}")
         if self.k < 1:
             raise ValueError(f"k must be at least 1, got {self.k}")
         if self.dimensions < 1:
@@ -120,13 +125,15 @@ class MovingClusters:
         clusters = rng.integers(0, self.k, size=count)
         centres = self.initial_centres()[clusters] + hours[:, None] * self.velocities()[clusters]
         points = centres + rng.normal(scale=self.spread, size=(count, self.dimensions))
+        sources = rng.integers(0, self.sources, size=count)
         names = self.feature_names
         events = [
             {
                 "event_id": f"pt-{self.seed}-{index}",
                 "event_time": iso(self.event_time(int(index))),
+                "source_id": f"src-{source}",
                 **{name: float(value) for name, value in zip(names, row, strict=True)},
             }
-            for index, row in zip(indices, points, strict=True)
+            for index, source, row in zip(indices, sources, points, strict=True)
         ]
         return PointBatch(events, points, clusters.astype(np.int64), hours)
