@@ -192,14 +192,28 @@ class VersionInfo:
 
 @runtime_checkable
 class ServingModel(Protocol):
-    """One loaded model version (``<App>ServingModel``), swapped in whole by the model store."""
+    """One loaded model version (``<App>ServingModel``), swapped in whole by the model store
+    (read-only: a frozen dataclass satisfies it)."""
 
-    name: str  # the registered model
-    version: int
-    alias: str
-    run_id: str | None
-    horizon: Horizon
-    quality: float | None  # the quality policy's score, higher is better (None: unknown)
+    @property
+    def name(self) -> str:
+        """The registered model."""
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def alias(self) -> str: ...
+
+    @property
+    def run_id(self) -> str | None: ...
+
+    @property
+    def horizon(self) -> Horizon: ...
+
+    @property
+    def quality(self) -> float | None:
+        """The quality policy's score, higher is better (None: unknown)."""
 
     @property
     def identity(self) -> tuple[int, str]:

@@ -14,7 +14,16 @@ from lambda_ml import contract
 from lambda_ml.config import PlatformConfig
 
 QUARANTINE_TABLE = ("quarantine",)
+# The applications' own tables, by application type: path parts under lake.root -> the writer.
+# They are named here, once, so that the catalog (and maintenance) knows them without importing
+# an application; each application reads its paths from here.
+SILVER_LABELS_TABLE = ("silver", "labels")
 ONLINE_MODEL_TABLE = ("speed", "online_model")
+CENTRES_STATE_TABLE = ("speed", "kmeans_centres")
+APPLICATION_TABLES: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {
+    "ctr": ((SILVER_LABELS_TABLE, "speed layer labels"), (ONLINE_MODEL_TABLE, "speed layer online model")),
+    "kmeans": ((CENTRES_STATE_TABLE, "speed layer centres"),),
+}
 
 
 @dataclass(frozen=True)
@@ -40,8 +49,7 @@ def lake_tables(cfg: PlatformConfig) -> tuple[LakeTable, ...]:
         LakeTable("/".join(QUARANTINE_TABLE), "speed layer ingest"),
         *(LakeTable("/".join(contract.view_table(entity)), "batch layer") for entity in entities),
         *(LakeTable("/".join(contract.increments_table(entity)), "speed layer increments") for entity in entities),
-        LakeTable("/".join(contract.SILVER_LABELS_TABLE), "speed layer labels"),
-        LakeTable("/".join(ONLINE_MODEL_TABLE), "speed layer online model"),
+        *(LakeTable("/".join(parts), writer) for parts, writer in APPLICATION_TABLES.get(cfg.app.type, ())),
     )
 
 

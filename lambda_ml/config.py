@@ -190,7 +190,8 @@ class KMeansConfig(_Model):
     """The k-means application (``app.type: kmeans``): batch training, its quality gate and the
     speed layer's mini-batch updates."""
 
-    # The numeric fields of the points event type, in vector order.
+    # The event type whose points are clustered, and its numeric fields, in vector order.
+    event_type: str = Field("points", min_length=1)
     features: tuple[str, ...] = Field(("x0", "x1"), min_length=1)
     # Candidate k of the silhouette search (each at least 2).
     k_values: tuple[Annotated[int, Field(ge=2)], ...] = Field((2, 3, 4, 5, 6), min_length=1)

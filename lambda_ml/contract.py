@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from lambda_ml.config import FeaturesConfig
+    from lambda_ml.config import FeaturesConfig, PlatformConfig
 
 
 def window_feature_name(entity: str, statistic: str, window: str) -> str:
@@ -147,8 +147,6 @@ def increment_after_horizon(horizon: Horizon, versions: Mapping[str, VersionTerm
     return condition
 
 
-# Silver labels the speed layer writes: one row per impression whose label is known.
-SILVER_LABELS_TABLE = ("silver", "labels")
 
 
 # Model updates: records on the compacted topic kafka.topics.model_updates, keyed
@@ -316,6 +314,20 @@ def parse_model_update(value: bytes) -> ModelUpdate:
         raise ValueError("model update field data must be a JSON object")
     horizon = Horizon.of(generation)
     return ModelUpdate(str(body["registered_model"]), str(body["alias"]), body["version"], horizon, updates, quality, linear, data)
+
+
+def publish_updates(cfg: PlatformConfig, updates: Sequence[ModelUpdate]) -> None:
+    """Send model updates to the model-updates topic (acks=all; at least once, idempotent by
+    key and generation on the consumer side)."""
+    from kafka import KafkaProducer  # type: ignore[import-untyped]
+
+    producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
+    try:
+        for update in updates:
+            producer.send(cfg.kafka.topics.model_updates.name, key=update.key(), value=update.value())
+        producer.flush()
+    finally:
+        producer.close()
 
 
 def _is_int(value: Any) -> bool:

@@ -34,6 +34,7 @@ from batch_layer.snapshot import SnapshotError, read_snapshot
 from lambda_ml.apps import Snapshot
 from lambda_ml_apps.ctr import evaluation as ctr_evaluation
 from lambda_ml import contract
+from lambda_ml.metrics import split_by_time
 from lambda_ml_apps.ctr import events as ctr_events
 from lambda_ml.config import FeaturesConfig, LrGridConfig, PlatformConfig, SearchConfig, write_config
 from lambda_ml.contract import Horizon
@@ -137,12 +138,12 @@ def test_training_set_dedups_labels_and_counts_before(spark: SparkSession, cfg: 
 def test_split_by_time_holds_out_the_most_recent_rows(spark: SparkSession) -> None:
     times = [T0 + timedelta(minutes=7 * k) for k in range(10)]
     frame = spark.createDataFrame([(f"e{k}", t) for k, t in enumerate(times)], "event_id string, event_time timestamp")
-    train_part, holdout, cutoff = ctr_evaluation.split_by_time(frame, 0.2)
+    train_part, holdout, cutoff = split_by_time(frame, 0.2)
     assert sorted(r.event_id for r in holdout.collect()) == ["e8", "e9"]
     assert sorted(r.event_id for r in train_part.collect()) == [f"e{k}" for k in range(8)]
     assert cutoff == times[7]
     with pytest.raises(ValueError, match="holdout fraction"):
-        ctr_evaluation.split_by_time(frame, 1.0)
+        split_by_time(frame, 1.0)
 
 
 def test_check_trainable_refuses_a_single_class_and_constant_features(spark: SparkSession) -> None:

@@ -1,6 +1,6 @@
 """The k-means application through the three layers, on the real broker, Spark + Delta and
 MLflow: generated points whose true centres move land in bronze (Delta appends with the bronze
-schema: the ingest query cannot land double fields yet, see the xfail test below); the batch layer trains, gates and registers the centres (and reuses them for the same lineage); the
+schema; the ingest of points from Kafka has its own test below); the batch layer trains, gates and registers the centres (and reuses them for the same lineage); the
 speed layer moves the champion's centres over the points after its horizon and publishes them;
 the serving side loads the registered version and the published update and answers /assign."""
 
@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from pyspark.errors import StreamingQueryException
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from scipy.optimize import linear_sum_assignment
@@ -351,7 +350,6 @@ def test_serving_loads_the_registered_centres_applies_the_update_and_assigns(
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, raises=StreamingQueryException, reason="speed_layer/ingest.py check_batches has no Arrow type for double fields (KeyError: 'double')")
 def test_ingest_lands_points_with_double_fields(running_stack: PlatformConfig, spark: SparkSession, tmp_path: Path) -> None:
     from speed_layer.ingest import bronze_path
 

@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 from batch_layer import registry, train
 from lambda_ml_apps.ctr import batch as ctr_batch
-from lambda_ml_apps.ctr.evaluation import split_by_time
+from lambda_ml.metrics import split_by_time
 from lambda_ml_apps.ctr.onnx_export import onnx_click_probabilities, onnx_inputs
 from batch_layer.snapshot import SnapshotError, read_snapshot, version_as_of
 from lambda_ml import cli, contract

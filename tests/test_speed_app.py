@@ -14,7 +14,7 @@ import pytest
 from deltalake import DeltaTable
 from speed_process import app_config, batches, kill, rows, start, terminate, total, wait_for
 
-from lambda_ml import cli, contract, generator
+from lambda_ml import catalog, cli, contract, generator
 from lambda_ml.config import PlatformConfig, write_config
 from lambda_ml.submit import run_submit
 from speed_layer import app
@@ -135,6 +135,6 @@ def test_sigterm_kill_9_and_restarts_neither_lose_nor_double_an_event(running_st
         path = cfg.lake.table(*contract.increments_table(entity))
         assert (total(path, "impressions"), total(path, "clicks")) == (truth.impressions, truth.positives), entity
     # Labels: every click within the window made its impression positive, once.
-    labels = DeltaTable(cfg.lake.table(*contract.SILVER_LABELS_TABLE)).to_pyarrow_table(columns=["event_id", "label"]).to_pylist()
+    labels = DeltaTable(cfg.lake.table(*catalog.SILVER_LABELS_TABLE)).to_pyarrow_table(columns=["event_id", "label"]).to_pylist()
     assert len({r["event_id"] for r in labels}) == len(labels)
     assert sum(r["label"] for r in labels) == truth.positives

@@ -15,7 +15,7 @@ import pytest
 from deltalake import DeltaTable
 from speed_process import app_config
 
-from lambda_ml import contract, generator
+from lambda_ml import catalog, contract, generator
 from lambda_ml.config import PlatformConfig
 from speed_layer import app
 
@@ -110,7 +110,7 @@ def test_events_from_the_future_are_quarantined_and_blind_nothing(running_stack:
 
     # Labels: every attributed click made its impression positive; an impression is labelled 0
     # only once the watermark of the events on time has passed its window, never at once.
-    labels = {str(r["event_id"]): float(r["label"]) for r in _table(cfg, *contract.SILVER_LABELS_TABLE)}  # type: ignore[arg-type]
+    labels = {str(r["event_id"]): float(r["label"]) for r in _table(cfg, *catalog.SILVER_LABELS_TABLE)}  # type: ignore[arg-type]
     assert {i for i, label in labels.items() if label == 1.0} == positives
     negatives = {i for i, label in labels.items() if label == 0.0}
     assert not negatives & positives

@@ -44,7 +44,8 @@ from serving_layer.updates import ModelUpdateListener
 from speed_layer import app, ingest
 from lambda_ml_apps.ctr.labels import ensure_labels_table, label_schema, labels_path, merge_labels
 from speed_layer.monitor import metrics_experiment
-from lambda_ml_apps.ctr.online import OnlineLearner, publish_updates, update_of
+from lambda_ml.contract import publish_updates
+from lambda_ml_apps.ctr.online import OnlineLearner, update_of
 from lambda_ml_apps.ctr.online_state import load_state, model_table, save_state
 from lambda_ml_apps.ctr.online_steps import FtrlState, LinearModel, closed_stretches, ftrl_step, sgd_step
 

@@ -25,6 +25,7 @@ from pyspark.sql import functions as F
 from lambda_ml import contract
 from lambda_ml.apps import Quality, Registered, Snapshot, flat_params
 from lambda_ml.config import PlatformConfig
+from lambda_ml.metrics import split_by_time
 from lambda_ml.features import (
     KIND,
     LABEL,
@@ -41,7 +42,6 @@ from lambda_ml_apps.ctr.evaluation import (
     evaluate,
     in_sample,
     score,
-    split_by_time,
 )
 from lambda_ml_apps.ctr.events import IMPRESSIONS, labelled_events
 from lambda_ml.spark import jvm_logger_off

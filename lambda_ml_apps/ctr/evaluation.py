@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from matplotlib.figure import Figure
@@ -28,25 +27,6 @@ CLICK_PROBABILITY = "click_probability"
 
 class TrainingError(RuntimeError):
     """The snapshot cannot yield a meaningful model (too little data, a single class...)."""
-
-
-def split_by_time(df: DataFrame, holdout_fraction: float) -> tuple[DataFrame, DataFrame, datetime]:
-    """Train on the past, hold out the most recent ``holdout_fraction`` of rows by event time.
-
-    Returns ``(train, holdout, cutoff)``: the cutoff is the last training instant, holdout rows
-    have ``event_time > cutoff``. Rows tied on the cutoff all train, so the holdout may be a
-    few rows smaller than asked, and the model never sees a row from the holdout's instants.
-    """
-    if not 0 < holdout_fraction < 1:
-        raise ValueError(f"holdout fraction must be in (0, 1), got {holdout_fraction}")
-    micros = df.select(F.unix_micros("event_time").alias("micros"))
-    # Exact for small sets, within 1e-4 of the rank on large ones: either way a sound cutoff.
-    quantiles = micros.approxQuantile("micros", [1 - holdout_fraction], 1e-4)
-    if not quantiles:
-        raise TrainingError("no labelled impressions: nothing to split into train and holdout")
-    cutoff = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(quantiles[0]))
-    holdout_rows = F.col("event_time") > F.lit(cutoff)
-    return df.where(~holdout_rows), df.where(holdout_rows), cutoff
 
 
 # Sampling keeps a row when a hash of its event id, reduced modulo this, is below the share.

@@ -20,7 +20,8 @@ from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 from pyspark.sql.types import DoubleType, LongType, StructField, StructType
 
 from lambda_ml.config import PlatformConfig
-from lambda_ml.contract import SILVER_LABELS_TABLE, increment_version_column
+from lambda_ml.catalog import SILVER_LABELS_TABLE
+from lambda_ml.contract import increment_version_column
 from lambda_ml.features import LABEL
 from lambda_ml_apps.ctr.events import within_attribution_window
 from lambda_ml.schemas import EventType, event_type

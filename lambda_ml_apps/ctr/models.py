@@ -24,7 +24,8 @@ from pyspark.ml.feature import OneHotEncoder, StringIndexer, VectorAssembler
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from lambda_ml_apps.ctr.evaluation import TrainingError, auc, sample_rows, score, split_by_time
+from lambda_ml.metrics import split_by_time
+from lambda_ml_apps.ctr.evaluation import TrainingError, auc, sample_rows, score
 from lambda_ml import contract
 from lambda_ml.config import CtrConfig, PlatformConfig
 from lambda_ml.features import LABEL

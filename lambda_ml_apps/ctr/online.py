@@ -74,7 +74,7 @@ from pyspark.sql import functions as F
 
 from lambda_ml import buckets, contract
 from lambda_ml.config import PlatformConfig
-from lambda_ml.contract import INDICATOR, Horizon, ModelInputs, ModelUpdate
+from lambda_ml.contract import INDICATOR, Horizon, ModelInputs, ModelUpdate, publish_updates
 from lambda_ml.features import LABEL, add_window_features, after_horizon, dedup_events, merge_buckets
 from lambda_ml_apps.ctr.events import attribute_clicks, feature_events
 from lambda_ml.metrics import AucBins, add_bins, auc_bins
@@ -110,20 +110,6 @@ def update_of(model: LinearModel, registered_model: str, quality: float | None =
     return ModelUpdate(
         registered_model, contract.SPEED_ALIAS, model.base_version, model.generation, model.updates, quality, model.as_weights()
     )
-
-
-def publish_updates(cfg: PlatformConfig, updates: list[ModelUpdate]) -> None:
-    """Send model updates to the model-updates topic (acks=all; at least once, idempotent by
-    key and generation on the consumer side)."""
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
-    try:
-        for update in updates:
-            producer.send(cfg.kafka.topics.model_updates.name, key=update.key(), value=update.value())
-        producer.flush()
-    finally:
-        producer.close()
 
 
 # --------------------------------------------------------------------------- features

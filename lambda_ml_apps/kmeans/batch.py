@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The event type the application reads.
-POINTS = "points"
 _FEATURES = "features"
 _CLUSTER = "cluster"
 
@@ -260,7 +258,7 @@ class KMeansCandidate:
 def split_points(points: DataFrame, holdout_fraction: float) -> tuple[DataFrame, DataFrame, datetime]:
     """Deduplicated points with every feature set -> (train, holdout, cutoff): the holdout is
     the most recent ``holdout_fraction`` by event time (``lambda_ml_apps.ctr.evaluation.split_by_time``)."""
-    from lambda_ml_apps.ctr.evaluation import split_by_time
+    from lambda_ml.metrics import split_by_time
 
     return split_by_time(points, holdout_fraction)
 
@@ -275,7 +273,7 @@ class KMeansBatchUpdate:
         coordinates, which the feature events do not all carry."""
         settings = cfg.kmeans
         columns = list(settings.features)
-        raw = snapshot[POINTS]
+        raw = snapshot[cfg.kmeans.event_type]
         points = complete_rows(dedup_events(raw).select("event_id", "event_time", *columns), columns)
         train, holdout, cutoff = split_points(points, settings.holdout_fraction)
         train, holdout = train.cache(), holdout.cache()

@@ -39,18 +39,17 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from lambda_ml import contract
 from lambda_ml.apps import QueryBuilder, Trigger
+from lambda_ml.catalog import CENTRES_STATE_TABLE
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import Horizon, ModelUpdate
 from lambda_ml.features import dedup_events
-from lambda_ml_apps.kmeans.batch import POINTS, complete_rows
+from lambda_ml_apps.kmeans.batch import complete_rows
 from lambda_ml_apps.kmeans.model import KMeansCentres, mini_batch_update
 
 log = logging.getLogger(__name__)
 
 QUERY = "centres"
 # The query's state, under lake.root (a lake table the catalog should name).
-CENTRES_STATE_TABLE = ("speed", "kmeans_centres")
-_VERSION = contract.increment_version_column(POINTS)
 
 STATE_SCHEMA = StructType(
     [
@@ -180,7 +179,7 @@ def read_champion(cfg: PlatformConfig, known: ChampionCentres | None) -> Champio
     if known is not None and known.version == number:
         return known
     centres = download_centres(cfg.mlflow.tracking_uri, name, number)
-    return ChampionCentres(number, Horizon.from_tags(version.tags or {}, [POINTS]), centres)
+    return ChampionCentres(number, Horizon.from_tags(version.tags or {}, [cfg.kmeans.event_type]), centres)
 
 
 def checkpoint_query_id(spark: SparkSession, cfg: PlatformConfig, query: str) -> str | None:
@@ -208,6 +207,11 @@ class CentresUpdater:
     published: int = 0  # updates this process published
     _waiting_logged: bool = False
 
+    @property
+    def version_column(self) -> str:
+        """The bronze version column of the clustered event type's stream."""
+        return contract.increment_version_column(self.cfg.kmeans.event_type)
+
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         spark, cfg = batch.sparkSession, self.cfg
         if not self.loaded:
@@ -217,14 +221,14 @@ class CentresUpdater:
             log.info("centres micro-batch %d was applied before (replayed): no new step, the saved centres are published again", batch_id)
             self._publish(state.update(cfg.mlflow.registered_model))
             return
-        bounds = batch.agg(F.min(_VERSION), F.max(_VERSION)).first()
+        bounds = batch.agg(F.min(self.version_column), F.max(self.version_column)).first()
         if bounds is None or bounds[0] is None:
             log.info("centres micro-batch %d: no new points", batch_id)
             return
         champion = self._read_champion()
         if champion is None:
             return
-        horizon = champion.horizon.version(POINTS)
+        horizon = champion.horizon.version(self.cfg.kmeans.event_type)
         after = -1 if horizon is None else horizon
         if state is not None and state.champion_version == champion.version:
             centres, updates, batches = state.centres, state.updates, state.batches
@@ -243,7 +247,7 @@ class CentresUpdater:
                 centres, steps = step_through(centres, earlier, cfg.kmeans.decay, cfg.kmeans.mini_batch_size)
                 updates, caught_up = updates + steps, len(earlier)
                 log.info("centres caught up on %d points of bronze versions %d to %d (%d steps)", len(earlier), after + 1, passed, steps)
-        points = ordered_points(batch.where(F.col(_VERSION) > after), champion.centres.feature_names)
+        points = ordered_points(batch.where(F.col(self.version_column) > after), champion.centres.feature_names)
         if len(points) == 0 and caught_up == 0:
             log.info("centres micro-batch %d: no points after the champion's horizon (%s)", batch_id, champion.horizon)
             return
@@ -280,7 +284,7 @@ class CentresUpdater:
 
         changes = (
             spark.read.format("delta").option("readChangeFeed", "true")
-            .option("startingVersion", first).option("endingVersion", last).load(bronze_path(self.cfg, POINTS))
+            .option("startingVersion", first).option("endingVersion", last).load(bronze_path(self.cfg, self.cfg.kmeans.event_type))
         )  # fmt: skip
         return dedup_events(changes.where(F.col("_change_type") == "insert"))
 
@@ -294,7 +298,7 @@ class CentresUpdater:
 
 def publish_update(cfg: PlatformConfig, update: ModelUpdate) -> None:
     """Send one model update to the model-updates topic (acks=all)."""
-    from lambda_ml_apps.ctr.online import publish_updates
+    from lambda_ml.contract import publish_updates
 
     publish_updates(cfg, [update])
 
@@ -304,10 +308,11 @@ def start_centres(spark: SparkSession, cfg: PlatformConfig, trigger: Trigger) ->
     from speed_layer.app import checkpoint
     from speed_layer.silver import silver_events
 
-    points = silver_events(spark, cfg, [POINTS])[POINTS]
+    event_type = cfg.kmeans.event_type
+    points = silver_events(spark, cfg, [event_type])[event_type]
     writer = points.writeStream.queryName(QUERY).option("checkpointLocation", checkpoint(cfg, QUERY)).foreachBatch(CentresUpdater(cfg))
     query = trigger(writer).start()
-    log.info("centres query started: bronze %s -> %s and %s", POINTS, state_path(cfg), cfg.kafka.topics.model_updates.name)
+    log.info("centres query started: bronze %s -> %s and %s", event_type, state_path(cfg), cfg.kafka.topics.model_updates.name)
     return query
 
 
