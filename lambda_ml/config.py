@@ -756,6 +756,10 @@ def _format_error(source: str, error: ValidationError, env_names: dict[str, str]
         parts = [str(p) for p in item["loc"]]
         key = ".".join(parts) or "<root>"
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        if not parts and message.startswith("Value error, "):
+            # A check across sections names its keys itself (e.g. features.aggregates.n.events).
+            lines.append(f"{source}: {message.removeprefix('Value error, ')}")
+            continue
         origin = next(
             (f"environment variable {env_names[k]}" for k in (".".join(parts[:n]) for n in range(len(parts), 0, -1)) if k in env_names),
             source,

@@ -129,7 +129,7 @@ def at_v1(spark: SparkSession, lake: PlatformConfig) -> Published:
 def test_views_per_entity_and_bucket_with_the_horizon(lake: PlatformConfig, at_v1: Published) -> None:
     assert set(at_v1.rows) == set(lake.features.entities) == {"user", "item", "user_device"}
     assert at_v1.columns["user"] == [
-        "user_id", "bucket_start", "impressions", "clicks", "top_position", "horizon_impressions", "horizon_clicks",
+        "user_id", "bucket_start", "impressions", "clicks", "top_position", "horizon_clicks", "horizon_impressions",
     ]  # fmt: skip
     # (user, bucket, impressions, attributed clicks, top position): by hand from the story above.
     assert at_v1.rows["user"] == [

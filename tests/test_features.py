@@ -542,7 +542,8 @@ def _load_with(**declarations: Any) -> PlatformConfig:
         ({"windows": ["1h", "all", "all"]}, r"features\.windows: .*window all is declared twice"),
         ({"windows": ["1h", "ever"]}, r"features\.windows\.1: .*'ever' is neither a duration such as 30m, 1h or 7d nor all"),
         ({"aggregates": {"n": {"events": "impressions", "aggregation": "avg"}}}, r"features\.aggregates\.n\.aggregation: "),
-        ({"aggregates": {"n": {"events": "views", "aggregation": "count"}}}, r"features\.aggregates\.n\.events: "),
+        ({"aggregates": {"n": {"events": "views", "aggregation": "count"}}, "ratios": {}},
+         r"features\.aggregates\.n\.events: 'views' is not a declared event type \(impressions, clicks\)"),
         (
             {"aggregates": {"n": {"events": "impressions", "aggregation": "count", "measure": "position"}}},
             r"features\.aggregates\.n: .*a count has no measure",
@@ -550,7 +551,7 @@ def _load_with(**declarations: Any) -> PlatformConfig:
         ({"aggregates": {"n": {"events": "clicks", "aggregation": "sum"}}}, r"features\.aggregates\.n: .*a sum needs a measure"),
         (
             {"aggregates": {"n": {"events": "clicks", "aggregation": "max", "measure": "device"}}, "ratios": {}},
-            r"features: .*aggregates\.n\.measure: 'device' is not one of the impression fields position",
+            r"platform\.yaml: features\.aggregates\.n\.measure: 'device' is not one of the impressions fields position",
         ),
         ({"aggregates": {"n": {"events": "clicks", "aggregation": "count", "colour": 1}}}, r"features\.aggregates\.n\.colour: unknown key"),
         (
@@ -565,7 +566,7 @@ def _load_with(**declarations: Any) -> PlatformConfig:
             {"ratios": {"ctr": {"numerator": "clicks", "denominator": "impressions", "prior_alpha": 0, "prior_beta": 0}}},
             r"features\.ratios\.ctr: .*prior_alpha \+ prior_beta must be positive",
         ),
-        ({"entities": {"user": {"keys": ["user"]}}}, r"features: .*entities\.user\.keys: 'user' is not one of the impression fields"),
+        ({"entities": {"user": {"keys": ["user"]}}}, r"platform\.yaml: features\.entities\.user\.keys: 'user' is not one of the impressions fields"),
         ({"entities": {"User": {"keys": ["user_id"]}}}, r"features\.entities: .*'User' is not a lower-case identifier"),
         (
             {"entities": {"user": {"keys": ["user_id"]}, "user_top": {"keys": ["user_id"]}},
@@ -574,7 +575,7 @@ def _load_with(**declarations: Any) -> PlatformConfig:
              "ratios": {}},
             r"feature names \['user_top_impressions_1h'.* are derived twice",
         ),
-        ({"context": {"numeric": ["event_time"]}}, r"context\.numeric: 'event_time' is not one of the impression fields"),
+        ({"context": {"numeric": ["event_time"]}}, r"context\.numeric: 'event_time' is not one of the impressions fields"),
     ],
 )  # fmt: skip
 def test_bad_declarations_fail_naming_the_file_and_key(override: dict[str, Any], message: str) -> None:

@@ -363,7 +363,7 @@ def test_every_record_lands_exactly_as_sent_or_is_quarantined_with_its_reason(
     where: dict[tuple[str, int, int], tuple[str, dict[str, object] | None, str, bytes | None, str | None]] = {}
     try:
         futures = [
-            (case, producer.send(getattr(cfg.kafka.topics, case[0]).name, key=case[2].encode(), value=case[3], timestamp_ms=sent_ms))
+            (case, producer.send(cfg.events.topic(case[0]).name, key=case[2].encode(), value=case[3], timestamp_ms=sent_ms))
             for case in cases
         ]
         producer.flush()

@@ -367,7 +367,7 @@ def test_rollback_moves_the_champion_back_and_forth(
     registry.rollback(client, MODEL, to=c.onnx)
     assert aliases() == {"champion": c.onnx, "previous-champion": b.onnx}
     assert registry.rollback(client, MODEL, to=c.onnx).summary().endswith("already is the champion: nothing moved")
-    with pytest.raises(registry.RollbackError, match=f"version {c.spark} .* is a spark model.*ONNX twin is version {c.onnx}"):
+    with pytest.raises(registry.RollbackError, match=f"version {c.spark} .* is a spark model serving does not load; the version served in its place is {c.onnx}"):
         registry.rollback(client, MODEL, to=c.spark)
     with pytest.raises(registry.RollbackError, match="has no version 999"):
         registry.rollback(client, MODEL, to="999")

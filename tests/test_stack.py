@@ -20,7 +20,7 @@ def test_topics_have_the_configured_partitions_retention_and_compaction(running_
 
     cfg = running_stack
     topics = cfg.kafka.topics
-    wanted = [topics.impressions, topics.clicks, topics.model_updates, topics.predictions]
+    wanted = [cfg.events.topic("impressions"), cfg.events.topic("clicks"), topics.model_updates, topics.predictions]
     admin = KafkaAdminClient(bootstrap_servers=cfg.kafka.bootstrap_servers)
     try:
         described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics([t.name for t in wanted])}

@@ -94,6 +94,7 @@ class StreamScorer:
         views: Any = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        from lambda_ml_apps.ctr.serving import CtrServingModels
         from serving_layer.model_store import ModelStore
         from lambda_ml_apps.ctr.policies import PolicyRunner
         from serving_layer.views import ViewStore
@@ -103,7 +104,7 @@ class StreamScorer:
         self.input_topic = input_topic or cfg.events.topic("impressions").name
         self.output_topic = output_topic or cfg.kafka.topics.predictions.name
         self.group_id, self.batch_size, self.clock = group_id, batch_size, clock
-        self.models = models if models is not None else ModelStore.from_config(cfg)
+        self.models = models if models is not None else ModelStore.from_config(cfg, CtrServingModels())
         self.views = views if views is not None else ViewStore.from_config(cfg)
         self.runner = PolicyRunner(cfg.serving.consensus, cfg.serving.deadline_ms / 1000, cfg.serving.prior_probability)
         self.progress = StreamProgress()
