@@ -63,7 +63,7 @@ def test_silver_labels_and_increments_equal_the_batch_layer(spark: SparkSession,
     app.run(local, ["labels", "increments"], available_now=True)
 
     bronze = read_snapshot(spark, local)
-    impressions, clicks = dedup_events(bronze.impressions).cache(), dedup_events(bronze.clicks).cache()
+    impressions, clicks = dedup_events(bronze["impressions"]).cache(), dedup_events(bronze["clicks"]).cache()
     assert impressions.count() == truth.impressions and clicks.count() == truth.distinct_clicks
     attributed = attribute_clicks(impressions, clicks, window)
 
