@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("script", help="job script, e.g. batch_layer/train.py or speed_layer/ingest.py")
     sub.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the job")
     sub = verb("demo", _demo, "Stack up, generate, speed layer, train, the speed model, serve, and print a summary, for the "
-               "application app.type names (e.g. --config conf/kmeans.yaml); the stack stays up.")  # fmt: skip
+               "application app.type names (e.g. lambda-ml --config conf/kmeans.yaml demo); the stack stays up.")  # fmt: skip
     sub.add_argument("--events", "--impressions", dest="events", type=int,
                      help="events to generate (default: the config's generator setting)")  # fmt: skip
     return parser
