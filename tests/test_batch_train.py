@@ -376,7 +376,7 @@ def test_job_counts_exactly_the_pinned_snapshot(
     for entity, declared in job_cfg.features.entities.items():
         keys = list(declared.keys)
         table = spark.read.format("delta").load(job_cfg.lake.table(*contract.view_table(entity)))
-        assert table.columns == [*keys, "bucket_start", *aggregates, "horizon_impressions", "horizon_clicks"]
+        assert table.columns == [*keys, "bucket_start", *aggregates, "horizon_clicks", "horizon_impressions"]
         counts = sorted(tuple(r) for r in table.select(*keys, F.unix_micros("bucket_start"), *aggregates).collect())
         expected = expected_buckets(imps, clks, keys)
         assert counts == expected and len(expected) > 50, entity
