@@ -105,8 +105,7 @@ def _run(
     snapshot = read_snapshot(spark, cfg, versions, as_of=snapshot_as_of)
     horizon = snapshot.horizon
     log.info("pinned %s", horizon)
-    features_module = sys.modules[type(app.features).__module__]
-    lineage = Lineage(horizon, registry.training_config_hash(cfg), definitions_hash(cfg.features, features_module))
+    lineage = Lineage(horizon, registry.training_config_hash(cfg), features_hash(cfg, app))
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     existing = registry.find_registered(client, cfg.mlflow.registered_model, lineage)
     if existing is not None:
@@ -137,6 +136,12 @@ def _run(
     return TrainResult(
         run_id, registered, horizon, candidate.quality, dict(candidate.metrics), rows, gate.decision, gate.reason
     )
+
+
+def features_hash(cfg: PlatformConfig, app: Application) -> str:
+    """The hash of the feature declarations and of the code deriving them, the application's
+    feature-event rule included (a version's ``feature_definitions_sha256``)."""
+    return definitions_hash(cfg.features, sys.modules[type(app.features).__module__])
 
 
 def log_and_register(

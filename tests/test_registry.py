@@ -38,7 +38,8 @@ from batch_layer.snapshot import SnapshotError, read_snapshot, version_as_of
 from lambda_ml import cli, contract
 from lambda_ml_apps.ctr import events as ctr_events
 from lambda_ml.config import GbtGridConfig, LrGridConfig, PlatformConfig, SearchConfig, write_config
-from lambda_ml.features import definitions_hash, latest_event_time
+from lambda_ml.apps import load_application
+from lambda_ml.features import latest_event_time
 from lambda_ml.schemas import DEVICES
 from support import CLICK, IMPRESSION
 from support import isolated
@@ -214,7 +215,7 @@ def gate_runs(spark: SparkSession, lake: Lake) -> GateRuns:
     client = MlflowClient(lake.cfg.mlflow.tracking_uri)
     results, aliases = [], []
     cfg_a, cfg_b, cfg_c = constant_model(lake.cfg, 50.0), small_trees(lake.cfg), constant_model(lake.cfg, 20.0)
-    features_sha256 = definitions_hash(lake.cfg.features)
+    features_sha256 = train.features_hash(lake.cfg, load_application(lake.cfg))
     for run_cfg in (cfg_a, cfg_b, cfg_c):
         results.append(train.run(spark, run_cfg))
         aliases.append(registry.alias_versions(client, MODEL))
@@ -358,27 +359,27 @@ def test_rollback_moves_the_champion_back_and_forth(
         return {k: v for k, v in registry.alias_versions(client, MODEL).items() if k != "challenger"}
 
     moved = registry.rollback(client, MODEL)
-    assert (moved.previous, moved.champion) == (b.onnx, a.onnx)
-    assert aliases() == {"champion": a.onnx, "previous-champion": b.onnx}
-    assert client.get_model_version(MODEL, a.onnx).tags["previous_champion"] == b.onnx
+    assert (moved.previous, moved.champion) == (b.served, a.served)
+    assert aliases() == {"champion": a.served, "previous-champion": b.served}
+    assert client.get_model_version(MODEL, a.served).tags["previous_champion"] == b.served
     registry.rollback(client, MODEL)  # a second rollback undoes the first
-    assert aliases() == {"champion": b.onnx, "previous-champion": a.onnx}
+    assert aliases() == {"champion": b.served, "previous-champion": a.served}
 
-    registry.rollback(client, MODEL, to=c.onnx)
-    assert aliases() == {"champion": c.onnx, "previous-champion": b.onnx}
-    assert registry.rollback(client, MODEL, to=c.onnx).summary().endswith("already is the champion: nothing moved")
-    with pytest.raises(registry.RollbackError, match=f"version {c.spark} .* is a spark model serving does not load; the version served in its place is {c.onnx}"):
-        registry.rollback(client, MODEL, to=c.spark)
+    registry.rollback(client, MODEL, to=c.served)
+    assert aliases() == {"champion": c.served, "previous-champion": b.served}
+    assert registry.rollback(client, MODEL, to=c.served).summary().endswith("already is the champion: nothing moved")
+    with pytest.raises(registry.RollbackError, match=f"version {c.others['spark']} .* is a spark model serving does not load; the version served in its place is {c.served}"):
+        registry.rollback(client, MODEL, to=c.others["spark"])
     with pytest.raises(registry.RollbackError, match="has no version 999"):
         registry.rollback(client, MODEL, to="999")
-    assert aliases() == {"champion": c.onnx, "previous-champion": b.onnx}
+    assert aliases() == {"champion": c.served, "previous-champion": b.served}
 
     # The command line: back to the previous champion, B.
     config_file = tmp_path / "platform.yaml"
     write_config(lake.cfg, config_file)
     assert cli.main(["--config", str(config_file), "batch", "rollback"]) == 0
-    assert f"version {c.onnx} -> version {b.onnx}" in capsys.readouterr().out
-    assert aliases() == {"champion": b.onnx, "previous-champion": c.onnx}
+    assert f"version {c.served} -> version {b.served}" in capsys.readouterr().out
+    assert aliases() == {"champion": b.served, "previous-champion": c.served}
     assert cli.main(["--config", str(config_file), "batch", "rollback", "--to", "nine"]) == 1
     assert "a model version is a whole number, not 'nine'" in capsys.readouterr().err
 
