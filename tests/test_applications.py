@@ -95,6 +95,8 @@ def test_every_application_goes_through_batch_update_and_serve(
     app = registered(name)
     base = config_on_stack(PROJECT_ROOT / app.example_config, running_stack, tmp_path / "lake")
     cfg = isolated(base, f"contract-{name}", lake_root=tmp_path / "lake", topic_prefix=f"contract-{name}")
+    # A few hours of events: enough to train on, and few enough steps for the speed queries.
+    cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(update={"span_hours": 4, "users": 60, "items": 20})})
     assert app.demo is not None and app.serving is not None
     stack.create_topics(cfg)
     app.demo.send_events(cfg, 3000)
