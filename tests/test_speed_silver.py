@@ -109,13 +109,13 @@ def test_silver_labels_and_increments_equal_the_batch_layer(spark: SparkSession,
     labelled = spark.read.format("delta").load(labels_path(local))
     merged_rows = merged_bucket_rows(spark, local)
     assert merged_rows is not None
-    from_bronze = labelled_features(labelled, bronze.impressions, bronze.clicks, local)
-    from_views = labelled_features(labelled, bronze.impressions, bronze.clicks, local, merged_rows)
+    from_bronze = labelled_features(labelled, bronze["impressions"], bronze["clicks"], local)
+    from_views = labelled_features(labelled, bronze["impressions"], bronze["clicks"], local, merged_rows)
     columns = sorted(from_bronze.columns)
     assert sorted(from_views.columns) == columns and from_bronze.count() == labelled.count() > 1000
     assert _sorted_rows(from_views, columns) == _sorted_rows(from_bronze, columns)
     # The whole buckets do come from the merged rows: without them, the narrow bronze read alone
     # misses the older buckets.
     nothing = {name: rows.limit(0) for name, rows in merged_rows.items()}
-    narrow = labelled_features(labelled, bronze.impressions, bronze.clicks, local, nothing)
+    narrow = labelled_features(labelled, bronze["impressions"], bronze["clicks"], local, nothing)
     assert _sorted_rows(narrow, columns) != _sorted_rows(from_bronze, columns)
