@@ -12,6 +12,7 @@ passes the same checks, so adding one to the registry adds it here with no new t
 from __future__ import annotations
 
 import importlib
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,7 @@ def test_every_application_goes_through_batch_update_and_serve(
     from mlflow import MlflowClient
 
     from batch_layer import train
-    from lambda_ml import contract, stack
+    from lambda_ml import contract, generator, stack
     from lambda_ml.demo import latest_speed_update
     from serving_layer.app import create_app
     from speed_layer import app as speed_app
@@ -120,9 +121,10 @@ def test_every_application_goes_through_batch_update_and_serve(
         assert answer.json()["model"]["version"] == int(result.versions.served)
         assert http.get("/models").json()["aliases"]["champion"] == int(result.versions.served)
 
-    # update: the application's speed queries publish a model from this champion, and its
-    # serving side applies it.
-    speed_app.run(cfg, list(app.speed.queries()), available_now=True)
+    # update: with fresh events after the horizon, the application's speed queries publish a
+    # model from this champion, and its serving side applies it.
+    generator.produce(cfg, app.demo.fresh_events(cfg, datetime.now(UTC)).records, progress=False)
+    speed_app.run(cfg, ["ingest", *app.speed.queries()], available_now=True)
     update = latest_speed_update(cfg)
     assert update is not None and update.generation == result.horizon and update.version == int(result.versions.served)
     model = app.serving.apply(cfg, update)

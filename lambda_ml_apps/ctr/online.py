@@ -535,7 +535,7 @@ class OnlineLearner:
             client = MlflowClient(self.cfg.mlflow.tracking_uri)
             assert self.state is not None
             model = self.state.model
-            key = f"{model.base_version}:{model.generation.impressions}:{model.generation.clicks}"
+            key = f"{model.base_version}:{model.generation.version('impressions')}:{model.generation.version('clicks')}"
             if self.run_id is None or self._run_key != key:
                 self.run_id, self._run_key = self._generation_run(client, model, key), key
             now = int(time.time() * 1000)
@@ -566,7 +566,7 @@ class OnlineLearner:
             "base_version": str(model.base_version),
             **model.generation.tags(),
         }
-        run_name = f"online-v{model.base_version}-{model.generation.impressions}-{model.generation.clicks}"
+        run_name = f"online-v{model.base_version}-{model.generation.version('impressions')}-{model.generation.version('clicks')}"
         return str(client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id)
 
     def _register(self, spark: SparkSession, model: LinearModel, auc: float | None, batch_id: int, rows: DataFrame) -> None:

@@ -96,7 +96,7 @@ def register_speed_version(
         tags[contract.TAG_QUALITY_SCORE] = repr(quality)
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_experiment(metrics_experiment(cfg))
-    with mlflow.start_run(run_name=f"speed-{generation.impressions}-{generation.clicks}-{model.updates}"):
+    with mlflow.start_run(run_name=f"speed-{generation.version('impressions')}-{generation.version('clicks')}-{model.updates}"):
         mlflow.set_tags(tags)
         mlflow.log_metric("parity_max_abs_diff", max_diff)
         versions = register_models(pipeline, onnx_model, name, generation, tags)
