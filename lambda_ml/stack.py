@@ -399,7 +399,8 @@ class ServingProcess:
             self.stop()
         command = [sys.executable, "-m", "serving_layer", "--host", self.cfg.serving.host, "--port", str(self.cfg.serving.port)]
         if config_file:
-            command += ["--config", config_file]
+            # The child runs in its own folder: a path relative to ours would not be found there.
+            command += ["--config", str(Path(config_file).resolve())]
         pid = self.process.start(command)
         log.info("starting prediction service (pid %d) at %s", pid, self.url)
         wait_until(self.is_ready, 120, "prediction service", self.process)
@@ -436,7 +437,7 @@ class SpeedProcess:
             self.stop()
         command = [sys.executable, "-m", "lambda_ml.cli"]
         if config_file:
-            command += ["--config", config_file]
+            command += ["--config", str(Path(config_file).resolve())]  # see ServingProcess.start
         command += ["speed", "run"]
         for query in queries:
             command += ["--query", query]
