@@ -161,11 +161,12 @@ def run(cfg: PlatformConfig, events: int | None = None) -> int:
     # From here on the speed layer runs continuously, its model updates following the champion.
     queries = list(cfg.speed.queries)
     speed_pid = _step(6, steps, f"speed layer: run continuously ({', '.join(queries)})", lambda: speed.start(cfg.source, queries))
-    speed_model = _step(7, steps, "speed layer: first update from the champion", lambda: wait_for_speed_model(cfg))
     service = stack.ServingProcess(cfg)
-    _step(8, steps, "serving layer: start the service", lambda: service.start(cfg.source))
-    fresh = _step(9, steps, "fresh events: send some and wait until serving counts them",
+    _step(7, steps, "serving layer: start the service", lambda: service.start(cfg.source))
+    fresh = _step(8, steps, "fresh events: send some and wait until serving counts them",
                   lambda: follow_fresh_events(cfg, script, service.url))  # fmt: skip
+    # After the fresh events: a speed model may move only on events after the champion's horizon.
+    speed_model = _step(9, steps, "speed layer: an update from the champion", lambda: wait_for_speed_model(cfg))
     path, example = script.example(cfg)
     answer = _step(10, steps, f"ask the service: POST {path}", lambda: _json(f"{service.url}{path}", example))
 
