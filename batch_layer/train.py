@@ -31,7 +31,7 @@ from pyspark.sql import DataFrame, SparkSession
 from batch_layer import registry
 from batch_layer.registry import ExistingVersions, Lineage
 from batch_layer.snapshot import read_snapshot
-from batch_layer.views import build_views, write_views
+from batch_layer.views import build_views, views_at, write_views
 from lambda_ml.apps import Application, Candidate, Quality, Registered, load_application
 from lambda_ml.config import PlatformConfig, load_config
 from lambda_ml.contract import Horizon
@@ -115,6 +115,10 @@ def _run(
             horizon,
             existing.run_id,
         )
+        if not views_at(spark, cfg, horizon):  # e.g. a lake rebuilt under the same registry
+            log.info("the batch views are not at %s: writing them", horizon)
+            events = app.features.batch(snapshot, cfg)
+            write_views(build_views(events, cfg.features, horizon), cfg)
         return reused_result(client, existing, horizon)
     events: DataFrame | None = app.features.batch(snapshot, cfg).cache()
     candidate: Candidate | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lambda_ml import contract
@@ -49,3 +49,21 @@ def write_views(views: dict[str, DataFrame], cfg: PlatformConfig) -> dict[str, s
         log.info("wrote the %s view to %s", entity, path)
         paths[entity] = path
     return paths
+
+
+def views_at(spark: SparkSession, cfg: PlatformConfig, horizon: Horizon) -> bool:
+    """True when every declared entity's view exists and was built at ``horizon``."""
+    from pyspark.sql.utils import AnalysisException
+
+    wanted = {contract.view_horizon_column(event): version for event, version in horizon.versions}
+    for entity in cfg.features.entities:
+        try:
+            view = spark.read.format("delta").load(cfg.lake.table(*contract.view_table(entity)))
+        except AnalysisException:
+            return False
+        if not set(wanted) <= set(view.columns):
+            return False
+        row = view.select(*wanted).limit(1).first()
+        if row is not None and any(row[column] != version for column, version in wanted.items()):
+            return False
+    return True

@@ -326,9 +326,18 @@ def test_a_second_run_of_the_same_horizon_registers_nothing(
     runs_before = len(client.search_runs([experiment.experiment_id]))
 
     # A again, through the command line, pinned by time: now is after both version 1 commits.
+    # One view is gone meanwhile (a lake rebuilt under the same registry): it is written again.
+    import shutil
+
+    user_view = Path(gate_runs.cfg_a.lake.table(*contract.view_table("user")))
+    shutil.rmtree(user_view)
     config_file = tmp_path / "platform.yaml"
     write_config(gate_runs.cfg_a, config_file)
     again = train.main(["--config", str(config_file), "--as-of", datetime.now(UTC).isoformat()])
+    from deltalake import DeltaTable
+
+    rewritten = DeltaTable(str(user_view)).to_pandas(columns=["horizon_impressions", "horizon_clicks"]).drop_duplicates()
+    assert rewritten.values.tolist() == [[1, 1]]
     assert again.reused and again.horizon == contract.Horizon.of(impressions=1, clicks=1)
     assert (again.run_id, again.versions, again.decision) == (gate_runs.a.run_id, gate_runs.a.versions, "champion")
     assert again.rows == gate_runs.a.rows and again.quality.value == gate_runs.a.quality.value
