@@ -561,6 +561,10 @@ def serve(cfg: PlatformConfig, host: str | None = None, port: int | None = None,
     # keep it retrying for minutes before it reports (MLflow's defaults: 7 retries, 120 s).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # Every MLflow call of the process (a models:/ download resolves the registry itself) goes
+    # to the configured server, not to a file store in the service's folder.
+    os.environ.setdefault("MLFLOW_TRACKING_URI", cfg.mlflow.tracking_uri)
+    os.environ.setdefault("MLFLOW_REGISTRY_URI", cfg.mlflow.tracking_uri)
     log.info(
         "prediction service for models:/%s@%s starting on http://%s:%d (OpenAPI at /docs)",
         cfg.mlflow.registered_model, cfg.serving.model_alias, host, port,
