@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -71,6 +72,18 @@ def queries(cfg: PlatformConfig) -> dict[str, QueryBuilder]:
 def checkpoint(cfg: PlatformConfig, query: str) -> str:
     """The checkpoint folder of one query of the application."""
     return f"{cfg.lake.checkpoints.rstrip('/')}/{query}"
+
+
+def checkpoint_query_id(spark: SparkSession, cfg: PlatformConfig, query: str) -> str | None:
+    """The id of a query, from its checkpoint's metadata (kept across restarts); None before
+    its first start."""
+    from pyspark.errors import AnalysisException
+
+    try:
+        row = spark.read.text(f"{checkpoint(cfg, query)}/metadata").first()
+    except AnalysisException:
+        return None
+    return None if row is None else str(json.loads(row[0]).get("id"))
 
 
 class CheckpointInUse(RuntimeError):

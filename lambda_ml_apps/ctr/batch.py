@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -146,7 +146,6 @@ class CtrCandidate:
     metrics: Mapping[str, float]
     params: Mapping[str, str]
     horizon_text: str = ""
-    cached: list[DataFrame] = field(default_factory=list)
 
     def log_artifacts(self) -> None:
         """Search, calibration table and plot; then the ONNX-vs-Spark parity check, which
@@ -187,7 +186,7 @@ class CtrCandidate:
         return Registered(served=versions.onnx, others={"spark": versions.spark})
 
     def release(self) -> None:
-        for frame in (self.holdout, self.training, *self.cached):
+        for frame in (self.holdout, self.training):
             frame.unpersist()
 
 

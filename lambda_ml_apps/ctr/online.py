@@ -79,11 +79,11 @@ from lambda_ml.features import LABEL, add_window_features, after_horizon, dedup_
 from lambda_ml_apps.ctr.events import attribute_clicks, feature_events
 from lambda_ml.metrics import AucBins, add_bins, auc_bins
 from lambda_ml.schemas import event_type
+from speed_layer.app import checkpoint_query_id
 from speed_layer.ingest import bronze_path
 from lambda_ml_apps.ctr.online_state import (
     SavedState,
     bin_rows,
-    checkpoint_query_id,
     cumulative_auc,
     load_state,
     model_table,
@@ -344,7 +344,7 @@ class OnlineLearner:
         if self.state is None:
             self.state = load_state(spark, cfg)
         if self.query_id is None:
-            self.query_id = checkpoint_query_id(spark, cfg)
+            self.query_id = checkpoint_query_id(spark, cfg, "online")
         query_id = self.query_id
         if self.state is not None and self.state.query_id == query_id and self.state.batch_id >= batch_id:
             log.info("online micro-batch %d was learned from before (replayed): no new step", batch_id)

@@ -5,7 +5,6 @@ once per batch id of the query's checkpoint, and read back at a restart.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -139,19 +138,6 @@ def load_state(spark: SparkSession, cfg: PlatformConfig) -> SavedState | None:
         row["batch_id"], model, row["champion_version"], cumulative_auc(bins), row["query_id"], row["sequence"], bins, champion_bins,
         learned_until,
     )  # fmt: skip
-
-
-def checkpoint_query_id(spark: SparkSession, cfg: PlatformConfig) -> str | None:
-    """The id of the online query, from its checkpoint's metadata (kept across restarts)."""
-    from pyspark.errors import AnalysisException
-
-    from speed_layer.app import checkpoint
-
-    try:
-        row = spark.read.text(f"{checkpoint(cfg, 'online')}/metadata").first()
-    except AnalysisException:
-        return None
-    return None if row is None else str(json.loads(row[0]).get("id"))
 
 
 def save_state(spark: SparkSession, cfg: PlatformConfig, batch_id: int, state: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from functools import reduce
 from typing import TYPE_CHECKING, Any
@@ -219,7 +219,6 @@ class KMeansCandidate:
     metrics: Mapping[str, float]
     params: Mapping[str, str]
     horizon_text: str = ""
-    cached: list[DataFrame] = field(default_factory=list)
 
     def log_artifacts(self) -> None:
         """The centres, the silhouette table and its plot."""
@@ -251,8 +250,7 @@ class KMeansCandidate:
         return Registered(served=registry.register_centres(self.result.centres, registered_model, tags), others={})
 
     def release(self) -> None:
-        for frame in (self.holdout, *self.cached):
-            frame.unpersist()
+        self.holdout.unpersist()
 
 
 def split_points(points: DataFrame, holdout_fraction: float) -> tuple[DataFrame, DataFrame, datetime]:

@@ -41,6 +41,7 @@ from lambda_ml import contract
 from lambda_ml.apps import QueryBuilder, Trigger
 from lambda_ml.catalog import CENTRES_STATE_TABLE
 from lambda_ml.config import PlatformConfig
+from speed_layer.app import checkpoint_query_id
 from lambda_ml.contract import Horizon, ModelUpdate
 from lambda_ml.features import dedup_events
 from lambda_ml_apps.kmeans.batch import complete_rows
@@ -180,19 +181,6 @@ def read_champion(cfg: PlatformConfig, known: ChampionCentres | None) -> Champio
         return known
     centres = download_centres(cfg.mlflow.tracking_uri, name, number)
     return ChampionCentres(number, Horizon.from_tags(version.tags or {}, [cfg.kmeans.event_type]), centres)
-
-
-def checkpoint_query_id(spark: SparkSession, cfg: PlatformConfig, query: str) -> str | None:
-    """The id of a query, from its checkpoint's metadata (kept across restarts)."""
-    from pyspark.errors import AnalysisException
-
-    from speed_layer.app import checkpoint
-
-    try:
-        row = spark.read.text(f"{checkpoint(cfg, query)}/metadata").first()
-    except AnalysisException:
-        return None
-    return None if row is None else str(json.loads(row[0]).get("id"))
 
 
 @dataclass
