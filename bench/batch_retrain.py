@@ -8,7 +8,7 @@ NumPy and scikit-learn, from the same declarations (``features:`` and ``ctr:``) 
 bronze tables (see :func:`peer_retrain`).
 
 Bronze is written straight to Delta by Spark (``spark.range`` plus random columns that
-implement the click model of :mod:`lambda_ml.generator`): producing 10 M events through Kafka
+implement the click model of :mod:`lambda_ml_apps.ctr.generator`): producing 10 M events through Kafka
 would take far longer than the retrain itself. Generation, the platform's retrain and the peer
 each run in a child process of their own, so each one's peak memory (Python process, Spark JVM
 and their children, sampled from ``/proc``) is its alone.
@@ -52,9 +52,9 @@ from bench.common import (  # noqa: E402
     write_result,
 )
 from lambda_ml.config import LIFETIME, PlatformConfig, load_config, write_config  # noqa: E402
-from lambda_ml.generator import BIAS, DEVICE_EFFECT, LATE_CLICK_SHARE, MAX_POSITION, POSITION_EFFECT  # noqa: E402
+from lambda_ml_apps.ctr.generator import BIAS, DEVICES, DEVICE_EFFECT, LATE_CLICK_SHARE, MAX_POSITION, POSITION_EFFECT  # noqa: E402
 from lambda_ml.logs import setup_logging  # noqa: E402
-from lambda_ml.schemas import DEVICES, event_type  # noqa: E402
+from lambda_ml.schemas import event_type  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -75,7 +75,7 @@ TARGET_PEAK_GIB = 8.0
 DRIVER_MEMORY = "4g"
 PACKAGES = ("pyspark", "delta-spark", "mlflow", "onnxmltools", "onnxruntime", "pandas", "scikit-learn", "skl2onnx", "deltalake")
 
-# The click model's parts that lambda_ml.generator keeps inline: device shares and the spread
+# The click model's parts that lambda_ml_apps.ctr.generator keeps inline: device shares and the spread
 # of user affinities and item qualities.
 DEVICE_WEIGHTS = (0.6, 0.3, 0.1)
 USER_AFFINITY_SD = 0.6
@@ -138,7 +138,7 @@ def _gaussian(key: Column, salt: str, sd: float) -> Column:
 def bronze_frames(spark: SparkSession, cfg: PlatformConfig, impressions: int, now: datetime) -> tuple[DataFrame, DataFrame]:
     """Bronze impressions and clicks as the speed layer would land them from the generator.
 
-    Same model as :func:`lambda_ml.generator.generate`: P(click) = sigmoid(bias + user affinity
+    Same model as :func:`lambda_ml_apps.ctr.generator.generate`: P(click) = sigmoid(bias + user affinity
     + item quality + device + position); most clicks a few minutes later (exponential, mean
     2 min, capped at the window), a share after the window; clicks later than ``now`` not yet
     sent; some sent out of order (their Kafka time up to 10 min late), some twice. Ids, Kafka
@@ -854,7 +854,7 @@ def peer_skip_reason(done: dict[str, dict[str, Any]], events: int, timeout_s: fl
 def run_benchmark(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Start MLflow, measure every size (result JSON rewritten after each), stop MLflow."""
     from lambda_ml import jvm
-    from lambda_ml.stack import MlflowServer
+    from lambda_ml_cli.stack import MlflowServer
 
     sizes = args.sizes or list(QUICK_SIZES if args.quick else SIZES)
     keep = args.work_dir is not None
@@ -999,7 +999,7 @@ def assemble(
             "ctr": cfg.ctr.model_dump(),
             "generator": {
                 "how": "Spark writes bronze Delta directly (spark.range + seeded rand columns) with the "
-                "click model of lambda_ml.generator; one parquet file per table per 1M impressions; "
+                "click model of lambda_ml_apps.ctr.generator; one parquet file per table per 1M impressions; "
                 "no malformed records (they go to quarantine, which the batch layer does not read)",
                 "seed": cfg.generator.seed,
                 "span_hours": cfg.generator.span_hours,

@@ -12,7 +12,7 @@ them. Nothing is downloaded at run time.
 Each rating becomes an impression at its timestamp (``desktop``, position 1: the data has
 neither), and a rating of 4 or 5 a click :data:`CLICK_DELAY` later, well inside the
 attribution window. The records go through Kafka with the platform's own producer
-(:func:`lambda_ml.generator.produce`), into bronze with the speed layer's ingest (run until the
+(:func:`lambda_ml.producer.produce`), into bronze with the speed layer's ingest (run until the
 topics are drained), and the batch layer (:func:`batch_layer.train.run`) trains, evaluates on
 its time-based holdout and registers the champion. Timestamps are not shifted; the run's
 config overrides (:data:`OVERRIDES`) let events before 2000 into bronze and feed the model no
@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench.common import bench_parser, default_out, format_table, free_port, local_paths, machine_info, write_result  # noqa: E402
 from lambda_ml.config import PlatformConfig, load_config  # noqa: E402
-from lambda_ml.generator import Record, iso  # noqa: E402
+from lambda_ml.producer import Record, iso  # noqa: E402
 from lambda_ml.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("bench.real_data")
@@ -218,13 +218,14 @@ def run_platform(cfg: PlatformConfig, records: list[Record]) -> dict[str, Any]:
     import mlflow
 
     from batch_layer import train
-    from lambda_ml import generator, stack
+    from lambda_ml import producer
+    from lambda_ml_cli import stack
     from lambda_ml.spark import get_spark
     from speed_layer import app
 
     stack.create_topics(cfg)
     started = time.monotonic()
-    generator.produce(cfg, records)
+    producer.produce(cfg, records)
     produced = time.monotonic()
     app.run(cfg, ["ingest"], available_now=True)
     ingested = time.monotonic()
@@ -344,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     setup_logging()
     ratings = load_ratings(dataset_path(), QUICK_USERS if args.quick else None)
-    from lambda_ml import jvm, stack
+    from lambda_ml import jvm
+    from lambda_ml_cli import stack
 
     with tempfile.TemporaryDirectory(prefix="bench-real-data-") as tmp:
         cfg = bench_platform_config(Path(tmp))

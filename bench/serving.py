@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     out = args.out or default_out(NAME, args.quick)
 
-    from lambda_ml.stack import MlflowServer
+    from lambda_ml_cli.stack import MlflowServer
 
     started_at = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:

@@ -658,7 +658,7 @@ def freshness(lake: Path, increments_entity: str) -> list[tuple[float, float]]:
 
 
 def start_broker(cfg: PlatformConfig) -> Any:
-    from lambda_ml import stack
+    from lambda_ml_cli import stack
 
     broker = stack.KafkaBroker(cfg)
     broker.start()
@@ -747,7 +747,7 @@ def paced_produce(cfg: PlatformConfig, rate: int, seconds: float, seed: int = 11
     clicked 1-3 s later; return what was sent and how closely the pace was held."""
     from kafka import KafkaProducer
 
-    from lambda_ml.generator import iso
+    from lambda_ml.producer import iso
 
     rng = random.Random(seed)
     compression = None if cfg.generator.compression == "none" else cfg.generator.compression
@@ -879,7 +879,9 @@ def log_bytes(cfg: PlatformConfig, topic: str) -> int:
 
 def measure_bytes(cfg: PlatformConfig, events: int) -> dict[str, Any]:
     """Bytes per event on the broker for each format and codec, the same generated events each time."""
-    from lambda_ml import generator, stack
+    from lambda_ml import producer
+    from lambda_ml_cli import stack
+    from lambda_ml_apps.ctr import generator
     from lambda_ml.config import GeneratorConfig
 
     gen = GeneratorConfig(impressions=events, malformed_fraction=0.0, duplicate_fraction=0.0, seed=3)
@@ -898,7 +900,7 @@ def measure_bytes(cfg: PlatformConfig, events: int) -> dict[str, Any]:
                 },
             )  # fmt: skip
             stack.create_topics(variant)
-            generator.produce(variant, records, progress=False)
+            producer.produce(variant, records, progress=False)
             size = sum(log_bytes(variant, f"{prefix}-{t}") for t in ("impressions", "clicks"))
             results[f"{fmt}/{codec}"] = {"bytes": size, "records": len(records), "bytes_per_event": round(size / len(records), 2)}
             log.info("%s %s: %.1f bytes per event", fmt, codec, size / len(records))

@@ -268,7 +268,7 @@ class FreshEvents:
     them: ``count`` more of ``aggregate`` for ``entity``'s ``key`` (its path, ``a/b`` for
     several key fields)."""
 
-    records: list[Any]  # lambda_ml.generator.Record
+    records: list[Any]  # lambda_ml.producer.Record
     entity: str
     key: str
     aggregate: str

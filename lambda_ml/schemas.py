@@ -93,6 +93,3 @@ QUARANTINE_SCHEMA = StructType(
         StructField("ingested_at", TimestampType(), nullable=False),
     ]
 )
-
-# Devices the generator emits; the model one-hot encodes them and treats others as unknown.
-DEVICES = ("mobile", "desktop", "tablet")

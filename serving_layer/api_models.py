@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from lambda_ml.apps import ServingModel
 from lambda_ml.contract import Horizon
+
+if TYPE_CHECKING:
+    from serving_layer.views import BatchViews
 
 # Scoring times accepted: windows reach back 7 days or so, which must stay a valid datetime.
 EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -57,8 +60,7 @@ class ViewsOut(_Body):
     """The batch views the features were read from."""
 
     horizon: HorizonOut
-    users: int = Field(description="Distinct users in the view of the entity named user (0 if none is declared).")
-    items: int = Field(description="Distinct items in the view of the entity named item (0 if none is declared).")
+    keys: dict[str, int] = Field(description="Distinct keys in each entity's view, by entity.")
 
 
 class HealthResponse(_Body):
@@ -187,3 +189,8 @@ def model_out(model: ServingModel) -> ModelOut:
         horizon=horizon_out(model.horizon),
         quality=model.quality,
     )
+
+
+def views_out(views: BatchViews) -> ViewsOut:
+    """The views' horizon and distinct keys per entity."""
+    return ViewsOut(horizon=horizon_out(views.horizon), keys={entity: views.size(entity) for entity in views.views})

@@ -72,6 +72,23 @@ class Reloadable(Generic[T]):
         with self._lock:
             return self._load_locked()
 
+    def try_reload(self) -> bool:
+        """Load now; on failure keep the old value (the failure is logged and counted)."""
+        try:
+            self.reload()
+        except Exception:  # noqa: BLE001 - logged and counted by _load_locked
+            return False
+        return True
+
+    def get_or_report(self, problems: list[str]) -> T | None:
+        """The current value (loading one if there is none), or None with the reason appended
+        to ``problems``."""
+        try:
+            return self.get()
+        except NotReadyError as exc:
+            problems.append(str(exc))
+            return None
+
     def get(self) -> T:
         """The current value, loading one first if there is none (throttled).
 
@@ -155,8 +172,5 @@ class Poller(BackgroundLoop):
             for n, (slot, interval) in enumerate(self._slots):
                 if time.monotonic() < due[n]:
                     continue
-                try:
-                    slot.reload()
-                except Exception:  # noqa: BLE001 - logged by the slot; the last good value stays
-                    pass
+                slot.try_reload()  # a failure is logged by the slot; the last good value stays
                 due[n] = time.monotonic() + interval

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lambda_ml import jvm, stack
+from lambda_ml import jvm
+from lambda_ml_cli import stack
 from lambda_ml.config import PlatformConfig, load_config, write_config
 from lambda_ml.logs import setup_logging
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from deltalake import DeltaTable
 from support import isolated
 
-from lambda_ml import stack
+from lambda_ml_cli import stack
 from lambda_ml.config import PROJECT_ROOT, PlatformConfig, write_config
 
 

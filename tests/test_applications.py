@@ -87,8 +87,9 @@ def test_every_application_goes_through_batch_update_and_serve(
     from mlflow import MlflowClient
 
     from batch_layer import train
-    from lambda_ml import contract, generator, stack
-    from lambda_ml.demo import latest_speed_update
+    from lambda_ml import contract, producer
+    from lambda_ml_cli import stack
+    from lambda_ml_cli.demo import latest_speed_update
     from serving_layer.app import create_app
     from speed_layer import app as speed_app
     from support import config_on_stack, isolated
@@ -123,7 +124,7 @@ def test_every_application_goes_through_batch_update_and_serve(
 
     # update: with fresh events after the horizon, the application's speed queries publish a
     # model from this champion, and its serving side applies it.
-    generator.produce(cfg, app.demo.fresh_events(cfg, datetime.now(UTC)).records, progress=False)
+    producer.produce(cfg, app.demo.fresh_events(cfg, datetime.now(UTC)).records, progress=False)
     speed_app.run(cfg, ["ingest", *app.speed.queries()], available_now=True)
     update = latest_speed_update(cfg)
     assert update is not None and update.generation == result.horizon and update.version == int(result.versions.served)

@@ -18,7 +18,9 @@ from speed_process import app_config
 from batch_layer.snapshot import read_snapshot
 from batch_layer import maintenance
 from batch_layer.views import build_views, write_views
-from lambda_ml import cli, contract, generator
+from lambda_ml import contract, producer
+from lambda_ml_cli import cli
+from lambda_ml_apps.ctr import generator
 from lambda_ml.catalog import table_names
 from lambda_ml.config import PlatformConfig, write_config
 from lambda_ml.features import LABEL, dedup_events
@@ -36,7 +38,7 @@ def _with_min_date(cfg: PlatformConfig, day: date) -> PlatformConfig:
     return cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"min_event_date": day})})
 
 
-def _sent(records: list[generator.Record], event_type: str) -> list[tuple[object, ...]]:
+def _sent(records: list[producer.Record], event_type: str) -> list[tuple[object, ...]]:
     """The events as sent, field by field, in bronze's types."""
     out = []
     for record in records:
@@ -69,7 +71,7 @@ def test_history_is_quarantined_loudly_then_lands_once_after_a_config_fix_and_th
     # 1. A config that calls 1998 absurd: every record is quarantined, each micro-batch warns,
     #    and the available-now run fails instead of exiting 0.
     strict = _with_min_date(base, date(2000, 1, 1))
-    generator.produce(strict, history, progress=False)
+    producer.produce(strict, history, progress=False)
     assert cli.main(["--config", str(write_config(strict, tmp_path / "strict.yaml")), "speed", "ingest", "--available-now"]) == 3
     err = capsys.readouterr().err
     assert f"error: ingest read {len(history)} records and quarantined every one of them" in err
@@ -101,13 +103,13 @@ def test_history_is_quarantined_loudly_then_lands_once_after_a_config_fix_and_th
     #    speed layer runs): it lands in bronze, the speed layer leaves it to the batch layer (late
     #    for its watermark), and today's labels and increments are what they are without it.
     today, today_truth = generator.generate(gen.model_copy(update={"seed": 32}), window, NOW)
-    generator.produce(fixed, today, progress=False)
+    producer.produce(fixed, today, progress=False)
     app.run(fixed, ["ingest", "labels", "increments"], available_now=True)
     labels_before = _rows(spark.read.format("delta").load(labels_path(base)), ["event_id", LABEL])
     increments_before = {name: _rows(spark.read.format("delta").load(increments_path(base, name)), [*e.keys, contract.VIEW_BUCKET_COLUMN, *base.features.aggregates]) for name, e in base.features.entities.items()}
     assert len(labels_before) > 0 and all(len(rows) > 0 for rows in increments_before.values())
     late, late_truth = generator.generate(gen.model_copy(update={"seed": 33}), window, HISTORY + timedelta(days=400))
-    generator.produce(fixed, late, progress=False)
+    producer.produce(fixed, late, progress=False)
     totals = app.run(fixed, ["ingest", "labels", "increments"], available_now=True)
     assert totals.read == len(late) and totals.quarantined == 0
     assert _bronze(spark, base, "impressions").count() == history_truth.impressions + today_truth.impressions + late_truth.impressions

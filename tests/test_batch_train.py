@@ -38,7 +38,7 @@ from lambda_ml.metrics import split_by_time
 from lambda_ml_apps.ctr import events as ctr_events
 from lambda_ml.config import FeaturesConfig, LrGridConfig, PlatformConfig, SearchConfig, write_config
 from lambda_ml.contract import Horizon
-from lambda_ml.schemas import DEVICES
+from lambda_ml_apps.ctr.generator import DEVICES
 from support import CLICK, IMPRESSION
 from support import isolated
 

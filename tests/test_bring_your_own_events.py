@@ -86,7 +86,7 @@ def test_your_own_events_go_from_kafka_to_merged_features_and_the_lambda_identit
     from fastapi.testclient import TestClient
 
     from batch_layer import train
-    from lambda_ml import stack
+    from lambda_ml_cli import stack
     from serving_layer.app import create_app
     from speed_layer import app as speed_app
     from support import config_on_stack, isolated

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from pyspark.sql import SparkSession
 
-from lambda_ml import contract, generator, stack
+from lambda_ml import contract, producer
+from lambda_ml_cli import stack
+from lambda_ml_apps.ctr import generator
 from lambda_ml.config import PlatformConfig, write_config
-from lambda_ml.submit import run_submit
+from lambda_ml_cli.submit import run_submit
 from support import isolated
 
 
@@ -39,7 +41,7 @@ def test_one_event_travels_the_whole_way(running_stack: PlatformConfig, spark: S
     now = datetime.now(UTC) - timedelta(minutes=1)
     gen = cfg.generator.model_copy(update={"impressions": 6000, "seed": 11})
     records, truth = generator.generate(gen, timedelta(minutes=cfg.ctr.attribution_window_minutes), now)
-    generator.produce(cfg, records, progress=False)
+    producer.produce(cfg, records, progress=False)
 
     assert run_submit(cfg, "speed_layer/ingest.py", ["--config", config_file, "--available-now"]) == 0
     impressions = spark.read.format("delta").load(cfg.lake.table("bronze", "impressions"))

@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pyspark.sql import SparkSession
 
-from lambda_ml import generator
+from lambda_ml import producer
+from lambda_ml_apps.ctr import generator
 from lambda_ml.config import PlatformConfig
 from speed_layer import ingest
 
@@ -97,11 +98,11 @@ def test_stream_from_real_broker_lands_every_event_once(running_stack: PlatformC
     gen = cfg.generator.model_copy(update={"impressions": 3000, "malformed_fraction": 0.01})
     records, truth = generator.generate(gen, timedelta(minutes=cfg.ctr.attribution_window_minutes), NOW)
     half = len(records) // 2
-    generator.produce(cfg, records[:half], progress=False)
+    producer.produce(cfg, records[:half], progress=False)
 
     _drain(spark, cfg)
     # Restart from the checkpoint with the rest of the records: nothing lost, nothing twice.
-    generator.produce(cfg, records[half:], progress=False)
+    producer.produce(cfg, records[half:], progress=False)
     _drain(spark, cfg)
 
     paths = ingest.table_paths(cfg)
@@ -165,7 +166,7 @@ def test_avro_records_parse_to_the_same_events_as_json(spark: SparkSession, cfg:
     topics = {name: t.name for name, t in cfg.events.topics().items()}
     schemas = {name: avro.load_schema(avro.schema_path(cfg.kafka.avro_schemas, name)) for name in topics}
     as_json = ingest.parse_events(_static_kafka_frame(spark, [(topics[r.event_type], r.value) for r in records]), cfg)
-    encoded = [(topics[r.event_type], generator.wire_value(r, schemas[r.event_type])) for r in records]
+    encoded = [(topics[r.event_type], producer.wire_value(r, schemas[r.event_type])) for r in records]
     assert sum(value != r.value for (_, value), r in zip(encoded, records)) == truth.valid_records + truth.malformed["absurd_time"]
     as_avro = ingest.parse_events(_static_kafka_frame(spark, encoded), avro_cfg)
 
@@ -208,7 +209,8 @@ def test_avro_decoding_reads_what_spark_avro_writes(spark: SparkSession, cfg: Pl
 
 @pytest.mark.integration
 def test_avro_and_json_topics_with_lz4_zstd_and_gzip_land_exactly_once(running_stack: PlatformConfig, spark: SparkSession, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from lambda_ml import avro, stack
+    from lambda_ml import avro
+    from lambda_ml_cli import stack
     from support import isolated
 
     base = _avro_config(isolated(running_stack, "ctr-ingest-avro", lake_root=tmp_path / "lake", topic_prefix="avro"), "impressions")
@@ -216,7 +218,7 @@ def test_avro_and_json_topics_with_lz4_zstd_and_gzip_land_exactly_once(running_s
     records, truth = generator.generate(base.generator.model_copy(update={"impressions": 1500, "seed": 3}), timedelta(minutes=30), NOW)
     parts = [records[: len(records) // 3], records[len(records) // 3 : 2 * len(records) // 3], records[2 * len(records) // 3 :]]
     for codec, part in zip(("lz4", "zstd", "gzip"), parts):
-        generator.produce(base.model_copy(update={"generator": base.generator.model_copy(update={"compression": codec})}), part, progress=False)
+        producer.produce(base.model_copy(update={"generator": base.generator.model_copy(update={"compression": codec})}), part, progress=False)
 
     _drain(spark, base)
     paths = ingest.table_paths(base)
@@ -224,7 +226,7 @@ def test_avro_and_json_topics_with_lz4_zstd_and_gzip_land_exactly_once(running_s
     assert spark.read.format("delta").load(paths["clicks"]).count() == truth.clicks_sent
     quarantine = spark.read.format("delta").load(paths["quarantine"])
     schema = avro.load_schema(avro.schema_path(base.kafka.avro_schemas, "impressions"))
-    bad = [generator.wire_value(r, schema) for r in records if r.key == b"bad"]
+    bad = [producer.wire_value(r, schema) for r in records if r.key == b"bad"]
     assert Counter(r.reason for r in quarantine.collect()) == _expected_avro_reasons(bad, schema)
 
 
@@ -232,10 +234,10 @@ def test_avro_and_json_topics_with_lz4_zstd_and_gzip_land_exactly_once(running_s
 
 RECORD_TIME = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=2)  # the Kafka record time sent
 VALID_IMPRESSION = {
-    "event_id": "imp-ok", "event_time": generator.iso(RECORD_TIME - timedelta(minutes=1)), "user_id": "u1", "item_id": "i1",
+    "event_id": "imp-ok", "event_time": producer.iso(RECORD_TIME - timedelta(minutes=1)), "user_id": "u1", "item_id": "i1",
     "device": "mobile", "position": 3,
 }  # fmt: skip
-VALID_CLICK = {"event_id": "clk-ok", "impression_id": "imp-ok", "event_time": generator.iso(RECORD_TIME)}
+VALID_CLICK = {"event_id": "clk-ok", "impression_id": "imp-ok", "event_time": producer.iso(RECORD_TIME)}
 
 
 def _impression(**changes: object) -> bytes:
@@ -286,11 +288,11 @@ def _strict_json_cases() -> list[tuple[str, bytes | None, str | None]]:
         ("not an object", b'["imp-ok", 3]', "malformed JSON: the record is an array, not a JSON object"),
         ("cut short", _impression()[:25], "malformed JSON: Unterminated string starting at character 23"),
         ("absurd time", _impression(event_time="1969-12-31T23:59:59Z"), "event_time before 1970-01-01: absurd timestamp"),
-        ("10 h in the future", _impression(event_time=generator.iso(RECORD_TIME + timedelta(hours=10))),
+        ("10 h in the future", _impression(event_time=producer.iso(RECORD_TIME + timedelta(hours=10))),
          "event_time 10:00:00 ahead of the Kafka record time (limit 5 minutes)"),
-        ("5 min 1 s in the future", _impression(event_time=generator.iso(RECORD_TIME + timedelta(minutes=5, seconds=1))),
+        ("5 min 1 s in the future", _impression(event_time=producer.iso(RECORD_TIME + timedelta(minutes=5, seconds=1))),
          "event_time 0:05:01 ahead of the Kafka record time (limit 5 minutes)"),
-        ("5 min in the future: within the bound", _impression(event_id="imp-5min", event_time=generator.iso(RECORD_TIME + timedelta(minutes=5))), None),
+        ("5 min in the future: within the bound", _impression(event_id="imp-5min", event_time=producer.iso(RECORD_TIME + timedelta(minutes=5))), None),
     ]  # fmt: skip
 
 
@@ -304,7 +306,7 @@ def _strict_avro_cases(schema: dict[str, object]) -> list[tuple[str, bytes | Non
     return [
         ("valid Avro click", valid, None),
         ("valid Avro unicode", avro.encode({**VALID_CLICK, "event_id": "clk-é", "impression_id": "Zoë 🚲"}, schema), None),
-        ("Avro 10 h in the future", avro.encode({**VALID_CLICK, "event_time": generator.iso(RECORD_TIME + timedelta(hours=10))}, schema),
+        ("Avro 10 h in the future", avro.encode({**VALID_CLICK, "event_time": producer.iso(RECORD_TIME + timedelta(hours=10))}, schema),
          "event_time 10:00:00 ahead of the Kafka record time (limit 5 minutes)"),
         ("Avro 300-character id", long_id, "bad value for impression_id: 300 characters, more than the limit of 256 (events.max_string_length)"),
         ("Avro blank id", avro.encode({**VALID_CLICK, "impression_id": "  "}, schema), 'bad value for impression_id: expected a non-blank string, got "  "'),
@@ -348,7 +350,8 @@ def test_every_record_lands_exactly_as_sent_or_is_quarantined_with_its_reason(
     from deltalake import DeltaTable
     from kafka import KafkaProducer
 
-    from lambda_ml import avro, stack
+    from lambda_ml import avro
+    from lambda_ml_cli import stack
     from lambda_ml.schemas import event_types
     from support import isolated
 

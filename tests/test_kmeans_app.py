@@ -27,11 +27,12 @@ from scipy.spatial.distance import cdist
 from support import prefixed_topics
 
 from batch_layer import train
-from lambda_ml import contract, stack
+from lambda_ml import contract
+from lambda_ml_cli import stack
 from lambda_ml.apps import VersionInfo, load_application
 from lambda_ml.config import PROJECT_ROOT, PlatformConfig, load_config
 from lambda_ml.contract import Horizon, parse_model_update
-from lambda_ml.generator import Record, produce
+from lambda_ml.producer import Record, produce
 from lambda_ml_apps.kmeans.generator import MovingClusters, PointBatch
 from lambda_ml_apps.kmeans.model import KMeansCentres
 from lambda_ml_apps.kmeans.serving import KMeansServingModel, KMeansServingModels

@@ -30,7 +30,7 @@ from lambda_ml.config import DEFAULT_CONFIG, ConfigError, MaintenanceConfig, Pla
 from lambda_ml.contract import Horizon
 from lambda_ml.schemas import QUARANTINE_SCHEMA
 from support import CLICK, IMPRESSION
-from lambda_ml.submit import run_submit, submit_command, submit_env
+from lambda_ml_cli.submit import run_submit, submit_command, submit_env
 from conftest import free_port
 from support import isolated
 

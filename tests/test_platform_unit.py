@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from lambda_ml import avro, generator
-from lambda_ml.cli import build_parser
+from lambda_ml import avro
+from lambda_ml_apps.ctr import generator
+from lambda_ml_cli.cli import build_parser
 from lambda_ml.config import DEFAULT_CONFIG, ConfigError, GeneratorConfig, load_config
 from lambda_ml.jvm import artifact_name
-from lambda_ml.stack import broker_properties, new_cluster_id
+from lambda_ml_cli.stack import broker_properties, new_cluster_id
 
 
 def test_default_config_loads_with_every_section() -> None:
@@ -213,3 +214,57 @@ def test_avro_decoding_is_as_strict_as_the_format_and_no_stricter() -> None:
         avro.decode(b"\x0a\x01\x00\x00", schema)
     with pytest.raises(avro.AvroEncodeError, match="field n: expected long, got True"):
         avro.encode({"n": True, "ok": True}, schema)
+
+
+# --------------------------------------------------------------------------- the layering
+
+PROJECT = Path(__file__).resolve().parent.parent
+LAYERS = ("batch_layer", "speed_layer", "serving_layer")
+# What each package may import of the project's own packages (besides itself): the core
+# imports nothing of the project, a layer only the core, an application the core and the
+# layers' public machinery, and only the command line (and tests, benchmarks) sees it.
+ALLOWED = {
+    "lambda_ml": set(),
+    **{layer: {"lambda_ml"} for layer in LAYERS},
+    "lambda_ml_apps": {"lambda_ml", *LAYERS},
+    "lambda_ml_cli": {"lambda_ml", "lambda_ml_apps", *LAYERS},
+}
+
+
+def _project_imports(path: Path) -> set[str]:
+    """The top-level project packages ``path`` imports (anywhere in it, lazily too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+        found |= {name.split(".")[0] for name in names if name.split(".")[0] in ALLOWED}
+    return found
+
+
+def _app_package(path: Path) -> str | None:
+    parts = path.relative_to(PROJECT).parts
+    return parts[1] if parts[0] == "lambda_ml_apps" and len(parts) > 2 else None
+
+
+def test_no_package_imports_above_its_place() -> None:
+    wrong = []
+    for package, allowed in ALLOWED.items():
+        for path in sorted((PROJECT / package).rglob("*.py")):
+            for imported in _project_imports(path) - {package} - allowed:
+                wrong.append(f"{path.relative_to(PROJECT)} imports {imported}")
+    assert wrong == []
+
+
+def test_no_application_imports_another() -> None:
+    import ast
+
+    wrong = []
+    for path in sorted((PROJECT / "lambda_ml_apps").rglob("*.py")):
+        own = _app_package(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lambda_ml_apps."):
+                other = (node.module or "").split(".")[1]
+                if own is not None and other != own:
+                    wrong.append(f"{path.relative_to(PROJECT)} imports lambda_ml_apps.{other}")
+    assert wrong == []

@@ -35,12 +35,13 @@ from lambda_ml_apps.ctr import batch as ctr_batch
 from lambda_ml.metrics import split_by_time
 from lambda_ml_apps.ctr.onnx_export import onnx_click_probabilities, onnx_inputs
 from batch_layer.snapshot import SnapshotError, read_snapshot, version_as_of
-from lambda_ml import cli, contract
+from lambda_ml import contract
+from lambda_ml_cli import cli
 from lambda_ml_apps.ctr import events as ctr_events
 from lambda_ml.config import GbtGridConfig, LrGridConfig, PlatformConfig, SearchConfig, write_config
 from lambda_ml.apps import load_application
 from lambda_ml.features import latest_event_time
-from lambda_ml.schemas import DEVICES
+from lambda_ml_apps.ctr.generator import DEVICES
 from support import CLICK, IMPRESSION
 from support import isolated
 

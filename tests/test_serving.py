@@ -41,7 +41,8 @@ from lambda_ml.config import DEFAULT_CONFIG, PROJECT_ROOT, PlatformConfig, load_
 from lambda_ml.contract import Horizon, ModelInputs
 from lambda_ml_apps.ctr.answers import AnswerWriter, Scored, predict_response
 from lambda_ml_apps.ctr.api_models import REQUEST_KINDS, PredictRow
-from serving_layer.app import create_app, format_validation_errors, max_body_bytes
+from serving_layer.app import create_app
+from serving_layer.http_api import format_validation_errors, max_body_bytes
 from lambda_ml_apps.ctr.predict import score_rows
 from lambda_ml_apps.ctr.model_inputs import build_model_inputs, lookup_features
 from serving_layer.model_store import ModelLoadError, ModelStore, ServedModels, VersionInfo, check_registry_reachable
@@ -66,6 +67,7 @@ SERVING_MODULES = [
     "lambda_ml_apps.ctr.ab",
     "lambda_ml_apps.ctr.answers",
     "serving_layer.app",
+    "serving_layer.http_api",
     "serving_layer.api_models",
     "lambda_ml_apps.ctr.model_inputs",
     "serving_layer.metrics",
@@ -580,7 +582,8 @@ def test_one_row_is_scored_with_its_window_features(client: TestClient) -> None:
         "quality": None,
     }
     assert body["models"] == [body["model"]] and body["policy"] == "champion"
-    assert body["views"] == {"horizon": {"impressions": 5, "clicks": 4}, "users": 2, "items": 2}
+    # Distinct keys of the toy views (VIEW_ROWS): u1, u2; i1, i2; (u1, mobile), (u1, desktop).
+    assert body["views"] == {"horizon": {"impressions": 5, "clicks": 4}, "keys": {"user": 2, "item": 2, "user_device": 2}}
     (prediction,) = body["predictions"]
     # The model's own inputs, in its order, computed at the service's clock (NOW).
     assert prediction["features"] == {**U1_I1_MOBILE, "position": 2, "device": "mobile"}
@@ -1557,8 +1560,10 @@ def test_the_service_serves_the_champion_with_its_horizon(trained: Trained, serv
         "horizon": horizon,
         "quality": pytest.approx(trained.result.quality.value),
     }
-    users, items = len(trained.bronze.users), len(trained.bronze.items)
-    assert health["views"] == {"horizon": horizon, "users": users, "items": items}
+    events = trained.bronze.events
+    keys = {"user": len({e.user_id for e in events}), "item": len({e.item_id for e in events}),
+            "user_device": len({(e.user_id, e.device) for e in events})}  # fmt: skip
+    assert health["views"] == {"horizon": horizon, "keys": keys}
     log_text = service.log_file.read_text()
     assert (
         f"serving {REGISTERED_MODEL} version {champion.version} (alias champion), "
@@ -1865,7 +1870,7 @@ def test_a_model_update_on_kafka_swaps_at_once_and_a_stale_one_is_ignored(traine
     from kafka import KafkaProducer
     from mlflow.tracking import MlflowClient
 
-    from lambda_ml import stack
+    from lambda_ml_cli import stack
 
     cfg = isolated(trained.cfg, REGISTERED_MODEL, topic_prefix="upd")  # own topics; same model and lake
     cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"poll_interval_s": 3600, "views_refresh_s": 3600})})
@@ -1912,7 +1917,7 @@ def test_mlflow_down_keeps_serving_the_loaded_model_and_recovers(trained: Traine
     reads the registry again by itself: an alias moved afterwards is swapped in."""
     from mlflow.tracking import MlflowClient
 
-    from lambda_ml.stack import MlflowServer
+    from lambda_ml_cli.stack import MlflowServer
 
     cfg = trained.cfg
     server = MlflowServer(cfg)
@@ -2141,7 +2146,7 @@ def test_the_prediction_log_equals_the_answers_and_online_auc_equals_sklearn(tra
     from sklearn.metrics import log_loss, roc_auc_score
 
     from lambda_ml_apps.ctr import online_eval
-    from lambda_ml import stack
+    from lambda_ml_cli import stack
 
     cfg = isolated(trained.cfg, REGISTERED_MODEL, topic_prefix="plog", lake_root=tmp_path / "lake")
     serving = cfg.serving.model_copy(update={
@@ -2246,7 +2251,7 @@ def test_stream_scoring_equals_predict_and_stops_cleanly_on_sigterm(trained: Tra
     counted; SIGTERM exits 0 with the offsets committed, so a restart scores nothing twice."""
     from kafka import KafkaProducer
 
-    from lambda_ml import stack
+    from lambda_ml_cli import stack
     from lambda_ml.config import write_config
 
     cfg = isolated(trained.cfg, REGISTERED_MODEL, topic_prefix="stream")
@@ -2260,7 +2265,7 @@ def test_stream_scoring_equals_predict_and_stops_cleanly_on_sigterm(trained: Tra
     producer.send(cfg.events.topic("impressions").name, value=json.dumps({**rows[0], "position": "top"}).encode())
     producer.flush()
     log_file = tmp_path / "stream.log"
-    command = [sys.executable, "-m", "lambda_ml.cli", "--config", str(config_file), "serve", "stream", "--batch-size", "16"]
+    command = [sys.executable, "-m", "lambda_ml_cli.cli", "--config", str(config_file), "serve", "stream", "--batch-size", "16"]
     with log_file.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, start_new_session=True)
     try:
@@ -2306,7 +2311,8 @@ def test_stream_scoring_reads_an_avro_impressions_topic_as_predict_scores_its_ro
 
     from kafka import KafkaProducer
 
-    from lambda_ml import avro, stack
+    from lambda_ml import avro
+    from lambda_ml_cli import stack
     from lambda_ml_apps.ctr.stream import StreamScorer
 
     cfg = avro_impressions(isolated(trained.cfg, REGISTERED_MODEL, topic_prefix="stream-avro"))
@@ -2357,7 +2363,7 @@ def test_kafka_down_keeps_serving_and_the_prediction_log_recovers(trained: Train
     """The broker stopped (by its PID) under the running service: every request is still
     answered, with the same views and model; the prediction log holds its records meanwhile and
     delivers them, and the ones after, once the broker is back."""
-    from lambda_ml.stack import KafkaBroker
+    from lambda_ml_cli.stack import KafkaBroker
 
     cfg = trained.cfg
     topic = cfg.kafka.topics.predictions.name
@@ -2506,7 +2512,7 @@ def pit_lake(cfg: PlatformConfig, spark: Any, tmp_path_factory: pytest.TempPathF
     from lambda_ml_apps.ctr.events import clean_events, labelled_events
     from lambda_ml_apps.ctr.batch import training_rows
     from batch_layer.views import build_views, write_views
-    from lambda_ml import generator
+    from lambda_ml_apps.ctr import generator
     from lambda_ml.features import KIND, latest_event_time
     from speed_layer import ingest
 

@@ -14,9 +14,11 @@ import pytest
 from deltalake import DeltaTable
 from speed_process import app_config, batches, kill, rows, start, terminate, total, wait_for
 
-from lambda_ml import catalog, cli, contract, generator
+from lambda_ml import catalog, contract, producer
+from lambda_ml_cli import cli
+from lambda_ml_apps.ctr import generator
 from lambda_ml.config import PlatformConfig, write_config
-from lambda_ml.submit import run_submit
+from lambda_ml_cli.submit import run_submit
 from speed_layer import app
 
 NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
@@ -85,11 +87,11 @@ def test_sigterm_kill_9_and_restarts_neither_lose_nor_double_an_event(running_st
         return sum(max(0, rows(path)) for path in bronze.values())
 
     # Run 1: SIGTERM while records keep arriving.
-    generator.produce(cfg, parts[0], progress=False)
+    producer.produce(cfg, parts[0], progress=False)
     process = start(config_file, log, queries)
     try:
         wait_for(lambda: landed() >= len(parts[0]) and total(user_increments, "impressions") > 0, process, log)
-        generator.produce(cfg, parts[1][:300], progress=False)
+        producer.produce(cfg, parts[1][:300], progress=False)
         assert terminate(process, log) == 0, log.read_text()[-4000:]
     finally:
         if process.poll() is None:
@@ -109,17 +111,17 @@ def test_sigterm_kill_9_and_restarts_neither_lose_nor_double_an_event(running_st
     assert rocksdb and not any(state.rglob("*.delta"))
 
     # Run 2: kill -9 in the middle of the stream.
-    generator.produce(cfg, parts[1][300:], progress=False)
+    producer.produce(cfg, parts[1][300:], progress=False)
     process = start(config_file, log, queries)
     try:
         wait_for(lambda: landed() > len(parts[0]) + 300, process, log)
-        generator.produce(cfg, parts[2][:500], progress=False)
+        producer.produce(cfg, parts[2][:500], progress=False)
         time.sleep(2)
     finally:
         kill(process)
 
     # Run 3: resume from the checkpoints through spark-submit, drain what Kafka holds and stop.
-    generator.produce(cfg, parts[2][500:], progress=False)
+    producer.produce(cfg, parts[2][500:], progress=False)
     assert run_submit(cfg, "speed_layer/app.py", ["--config", str(config_file), "--available-now"]) == 0
 
     assert rows(bronze["impressions"]) == truth.impressions

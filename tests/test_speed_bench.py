@@ -12,7 +12,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from bench import speed
-from lambda_ml import generator
+from lambda_ml_apps.ctr import generator
 from lambda_ml.config import GeneratorConfig, PlatformConfig
 from lambda_ml.contract import Horizon, increment_version_column
 from lambda_ml.features import BUCKET, dedup_events, merge_buckets

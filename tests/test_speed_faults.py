@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from speed_process import app_config, kill, rows, start, terminate, total, wait_for
 
-from lambda_ml import contract, generator, stack
+from lambda_ml import contract, producer
+from lambda_ml_cli import stack
+from lambda_ml_apps.ctr import generator
 from lambda_ml.config import PlatformConfig
 
 NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
@@ -28,7 +30,7 @@ def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(running_stack: Pl
     log = tmp_path / "speed.log"
     broker = stack.KafkaBroker(running_stack)
 
-    generator.produce(cfg, records[:half], progress=False)
+    producer.produce(cfg, records[:half], progress=False)
     process = start(config_file, log, ["ingest", "increments"])
     try:
         wait_for(lambda: sum(max(0, rows(t)) for t in tables) >= half, process, log)
@@ -36,7 +38,7 @@ def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(running_stack: Pl
         time.sleep(5)  # the stream polls a broker that is down
         assert process.poll() is None, log.read_text()[-4000:]
         broker.start()  # the same port and log directory: the topics and their offsets survive
-        generator.produce(cfg, records[half:], progress=False)
+        producer.produce(cfg, records[half:], progress=False)
         wait_for(
             lambda: sum(max(0, rows(t)) for t in tables) >= len(records) and total(user_increments, "clicks") >= truth.positives,
             process,

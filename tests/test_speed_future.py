@@ -15,14 +15,15 @@ import pytest
 from deltalake import DeltaTable
 from speed_process import app_config
 
-from lambda_ml import catalog, contract, generator
+from lambda_ml import catalog, contract, producer
+from lambda_ml_apps.ctr import generator
 from lambda_ml.config import PlatformConfig
 from speed_layer import app
 
 NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
 
 
-def _expected(records: list[generator.Record], window: timedelta) -> tuple[dict[str, tuple[int, int]], set[str], dict[str, datetime]]:
+def _expected(records: list[producer.Record], window: timedelta) -> tuple[dict[str, tuple[int, int]], set[str], dict[str, datetime]]:
     """From the records sent, without the platform: per user (impressions, attributed clicks),
     the impressions clicked within the attribution window (both ends inclusive), and every
     impression's event time."""
@@ -50,14 +51,14 @@ def _send_from_the_future(cfg: PlatformConfig) -> tuple[datetime, datetime]:
 
     record_time = datetime.now(UTC).replace(microsecond=0)
     ahead = record_time + timedelta(hours=10)
-    impression = {"event_id": "imp-future", "event_time": generator.iso(ahead), "user_id": "u1", "item_id": "i1", "device": "mobile", "position": 1}
-    click = {"event_id": "clk-future", "impression_id": "imp-future", "event_time": generator.iso(ahead + timedelta(minutes=1))}
-    producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
+    impression = {"event_id": "imp-future", "event_time": producer.iso(ahead), "user_id": "u1", "item_id": "i1", "device": "mobile", "position": 1}
+    click = {"event_id": "clk-future", "impression_id": "imp-future", "event_time": producer.iso(ahead + timedelta(minutes=1))}
+    sender = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
     try:
         ms = int(record_time.timestamp() * 1000)
-        producer.send(cfg.events.topic("impressions").name, key=b"u1", value=json.dumps(impression).encode(), timestamp_ms=ms)
-        producer.send(cfg.events.topic("clicks").name, key=b"imp-future", value=json.dumps(click).encode(), timestamp_ms=ms)
-        producer.flush()
+        sender.send(cfg.events.topic("impressions").name, key=b"u1", value=json.dumps(impression).encode(), timestamp_ms=ms)
+        sender.send(cfg.events.topic("clicks").name, key=b"imp-future", value=json.dumps(click).encode(), timestamp_ms=ms)
+        sender.flush()
     finally:
         producer.close()
     return record_time, ahead
@@ -79,10 +80,10 @@ def test_events_from_the_future_are_quarantined_and_blind_nothing(running_stack:
 
     # The future pair arrives with the first part; the rest (later impressions, and clicks of
     # impressions still pending) afterwards, in later micro-batches.
-    generator.produce(cfg, records[:cut], progress=False)
+    producer.produce(cfg, records[:cut], progress=False)
     record_time, ahead = _send_from_the_future(cfg)
     app.run(cfg, queries, available_now=True)
-    generator.produce(cfg, records[cut:], progress=False)
+    producer.produce(cfg, records[cut:], progress=False)
     app.run(cfg, queries, available_now=True)
 
     # Quarantined with the amount and the limit, nothing else.
@@ -115,7 +116,7 @@ def test_events_from_the_future_are_quarantined_and_blind_nothing(running_stack:
     negatives = {i for i, label in labels.items() if label == 0.0}
     assert not negatives & positives
 
-    def watermark(part: list[generator.Record]) -> datetime:
+    def watermark(part: list[producer.Record]) -> datetime:
         newest = {kind: max(datetime.fromisoformat(json.loads(r.value)["event_time"]) for r in part if r.event_type == kind)
                   for kind in ("impressions", "clicks")}  # fmt: skip
         return min(newest.values()) - timedelta(minutes=cfg.speed.watermark_minutes)

@@ -10,7 +10,9 @@ import pytest
 from pyspark.sql import SparkSession
 from support import isolated
 
-from lambda_ml import generator, stack
+from lambda_ml import producer
+from lambda_ml_cli import stack
+from lambda_ml_apps.ctr import generator
 from lambda_ml.config import PlatformConfig
 from speed_layer import app
 from speed_layer.monitor import metrics_experiment, progress_metrics
@@ -53,7 +55,7 @@ def test_every_micro_batch_reports_its_metrics_to_mlflow(running_stack: Platform
     cfg = cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"max_offsets_per_trigger": 150})})
     stack.create_topics(cfg)
     records, _ = generator.generate(cfg.generator.model_copy(update={"impressions": 400, "seed": 9}), timedelta(minutes=30), NOW)
-    generator.produce(cfg, records, progress=False)
+    producer.produce(cfg, records, progress=False)
 
     app.run(cfg, ["ingest"], available_now=True)
 

@@ -31,7 +31,9 @@ from lambda_ml_apps.ctr.models import build_pipeline
 from batch_layer.snapshot import read_snapshot
 from lambda_ml_apps.ctr.events import clean_events
 from lambda_ml_apps.ctr.batch import build_training_set
-from lambda_ml import contract, generator, stack
+from lambda_ml import contract, producer
+from lambda_ml_cli import stack
+from lambda_ml_apps.ctr import generator
 from lambda_ml.config import OnlineConfig, PlatformConfig
 from lambda_ml.contract import Horizon, LinearWeights, ModelUpdate
 from lambda_ml.features import LABEL, latest_event_time
@@ -295,7 +297,7 @@ def test_a_bad_model_update_is_refused_naming_the_field(change: dict[str, Any], 
 # --------------------------------------------------------------------------- the online query
 
 
-def _land(spark: SparkSession, cfg: PlatformConfig, records: list[generator.Record], first_offset: int = 0, batch_id: int = 0) -> None:
+def _land(spark: SparkSession, cfg: PlatformConfig, records: list[producer.Record], first_offset: int = 0, batch_id: int = 0) -> None:
     """Write records to bronze as one ingest micro-batch would."""
     topics = {name: t.name for name, t in cfg.events.topics().items()}
     rows = [(r.key, r.value, topics[r.event_type], 0, first_offset + i, NOW) for i, r in enumerate(records)]

@@ -16,7 +16,8 @@ from support import isolated
 
 from batch_layer.snapshot import read_snapshot
 from batch_layer.views import build_views, write_views
-from lambda_ml import contract, generator
+from lambda_ml import contract, producer
+from lambda_ml_apps.ctr import generator
 from lambda_ml.config import PlatformConfig
 from lambda_ml.features import LABEL, after_horizon, bucket_increments, dedup_events, latest_event_time, merge_buckets
 from lambda_ml_apps.ctr.events import attribute_clicks, feature_events, label_impressions
@@ -29,7 +30,7 @@ NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 KAFKA_COLUMNS = "key binary, value binary, topic string, partition int, offset long, timestamp timestamp"
 
 
-def _land(spark: SparkSession, cfg: PlatformConfig, records: list[generator.Record], first_offset: int, batch_id: int) -> None:
+def _land(spark: SparkSession, cfg: PlatformConfig, records: list[producer.Record], first_offset: int, batch_id: int) -> None:
     """Write records to bronze as one ingest micro-batch would (one Delta version per table)."""
     topics = {name: t.name for name, t in cfg.events.topics().items()}
     rows = [(r.key, r.value, topics[r.event_type], 0, first_offset + i, NOW) for i, r in enumerate(records)]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lambda_ml import jvm, stack
+from lambda_ml import jvm
+from lambda_ml_cli import stack
 from lambda_ml.config import PlatformConfig
 
 
@@ -84,7 +85,8 @@ def test_the_demo_speed_layer_runs_in_the_background_until_stack_down(running_st
     from speed_process import rows
     from support import isolated
 
-    from lambda_ml import generator
+    from lambda_ml import producer
+    from lambda_ml_apps.ctr import generator
     from lambda_ml.config import write_config
 
     cfg = isolated(running_stack, "ctr-speed-bg", lake_root=tmp_path / "lake", topic_prefix="speedbg")
@@ -94,7 +96,7 @@ def test_the_demo_speed_layer_runs_in_the_background_until_stack_down(running_st
     stack.create_topics(cfg)
     gen = cfg.generator.model_copy(update={"impressions": 300, "seed": 3, "malformed_fraction": 0.0})
     records, truth = generator.generate(gen, timedelta(minutes=cfg.ctr.attribution_window_minutes))
-    generator.produce(cfg, records, progress=False)
+    producer.produce(cfg, records, progress=False)
 
     speed = stack.SpeedProcess(cfg)
     pid = speed.start(str(config_file), ["ingest"])

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from pyspark.sql import SparkSession
 
-from lambda_ml import contract, generator
-from lambda_ml.cluster import ClusterSpec, StandaloneCluster
+from lambda_ml import contract
+from lambda_ml_apps.ctr import generator
+from lambda_ml_cli.cluster import ClusterSpec, StandaloneCluster
 from lambda_ml.config import PlatformConfig, write_config
-from lambda_ml.submit import run_submit
+from lambda_ml_cli.submit import run_submit
 from conftest import free_port
 from speed_layer import ingest
 from support import isolated

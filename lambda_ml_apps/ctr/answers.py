@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError, to_json
 
 from lambda_ml_apps.ctr.api_models import Prediction, PredictResponse, PredictRow
-from serving_layer.api_models import ViewsOut, horizon_out, model_out
+from serving_layer.api_models import model_out, views_out
 from lambda_ml_apps.ctr.model_inputs import FeatureValue
 from lambda_ml_apps.ctr.serving_model import CtrServingModel
 from serving_layer.views import BatchViews
@@ -40,10 +40,6 @@ class Scored:
     features: Sequence[Mapping[str, FeatureValue]]
     answers: Sequence[RowAnswer]
     names: Sequence[str]
-
-
-def views_out(views: BatchViews) -> ViewsOut:
-    return ViewsOut(horizon=horizon_out(views.horizon), users=views.size("user"), items=views.size("item"))
 
 
 def predict_response(scored: Scored) -> PredictResponse:

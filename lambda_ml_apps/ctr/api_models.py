@@ -191,7 +191,7 @@ class PredictResponse(_Body):
                     "request_id": "4f9c1a0e7d2b4e38a1c5f0b9d8e7c6a5",
                     "policy": "champion",
                     "how": "version 2 (alias champion)",
-                    "views": {"horizon": {"impressions": 12, "clicks": 11}, "users": 500, "items": 100},
+                    "views": {"horizon": {"impressions": 12, "clicks": 11}, "keys": {"user": 500, "item": 100, "user_device": 1200}},
                     "predictions": [
                         {
                             "user_id": "u42",

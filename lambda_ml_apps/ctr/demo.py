@@ -8,7 +8,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from lambda_ml import generator
+from lambda_ml import producer
+from lambda_ml_apps.ctr import generator
 from lambda_ml.apps import FreshEvents
 from lambda_ml.config import PlatformConfig
 
@@ -28,8 +29,8 @@ class CtrDemo:
 
     def fresh_events(self, cfg: PlatformConfig, now: datetime) -> FreshEvents:
         records = [
-            generator.Record("impressions", FRESH_USER.encode(), json.dumps({
-                "event_id": f"demo-{uuid.uuid4().hex}", "event_time": generator.iso(now), "user_id": FRESH_USER,
+            producer.Record("impressions", FRESH_USER.encode(), json.dumps({
+                "event_id": f"demo-{uuid.uuid4().hex}", "event_time": producer.iso(now), "user_id": FRESH_USER,
                 "item_id": "i1", "device": "mobile", "position": 1,
             }).encode())  # fmt: skip
             for _ in range(FRESH_IMPRESSIONS)

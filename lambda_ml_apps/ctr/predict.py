@@ -41,7 +41,8 @@ from lambda_ml_apps.ctr.api_models import (
 from lambda_ml_apps.ctr.model_inputs import lookup_features
 from lambda_ml_apps.ctr.policies import PolicyRunner
 from serving_layer.api_models import ErrorResponse, ValidationErrorResponse
-from serving_layer.app import API_KEY_HEADER, ServiceContext, get_or_report, is_json_content_type, max_body_bytes, unavailable
+from serving_layer.http_api import API_KEY_HEADER, is_json_content_type, max_body_bytes, unavailable
+from serving_layer.service import ServiceContext
 from serving_layer.lake_events import LakeEventsError
 from serving_layer.model_store import ServedModels
 from serving_layer.views import BatchViews
@@ -255,8 +256,8 @@ def mount_predict(app: FastAPI, service: ServiceContext) -> None:
         views_now, served = view_slot.current, model_slot.current
         if views_now is None or served is None:
             problems: list[str] = []  # a first load may take a while: off the event loop
-            views_now = await run_in_threadpool(get_or_report, view_slot, problems)
-            served = await run_in_threadpool(get_or_report, model_slot, problems)
+            views_now = await run_in_threadpool(view_slot.get_or_report, problems)
+            served = await run_in_threadpool(model_slot.get_or_report, problems)
             if views_now is None or served is None:
                 raise unavailable("not ready to predict: " + "; ".join(problems))
         chosen = policy or cfg.serving.policy

@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from lambda_ml import generator
+from lambda_ml import producer
 from lambda_ml.apps import FreshEvents
 from lambda_ml.config import PlatformConfig
 from lambda_ml_apps.kmeans.generator import MovingClusters
@@ -46,18 +46,18 @@ class KMeansDemo:
         names = {**dict(zip(clusters.feature_names, cfg.kmeans.features, strict=True)), "source_id": _entity(cfg)[1]}
         event_type = cfg.kmeans.event_type
         records = [
-            generator.Record(event_type, str(e["source_id"]).encode(), json.dumps({names.get(k, k): v for k, v in e.items()}).encode())
+            producer.Record(event_type, str(e["source_id"]).encode(), json.dumps({names.get(k, k): v for k, v in e.items()}).encode())
             for e in batch.events
         ]
-        generator.produce(cfg, records, progress=False)
+        producer.produce(cfg, records, progress=False)
         return f"{len(records)} points from {clusters.k} clusters moving {clusters.speed_per_hour:g} unit(s) an hour"
 
     def fresh_events(self, cfg: PlatformConfig, now: datetime) -> FreshEvents:
         entity, key, aggregate = _entity(cfg)
         source = "demo-source"
         records = [
-            generator.Record(cfg.kmeans.event_type, source.encode(), json.dumps({
-                "event_id": f"demo-{uuid.uuid4().hex}", "event_time": generator.iso(now), key: source,
+            producer.Record(cfg.kmeans.event_type, source.encode(), json.dumps({
+                "event_id": f"demo-{uuid.uuid4().hex}", "event_time": producer.iso(now), key: source,
                 **{name: float(n) for n, name in enumerate(cfg.kmeans.features)},
             }).encode())  # fmt: skip
             for _ in range(FRESH_POINTS)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from lambda_ml.generator import iso
+from lambda_ml.producer import iso
 
 # Tries at drawing initial centres at least ``separation`` apart before giving up.
 _PLACEMENT_TRIES = 1000

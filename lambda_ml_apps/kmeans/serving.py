@@ -29,7 +29,7 @@ from serving_layer.reloadable import NotReadyError
 
 def unavailable(reason: str) -> HTTPException:
     """A 503 with Retry-After, as the service answers when what a route needs is not loaded."""
-    from serving_layer.app import RETRY_AFTER_S
+    from serving_layer.http_api import RETRY_AFTER_S
 
     return HTTPException(status_code=503, detail=reason, headers={"Retry-After": str(RETRY_AFTER_S)})
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from lambda_ml.config import PlatformConfig, load_command_config
 from lambda_ml.jvm import SetupError
 from lambda_ml.logs import setup_logging
-from lambda_ml.stack import StackError
+from lambda_ml_cli.stack import StackError
 
 log = logging.getLogger("lambda_ml")
 
@@ -44,7 +44,8 @@ def _setup(cfg: PlatformConfig, _args: argparse.Namespace) -> int:
 
 
 def _stack(cfg: PlatformConfig, args: argparse.Namespace) -> int:
-    from lambda_ml import jvm, stack
+    from lambda_ml import jvm
+    from lambda_ml_cli import stack
 
     if args.action == "up":
         jvm.resolve_all(cfg)
@@ -91,7 +92,7 @@ def _speed(cfg: PlatformConfig, args: argparse.Namespace) -> int:
 
 
 def _cluster(cfg: PlatformConfig, args: argparse.Namespace) -> int:
-    from lambda_ml import cluster
+    from lambda_ml_cli import cluster
 
     running = cluster.StandaloneCluster.for_config(cfg)
     if args.action == "up" and running.master.pid() is None:
@@ -166,7 +167,7 @@ def _serve(cfg: PlatformConfig, args: argparse.Namespace) -> int:
 
 
 def _submit(cfg: PlatformConfig, args: argparse.Namespace) -> int:
-    from lambda_ml import submit
+    from lambda_ml_cli import submit
 
     command = submit.submit_command(cfg, args.script, args.job_args, args.master)
     if args.print:
@@ -176,7 +177,7 @@ def _submit(cfg: PlatformConfig, args: argparse.Namespace) -> int:
 
 
 def _demo(cfg: PlatformConfig, args: argparse.Namespace) -> int:
-    from lambda_ml import demo
+    from lambda_ml_cli import demo
 
     return demo.run(cfg, events=args.events)
 

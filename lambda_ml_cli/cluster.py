@@ -1,7 +1,7 @@
 """A Spark standalone cluster on this machine: one master and one worker, run from the pyspark
 install (the pip package ships ``bin/spark-class`` but no ``sbin/start-master.sh``).
 
-Both bind to loopback, each is a :class:`~lambda_ml.stack.ManagedProcess` with a PID file and a
+Both bind to loopback, each is a :class:`~lambda_ml_cli.stack.ManagedProcess` with a PID file and a
 log file under ``<data_dir>/spark-cluster``, and ``stop`` ends each by its PID. The ports in use
 are kept in ``cluster.json`` beside them, so ``status`` and ``stop`` find a cluster started by
 another process. Jobs run on it with ``lambda-ml submit --master spark://127.0.0.1:7077 ...``.
@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 
 from lambda_ml.config import PlatformConfig
-from lambda_ml.stack import ManagedProcess, wait_until
+from lambda_ml_cli.stack import ManagedProcess, wait_until
 
 log = logging.getLogger(__name__)
 

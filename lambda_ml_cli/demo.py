@@ -20,7 +20,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from lambda_ml import contract, generator, jvm, stack
+from lambda_ml import contract, jvm, producer
+from lambda_ml_cli import stack
 from lambda_ml.apps import DemoScript, load_application
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import Horizon, ModelUpdate
@@ -57,7 +58,7 @@ def follow_fresh_events(cfg: PlatformConfig, script: DemoScript, service_url: st
     url = f"{service_url}/features/{fresh.entity}/{fresh.key}?at={at}"
     before = float(_json(url)["merged"]["features"][feature])
     started = time.monotonic()
-    generator.produce(cfg, fresh.records, progress=False)
+    producer.produce(cfg, fresh.records, progress=False)
     what = f"{fresh.count} new event(s) of {fresh.entity} {fresh.key}"
     while time.monotonic() - started < timeout_s:
         now = float(_json(url)["merged"]["features"][feature])

@@ -435,7 +435,7 @@ class SpeedProcess:
         if (pid := self.process.pid()) is not None:
             log.info("speed layer already running (pid %d): restarting it", pid)
             self.stop()
-        command = [sys.executable, "-m", "lambda_ml.cli"]
+        command = [sys.executable, "-m", "lambda_ml_cli.cli"]
         if config_file:
             command += ["--config", str(Path(config_file).resolve())]  # see ServingProcess.start
         command += ["speed", "run"]

@@ -1,0 +1,3 @@
+"""The service's own routes, each module one ``APIRouter`` built for a :class:`ServiceContext`:
+``features`` (``GET /features/{entity}/{key}``) and ``operations`` (``/models``, ``/health``,
+``/ready``, ``/metrics``). The application's routes come from its ``ServingModels.mount``."""
