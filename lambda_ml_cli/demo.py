@@ -17,6 +17,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -47,7 +48,15 @@ def _json(url: str, payload: dict[str, object] | None = None) -> dict[str, Any]:
         return result
 
 
-def follow_fresh_events(cfg: PlatformConfig, script: DemoScript, service_url: str, timeout_s: float = 300) -> str:
+@dataclass(frozen=True)
+class Outcome:
+    """What a step found: whether it got what it waited for, in words for the summary."""
+
+    ok: bool
+    text: str
+
+
+def follow_fresh_events(cfg: PlatformConfig, script: DemoScript, service_url: str, timeout_s: float = 300) -> Outcome:
     """Send the application's fresh events (event time now) and wait until the service's merged
     features count them (batch view ⊕ the running speed layer's increments); say how long that took."""
     sent_at = datetime.now(UTC)
@@ -63,9 +72,9 @@ def follow_fresh_events(cfg: PlatformConfig, script: DemoScript, service_url: st
     while time.monotonic() - started < timeout_s:
         now = float(_json(url)["merged"]["features"][feature])
         if now >= before + fresh.count:
-            return f"{what} counted by serving after {time.monotonic() - started:.0f} s ({feature}: {before:g} -> {now:g})"
+            return Outcome(True, f"{what} counted by serving after {time.monotonic() - started:.0f} s ({feature}: {before:g} -> {now:g})")
         time.sleep(1)
-    return f"{what} not counted by serving within {timeout_s:.0f} s"
+    return Outcome(False, f"{what} not counted by serving within {timeout_s:.0f} s")
 
 
 def champion_horizon(cfg: PlatformConfig) -> tuple[int, Horizon] | None:
@@ -107,21 +116,21 @@ def latest_speed_update(cfg: PlatformConfig, timeout_ms: int = 3000) -> ModelUpd
         consumer.close()
 
 
-def wait_for_speed_model(cfg: PlatformConfig, timeout_s: float = 300) -> str:
+def wait_for_speed_model(cfg: PlatformConfig, timeout_s: float = 300) -> Outcome:
     """Once the running speed layer has published an update from the current champion (its
     generation is the champion's horizon), what it says; why not after ``timeout_s``."""
     champion = champion_horizon(cfg)
     if champion is None:
-        return "no champion in the registry"
+        return Outcome(False, "no champion in the registry")
     version, horizon = champion
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         update = latest_speed_update(cfg)
         if update is not None and update.generation == horizon:
             quality = "" if update.quality is None else f", recent quality {update.quality:.4f}"
-            return f"{update.updates or 0} update(s) since champion v{version} ({horizon}){quality}, published on the model-updates topic"
-        time.sleep(5)
-    return f"no update from champion v{version} published within {timeout_s:.0f} s (see the speed layer's log)"
+            return Outcome(True, f"{update.updates or 0} update(s) since champion v{version} ({horizon}){quality}, published on the model-updates topic")
+        time.sleep(2)
+    return Outcome(False, f"no update from champion v{version} published within {timeout_s:.0f} s (see the speed layer's log)")
 
 
 def _lake_counts(cfg: PlatformConfig) -> dict[str, int]:
@@ -188,8 +197,8 @@ def run(cfg: PlatformConfig, events: int | None = None) -> int:
                 f"holdout:                  {metrics}",
                 f"horizon:                  {result.horizon}",
                 f"speed layer:              running (pid {speed_pid}): {', '.join(queries)}; log {speed.process.log_file}",
-                f"speed model:              {speed_model}",
-                f"fresh events:             {fresh}",
+                f"speed model:              {speed_model.text}",
+                f"fresh events:             {fresh.text}",
                 f"one request:              POST {service.url}{path} {json.dumps(example)}",
                 f"                          -> {json.dumps(answer)}",
                 f"MLflow UI:                {cfg.mlflow.tracking_uri}",
@@ -199,4 +208,8 @@ def run(cfg: PlatformConfig, events: int | None = None) -> int:
             ]
         )
     )
+    failed = [name for name, outcome in (("speed model", speed_model), ("fresh events", fresh)) if not outcome.ok]
+    if failed:
+        log.error("the demo did not see everything it waited for: %s (see the logs above)", ", ".join(failed))
+        return 1
     return 0

@@ -1,0 +1,79 @@
+"""The demo as a user runs it (``lambda-ml --config FILE demo``), end to end on small sizes, on
+the session's broker and MLflow server with its own lake, topics and registered model; its
+summary is checked against the registry and the lake read independently."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+
+from lambda_ml.config import PlatformConfig, write_config
+from lambda_ml_cli import stack
+from tests.conftest import free_port
+from tests.support import isolated
+
+
+def _summary(stdout: str) -> dict[str, str]:
+    """The summary's ``name: value`` lines (continuation lines joined to the one before)."""
+    lines: dict[str, str] = {}
+    last = None
+    for line in stdout.split("=== lambda-ml demo summary", 1)[1].splitlines()[1:]:
+        if m := re.match(r"^([a-zA-Z ()]+):\s{2,}(.*)$", line):
+            last = m.group(1).strip()
+            lines[last] = m.group(2)
+        elif last is not None and line.startswith(" " * 10):
+            lines[last] += " " + line.strip()
+    return lines
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end_and_its_summary_is_true(running_stack: PlatformConfig, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    cfg = isolated(running_stack, "demo-ctr", tmp_path / "lake", topic_prefix="demo")
+    cfg = cfg.model_copy(
+        update={
+            "serving": cfg.serving.model_copy(update={"port": free_port()}),
+            "generator": cfg.generator.model_copy(update={"impressions": 3000, "users": 60, "items": 20, "span_hours": 6}),
+        }
+    )
+    config_file = write_config(cfg, tmp_path / "demo.yaml")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "lambda_ml_cli.cli", "--config", str(config_file), "demo"],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+    finally:
+        stopped = [part.stop() for part in (stack.ServingProcess(cfg), stack.SpeedProcess(cfg))]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert stopped == [True, True], "the demo leaves its service and speed layer running"
+    summary = _summary(done.stdout)
+
+    # Every step said it started and ended, in order.
+    steps = re.findall(r"\[(\d+)/(\d+)\] .*: done in", done.stderr)
+    assert [int(n) for n, _ in steps] == list(range(1, int(steps[0][1]) + 1))
+
+    # The model it names is the registry's champion, and the speed model stepped from it.
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    champion = client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion")
+    assert summary["model"].startswith(f"{cfg.mlflow.registered_model} version {champion.version}")
+    assert re.match(rf"\d+ update\(s\) since champion v{champion.version} ", summary["speed model"]), summary["speed model"]
+    assert "counted by serving after" in summary["fresh events"], summary["fresh events"]
+
+    # Bronze holds what the summary says, read here with another Delta reader.
+    bronze = {name: len(DeltaTable(cfg.lake.table("bronze", name)).to_pyarrow_table()) for name in cfg.events.types}
+    assert summary["bronze (all runs)"] == ", ".join(f"{n} {name}" for name, n in bronze.items())
+    assert bronze["impressions"] >= 3000  # the generated ones and the fresh ones, duplicates dropped
+
+    # One prediction, a probability, from the champion.
+    answer = json.loads(summary["one request"].split("-> ", 1)[1])
+    (prediction,) = answer["predictions"]
+    assert 0.0 < prediction["probability"] < 1.0
+    assert answer["model"]["version"] == int(champion.version)
