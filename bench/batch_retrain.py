@@ -43,14 +43,15 @@ from bench.common import (  # noqa: E402
     Measured,
     bench_parser,
     default_out,
-    format_table,
     gib,
     human_count,
     machine_info,
     parse_count,
     run_measured,
+    markdown_table,
     write_result,
 )
+from bench.report import batch_retrain_table  # noqa: E402
 from lambda_ml.config import LIFETIME, PlatformConfig, load_config, write_config  # noqa: E402
 from lambda_ml_apps.ctr.generator import BIAS, DEVICES, DEVICE_EFFECT, LATE_CLICK_SHARE, MAX_POSITION, POSITION_EFFECT  # noqa: E402
 from lambda_ml.logs import setup_logging  # noqa: E402
@@ -913,14 +914,14 @@ def run_benchmark(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 platform[label], peer[label] = measured["platform"], measured["peer"]
                 reused += [f"{label} {side}" for side in kept]
             # After every size, so that an interrupted run still leaves what it measured.
-            write_result(assemble(args, base, sizes, platform, peer, reused), out)
+            write_result(assemble(args, base, sizes, platform, peer, reused, started_at=now), out)
     finally:
         if server is not None:
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
-    return assemble(args, base, sizes, platform, peer, reused)
+    return assemble(args, base, sizes, platform, peer, reused, started_at=now)
 
 
 def assemble(
@@ -930,6 +931,7 @@ def assemble(
     platform: dict[str, Any],
     peer: dict[str, Any],
     kept: Sequence[str] = (),
+    started_at: datetime | None = None,
 ) -> dict[str, Any]:
     """The result object of DESIGN.md section 9, with the targets checked."""
     measured = {k: v for k, v in platform.items() if "wall_s" in v}
@@ -978,6 +980,7 @@ def assemble(
         "params": {
             "sizes_events": sizes,
             "quick": args.quick,
+            "started_at": None if started_at is None else started_at.isoformat(),
             "config_overrides": dict(args.overrides),
             "resumed_from": None if args.resume is None else str(args.resume),
             "kept_from_resumed_run": list(kept),
@@ -1039,62 +1042,26 @@ def assemble(
 
 
 def report(result: dict[str, Any]) -> str:
+    """The page's table (bench/report.py), then what only a run's log needs: why a size was not
+    measured and where the largest retrain's time went."""
     platform, peer = result["results"]["sizes"], result["peer"]["sizes"]
-    rows = []
-    for label, p in platform.items():
-        q = peer.get(label, {})
-        ratio = result["ratios"]["platform_over_peer"].get(label, {}).get("wall_time")
-        rows.append(
-            [
-                label,
-                p.get("events"),
-                p.get("generate_s"),
-                p.get("wall_s", _outcome(p)),
-                p.get("cpu_s"),
-                p.get("events_per_s"),
-                p.get("peak_memory_gib"),
-                p.get("machine_load_1m"),
-                q.get("wall_s", _outcome(q)),
-                q.get("cpu_s"),
-                q.get("events_per_s"),
-                q.get("peak_memory_gib"),
-                ratio,
-            ]
-        )
-    headers = [
-        "size", "events", "gen s", "retrain s", "cpu s", "events/s", "peak GiB", "load",
-        "peer s", "peer cpu s", "peer ev/s", "peer GiB", "time ×peer",
-    ]  # fmt: skip
-    lines = [format_table(headers, rows)]
+    lines = [batch_retrain_table(result)]
     for side, sizes in (("platform", platform), ("peer", peer)):
         for label, entry in sizes.items():
             if "skipped" in entry or "error" in entry:
                 lines.append(f"{side} {label}: {entry.get('skipped') or entry.get('error')}")
-    lines.append("load: mean 1-minute load average of the machine during the retrain (2 cores; the run itself adds about 2)")
     profiled = [(label, p) for label, p in platform.items() if p.get("timeline") or p.get("timeline_until_stopped")]
     if profiled:
         label, largest = profiled[-1]
         if largest.get("timeline"):
-            lines += ["", f"where the {label} retrain's time goes (step ending with this log line):"]
-            lines.append(format_table(["s", "share", "step"], _steps(largest["timeline"], largest["wall_s"])))
+            lines += ["", f"where the {label} retrain's time goes (step ending with this log line):", ""]
+            lines.append(markdown_table(["s", "share", "step"], _steps(largest["timeline"], largest["wall_s"])))
         else:
-            lines += ["", f"the {label} retrain until it was stopped (step ending with this log line):"]
-            lines.append(format_table(["s", "share", "step"], _steps(largest["timeline_until_stopped"], largest["process_s"], "(stopped)")))
-    targets = result["results"]["targets"]
-    lines += ["", f"targets: {targets['description']}"]
-    lines.append(", ".join(f"{k}: {_verdict(v)}" for k, v in targets.items() if not isinstance(v, str)))
-    lines += [f"  {k}: {v}" for k, v in targets.items() if k.endswith("_evidence")]
+            lines += ["", f"the {label} retrain until it was stopped (step ending with this log line):", ""]
+            lines.append(markdown_table(["s", "share", "step"], _steps(largest["timeline_until_stopped"], largest["process_s"], "(stopped)")))
     if result["results"]["pending"]:
         lines.append(f"not measured (run interrupted): {', '.join(result['results']['pending'])}")
     return "\n".join(lines)
-
-
-def _outcome(entry: dict[str, Any]) -> str | None:
-    if "skipped" in entry:
-        return "skipped"
-    if "error" in entry:
-        return "stopped" if entry["error"].startswith("stopped") else "failed"
-    return None
 
 
 def _steps(timeline: list[dict[str, Any]], wall_s: float, last: str = "(end of run)") -> list[list[object]]:
@@ -1104,10 +1071,6 @@ def _steps(timeline: list[dict[str, Any]], wall_s: float, last: str = "(end of r
         rows.append([round(seconds, 1), f"{100 * seconds / wall_s:.0f}%", mark["step"][:90]])
         previous = mark["t"]
     return rows
-
-
-def _verdict(value: bool | None) -> str:
-    return "not measured" if value is None else ("met" if value else "MISSED")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """What every benchmark shares: the machine it ran on, peak memory (summed RSS) and CPU time of
-a process tree sampled with psutil, child processes run under a time limit, the result JSON and the printed table.
+a process tree sampled with psutil, child processes run under a time limit, the result JSON and its
+markdown tables.
 
 A benchmark runs each measured workload in a child process of its own, so that the memory
 figure is that workload's alone (a JVM never hands its heap back), and an over-long peer can
@@ -344,37 +345,23 @@ def write_result(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A plain-text table, numbers right-aligned.
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table: what a benchmark prints and what the benchmarks page
+    holds (bench/report.py). Cells are shown as given, so the caller formats its figures; None
+    is an empty cell.
 
-    >>> print(format_table(["size", "s"], [["1M", 1.5], ["10M", 12.25]]))
-    size      s
-    ----  -----
-    1M     1.50
-    10M   12.25
+    >>> print(markdown_table(["size", "s"], [["1M", "1.5"], ["10M", None]]))
+    | size | s |
+    |---|---|
+    | 1M | 1.5 |
+    | 10M | |
     """
-    body = [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-    numeric = [bool(body) and all(_is_number(r[i]) for r in body) for i in range(len(headers))]
 
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()
+    def line(cells: Sequence[object]) -> str:
+        shown = ["" if c is None else str(c).replace("|", "\\|") for c in cells]
+        return "|" + "|".join(f" {c} " if c else " " for c in shown) + "|"
 
-    return "\n".join([line(list(headers)), line(["-" * w for w in widths]), *(line(r) for r in body)])
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def _is_number(text: str) -> bool:
-    return text == "-" or text.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()
+    return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|", *(line(r) for r in rows)])
 
 
 def gib(n_bytes: int | None) -> float | None:

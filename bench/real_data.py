@@ -36,6 +36,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -49,7 +50,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import bench_parser, default_out, format_table, free_port, local_paths, machine_info, write_result  # noqa: E402
+from bench.common import MemorySampler, bench_parser, default_out, free_port, local_paths, machine_info, write_result  # noqa: E402
+from bench.report import real_data_table  # noqa: E402
 from lambda_ml.config import PlatformConfig, load_config  # noqa: E402
 from lambda_ml.producer import Record, iso  # noqa: E402
 from lambda_ml.logs import setup_logging  # noqa: E402
@@ -315,26 +317,16 @@ def bench_platform_config(root: Path) -> PlatformConfig:
     return real_data_config(base)
 
 
-def table(result: dict[str, Any]) -> str:
-    peer, results = result["peer"], result["results"]
-    rows = [
-        ["champion (batch layer)", results["champion_auc"]],
-        ["item popularity (pandas)", peer["item_popularity_auc"]],
-        ["user + item click rates (pandas)", peer["user_item_rates_auc"]],
-        ["smoothed user + item click rates (pandas)", peer["user_item_smoothed_rates_auc"]],
-    ]
-    body = format_table(["holdout AUC", "value"], [[name, f"{value:.4f}"] for name, value in rows])
-    margin = result["ratios"]["champion_minus_best_baseline_auc"]
-    return f"{body}\nchampion - best baseline: {margin:+.4f} (target {TARGET_MARGIN:+.2f}) on {peer['holdout_rows']} holdout rows"
-
-
-def result_json(compared: dict[str, Any], quick: bool, wall_s: float) -> dict[str, Any]:
-    """The result JSON (DESIGN section 9) of a :func:`compare` run."""
+def result_json(
+    compared: dict[str, Any], quick: bool, wall_s: float, started_at: datetime | None = None, load: float | None = None
+) -> dict[str, Any]:
+    """The result JSON (DESIGN section 9) of a :func:`compare` run; ``load`` is the machine's mean
+    1-minute load average during it."""
     return {
         "name": compared["name"],
         "machine": machine_info(PACKAGES),
-        "params": {**compared["params"], "quick": quick},
-        "results": {**compared["results"], "wall_s": wall_s},
+        "params": {**compared["params"], "quick": quick, "started_at": None if started_at is None else started_at.isoformat()},
+        "results": {**compared["results"], "wall_s": wall_s, "load_average": None if load is None else round(load, 2)},
         "peer": compared["peer"],
         "ratios": compared["ratios"],
     }
@@ -351,15 +343,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-real-data-") as tmp:
         cfg = bench_platform_config(Path(tmp))
         jvm.resolve_all(cfg)
-        started = time.monotonic()
+        started, started_at = time.monotonic(), datetime.now(UTC)
+        # How busy the machine was: a figure taken on a loaded machine is slower, not wrong.
+        sampler = MemorySampler(os.getpid(), interval_s=5.0).start()
         try:
             stack.up(cfg)
             compared = compare(cfg, ratings)
         finally:
             stack.down(cfg)
-        result = result_json(compared, args.quick, time.monotonic() - started)
+            sampler.stop()
+        result = result_json(compared, args.quick, time.monotonic() - started, started_at, sampler.mean_load())
     out = write_result(result, args.out or default_out(NAME, args.quick))
-    print(table(result))
+    print(real_data_table(result))
     print(f"wrote {out}")
     return result
 

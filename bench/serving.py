@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.common import (  # noqa: E402
     bench_parser,
     default_out,
-    format_table,
     free_port,
     local_paths,
     load_average,
@@ -51,6 +50,7 @@ from bench.common import (  # noqa: E402
     tree_memory_bytes,
     write_result,
 )
+from bench.report import serving_table  # noqa: E402
 from lambda_ml import contract  # noqa: E402
 from lambda_ml.config import PlatformConfig, load_config, write_config  # noqa: E402
 from lambda_ml.logs import setup_logging  # noqa: E402
@@ -468,20 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": {"requests_per_s_ratio": TARGET_RATIO, "p99_ms_at_half_saturation": TARGET_P99_MS},
     }
     write_result(result, out)
-    table = [
-        [level, name, r["requests_per_s"], r["p50_ms"], r["p99_ms"], r["server_cpu_ms_per_request"], r["memory_mib"],
-         json.dumps(r["statuses"])]
-        for level in results
-        for name, r in (("lambda-ml", results[level]), ("mlflow serve", peer_results[level]))
-    ]
-    table += [
-        [f"{PACED_CONNECTIONS} paced at {r['target_rate']:g}/s", name, r["requests_per_s"], r["p50_ms"], r["p99_ms"],
-         r["server_cpu_ms_per_request"], r["memory_mib"], json.dumps(r["statuses"])]
-        for name, r in (("lambda-ml", paced), ("mlflow serve", peer_paced))
-    ]  # fmt: skip
-    print(format_table(["conc", "server", "req/s", "p50 ms", "p99 ms", "CPU ms/req", "MiB", "statuses"], table))
-    print(f"p99 at half of saturation: {paced['p99_ms']} ms (target <= {TARGET_P99_MS:g} ms)")
-    print("req/s ratio (ours / mlflow): " + ", ".join(f"{k}: {v}" for k, v in ratios.items()))
+    print(serving_table(result))
     print(f"written to {out}")
     return 0
 

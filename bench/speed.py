@@ -65,7 +65,6 @@ from bench.common import (  # noqa: E402
     MemorySampler,
     bench_parser,
     default_out,
-    format_table,
     free_port,
     gib,
     human_count,
@@ -76,6 +75,7 @@ from bench.common import (  # noqa: E402
     run_measured,
     write_result,
 )
+from bench.report import speed_tables  # noqa: E402
 from lambda_ml.config import PlatformConfig, load_config, write_config  # noqa: E402
 from lambda_ml.logs import setup_logging  # noqa: E402
 
@@ -925,32 +925,8 @@ def _overrides_of(cfg: PlatformConfig) -> dict[str, Any]:
 
 
 def print_tables(result: dict[str, Any]) -> None:
-    r, p = result["results"], result["peer"]
-    if "throughput" in r:
-        ours, peer = r["throughput"], p["throughput"]
-        print(format_table(
-            ["drain", "records", "seconds", "events/s", "CPU s", "events/CPU s", "peak GiB", "load"],
-            [["speed layer (ingest + increments)", f"{ours['records']:,}", ours["seconds"], ours["events_per_s"], ours["cpu_s"], ours["events_per_cpu_s"], ours["peak_memory_gib"], ours["load_average"]],
-             ["  ingest alone (its batches)", "", ours["ingest_seconds"], ours["ingest_events_per_s"], None, None, None, None],
-             ["plain kafka-python loop", f"{peer['records']:,}", peer["seconds"], peer["events_per_s"], peer["cpu_s"], peer["events_per_cpu_s"], peer["peak_memory_gib"], peer["load_average"]]]
-            + ([["Spark ceiling: Kafka -> parse -> Delta only", f"{c['records']:,}", c["seconds"], c["events_per_s"], c["cpu_s"], None, None, c["load_average"]]]
-               if (c := r.get("ceiling")) else []),
-        ))  # fmt: skip
-        print()
-    rows = []
-    for key, label in (("steady", "speed layer"), ("steady_ceiling", "Spark ceiling, one hop")):
-        if (s := r.get(key)) is None:
-            continue
-        ingest = f"{s['ingest_batch_p50_s']} / {s['ingest_batch_p95_s']}" if key == "steady" else f"{s[CEILING + '_batch_p50_s']} / {s[CEILING + '_batch_p95_s']}"
-        increments = f"{s['increments_batch_p50_s']} / {s['increments_batch_p95_s']}" if key == "steady" else "same micro-batch"
-        rows.append([f"{label}: {s['rate_target']:,}/s, trigger {s['trigger_seconds']:g} s", s["produced"]["records_per_s"], ingest, increments,
-                     f"{s['freshness_p50_s'] or 'not seen'} / {s['freshness_p95_s'] or 'not seen'}", s["load_average"]])  # fmt: skip
-    if rows:
-        print(format_table(["steady rate", "records/s sent", "ingest p50/p95 s", "increments p50/p95 s", "freshness p50/p95 s", "load"], rows))
-        print()
-    if "bytes" in r:
-        rows = [[key, v["bytes_per_event"], f"{100 * v['saved_vs_json_none']:.0f} %"] for key, v in r["bytes"].items()]
-        print(format_table(["format/codec", "bytes/event", "saved vs JSON"], rows))
+    """The page's tables of the parts measured (bench/report.py), then the ratios."""
+    print(speed_tables(result))
     if result.get("ratios"):
         print()
         print(json.dumps(result["ratios"]))
@@ -1001,12 +977,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     bytes_events = args.bytes_events or (QUICK_BYTES_EVENTS if args.quick else BYTES_EVENTS)
     out = args.out or default_out(NAME, args.quick)
 
+    started_at = datetime.now(UTC)
     root = Path(tempfile.mkdtemp(prefix="bench-speed-"))
     results: dict[str, Any] = {}
     peer: dict[str, Any] = {}
     errors: dict[str, str] = {}
     params = {"impressions": impressions, "click_percent": CLICK_PERCENT, "rate": args.rate, "fresh_seconds": fresh_s,
-              "bytes_impressions": bytes_events, "parts": sorted(parts)}  # fmt: skip
+              "bytes_impressions": bytes_events, "parts": sorted(parts), "started_at": started_at.isoformat()}  # fmt: skip
     broker = None
     try:
         extra = {} if args.trigger_seconds is None else {"speed.trigger_seconds": args.trigger_seconds}
