@@ -36,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.common import PROJECT_ROOT, RESULTS_DIR, markdown_table  # noqa: E402
+from lambda_ml.config import LIFETIME  # noqa: E402
 
 PAGE = PROJECT_ROOT / "docs" / "benchmarks.md"
 END_MARKER = "<!-- end of generated table -->"
@@ -194,8 +195,8 @@ def _windows(windows: Sequence[str]) -> str:
     >>> _windows(["1h", "24h", "7d", "all"]), _windows(["30m"])
     ('lifetime + 1 h/24 h/7 d windows', '30 m windows')
     """
-    timed = "/".join(re.sub(r"^(\d+)\s*(\D+)$", r"\1 \2", w) for w in windows if w != "all")
-    parts = (["lifetime"] if "all" in windows else []) + ([f"{timed} windows"] if timed else [])
+    timed = "/".join(re.sub(r"^(\d+)\s*(\D+)$", r"\1 \2", w) for w in windows if w != LIFETIME)
+    parts = (["lifetime"] if LIFETIME in windows else []) + ([f"{timed} windows"] if timed else [])
     return " + ".join(parts)
 
 
