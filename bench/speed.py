@@ -895,7 +895,7 @@ def measure_bytes(cfg: PlatformConfig, events: int) -> dict[str, Any]:
                 overrides={
                     **_overrides_of(cfg),
                     "generator.compression": codec,
-                    **{f"kafka.topics.{t}.{k}": v for t in ("impressions", "clicks") for k, v in
+                    **{f"events.types.{t}.topic.{k}": v for t in ("impressions", "clicks") for k, v in
                        (("name", f"{prefix}-{t}"), ("format", fmt), ("partitions", 1))},
                 },
             )  # fmt: skip
