@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from lambda_ml.config import PlatformConfig
     from lambda_ml.contract import Horizon, ModelUpdate
     from lambda_ml.partial_buckets import FeatureEvent
+    from lambda_ml.producer import Record
 
 # --------------------------------------------------------------------------- batch
 
@@ -268,7 +269,7 @@ class FreshEvents:
     them: ``count`` more of ``aggregate`` for ``entity``'s ``key`` (its path, ``a/b`` for
     several key fields)."""
 
-    records: list[Any]  # lambda_ml.producer.Record
+    records: list[Record]
     entity: str
     key: str
     aggregate: str
