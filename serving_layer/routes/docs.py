@@ -20,6 +20,9 @@ from fastapi.staticfiles import StaticFiles
 DOCS_URL = "/docs"
 REDOC_URL = "/redoc"
 ASSETS_URL = "/docs-assets"
+# ReDoc's footer shows Redocly's logo from their CDN: the pages may show images from the service
+# only (and inline ones), so they send no request anywhere else.
+IMAGES_FROM_SELF = {"Content-Security-Policy": "img-src 'self' data: blob:"}
 
 
 def assets_folder() -> str:
@@ -44,7 +47,7 @@ def mount_docs(app: FastAPI) -> None:
     @app.get(DOCS_URL, include_in_schema=False)
     def swagger_ui(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")  # behind a proxy serving the app under a prefix
-        return get_swagger_ui_html(
+        page = get_swagger_ui_html(
             openapi_url=f"{root}{openapi_url}",
             title=f"{app.title} - Swagger UI",
             swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
@@ -53,14 +56,18 @@ def mount_docs(app: FastAPI) -> None:
             # Swagger UI would otherwise ask validator.swagger.io about the document.
             swagger_ui_parameters={"validatorUrl": None},
         )
+        page.headers.update(IMAGES_FROM_SELF)
+        return page
 
     @app.get(REDOC_URL, include_in_schema=False)
     def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_redoc_html(
+        page = get_redoc_html(
             openapi_url=f"{root}{openapi_url}",
             title=f"{app.title} - ReDoc",
             redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js",
             redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
             with_google_fonts=False,
         )
+        page.headers.update(IMAGES_FROM_SELF)
+        return page
