@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo lint test stop status clean help
+.PHONY: setup browser demo lint test stop status clean help
 
 help:
 	@echo "make demo    run the platform end to end on the embedded stack (left running)"
@@ -28,8 +28,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps "recbole==1.2.1"
 	@touch $@
 
-setup: $(STAMP)
+setup: $(STAMP) browser
 	$(VENV)/bin/lambda-ml setup
+
+# Debian's chromium for tests/test_browser.py (Playwright drives it; no browser is downloaded
+# from anywhere else). As root it is installed with apt-get; otherwise the command is printed and
+# the browser tests fail saying so.
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "chromium not found: the browser tests (tests/test_browser.py) need it; run: sudo apt-get install -y chromium"; \
+	fi
 
 demo: setup
 	$(VENV)/bin/lambda-ml demo

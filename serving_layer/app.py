@@ -30,6 +30,7 @@ from serving_layer.metrics import ServiceMetrics
 from serving_layer.model_store import ModelStore, ServedModels
 from serving_layer.prediction_log import PredictionLog
 from serving_layer.reloadable import Poller, Reloadable
+from serving_layer.routes.docs import mount_docs
 from serving_layer.routes.features import features_router
 from serving_layer.routes.operations import operations_router
 from serving_layer.service import ServiceContext
@@ -108,7 +109,10 @@ def create_app(
         summary=f"The {application.name} application's answers from the registry's model versions and the merged feature views.",
         version=_package_version(),
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc from local files: mount_docs
+        redoc_url=None,
     )
+    mount_docs(app)
     app.state.cfg = cfg
     app.state.models = model_slot
     app.state.views = view_slot

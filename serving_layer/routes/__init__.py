@@ -1,3 +1,4 @@
 """The service's own routes, each module one ``APIRouter`` built for a :class:`ServiceContext`:
 ``features`` (``GET /features/{entity}/{key}``) and ``operations`` (``/models``, ``/health``,
-``/ready``, ``/metrics``). The application's routes come from its ``ServingModels.mount``."""
+``/ready``, ``/metrics``); ``docs`` serves ``/docs`` and ``/redoc`` from local files. The
+application's routes come from its ``ServingModels.mount``."""
