@@ -28,12 +28,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps "recbole==1.2.1"
 	@touch $@
 
-setup: $(STAMP) browser
+setup: $(STAMP)
 	$(VENV)/bin/lambda-ml setup
 
-# Debian's chromium for tests/test_browser.py (Playwright drives it; no browser is downloaded
-# from anywhere else). As root it is installed with apt-get; otherwise the command is printed and
-# the browser tests fail saying so.
+# Debian's chromium for tests/test_browser.py, installed by `make test` (the demo needs none).
+# Playwright drives it; no browser is downloaded from anywhere else. As root it is installed with
+# apt-get; otherwise the command is printed and the browser tests fail saying so.
 browser:
 	@if command -v chromium >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -51,7 +51,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 # pytest's own exit code fails the target, 5 (no test collected) included.
-test: setup lint
+test: setup browser lint
 	$(PY) -m pytest
 
 stop:
