@@ -24,9 +24,8 @@ from fastapi import Depends, FastAPI
 
 from lambda_ml.apps import load_application
 from lambda_ml.config import PlatformConfig
-from serving_layer.api_models import ValidationErrorResponse
 from serving_layer.dependencies import DependencyStatus, KafkaProbe
-from serving_layer.http_api import API_KEY_HEADER, api_key_guard, install_request_handling
+from serving_layer.http_api import api_key_guard, install_request_handling, unauthorized_responses
 from serving_layer.metrics import ServiceMetrics
 from serving_layer.model_store import ModelStore, ServedModels
 from serving_layer.prediction_log import PredictionLog
@@ -128,11 +127,7 @@ def create_app(
     app.state.prediction_log = prediction_log
 
     guarded = [Depends(api_key_guard(cfg.serving.api_key))] if cfg.serving.api_key else []
-    unauthorized = (
-        {401: {"model": ValidationErrorResponse, "description": f"Missing or wrong {API_KEY_HEADER} header."}}
-        if guarded
-        else {}
-    )
+    unauthorized = unauthorized_responses(cfg.serving.api_key)
     service = ServiceContext(
         cfg, model_slot, view_slot, metrics, clock, prediction_log, guarded, unauthorized, listener, dependencies=dependencies
     )
@@ -140,7 +135,7 @@ def create_app(
     application.serving.mount(app, service)
     app.include_router(operations_router(service))
     app.include_router(features_router(service))
-    install_request_handling(app, cfg.serving.max_rows, metrics, service.union_tags)
+    install_request_handling(app, cfg.serving.max_rows, metrics, service.union_tags, cfg.serving.allowed_hosts)
     return app
 
 
@@ -170,6 +165,8 @@ def serve(cfg: PlatformConfig, host: str | None = None, port: int | None = None,
     port = port or cfg.serving.port
     if not is_loopback(host) and not cfg.serving.api_key:
         log.warning("binding to %s without serving.api_key: the service has no authentication", host)
+    if not is_loopback(host) and all(is_loopback(h.strip("[]")) for h in cfg.serving.allowed_hosts):
+        log.warning("binding to %s, but serving.allowed_hosts admits loopback names only: other clients get a 400", host)
     # The registry poller runs off the request path; still, an unreachable MLflow should not
     # keep it retrying for minutes before it reports (MLflow's defaults: 7 retries, 120 s).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")

@@ -34,6 +34,15 @@ class ModelLoadError(RuntimeError):
     """The alias resolves to nothing usable; the message says what and where."""
 
 
+def no_version_yet(registered_model: str, alias: str) -> str:
+    """Why nothing can be served before the first batch run registers a champion.
+
+    >>> no_version_yet("ctr", "champion")
+    "no version of registered model 'ctr' has alias 'champion' yet: run the batch layer first"
+    """
+    return f"no version of registered model {registered_model!r} has alias {alias!r} yet: run the batch layer first"
+
+
 class RegistryUnavailable(ModelLoadError):
     """The registry itself could not be read (down, or failing): every alias would fail alike.
     ``reason`` says it without naming the registry (the dependency's line names it)."""
@@ -268,9 +277,7 @@ class ModelStore(Reloadable[ServedModels]):
                 found[alias] = model
         if primary not in found:
             # Never assigned, or removed: a champion served before keeps serving (slot keeps it).
-            raise ModelLoadError(
-                f"no version of registered model {self.registry.name!r} has alias {primary!r} yet: run the batch layer first"
-            )
+            raise ModelLoadError(no_version_yet(self.registry.name, primary))
         served = ServedModels(primary, MappingProxyType(found), tuple(problems))
         for problem in problems:
             if previous is None or problem not in previous.problems:

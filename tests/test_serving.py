@@ -224,7 +224,7 @@ def client() -> Iterator[TestClient]:
     app = create_app(
         unit_cfg(), models=Reloadable("models:/ctr@champion", lambda: served(toy_model())), views=Reloadable("views", toy_views), clock=lambda: NOW
     )
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://localhost") as test_client:
         yield test_client
 
 
@@ -694,7 +694,7 @@ def test_without_a_champion_predict_is_503_and_health_still_answers() -> None:
 
     models = Reloadable("models:/ctr@champion", load_model, retry_interval_s=5, clock=lambda: now[0])
     app = create_app(unit_cfg(), models=models, views=Reloadable("views", toy_views), clock=lambda: NOW)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         health = client.get("/health")
         assert health.status_code == 200
         assert health.json()["ready"] is False and health.json()["model"] is None
@@ -875,7 +875,7 @@ def test_policies_are_chosen_per_request_and_named_in_the_answer() -> None:
     registry.aliases = {"champion": 1, "challenger": 2}
     store = ModelStore("models:/ctr@champion", registry, ["champion", "challenger"])
     app = create_app(unit_cfg(), models=store, views=Reloadable("views", toy_views), clock=lambda: NOW, poll=False)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         expected = {v: toy_probability(U1_I1_MOBILE | {"position": 2, "device": "mobile"}, bias=b) for v, (b, _) in registry.versions.items()}
         body = client.post("/predict", json=row()).json()
         assert body["policy"] == "champion" and [m["version"] for m in body["models"]] == [1]
@@ -929,7 +929,7 @@ def test_the_ab_policy_scores_each_user_with_its_arms_version() -> None:
     cfg = unit_cfg(**{"serving.max_rows": 100, "serving.ab.challenger_fraction": 0.5, "serving.ab.salt": "t"})
     app = create_app(cfg, models=store, views=Reloadable("views", toy_views), clock=lambda: NOW, poll=False)
     rows = [row(user_id=f"x{n}", item_id="nobody", device="tablet", position=1 + n % 3, event_id=f"imp-{n}") for n in range(40)]
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         body = client.post("/predict?policy=ab", json={"rows": rows}).json()
         single = [client.post("/predict?policy=ab", json=r).json()["predictions"][0] for r in rows]
     assert body["policy"] == "ab" and body["request_id"]
@@ -946,7 +946,7 @@ def test_the_ab_policy_scores_each_user_with_its_arms_version() -> None:
     # Without a challenger loaded, everyone gets the champion.
     registry.aliases = {"champion": 1}
     store.reload()
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         body = client.post("/predict?policy=ab", json={"rows": rows}).json()
     assert {(p["arm"], p["version"]) for p in body["predictions"]} == {("champion", 1)}
 
@@ -1014,7 +1014,7 @@ def test_ready_and_metrics_report_what_is_loaded() -> None:
     registry.versions = {4: (-1.0, {})}
     store = ModelStore("models:/ctr@champion", registry, ["champion"])
     app = create_app(unit_cfg(), models=store, views=Reloadable("views", toy_views), clock=lambda: NOW, poll=False)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         response = client.get("/ready")
         assert response.status_code == 503 and response.json()["ready"] is False
         assert "has alias 'champion'" in response.json()["problems"][0]
@@ -1069,7 +1069,7 @@ def test_metrics_of_two_services_in_one_process_count_apart_and_parse_as_prometh
 def test_an_api_key_guards_the_api_and_is_named_when_missing() -> None:
     cfg = unit_cfg(**{"serving.api_key": "s3cret"})
     app = create_app(cfg, models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("views", toy_views), clock=lambda: NOW)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         for response in (client.post("/predict", json=row()), client.get("/models")):
             assert response.status_code == 401
             assert response.json()["detail"] == [
@@ -1104,7 +1104,7 @@ def test_features_show_the_merge_and_both_parts() -> None:
     views = BatchViews({**views.views, "user": views.views["user"].with_increments(increments, aggregations)})
     app = create_app(unit_cfg(), models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("v", lambda: views), clock=lambda: NOW)
     declared = unit_cfg().features
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         body = client.get("/features/user/u1").json()
         assert body["key"] == {"user_id": "u1"} and body["horizon"] == {"impressions": 5, "clicks": 4}
         assert body["increments"] == {"through": {"impressions": 7, "clicks": 6}, "rows_merged": 2, "rows_in_batch": 0}
@@ -1154,8 +1154,10 @@ def fuzz_never_5xx(schema: Any, max_examples: int) -> None:
 def test_the_api_fuzzed_in_process_never_answers_5xx() -> None:
     """The same fuzzing as against the real service, in process on the toy model and views
     (fast, so it can run more examples)."""
-    app = create_app(unit_cfg(), models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("v", toy_views), clock=lambda: NOW)
-    with TestClient(app):
+    # schemathesis calls the app as host testserver.
+    cfg = unit_cfg(**{"serving.allowed_hosts": ["testserver"]})
+    app = create_app(cfg, models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("v", toy_views), clock=lambda: NOW)
+    with TestClient(app, base_url="http://testserver"):
         fuzz_never_5xx(schemathesis.openapi.from_asgi("/openapi.json", app), max_examples=60)
 
 
@@ -1257,7 +1259,7 @@ def test_the_prediction_log_never_holds_up_a_request_and_counts_what_it_drops() 
                       "kafka.bootstrap_servers": f"127.0.0.1:{closed_port}"})  # fmt: skip
     app = create_app(cfg, models=Reloadable("models:/ctr@champion", lambda: served(toy_model())), views=Reloadable("views", toy_views),
                      clock=lambda: NOW)  # fmt: skip
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         started = time.monotonic()
         statuses = [client.post("/predict", json=row(event_id=f"e{n}")).status_code for n in range(5)]
         took = time.monotonic() - started
@@ -1706,7 +1708,7 @@ def test_without_a_registered_model_the_service_answers_503(trained: Trained) ->
     cfg = trained.cfg.model_copy(
         update={"mlflow": trained.cfg.mlflow.model_copy(update={"registered_model": "never-registered"})}
     )
-    with TestClient(create_app(cfg)) as client:
+    with TestClient(create_app(cfg), base_url="http://localhost") as client:
         health = client.get("/health").json()
         assert health["ready"] is False and health["views"] is not None
         assert "no version of registered model 'never-registered' has alias 'champion'" in health["problems"][0]
@@ -1886,7 +1888,7 @@ def test_a_model_update_on_kafka_swaps_at_once_and_a_stale_one_is_ignored(traine
                       value=_update(version, generation, model=REGISTERED_MODEL)).get(timeout=30)  # fmt: skip
 
     try:
-        with TestClient(create_app(cfg)) as http:
+        with TestClient(create_app(cfg), base_url="http://localhost") as http:
             listener = http.app.state.model_updates  # type: ignore[attr-defined]
             assert http.get("/models").json()["aliases"]["champion"] == original
             client.set_registered_model_alias(REGISTERED_MODEL, "champion", str(toy))
@@ -2075,7 +2077,7 @@ def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: Platf
     # /features serves the merge: equal to the definition on every raw event, batch and speed
     # parts beside it.
     models: Reloadable[ServedModels] = Reloadable("models", lambda: served(toy_model()))
-    with TestClient(create_app(cfg, models=models, poll=False, clock=lambda: SCORING_TIME)) as client:
+    with TestClient(create_app(cfg, models=models, poll=False, clock=lambda: SCORING_TIME), base_url="http://localhost") as client:
         for user in bronze.users[:10]:
             body = client.get(f"/features/user/{user}").json()
             reference = reference_features(bronze, declared, {"user_id": user, "item_id": "-", "device": "-"}, SCORING_TIME)
@@ -2171,7 +2173,7 @@ def test_the_prediction_log_equals_the_answers_and_online_auc_equals_sklearn(tra
     ]  # fmt: skip
     answers: list[tuple[Any, ...]] = []
     try:
-        with TestClient(create_app(service_cfg)) as http:
+        with TestClient(create_app(service_cfg), base_url="http://localhost") as http:
             requests = [rows[n : n + 7] for n in range(0, len(rows), 7)] + [rows[:3]]  # the last one asked twice
             for batch in requests:
                 response = http.post("/predict", json={"rows": batch})
@@ -2287,7 +2289,7 @@ def test_stream_scoring_equals_predict_and_stops_cleanly_on_sigterm(trained: Tra
     by_event = {r["event_id"]: r for r in records}
     assert len(records) == len(by_event) == len(rows) and {r["source"] for r in records} == {"stream"}
 
-    with TestClient(create_app(cfg, poll=False)) as http:
+    with TestClient(create_app(cfg, poll=False), base_url="http://localhost") as http:
         answer = http.post("/predict", json={"rows": rows}).json()
     for r, p in zip(rows, answer["predictions"], strict=True):
         streamed = by_event[r["event_id"]]
@@ -2345,7 +2347,7 @@ def test_stream_scoring_reads_an_avro_impressions_topic_as_predict_scores_its_ro
     by_event = {r["event_id"]: r for r in records}
     assert len(records) == len(by_event) == len(rows) and {r["source"] for r in records} == {"stream"}
 
-    with TestClient(create_app(cfg, poll=False)) as http:
+    with TestClient(create_app(cfg, poll=False), base_url="http://localhost") as http:
         answer = http.post("/predict", json={"rows": rows}).json()
     assert answer["predictions"] and len(answer["predictions"]) == len(rows)
     for r, p in zip(rows, answer["predictions"], strict=True):
@@ -2477,7 +2479,7 @@ def test_a_past_time_whose_bronze_cannot_be_read_is_a_503_never_the_whole_bucket
     for data in Path(cfg.lake.table("bronze", "clicks")).glob("*.parquet"):
         data.unlink()  # bronze lost its files after the views were loaded
     app = create_app(cfg, models=Reloadable("models", lambda: served(toy_model())), views=Reloadable("views", lambda: loaded), clock=lambda: NOW)
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://localhost") as test_client:
         response = test_client.get("/features/user/u9", params={"at": _at("10:20").isoformat()})
         assert response.status_code == 503 and "cannot compute the features at" in response.json()["detail"], response.text
         response = test_client.post("/predict", json=row(user_id="u9", event_time=_at("10:20").isoformat()))
@@ -2625,7 +2627,7 @@ def test_features_and_predict_over_http_at_past_times_equal_the_training_rows(pi
         cfg, models=Reloadable("models", lambda: served(toy_model())), views=Reloadable("views", lambda: load_batch_views(cfg)),
         clock=lambda: PIT_NOW, poll=False,
     )  # fmt: skip
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://localhost") as test_client:
         for r in sample:
             at = _as_utc(r["event_time"]).isoformat()
             for entity, spec in cfg.features.entities.items():
