@@ -73,12 +73,13 @@ class Reloadable(Generic[T]):
             return self._load_locked()
 
     def try_reload(self) -> bool:
-        """Load now; on failure keep the old value (the failure is logged and counted)."""
+        """Load now; on failure keep the old value (the failure is logged and counted). False
+        when the load failed, or kept part of the old value."""
         try:
-            self.reload()
+            value = self.reload()
         except Exception:  # noqa: BLE001 - logged and counted by _load_locked
             return False
-        return True
+        return not self._is_partial(value)
 
     def get_or_report(self, problems: list[str]) -> T | None:
         """The current value (loading one if there is none), or None with the reason appended
