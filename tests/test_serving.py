@@ -1807,7 +1807,7 @@ def test_the_service_serves_the_champion_with_its_horizon(trained: Trained, serv
         f"trained on bronze clicks v2, impressions v1 in MLflow run {trained.result.run_id}"
     ) in log_text
     line = next(line for line in log_text.splitlines() if "batch views: " in line)
-    assert line.split("batch views: ", 1)[1].startswith(f"{users} user keys, {items} item keys, ")
+    assert line.split("batch views: ", 1)[1].startswith(f"{keys['user']} user keys, {keys['item']} item keys, ")
     assert line.endswith("from bronze clicks v2, impressions v1")
 
 
