@@ -76,11 +76,8 @@ def create_app(
             cfg.kafka.bootstrap_servers, cfg.kafka.topics.predictions.name, logged.buffer_size, logged.linger_ms
         )
     if poll and (listener is not None or prediction_log is not None):
-        kafka = dependencies.declare("kafka", f"Kafka at {cfg.kafka.bootstrap_servers}")
-        waiting = "model updates wait for the registry poll" if listener is not None else ""
-        if prediction_log is not None:
-            waiting += f"{', ' if waiting else ''}prediction records queue (up to {prediction_log.buffer_size})"
-        polled.append((KafkaProbe(cfg.kafka.bootstrap_servers, kafka, waiting), cfg.serving.poll_interval_s))
+        probe = KafkaProbe.for_clients(cfg.kafka.bootstrap_servers, dependencies, listener is not None, prediction_log)
+        polled.append((probe, cfg.serving.poll_interval_s))
     poller = Poller(polled)
 
     @asynccontextmanager

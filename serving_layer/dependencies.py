@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,21 @@ class KafkaProbe:
 
     def __init__(self, bootstrap_servers: str, dependency: Dependency, consequence: str) -> None:
         self.bootstrap_servers, self.dependency, self.consequence = bootstrap_servers, dependency, consequence
+
+    @classmethod
+    def for_clients(
+        cls, bootstrap_servers: str, dependencies: DependencyStatus, model_updates: bool, prediction_log: Any | None
+    ) -> KafkaProbe:
+        """The probe of the service's Kafka clients: the model-update listener (``model_updates``)
+        and the ``prediction_log`` (its ``buffer_size``), whose outage it says the effect of.
+
+        >>> KafkaProbe.for_clients("k:9092", DependencyStatus(), True, None).consequence
+        'model updates wait for the registry poll'
+        """
+        effects = ["model updates wait for the registry poll"] if model_updates else []
+        if prediction_log is not None:
+            effects.append(f"prediction records queue (up to {prediction_log.buffer_size})")
+        return cls(bootstrap_servers, dependencies.declare("kafka", f"Kafka at {bootstrap_servers}"), ", ".join(effects))
 
     def try_reload(self) -> bool:
         """One check (the poller's call); True when a broker answered."""

@@ -77,6 +77,7 @@ SERVING_MODULES = [
     "lambda_ml_apps.ctr.ab",
     "lambda_ml_apps.ctr.answers",
     "serving_layer.app",
+    "serving_layer.dependencies",
     "serving_layer.http_api",
     "serving_layer.api_models",
     "lambda_ml_apps.ctr.model_inputs",
