@@ -91,9 +91,22 @@ def _its_output(pid: int | None) -> str:
     return f"{where} and {report.resolve()}" if pid is not None and report.exists() else where
 
 
+class Py4jConnectionNoise(logging.Filter):
+    """Drops what py4j logs below WARNING with a traceback (through the root logger, e.g.
+    "Exception while sending command." each time a call finds the JVM gone): the exception
+    itself still reaches the caller, which says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_py4j = f"{os.sep}py4j{os.sep}" in record.pathname
+        return not (from_py4j and record.levelno < logging.WARNING and record.exc_info)
+
+
 def run_verb(handler: Callable[[PlatformConfig, argparse.Namespace], int], cfg: PlatformConfig, args: argparse.Namespace) -> int:
     """``handler(cfg, args)``; when the Spark JVM it runs on dies, one line on stderr ("the Spark
     JVM ... exited (see ...): ...") and exit code 1 instead of py4j's tracebacks."""
+    for output in logging.getLogger().handlers:
+        if not any(isinstance(f, Py4jConnectionNoise) for f in output.filters):
+            output.addFilter(Py4jConnectionNoise())
     try:
         return int(handler(cfg, args))
     except Exception as exc:
