@@ -14,7 +14,7 @@ help:
 	@echo "make demo    run the platform end to end on the embedded stack (left running)"
 	@echo "make test    run make lint, then the test suite (starts and stops its own stack)"
 	@echo "make lint    static checks: ruff (rules in pyproject.toml) and mypy (strict on the files it lists)"
-	@echo "make stop    stop the demo's stack (service, speed layer, MLflow, Kafka)"
+	@echo "make stop    stop the demo's stack (service, speed layer, MLflow, Kafka) and a service started by hand here"
 	@echo "make status  show what is running"
 
 $(STAMP): pyproject.toml

@@ -73,11 +73,35 @@ class TrainResult:
         )
 
 
+class StepTimes:
+    """Seconds each step of a job took, from the job's start: logged as ``step_seconds.<step>``
+    metrics of its MLflow run, whose start time is the job's (``started_at``)."""
+
+    def __init__(self, started_at: datetime | None = None) -> None:
+        self.started_at = started_at or datetime.now(UTC)
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+        # Whatever ran before (the config read, the Spark session started) is the first step.
+        before = (datetime.now(UTC) - self.started_at).total_seconds()
+        if before >= 0.001:
+            self.seconds["startup"] = round(before, 3)
+
+    def lap(self, step: str) -> None:
+        """``step`` ended now: it took the time since the previous step ended."""
+        now = time.monotonic()
+        self.seconds[step] = round(now - self._last, 3)
+        self._last = now
+
+    def metrics(self) -> dict[str, float]:
+        return {f"step_seconds.{step}": seconds for step, seconds in self.seconds.items()}
+
+
 def run(
     spark: SparkSession,
     cfg: PlatformConfig,
     versions: Mapping[str, int] | None = None,
     snapshot_as_of: datetime | None = None,
+    started_at: datetime | None = None,
 ) -> TrainResult:
     """The whole batch run: snapshot -> views -> the application's training -> MLflow -> gate.
 
@@ -86,28 +110,27 @@ def run(
     candidate refuses its own artefacts (e.g. ONNX disagreeing with Spark); the MLflow run is
     then left FAILED. If versions with the same lineage (horizon, config and feature
     definitions) are already registered, nothing is trained and they are returned (``reused``).
-    Shuffles use ``spark.batch_shuffle_partitions`` for the run.
+    Shuffles use ``spark.batch_shuffle_partitions`` for the run. The MLflow run starts at
+    ``started_at`` (the job's start, default now), so its duration is the job's, and logs the
+    seconds of each step (``step_seconds.snapshot``, ``.views``, ``.training``...).
     """
+    steps = StepTimes(started_at)
     app = load_application(cfg)
     with shuffle_partitions(spark, cfg.spark.batch_shuffle_partitions):
-        return _run(spark, cfg, app, versions, snapshot_as_of)
+        return _run(spark, cfg, app, versions, snapshot_as_of, steps)
 
 
 def _run(
-    spark: SparkSession, cfg: PlatformConfig, app: Application, versions: Mapping[str, int] | None, snapshot_as_of: datetime | None
-) -> TrainResult:
-    started = time.monotonic()
-    timings: dict[str, float] = {}
-
-    def lap(step: str) -> None:
-        timings[f"seconds_{step}"] = round(time.monotonic() - started - sum(timings.values()), 3)
-
+    spark: SparkSession, cfg: PlatformConfig, app: Application, versions: Mapping[str, int] | None,
+    snapshot_as_of: datetime | None, steps: StepTimes,
+) -> TrainResult:  # fmt: skip
     snapshot = read_snapshot(spark, cfg, versions, as_of=snapshot_as_of)
     horizon = snapshot.horizon
     log.info("pinned %s", horizon)
     lineage = Lineage(horizon, registry.training_config_hash(cfg), features_hash(cfg, app))
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     existing = registry.find_registered(client, cfg.mlflow.registered_model, lineage)
+    steps.lap("snapshot")
     if existing is not None:
         log.info(
             "%s was already trained with this config and these feature definitions (MLflow run %s): "
@@ -125,12 +148,12 @@ def _run(
     try:
         # One pass derives the feature events: the views and the application share them.
         write_views(build_views(events, cfg.features, horizon), cfg)
-        lap("views")
-        candidate = app.batch.train(spark, snapshot, events, cfg)
-        lap("training")
+        steps.lap("views")
+        candidate = app.batch.train(spark, snapshot, events, cfg)  # the holdout metrics included
+        steps.lap("training")
         events.unpersist()
         events = None
-        run_id, registered, gate = log_and_register(cfg, lineage, candidate, timings)
+        run_id, registered, gate = log_and_register(cfg, lineage, candidate, steps)
     finally:
         if events is not None:
             events.unpersist()
@@ -149,37 +172,47 @@ def features_hash(cfg: PlatformConfig, app: Application) -> str:
 
 
 def log_and_register(
-    cfg: PlatformConfig, lineage: Lineage, candidate: Candidate, timings: dict[str, float] | None = None
+    cfg: PlatformConfig, lineage: Lineage, candidate: Candidate, steps: StepTimes | None = None
 ) -> tuple[str, Registered, registry.GateDecision]:
     """One MLflow run with the lineage, the candidate's params, metrics and artefacts, and the
     config; the candidate refusing its artefacts leaves the run FAILED with nothing registered.
     Then the gate: the champion is scored on the candidate's holdout rows, the candidate is
     registered with the verdict, and its served version becomes ``champion`` or ``challenger``.
-    ``timings``: seconds per step so far, logged as metrics with the run's own."""
+    ``steps``: the job's start (the run's start time) and the seconds of its steps so far,
+    logged with the steps of this function (artifacts, gate, registration)."""
     horizon, name = lineage.horizon, cfg.mlflow.registered_model
+    steps = steps or StepTimes()
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    mlflow.set_experiment(cfg.mlflow.experiment)
-    started = time.monotonic()
-    with mlflow.start_run(run_name="train-" + "-".join(f"{e}{v}" for e, v in horizon.versions)) as active:
+    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    # Created with the job's start time, not now: the run's duration in the UI is the job's.
+    created = client.create_run(
+        experiment.experiment_id, start_time=int(steps.started_at.timestamp() * 1000),
+        run_name="train-" + "-".join(f"{e}{v}" for e, v in horizon.versions),
+    )  # fmt: skip
+    with mlflow.start_run(run_id=created.info.run_id) as active:
         mlflow.set_tags({**lineage.tags(), "app": cfg.app.type})
         mlflow.log_params(
             {**candidate.params, "feature_definitions_sha256": lineage.features_sha256, "config_sha256": lineage.config_sha256}
         )
-        mlflow.log_metrics({**candidate.metrics, **(timings or {})})
+        logged = steps.metrics()  # so far: a run that fails further on still shows them
+        mlflow.log_metrics({**candidate.metrics, **logged})
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
         candidate.log_artifacts()
+        steps.lap("artifacts")
 
-        client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
         champion = registry.score_champion(client, name, candidate.score)
         gate = registry.decide(candidate.quality, champion)
         mlflow.set_tags(gate.tags())
         if champion is not None and champion.value is not None:
             mlflow.log_metric(f"champion_{candidate.quality.metric}", champion.value)
         log.info("quality gate: %s (%s)", gate.decision, gate.reason)
+        steps.lap("gate")
         versions = candidate.register(name, {**lineage.tags(), **gate.tags()})
         registry.mark_served(client, name, versions)
         registry.apply_decision(client, name, versions, gate)
-        mlflow.log_metric("seconds_registry", round(time.monotonic() - started, 3))
+        steps.lap("registration")
+        mlflow.log_metrics({k: v for k, v in steps.metrics().items() if k not in logged})
         return active.info.run_id, versions, gate
 
 
@@ -262,11 +295,12 @@ def _version(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
     """Command-line entry point; returns the result for callers running it in-process."""
+    started_at = datetime.now(UTC)
     args = parse_args(argv)
     setup_logging(args.verbose)
     cfg = load_config(args.config)
     with job_session(cfg, "batch-train") as spark:
-        result = run(spark, cfg, args.versions, args.as_of)
+        result = run(spark, cfg, args.versions, args.as_of, started_at)
     log.info("%s", result.summary())
     return result
 

@@ -548,8 +548,19 @@ class ServingConfig(_Model):
     model_updates: bool = True
     max_rows: int = Field(1000, gt=0)
     point_in_time_buckets: int = Field(48, gt=0)
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
     prediction_log: PredictionLogConfig = PredictionLogConfig()
     ab: AbConfig = AbConfig()
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        if not hosts:
+            raise ValueError("list at least one host name (or * for any)")
+        for host in hosts:
+            if not host or any(c in host for c in "/ ,") or host.startswith(("http:", "https:")):
+                raise ValueError(f"{host!r} is not a host name: write localhost, 10.0.0.5:8000, [::1], *.example.com or *")
+        return hosts
 
     @property
     def aliases(self) -> tuple[str, ...]:

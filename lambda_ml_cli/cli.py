@@ -30,6 +30,7 @@ from collections.abc import Callable
 from lambda_ml.config import PlatformConfig, load_command_config
 from lambda_ml.jvm import SetupError
 from lambda_ml.logs import setup_logging
+from lambda_ml_cli.errors import run_verb
 from lambda_ml_cli.stack import StackError
 
 log = logging.getLogger("lambda_ml")
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     try:
-        return int(args.handler(cfg, args))
+        return run_verb(args.handler, cfg, args)  # a Spark JVM that dies: one line, not py4j's tracebacks
     except (SetupError, StackError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

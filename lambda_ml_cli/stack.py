@@ -1,7 +1,8 @@
 """The embedded local stack: a single-node Kafka broker in KRaft mode and an MLflow tracking
 server, both on loopback, each with a PID file and a log file under the data directory.
 
-``up`` is idempotent (a running part is left alone), ``down`` stops each part by its PID.
+``up`` is idempotent (a running part is left alone), ``down`` stops each part by its PID, and a
+prediction service started by hand from the project's folder on ``serving.port`` too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from lambda_ml.config import PlatformConfig, TopicConfig
+from lambda_ml.config import PROJECT_ROOT, PlatformConfig, TopicConfig
 from lambda_ml.jvm import KAFKA_BROKER, resolved_jars
 
 log = logging.getLogger(__name__)
@@ -418,6 +419,62 @@ class ServingProcess:
         return self.process.stop(timeout_s=15)
 
 
+def is_service_command(command: Sequence[str]) -> bool:
+    """True for the command line of the platform's HTTP service: ``python -m serving_layer ...``
+    or ``lambda-ml [--config F] serve [http]`` (not ``serve stream``, which listens on no port).
+
+    >>> is_service_command(["/p/.venv/bin/python", "-m", "serving_layer", "--port", "8000"])
+    True
+    >>> is_service_command(["/p/.venv/bin/python", "/p/.venv/bin/lambda-ml", "--config", "c.yaml", "serve"])
+    True
+    >>> is_service_command(["python", "-m", "lambda_ml_cli.cli", "serve", "stream"]), is_service_command(["python", "-m", "http.server"])
+    (False, False)
+    """
+    args = list(command)
+    if any(a == "-m" and b == "serving_layer" for a, b in zip(args, args[1:])):
+        return True
+    cli = next((n for n, a in enumerate(args) if Path(a).name == "lambda-ml" or a == "lambda_ml_cli.cli"), None)
+    if cli is None or "serve" not in args[cli + 1 :]:
+        return False
+    after = args[args.index("serve", cli + 1) + 1 :]
+    return not after or after[0] != "stream"
+
+
+def hand_started_services(cfg: PlatformConfig, project: Path = PROJECT_ROOT) -> list[psutil.Process]:
+    """Prediction services no PID file records (started by hand: ``python -m serving_layer``,
+    ``lambda-ml serve``): this user's processes running the service's command line, started
+    from the project's folder (their working directory is in it) and listening on
+    ``serving.port``. Nothing started elsewhere qualifies."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "cwd", "uids"]):
+        try:
+            info = process.info
+            if info["uids"] is None or info["uids"].real != os.getuid() or not is_service_command(info["cmdline"] or []):
+                continue
+            if info["cwd"] is None or not Path(info["cwd"]).resolve().is_relative_to(project.resolve()):
+                continue
+            listening = {c.laddr.port for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if cfg.serving.port in listening:
+            found.append(process)
+    return found
+
+
+def stop_process(process: psutil.Process, timeout_s: float = 15) -> None:
+    """SIGTERM one process (not its group: started by hand, its group may be the user's shell's),
+    SIGKILL after ``timeout_s``."""
+    try:
+        process.terminate()
+        process.wait(timeout_s)
+    except psutil.TimeoutExpired:
+        log.warning("pid %d did not stop in %.0f s: killing it", process.pid, timeout_s)
+        process.kill()
+        process.wait(10)
+    except psutil.NoSuchProcess:
+        pass
+
+
 class SpeedProcess:
     """The speed layer (``lambda-ml speed run``) run continuously in the background by the demo:
     its queries resume from their checkpoints, and SIGTERM (``stop``) lets each finish its
@@ -483,6 +540,12 @@ def down(cfg: PlatformConfig) -> list[str]:
         if part.stop():
             log.info("stopped %s", name)
             stopped.append(name)
+        if isinstance(part, ServingProcess):
+            for process in hand_started_services(cfg):
+                what = f"prediction service started by hand (pid {process.pid}: {' '.join(process.cmdline())})"
+                stop_process(process)
+                log.info("stopped the %s", what)
+                stopped.append(what)
     return stopped
 
 
@@ -490,6 +553,7 @@ def status(cfg: PlatformConfig) -> dict[str, dict[str, object]]:
     """Each part's PID, address, readiness and log file."""
     broker, server, service, speed = KafkaBroker(cfg), MlflowServer(cfg), ServingProcess(cfg), SpeedProcess(cfg)
     broker_pid, server_pid, service_pid = broker.process.pid(), server.process.pid(), service.process.pid()
+    by_hand = [] if service_pid is not None else [p.pid for p in hand_started_services(cfg)]
     return {
         "kafka": {
             "pid": broker_pid,
@@ -504,10 +568,10 @@ def status(cfg: PlatformConfig) -> dict[str, dict[str, object]]:
             "log": str(server.process.log_file),
         },
         "serving": {
-            "pid": service_pid,
+            "pid": service_pid if service_pid is not None else (by_hand[0] if by_hand else None),
             "address": service.url,
-            "ready": service_pid is not None and service.is_ready(),
-            "log": str(service.process.log_file),
+            "ready": (service_pid is not None or bool(by_hand)) and service.is_ready(),
+            "log": str(service.process.log_file) if not by_hand else "(started by hand: its own terminal)",
         },
         "speed": {"pid": speed.process.pid(), "log": str(speed.process.log_file)},
     }

@@ -67,18 +67,23 @@ class HealthResponse(_Body):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"status": "ok", "ready": False, "model": None, "views": None,
+                {"status": "degraded", "ready": False, "model": None, "views": None,
                  "problems": ["models:/ctr@champion could not be loaded: no version of registered model 'ctr' "
                               "has alias 'champion' yet: run the batch layer first"]},
             ]
         }
     )  # fmt: skip
 
-    status: Literal["ok"] = Field(description="The process is up and answering.")
+    status: Literal["ok", "degraded"] = Field(
+        description="The process is up and answering: ok, or degraded while problems lists anything."
+    )
     ready: bool = Field(description="A model and the batch views are loaded: /predict can answer.")
     model: ModelOut | None = Field(description="The model being served, if any.")
     views: ViewsOut | None = Field(description="The batch views being served, if any.")
-    problems: list[str] = Field(description="Why the service is not ready (empty when ready).")
+    problems: list[str] = Field(
+        description="Why the service is not ready, each dependency failing now (named first: registry, lake, kafka; "
+        "the service keeps serving what it loaded) and aliases that could not be refreshed. Empty when all is well."
+    )
 
 
 class FieldError(_Body):
@@ -116,8 +121,8 @@ class ModelsResponse(_Body):
 
 
 class ReadyResponse(_Body):
-    ready: bool = Field(description="True when a model and the views are loaded.")
-    problems: list[str] = Field(description="Why not ready (empty when ready).")
+    ready: bool = Field(description="True when a model and the views are loaded (also while a dependency fails: the loaded ones serve).")
+    problems: list[str] = Field(description="Why not ready, and each dependency failing now (as in /health).")
 
 
 class BucketRow(_Body):

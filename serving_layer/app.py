@@ -24,12 +24,12 @@ from fastapi import Depends, FastAPI
 
 from lambda_ml.apps import load_application
 from lambda_ml.config import PlatformConfig
-from serving_layer.api_models import ValidationErrorResponse
-from serving_layer.http_api import API_KEY_HEADER, api_key_guard, install_request_handling
+from serving_layer.dependencies import DependencyStatus, KafkaProbe
+from serving_layer.http_api import api_key_guard, install_request_handling, unauthorized_responses
 from serving_layer.metrics import ServiceMetrics
 from serving_layer.model_store import ModelStore, ServedModels
 from serving_layer.prediction_log import PredictionLog
-from serving_layer.reloadable import Poller, Reloadable
+from serving_layer.reloadable import Polled, Poller, Reloadable
 from serving_layer.routes.docs import mount_docs
 from serving_layer.routes.features import features_router
 from serving_layer.routes.operations import operations_router
@@ -48,20 +48,23 @@ def create_app(
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     poll: bool = True,
     prediction_log: PredictionLog | None = None,
+    dependencies: DependencyStatus | None = None,
 ) -> FastAPI:
     """The prediction service for ``cfg``. Tests pass their own ``models``/``views`` slots and
     clock; by default the models come from the MLflow registry (every alias in
     ``serving.aliases``), the views from the lake and the scoring time from the wall clock.
     With ``poll``, a background thread reloads models and views while the app runs. Answers go
     to ``prediction_log`` (by default, with ``poll`` and ``serving.prediction_log.enabled``, a
-    producer on ``kafka.topics.predictions``)."""
+    producer on ``kafka.topics.predictions``). The registry, the lake and Kafka report their
+    state to ``dependencies`` (pass the one given to the test's own slots)."""
     application = load_application(cfg)
     if application.serving is None:
         raise ValueError(f"{cfg.source}: app.type: the {application.name} application has no serving side")
-    model_slot = models if models is not None else ModelStore.from_config(cfg, application.serving)
-    view_slot = views if views is not None else ViewStore.from_config(cfg)
+    dependencies = dependencies or DependencyStatus()
+    model_slot = models if models is not None else ModelStore.from_config(cfg, application.serving, dependencies)
+    view_slot = views if views is not None else ViewStore.from_config(cfg, dependencies=dependencies)
     metrics = ServiceMetrics()
-    poller = Poller([(model_slot, cfg.serving.poll_interval_s), (view_slot, cfg.serving.views_refresh_s)])
+    polled: list[tuple[Polled, float]] = [(model_slot, cfg.serving.poll_interval_s), (view_slot, cfg.serving.views_refresh_s)]
     listener = None
     if poll and cfg.serving.model_updates and isinstance(model_slot, ModelStore):
         listener = ModelUpdateListener(
@@ -73,6 +76,10 @@ def create_app(
         prediction_log = PredictionLog(
             cfg.kafka.bootstrap_servers, cfg.kafka.topics.predictions.name, logged.buffer_size, logged.linger_ms
         )
+    if poll and (listener is not None or prediction_log is not None):
+        probe = KafkaProbe.for_clients(cfg.kafka.bootstrap_servers, dependencies, listener is not None, prediction_log)
+        polled.append((probe, cfg.serving.poll_interval_s))
+    poller = Poller(polled)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -121,17 +128,15 @@ def create_app(
     app.state.prediction_log = prediction_log
 
     guarded = [Depends(api_key_guard(cfg.serving.api_key))] if cfg.serving.api_key else []
-    unauthorized = (
-        {401: {"model": ValidationErrorResponse, "description": f"Missing or wrong {API_KEY_HEADER} header."}}
-        if guarded
-        else {}
+    unauthorized = unauthorized_responses(cfg.serving.api_key)
+    service = ServiceContext(
+        cfg, model_slot, view_slot, metrics, clock, prediction_log, guarded, unauthorized, listener, dependencies=dependencies
     )
-    service = ServiceContext(cfg, model_slot, view_slot, metrics, clock, prediction_log, guarded, unauthorized, listener)
     # The application's routes (and any middleware of theirs, innermost), then the service's.
     application.serving.mount(app, service)
     app.include_router(operations_router(service))
     app.include_router(features_router(service))
-    install_request_handling(app, cfg.serving.max_rows, metrics, service.union_tags)
+    install_request_handling(app, cfg.serving.max_rows, metrics, service.union_tags, cfg.serving.allowed_hosts)
     return app
 
 
@@ -161,6 +166,8 @@ def serve(cfg: PlatformConfig, host: str | None = None, port: int | None = None,
     port = port or cfg.serving.port
     if not is_loopback(host) and not cfg.serving.api_key:
         log.warning("binding to %s without serving.api_key: the service has no authentication", host)
+    if not is_loopback(host) and all(is_loopback(h.strip("[]")) for h in cfg.serving.allowed_hosts):
+        log.warning("binding to %s, but serving.allowed_hosts admits loopback names only: other clients get a 400", host)
     # The registry poller runs off the request path; still, an unreachable MLflow should not
     # keep it retrying for minutes before it reports (MLflow's defaults: 7 retries, 120 s).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")

@@ -24,6 +24,7 @@ from typing import Protocol
 from lambda_ml.apps import ServingModel, ServingModels, VersionInfo
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import ModelUpdate
+from serving_layer.dependencies import Dependency, DependencyStatus
 from serving_layer.reloadable import Reloadable
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,24 @@ log = logging.getLogger(__name__)
 
 class ModelLoadError(RuntimeError):
     """The alias resolves to nothing usable; the message says what and where."""
+
+
+def no_version_yet(registered_model: str, alias: str) -> str:
+    """Why nothing can be served before the first batch run registers a champion.
+
+    >>> no_version_yet("ctr", "champion")
+    "no version of registered model 'ctr' has alias 'champion' yet: run the batch layer first"
+    """
+    return f"no version of registered model {registered_model!r} has alias {alias!r} yet: run the batch layer first"
+
+
+class RegistryUnavailable(ModelLoadError):
+    """The registry itself could not be read (down, or failing): every alias would fail alike.
+    ``reason`` says it without naming the registry (the dependency's line names it)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def check_registry_reachable(tracking_uri: str, timeout_s: float = 3.0) -> None:
@@ -44,7 +63,9 @@ def check_registry_reachable(tracking_uri: str, timeout_s: float = 3.0) -> None:
     except urllib.error.HTTPError:
         return  # it answers; the client will report what is wrong
     except OSError as exc:
-        raise ModelLoadError(f"the MLflow tracking server at {tracking_uri} does not answer ({exc})") from exc
+        raise RegistryUnavailable(
+            f"the MLflow tracking server at {tracking_uri} does not answer ({exc})", f"unreachable ({exc})"
+        ) from exc
 
 
 class Registry(Protocol):
@@ -85,7 +106,9 @@ class MlflowRegistry:
             # is INVALID_PARAMETER_VALUE "Registered model alias ... not found." (MLflow 3.17).
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc.message):
                 return None
-            raise ModelLoadError(f"could not resolve models:/{self.name}@{alias} in {self.uri}: {exc.message}") from exc
+            raise RegistryUnavailable(
+                f"could not resolve models:/{self.name}@{alias} in {self.uri}: {exc.message}", f"failing ({exc.message})"
+            ) from exc
         return VersionInfo(int(version.version), version.run_id, dict(version.tags or {}))
 
     def load(self, info: VersionInfo, alias: str) -> ServingModel:
@@ -156,24 +179,28 @@ class ModelStore(Reloadable[ServedModels]):
 
     def __init__(
         self, name: str, registry: Registry, aliases: Sequence[str], keep_versions: int = 8,
-        models: ServingModels | None = None, cfg: PlatformConfig | None = None,
+        models: ServingModels | None = None, cfg: PlatformConfig | None = None, dependency: Dependency | None = None,
     ) -> None:
         super().__init__(name, self._refresh)
         self.registry = registry
+        # The registry's status: failed while it cannot be read (the versions loaded stay).
+        self.dependency = dependency or DependencyStatus().declare("registry", f"the registry of {registry.name}")
         self.aliases = tuple(aliases)
         self.keep_versions = keep_versions
         self.models, self.cfg = models, cfg
         self._loaded: dict[int, ServingModel] = {}  # version -> model, most recently used last
         self._inline: dict[str, ServingModel] = {}  # alias -> model received as data
+        self._kept_last_good = False  # the last refresh kept a version it could not refresh
         self.swaps = 0
 
     @classmethod
-    def from_config(cls, cfg: PlatformConfig, models: ServingModels) -> ModelStore:
+    def from_config(cls, cfg: PlatformConfig, models: ServingModels, dependencies: DependencyStatus | None = None) -> ModelStore:
         """The store of ``cfg``'s registered model, its versions opened by ``models`` (the
-        application's serving side)."""
+        application's serving side), reporting the registry's state to ``dependencies``."""
+        dependency = (dependencies or DependencyStatus()).declare("registry", f"MLflow registry at {cfg.mlflow.tracking_uri}")
         return cls(
             f"models:/{cfg.mlflow.registered_model}@{cfg.serving.model_alias}", MlflowRegistry(cfg, models), cfg.serving.aliases,
-            models=models, cfg=cfg,
+            models=models, cfg=cfg, dependency=dependency,
         )  # fmt: skip
 
     def reload(self, update: ModelUpdate | None = None) -> ServedModels:
@@ -190,6 +217,13 @@ class ModelStore(Reloadable[ServedModels]):
                 self._inline[update.alias] = model
             log.info("model as data for %s: %s", update.alias, model.describe())
         return super().reload()
+
+    def _is_partial(self, value: ServedModels) -> bool:
+        return self._kept_last_good
+
+    def _on_failure(self, error: str, exc: Exception) -> None:
+        if not isinstance(exc, RegistryUnavailable):  # that one is the registry's, reported by _refresh
+            super()._on_failure(error, exc)
 
     def _model_for(self, info: VersionInfo, alias: str) -> ServingModel:
         model = self._loaded.pop(info.version, None)
@@ -208,27 +242,46 @@ class ModelStore(Reloadable[ServedModels]):
         found: dict[str, ServingModel] = {}
         problems: list[str] = []
         primary = self.aliases[0]
+        unavailable: RegistryUnavailable | None = None
         for alias in self.aliases:
             try:
                 info = self.registry.resolve(alias)
                 if info is None:
                     continue  # not (or no longer) assigned: nothing to serve for it
                 found[alias] = self._model_for(info, alias)
+            except RegistryUnavailable as exc:
+                unavailable = exc  # every other alias would wait and fail alike
+                break
             except Exception as exc:  # noqa: BLE001 - the alias keeps its version; the reason is reported
                 if alias == primary and primary not in old:
                     raise
                 problems.append(f"models:/{self.registry.name}@{alias} could not be refreshed: {exc}")
                 if alias in old:
                     found[alias] = old[alias]
+        if unavailable is not None:
+            for alias in self.aliases:
+                if alias not in found and alias in old:
+                    found[alias] = old[alias]
+            kept = ", ".join(f"{alias} v{model.version}" for alias, model in found.items())
+            self.dependency.failed(
+                unavailable.reason,
+                f"serving the loaded versions ({kept})" if kept else "no model to serve: the application's routes answer 503",
+            )
+            if primary not in found:
+                raise unavailable
+        else:
+            self.dependency.ok()
+        self._kept_last_good = unavailable is not None or bool(problems)
         for alias, model in self._inline.items():
             if alias in self.aliases:
                 found[alias] = model
         if primary not in found:
             # Never assigned, or removed: a champion served before keeps serving (slot keeps it).
-            raise ModelLoadError(
-                f"no version of registered model {self.registry.name!r} has alias {primary!r} yet: run the batch layer first"
-            )
+            raise ModelLoadError(no_version_yet(self.registry.name, primary))
         served = ServedModels(primary, MappingProxyType(found), tuple(problems))
+        for problem in problems:
+            if previous is None or problem not in previous.problems:
+                log.warning("%s; the alias keeps the version it had", problem)  # once, not at every poll
         if previous is not None and (served.versions(), served.problems) == (previous.versions(), previous.problems):
             same_inline = all(found[a] is old[a] for a in self._inline if a in found)
             if same_inline and all(found[a].quality == old[a].quality for a in found):

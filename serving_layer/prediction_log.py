@@ -71,7 +71,7 @@ class PredictionLog(BackgroundLoop):
         self.sent = 0  # acknowledged by the broker
         self.dropped = 0  # refused because the buffer was full
         self.failed = 0  # handed to the producer but never acknowledged (delivery timed out)
-        self.connected = False
+        self.connected: bool | None = False  # None: no producer yet (Kafka unreachable at start)
 
     @property
     def queued(self) -> int:
@@ -143,7 +143,10 @@ class PredictionLog(BackgroundLoop):
                 self._wake.clear()
                 self._send_queued(producer)
             except Exception as exc:  # noqa: BLE001 - Kafka down at start: retry; requests go on
-                log.warning("prediction log: Kafka at %s unavailable (%s); retrying", self.bootstrap_servers, exc)
+                # Once, not every 2 s: Kafka being down is reported by the service's probe.
+                if self.connected is not None:
+                    log.warning("prediction log: Kafka at %s unavailable (%s); retrying", self.bootstrap_servers, exc)
+                self.connected = None
                 self._stop.wait(2)
         if producer is not None:
             try:

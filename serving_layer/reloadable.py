@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Generic, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,13 @@ class Reloadable(Generic[T]):
             return self._load_locked()
 
     def try_reload(self) -> bool:
-        """Load now; on failure keep the old value (the failure is logged and counted)."""
+        """Load now; on failure keep the old value (the failure is logged and counted). False
+        when the load failed, or kept part of the old value."""
         try:
-            self.reload()
+            value = self.reload()
         except Exception:  # noqa: BLE001 - logged and counted by _load_locked
             return False
-        return True
+        return not self._is_partial(value)
 
     def get_or_report(self, problems: list[str]) -> T | None:
         """The current value (loading one if there is none), or None with the reason appended
@@ -119,13 +120,33 @@ class Reloadable(Generic[T]):
             value = self._loader()
         except Exception as exc:
             self.failures += 1
-            self._last_error = f"{self.name} could not be loaded: {exc}"
-            log.warning("%s", self._last_error)
+            error = f"{self.name} could not be loaded: {exc}"
+            self._on_failure(error, exc)
+            self._last_error = error
             raise
-        self.loads += 1
+        # A value that kept part of the last good one (an alias the registry could not refresh)
+        # is served, but the load counts as a failure: /metrics must not show an outage as reloads.
+        if self._is_partial(value):
+            self.failures += 1
+        else:
+            self.loads += 1
         self._last_error = None
         self.swap(value)
+        self._on_success()
         return value
+
+    def _is_partial(self, value: T) -> bool:
+        """True when ``value`` keeps part of the last good value because part of the load failed."""
+        return False
+
+    def _on_failure(self, error: str, exc: Exception) -> None:
+        """Say that a load failed (``error`` names the slot and the reason): once per distinct
+        reason, not at every poll of an outage."""
+        if error != self._last_error:
+            log.warning("%s", error)
+
+    def _on_success(self) -> None:
+        """A load succeeded (a slot reporting to a dependency's status says so here)."""
 
 
 class BackgroundLoop:
@@ -152,8 +173,15 @@ class BackgroundLoop:
         raise NotImplementedError
 
 
+class Polled(Protocol):
+    """What the poller calls: a slot's reload, or a dependency check; False when it failed."""
+
+    def try_reload(self) -> bool: ...
+
+
 class Poller(BackgroundLoop):
-    """Reloads each slot every ``interval_s`` seconds on one background thread, until ``stop()``.
+    """Reloads each slot (or runs each check) every ``interval_s`` seconds on one background
+    thread, until ``stop()``.
 
     Loads happen here, off the request path; requests keep using the value they read, so a
     slow download or an unreachable registry never delays or fails a request.
@@ -161,7 +189,7 @@ class Poller(BackgroundLoop):
 
     thread_name = "reload-poller"
 
-    def __init__(self, slots: list[tuple[Reloadable[object], float]], tick_s: float = 0.2) -> None:
+    def __init__(self, slots: Sequence[tuple[Polled, float]], tick_s: float = 0.2) -> None:
         super().__init__()
         self._slots = slots
         self._tick_s = tick_s

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from lambda_ml.config import PlatformConfig
+from serving_layer.dependencies import DependencyStatus
 from serving_layer.metrics import ServiceMetrics
 from serving_layer.model_store import ServedModels
 from serving_layer.prediction_log import PredictionLog
@@ -31,6 +32,8 @@ class ServiceContext:
     guarded: list[Any]  # route dependencies checking the API key (empty without one)
     unauthorized: dict[int | str, dict[str, Any]]  # the 401 of the OpenAPI document, when guarded
     model_updates: ModelUpdateListener | None = None
+    # The registry's, the lake's and Kafka's state, reported by the slots and the Kafka probe.
+    dependencies: DependencyStatus = field(default_factory=DependencyStatus)
     shutdown: list[Callable[[], None]] = field(default_factory=list)  # run when the service stops
     # Tags of request bodies that are unions (e.g. one row or a batch): left out of error paths.
     union_tags: set[str] = field(default_factory=set)
@@ -48,3 +51,15 @@ class ServiceContext:
         if loaded is None:
             problems.append(self.views.last_error or f"{self.views.name} are not loaded yet")
         return served is not None and loaded is not None, problems
+
+    def problems(self) -> tuple[bool, list[str]]:
+        """Readiness, and everything wrong now: what is not loaded, each dependency that fails
+        (named first: ``registry: ...``, ``lake: ...``, ``kafka: ...``), the aliases that could
+        not be refreshed and why the champion could not be reloaded."""
+        ready, problems = self.readiness()
+        problems += self.dependencies.problems()
+        if (served := self.models.current) is not None:
+            problems += served.problems
+            if self.models.last_error:
+                problems.append(self.models.last_error)
+        return ready, problems

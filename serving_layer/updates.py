@@ -39,6 +39,7 @@ class ModelUpdateListener(BackgroundLoop):
         self._reload = reload
         self.latest: dict[str, ModelUpdate] = {}  # alias -> the last update applied
         self.applied = self.stale = self.invalid = 0
+        self.problem: str | None = None  # why the topic cannot be read, while it cannot
 
     @property
     def generations(self) -> dict[str, Horizon]:
@@ -85,13 +86,19 @@ class ModelUpdateListener(BackgroundLoop):
                 assigned = [TopicPartition(self.topic, p) for p in sorted(partitions)]
                 consumer.assign(assigned)
                 consumer.seek_to_beginning(*assigned)
+                if self.problem is not None:
+                    log.info("model updates: reading %s again", self.topic)
+                    self.problem = None
                 while not self._stop.is_set():
                     for records in consumer.poll(timeout_ms=500).values():
                         for record in records:
                             if record.value is not None:
                                 self.handle(record.value)
             except Exception as exc:  # noqa: BLE001 - Kafka down: retry; serving goes on meanwhile
-                log.warning("model updates from %s unavailable (%s); retrying", self.topic, exc)
+                # Once per reason: Kafka itself being down is reported by the service's probe.
+                if str(exc) != self.problem:
+                    log.warning("model updates from %s unavailable (%s); retrying every 5 s", self.topic, exc)
+                self.problem = str(exc)
                 self._stop.wait(5)
             finally:
                 if consumer is not None:

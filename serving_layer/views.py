@@ -29,6 +29,7 @@ from lambda_ml.buckets import NO_BUCKETS, EntityBuckets, combine_exact, merge_en
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import Horizon
 from lambda_ml.partial_buckets import BucketPart
+from serving_layer.dependencies import Dependency, DependencyStatus
 from serving_layer.lake_events import LakeEvents, LakeEventsError
 from serving_layer.reloadable import Reloadable
 
@@ -311,16 +312,30 @@ def table_versions(cfg: PlatformConfig) -> tuple[int | None, ...]:
 
 class ViewStore(Reloadable[BatchViews]):
     """The views being served (batch ⊕ increments), reloaded whole when a table has a new
-    Delta version (checked every ``serving.views_refresh_s`` by the service's poller)."""
+    Delta version (checked every ``serving.views_refresh_s`` by the service's poller). A load
+    that fails is the lake's failure (``dependency``); the views loaded before stay."""
 
-    def __init__(self, name: str, cfg: PlatformConfig, retry_interval_s: float = 5.0) -> None:
+    def __init__(self, name: str, cfg: PlatformConfig, retry_interval_s: float = 5.0, dependency: Dependency | None = None) -> None:
         super().__init__(name, self._refresh, retry_interval_s)
         self.cfg = cfg
+        self.dependency = dependency or DependencyStatus().declare("lake", f"the lake at {cfg.lake.root}")
         self._versions: tuple[int | None, ...] | None = None
 
     @classmethod
-    def from_config(cls, cfg: PlatformConfig, retry_interval_s: float = 5.0) -> ViewStore:
-        return cls("batch views", cfg, retry_interval_s)
+    def from_config(cls, cfg: PlatformConfig, retry_interval_s: float = 5.0, dependencies: DependencyStatus | None = None) -> ViewStore:
+        """The views of ``cfg``'s lake, reporting its state to ``dependencies``."""
+        dependency = (dependencies or DependencyStatus()).declare("lake", f"the lake at {cfg.lake.root}")
+        return cls("batch views", cfg, retry_interval_s, dependency)
+
+    def _on_failure(self, error: str, exc: Exception) -> None:
+        if self.current is not None:
+            consequence = f"serving the views loaded at {self.current.horizon}"
+        else:
+            consequence = "no views to serve: the routes that read features answer 503"
+        self.dependency.failed(str(exc), consequence)
+
+    def _on_success(self) -> None:
+        self.dependency.ok()
 
     def _refresh(self) -> BatchViews:
         versions = table_versions(self.cfg)

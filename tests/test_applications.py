@@ -116,7 +116,7 @@ def test_every_application_goes_through_batch_update_and_serve(
 
     # serve: the application's route answers with that version.
     path, body = app.demo.example(cfg)
-    with TestClient(create_app(cfg, poll=False)) as http:
+    with TestClient(create_app(cfg, poll=False), base_url="http://localhost") as http:
         answer = http.post(path, json=body)
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"]["version"] == int(result.versions.served)

@@ -11,6 +11,7 @@ features' in test_features.py.)
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -300,12 +301,19 @@ def test_read_snapshot_pins_delta_versions(spark: SparkSession, job_cfg: Platfor
         read_snapshot(spark, empty_lake)
 
 
+# When the job of the ``trained`` fixture was called and when it returned (epoch milliseconds).
+JOB_WINDOW: dict[str, int] = {}
+
+
 @pytest.fixture(scope="module")
 def trained(job_cfg: PlatformConfig, tmp_path_factory: pytest.TempPathFactory) -> train.TrainResult:
     """The job run once through its command line, pinned at impressions v1 and clicks v1."""
     config_file = tmp_path_factory.mktemp("conf") / "platform.yaml"
     write_config(job_cfg, config_file)  # keeps the order of the feature declarations, hence of the model inputs
-    return train.main(["--config", str(config_file), "--version", "impressions=1", "--version", "clicks=1"])
+    JOB_WINDOW["called"] = int(time.time() * 1000)
+    result = train.main(["--config", str(config_file), "--version", "impressions=1", "--version", "clicks=1"])
+    JOB_WINDOW["returned"] = int(time.time() * 1000)
+    return result
 
 
 def run_params(client: mlflow.MlflowClient, run_id: str) -> dict[str, str]:
@@ -354,6 +362,21 @@ def test_job_registers_spark_and_onnx_versions_with_the_horizon(
     assert 0 < run.data.metrics["log_loss"] < math.log(2)
     assert run.data.metrics["parity_max_abs_diff"] <= job_cfg.ctr.parity_atol
     assert run.data.metrics["rows_train"] + run.data.metrics["rows_holdout"] == run.data.metrics["rows_labelled"]
+
+
+@pytest.mark.integration
+def test_the_mlflow_run_covers_the_whole_job_and_times_each_step(job_cfg: PlatformConfig, trained: train.TrainResult) -> None:
+    run = mlflow.MlflowClient(job_cfg.mlflow.tracking_uri).get_run(trained.run_id)
+    called, returned = JOB_WINDOW["called"], JOB_WINDOW["returned"]
+    # The run starts when the job starts (before the snapshot is read), not when it is logged.
+    assert called <= run.info.start_time <= called + 1000
+    assert run.info.end_time is not None and run.info.end_time <= returned
+    steps = {k.removeprefix("step_seconds."): v for k, v in run.data.metrics.items() if k.startswith("step_seconds.")}
+    assert {"snapshot", "views", "training", "artifacts", "gate", "registration"} <= set(steps)
+    assert all(seconds >= 0 for seconds in steps.values()) and steps["training"] > 0
+    # The steps follow each other: together they are the run's duration, give or take the run's end.
+    duration_s = (run.info.end_time - run.info.start_time) / 1000
+    assert sum(steps.values()) == pytest.approx(duration_s, abs=1.0)
 
 
 @pytest.mark.integration

@@ -119,7 +119,7 @@ def test_your_own_events_go_from_kafka_to_merged_features_and_the_lambda_identit
     landed["event_time"] = pd.to_datetime(landed.event_time, utc=True)
 
     at = NOW + timedelta(seconds=1)
-    with TestClient(create_app(cfg, poll=False)) as http:
+    with TestClient(create_app(cfg, poll=False), base_url="http://localhost") as http:
         for sensor in SENSORS:
             answer = http.get(f"/features/sensor/{sensor}", params={"at": at.isoformat()})
             assert answer.status_code == 200, answer.text

@@ -319,19 +319,22 @@ def test_serving_loads_the_registered_centres_applies_the_update_and_assigns(
             assert frame["cluster"].tolist() == distances.argmin(axis=1).tolist()
     assert http.post("/assign", json=body).json()["model"]["alias"] == "champion"  # the default policy
 
-    bad: list[tuple[Any, str]] = [
-        ({"points": [{"x0": 1.0}]}, "points[0].x1: missing"),
-        ({"points": [{"x0": 1.0, "x1": 2.0}, {"x0": "3", "x1": 2.0}]}, "points[1].x0: must be a finite number, got '3'"),
-        ({"points": [{"x0": True, "x1": 2.0}]}, "points[0].x0: must be a finite number, got true"),
-        ({"points": [{"x0": 1.0, "x1": None}]}, "points[0].x1: must be a finite number, got None"),
-        ({"points": []}, "points: at least one point"),
-        ({"points": [{"x0": 0.0, "x1": 0.0}] * (cfg.serving.max_rows + 1)}, "more than serving.max_rows"),
+    bad: list[tuple[Any, str, str]] = [
+        ({"points": [{"x0": 1.0}]}, "points.0.x1", "missing"),
+        ({"points": [{"x0": 1.0, "x1": 2.0}, {"x0": "3", "x1": 2.0}]}, "points.1.x0", 'bad value for x0: expected a finite number, got "3"'),
+        ({"points": [{"x0": True, "x1": 2.0}]}, "points.0.x0", "bad value for x0: expected a finite number, got true"),
+        ({"points": [{"x0": 1.0, "x1": None}]}, "points.0.x1", "bad value for x1: expected a finite number, got null"),
+        ({"points": [{"x0": 1.0, "x1": 2.0, "event_time": 1764547200}]}, "points.0.event_time", "expected an ISO-8601 timestamp string"),
+        ({"points": []}, "points", "at least one point"),
+        ({"points": [{"x0": 0.0, "x1": 0.0}] * (cfg.serving.max_rows + 1)}, "points", "more than serving.max_rows"),
     ]
-    for payload, message in bad:
+    for payload, field, message in bad:
         answer = http.post("/assign", json=payload)
-        assert answer.status_code == 422 and message in answer.json()["detail"], (payload, answer.text)
+        assert answer.status_code == 422, (payload, answer.text)
+        (error,) = answer.json()["detail"]
+        assert error["field"] == field and message in error["message"], (payload, answer.text)
     not_finite = http.post("/assign", content=b'{"points": [{"x0": NaN, "x1": 1.0}]}', headers={"content-type": "application/json"})
-    assert not_finite.status_code == 422 and "points[0].x0: must be a finite number" in not_finite.text
+    assert not_finite.status_code == 422 and not_finite.json()["detail"][0]["field"] == "points.0.x0"
     unknown = http.post("/assign", json={"points": [{"x0": 1.0, "x1": 1.0}], "rows": []})
     assert unknown.status_code == 422 and "rows" in unknown.text
     policy = http.post("/assign", params={"policy": "quality"}, json=body)

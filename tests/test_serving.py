@@ -7,9 +7,11 @@ from __future__ import annotations
 import doctest
 import importlib
 import json
+import logging
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -37,7 +39,7 @@ from pydantic_core import PydanticSerializationError
 
 from lambda_ml import contract
 from lambda_ml.buckets import EntityBuckets, to_micros, window_features
-from lambda_ml.config import DEFAULT_CONFIG, PROJECT_ROOT, PlatformConfig, load_config, parse_duration
+from lambda_ml.config import DEFAULT_CONFIG, PROJECT_ROOT, ConfigError, PlatformConfig, load_config, parse_duration
 from lambda_ml.contract import Horizon, ModelInputs
 from lambda_ml_apps.ctr.answers import AnswerWriter, Scored, predict_response
 from lambda_ml_apps.ctr.api_models import REQUEST_KINDS, PredictRow
@@ -45,7 +47,15 @@ from serving_layer.app import create_app
 from serving_layer.http_api import format_validation_errors, max_body_bytes
 from lambda_ml_apps.ctr.predict import score_rows
 from lambda_ml_apps.ctr.model_inputs import build_model_inputs, lookup_features
-from serving_layer.model_store import ModelLoadError, ModelStore, ServedModels, VersionInfo, check_registry_reachable
+from serving_layer.dependencies import DependencyStatus, KafkaProbe
+from serving_layer.model_store import (
+    ModelLoadError,
+    ModelStore,
+    RegistryUnavailable,
+    ServedModels,
+    VersionInfo,
+    check_registry_reachable,
+)
 from lambda_ml_apps.ctr.serving_model import CtrServingModel, quality_score, check_session, find_onnx_file, open_onnx_session, open_serving_session
 from lambda_ml_apps.ctr.policies import PolicyRunner
 from serving_layer.reloadable import NotReadyError, Reloadable
@@ -67,6 +77,7 @@ SERVING_MODULES = [
     "lambda_ml_apps.ctr.ab",
     "lambda_ml_apps.ctr.answers",
     "serving_layer.app",
+    "serving_layer.dependencies",
     "serving_layer.http_api",
     "serving_layer.api_models",
     "lambda_ml_apps.ctr.model_inputs",
@@ -224,7 +235,7 @@ def client() -> Iterator[TestClient]:
     app = create_app(
         unit_cfg(), models=Reloadable("models:/ctr@champion", lambda: served(toy_model())), views=Reloadable("views", toy_views), clock=lambda: NOW
     )
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://localhost") as test_client:
         yield test_client
 
 
@@ -417,7 +428,7 @@ def test_views_are_read_from_delta_tables(tmp_path: Path) -> None:
     assert {k: found[k] for k in U1_I1_MOBILE} == U1_I1_MOBILE
 
 
-def test_the_view_store_reloads_new_delta_versions_and_keeps_the_last_good_views(tmp_path: Path) -> None:
+def test_the_view_store_reloads_new_delta_versions_and_keeps_the_last_good_views(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Views re-read only when a table has a new version; increments appended later are merged
     on the next refresh; a lake that cannot be read leaves the last views served."""
     cfg = unit_cfg(**{"lake.root": str(tmp_path / "lake")})
@@ -439,12 +450,21 @@ def test_the_view_store_reloads_new_delta_versions_and_keeps_the_last_good_views
     assert merged.lookup("user", ("u2",)) == EntityBuckets((hours_before(3),), {"impressions": (46,), "clicks": (3,), "top_position": (2.0,)})
     assert (merged.views["user"].increments.used, merged.views["user"].increments.already_in_batch) == (1, 1)
     assert merged.views["item"].increments.used == 0 and merged.lookup("item", ("i1",)) == first.lookup("item", ("i1",))
-    # The lake unreadable: the last views stay, the reason is kept.
+    # The lake unreadable: the last views stay, the reason is kept, the lake is reported failing
+    # (logged once however many polls fail) and answering again once it is back.
     lake = Path(cfg.lake.root)
     lake.rename(lake.with_name("lake-gone"))
-    with pytest.raises(ViewLoadError):
-        store.reload()
-    assert store.current is merged and "no Delta table" in (store.last_error or "")
+    with caplog.at_level(logging.INFO, logger="serving_layer"):
+        for _ in range(3):
+            assert not store.try_reload()
+        assert store.current is merged and "no Delta table" in (store.last_error or "")
+        assert not store.dependency.up and (store.failures, store.loads) == (3, 3)
+        lake.with_name("lake-gone").rename(lake)
+        assert store.try_reload() and store.dependency.up
+    lines = [r.getMessage() for r in caplog.records if r.name == "serving_layer.dependencies"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"the lake at {lake}: no Delta table at ") and lines[0].endswith(f"; serving the views loaded at {merged.horizon}")
+    assert re.fullmatch(rf"the lake at {re.escape(str(lake))}: reachable again after \d+ s", lines[1])
 
 
 def test_views_from_two_batch_runs_are_refused(tmp_path: Path) -> None:
@@ -636,6 +656,9 @@ def test_a_batch_is_answered_in_order_and_matches_single_rows(client: TestClient
         (row(colour="red"), "colour"),
         (row(event_time="2026-11-22T10:00:00"), "event_time"),  # no time zone
         (row(event_time="yesterday"), "event_time"),
+        (row(event_time=1764547200), "event_time"),  # epoch seconds: a timestamp is an ISO-8601 string
+        (row(event_time=1764547200.5), "event_time"),
+        ({"rows": [row(event_time=1764547200)]}, "rows.0.event_time"),
         ({"rows": [row(), row(position=-1)]}, "rows.1.position"),
         ({"rows": [row(), {k: v for k, v in row().items() if k != "device"}]}, "rows.1.device"),
         ({"rows": []}, "rows"),
@@ -694,7 +717,7 @@ def test_without_a_champion_predict_is_503_and_health_still_answers() -> None:
 
     models = Reloadable("models:/ctr@champion", load_model, retry_interval_s=5, clock=lambda: now[0])
     app = create_app(unit_cfg(), models=models, views=Reloadable("views", toy_views), clock=lambda: NOW)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         health = client.get("/health")
         assert health.status_code == 200
         assert health.json()["ready"] is False and health.json()["model"] is None
@@ -742,6 +765,135 @@ def test_the_openapi_document_describes_requests_responses_and_errors(client: Te
         assert "200" in operation["responses"], path
 
 
+# --------------------------------------------------------------------------- HTTP hygiene
+
+
+@pytest.mark.parametrize("host", ["localhost:8000", "127.0.0.1:8000", "[::1]:8000", "localhost"])
+def test_loopback_host_names_are_answered(client: TestClient, host: str) -> None:
+    assert client.get("/health", headers={"host": host}).status_code == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example:8000", "localhost.evil.example", "127.0.0.2:8000", "[::2]:8000"])
+def test_another_host_name_is_a_400_naming_the_header(client: TestClient, host: str) -> None:
+    for answer in (client.get("/health", headers={"host": host}), client.post("/predict", json=row(), headers={"host": host})):
+        assert answer.status_code == 400
+        (error,) = answer.json()["detail"]
+        assert error["field"] == "header.Host" and repr(host) in error["message"] and "serving.allowed_hosts" in error["message"]
+        assert re.fullmatch(r"[0-9a-f]{32}", answer.headers["x-request-id"])
+
+
+def test_allowed_hosts_are_configurable_by_name_port_and_subdomain() -> None:
+    cfg = unit_cfg(**{"serving.allowed_hosts": ["*.example.com", "10.0.0.5:8000"]})
+    app = create_app(cfg, models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("v", toy_views), clock=lambda: NOW, poll=False)
+    with TestClient(app, base_url="http://localhost") as http:
+        statuses = {host: http.get("/health", headers={"host": host}).status_code
+                    for host in ("api.example.com", "example.com", "10.0.0.5:8000", "10.0.0.5:9000", "localhost:8000")}  # fmt: skip
+    assert statuses == {"api.example.com": 200, "example.com": 400, "10.0.0.5:8000": 200, "10.0.0.5:9000": 400, "localhost:8000": 400}
+    with pytest.raises(ConfigError, match="serving.allowed_hosts: .*'http://api.example.com' is not a host name"):
+        unit_cfg(**{"serving.allowed_hosts": ["http://api.example.com"]})
+
+
+def test_a_clients_request_id_is_returned_on_every_answer_and_an_invalid_one_replaced(client: TestClient) -> None:
+    sent = {"x-request-id": "trace-42.a_b"}
+    answers = {
+        "fast path": client.post("/predict", json=row(), headers=sent),
+        "routed": client.post("/predict", params={"policy": "champion"}, json=row(), headers=sent),
+        "422": client.post("/predict", json=row(position=0), headers=sent),
+        "415": client.post("/predict", content=b"{}", headers={**sent, "content-type": "text/plain"}),
+        "413": client.post("/predict", content=b" " * (max_body_bytes(5) + 1), headers={**sent, "content-type": "application/json"}),
+        "404": client.get("/nowhere", headers=sent),
+        "health": client.get("/health", headers=sent),
+    }
+    assert {name: (a.headers.get("x-request-id"), a.headers.get_list("x-request-id")) for name, a in answers.items()} == {
+        name: ("trace-42.a_b", ["trace-42.a_b"]) for name in answers
+    }
+    assert [a.status_code for a in answers.values()] == [200, 200, 422, 415, 413, 404, 200]
+    # The answer names the request by the same id (the prediction log does too).
+    assert answers["fast path"].json()["request_id"] == answers["routed"].json()["request_id"] == "trace-42.a_b"
+    generated = [client.post("/predict", json=row(), headers=h) for h in ({"x-request-id": "has space"}, {"x-request-id": "x" * 129}, {})]
+    ids = [a.headers["x-request-id"] for a in generated]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and len(set(ids)) == 3
+    assert [a.json()["request_id"] for a in generated] == ids
+
+
+def test_an_unhandled_error_is_a_json_500_with_the_request_id_in_its_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(unit_cfg(), models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("v", toy_views), clock=lambda: NOW, poll=False)
+
+    @app.get("/broken")
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    with TestClient(app, base_url="http://localhost") as http, caplog.at_level(logging.ERROR, logger="serving_layer"):
+        answer = http.get("/broken", headers={"x-request-id": "bug-1"})
+    assert (answer.status_code, answer.headers["x-request-id"]) == (500, "bug-1")
+    assert answer.json() == {"detail": "internal error: the service's log names request bug-1"}
+    (record,) = [r for r in caplog.records if r.name == "serving_layer.http_api"]
+    assert record.getMessage() == "GET /broken failed (request bug-1)" and record.exc_info is not None
+
+
+def _documented(document: dict[str, Any], path: str, status: int) -> Any:
+    return document["paths"][path]["post"]["responses"][str(status)]["content"]["application/json"]["example"]
+
+
+def test_each_documented_error_of_predict_is_what_the_service_answers() -> None:
+    """The OpenAPI example of each error status of /predict, compared with the answer to a request
+    that causes it: each status has its own (413 and 415 are not a copy of the 422's)."""
+    from lambda_ml_apps.ctr.api_models import INVALID_BATCH
+
+    cfg = unit_cfg(**{"serving.api_key": "s3cret"})
+    registry = MemoryRegistry()  # no champion yet: the 503
+    store = ModelStore(f"models:/{cfg.mlflow.registered_model}@{cfg.serving.model_alias}", registry, ["champion"])
+    app = create_app(cfg, models=store, views=Reloadable("v", toy_views), clock=lambda: NOW, poll=False)
+    key = {"x-api-key": "s3cret"}
+    with TestClient(app, base_url="http://localhost") as http:
+        document = http.get("/openapi.json").json()
+        answers = {
+            401: http.post("/predict", json=row()),
+            413: http.post("/predict", content=b" " * (max_body_bytes(5) + 1), headers={**key, "content-type": "application/json"}),
+            415: http.post("/predict", content=json.dumps(row()).encode(), headers={**key, "content-type": "text/plain"}),
+            422: http.post("/predict", json=INVALID_BATCH, headers=key),
+            503: http.post("/predict", json=row(), headers=key),
+        }
+    for status, answer in answers.items():
+        assert answer.status_code == status, answer.text
+        assert answer.json() == _documented(document, "/predict", status), status
+    assert len({json.dumps(_documented(document, "/predict", status)) for status in answers}) == len(answers)
+
+
+def test_each_documented_error_of_assign_is_what_the_service_answers() -> None:
+    from lambda_ml_apps.kmeans.model import KMeansCentres
+    from lambda_ml_apps.kmeans.serving import INVALID_POINTS, KMeansServingModel
+
+    cfg = load_config(PROJECT_ROOT / "conf" / "kmeans.yaml", env={}, overrides={"serving.max_rows": 5, "serving.prediction_log.enabled": False})
+    centres = KMeansServingModel("kmeans", 2, "champion", "r", Horizon.of(points=1), None, KMeansCentres.of([[0.0, 0.0], [10.0, 10.0]], ["x0", "x1"], [1, 1]))
+    models: Reloadable[ServedModels] = Reloadable(f"models:/{cfg.mlflow.registered_model}@champion", lambda: ServedModels("champion", {"champion": centres}))
+    app = create_app(cfg, models=models, views=Reloadable("v", lambda: BatchViews({})), poll=False)
+    with TestClient(app, base_url="http://localhost") as http:
+        document = http.get("/openapi.json").json()
+        answers = {
+            413: http.post("/assign", content=b" " * (max_body_bytes(5) + 1), headers={"content-type": "application/json"}),
+            415: http.post("/assign", content=b'{"points": []}', headers={"content-type": "text/plain"}),
+            422: http.post("/assign", json=INVALID_POINTS),
+        }
+        for status, answer in answers.items():
+            assert answer.status_code == status, answer.text
+            assert answer.json() == _documented(document, "/assign", status), status
+        # A point's declared fields are typed as the event validator types them; a valid
+        # event_time (or none) is accepted, an unknown field ignored.
+        point = {"x0": 9.0, "x1": 9.5}
+        ok = [http.post("/assign", json={"points": [{**point, **extra}]}) for extra in ({}, {"event_time": "2026-12-01T00:00:00Z"}, {"note": 1})]
+        assert [(a.status_code, a.json()["assignments"][0]["cluster"]) for a in ok] == [(200, 1)] * 3
+        refused = {
+            "points.0.event_time": {**point, "event_time": "2026-12-01 00:00"},
+            "points.0.source_id": {**point, "source_id": 7},
+            "points.0.x1": {"x0": 1.0, "x1": "2"},
+            "points.1.x0": {"x1": 1.0},
+        }
+        for field, bad in refused.items():
+            answer = http.post("/assign", json={"points": [point, bad] if field.startswith("points.1") else [bad]})
+            assert answer.status_code == 422 and [e["field"] for e in answer.json()["detail"]] == [field], answer.text
+
+
 # --------------------------------------------------------------------------- model store, policies
 
 
@@ -758,8 +910,8 @@ class MemoryRegistry:
         self.down = False
 
     def resolve(self, alias: str) -> VersionInfo | None:
-        if self.down:
-            raise ModelLoadError("the MLflow tracking server does not answer")
+        if self.down:  # as MlflowRegistry reports a server that does not answer
+            raise RegistryUnavailable("the MLflow tracking server does not answer", "unreachable (connection refused)")
         version = self.aliases.get(alias)
         return None if version is None else VersionInfo(version, f"run-{version}", self.versions[version][1])
 
@@ -789,12 +941,12 @@ def test_the_store_follows_alias_moves_and_reuses_loaded_versions() -> None:
     registry.aliases = {"champion": 1}  # rollback: version 1 is still loaded
     assert store.reload().versions() == {"champion": 1}
     assert registry.loads == [1, 2] and store.swaps == 2
-    # The registry unreachable: the loaded versions stay, the problem is reported.
+    # The registry unreachable: the loaded versions stay, the registry is reported failing.
     registry.down = True
     kept = store.reload()
-    assert kept.versions() == {"champion": 1} and "does not answer" in kept.problems[0]
+    assert kept.versions() == {"champion": 1} and not store.dependency.up
     registry.down = False
-    assert store.reload().problems == ()
+    assert store.reload().problems == () and store.dependency.up
     # The champion alias removed by mistake: the last champion keeps serving, the error says why.
     registry.aliases = {}
     with pytest.raises(ModelLoadError, match="has alias 'champion'"):
@@ -875,7 +1027,7 @@ def test_policies_are_chosen_per_request_and_named_in_the_answer() -> None:
     registry.aliases = {"champion": 1, "challenger": 2}
     store = ModelStore("models:/ctr@champion", registry, ["champion", "challenger"])
     app = create_app(unit_cfg(), models=store, views=Reloadable("views", toy_views), clock=lambda: NOW, poll=False)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         expected = {v: toy_probability(U1_I1_MOBILE | {"position": 2, "device": "mobile"}, bias=b) for v, (b, _) in registry.versions.items()}
         body = client.post("/predict", json=row()).json()
         assert body["policy"] == "champion" and [m["version"] for m in body["models"]] == [1]
@@ -929,7 +1081,7 @@ def test_the_ab_policy_scores_each_user_with_its_arms_version() -> None:
     cfg = unit_cfg(**{"serving.max_rows": 100, "serving.ab.challenger_fraction": 0.5, "serving.ab.salt": "t"})
     app = create_app(cfg, models=store, views=Reloadable("views", toy_views), clock=lambda: NOW, poll=False)
     rows = [row(user_id=f"x{n}", item_id="nobody", device="tablet", position=1 + n % 3, event_id=f"imp-{n}") for n in range(40)]
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         body = client.post("/predict?policy=ab", json={"rows": rows}).json()
         single = [client.post("/predict?policy=ab", json=r).json()["predictions"][0] for r in rows]
     assert body["policy"] == "ab" and body["request_id"]
@@ -946,7 +1098,7 @@ def test_the_ab_policy_scores_each_user_with_its_arms_version() -> None:
     # Without a challenger loaded, everyone gets the champion.
     registry.aliases = {"champion": 1}
     store.reload()
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         body = client.post("/predict?policy=ab", json={"rows": rows}).json()
     assert {(p["arm"], p["version"]) for p in body["predictions"]} == {("champion", 1)}
 
@@ -1014,7 +1166,7 @@ def test_ready_and_metrics_report_what_is_loaded() -> None:
     registry.versions = {4: (-1.0, {})}
     store = ModelStore("models:/ctr@champion", registry, ["champion"])
     app = create_app(unit_cfg(), models=store, views=Reloadable("views", toy_views), clock=lambda: NOW, poll=False)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         response = client.get("/ready")
         assert response.status_code == 503 and response.json()["ready"] is False
         assert "has alias 'champion'" in response.json()["problems"][0]
@@ -1035,6 +1187,90 @@ def test_ready_and_metrics_report_what_is_loaded() -> None:
         assert 'lambda_ml_predictions_total{policy="champion",versions="4"} 3.0' in lines
         assert 'lambda_ml_model_version{alias="champion"} 4.0' in lines
         assert 'lambda_ml_http_errors_total{route="/predict"} 0.0' in lines and "lambda_ml_ready 1.0" in lines
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """One sample of a Prometheus exposition text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = [s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name and s.labels == labels]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
+def test_a_registry_outage_is_logged_once_counted_and_named_until_it_recovers(caplog: pytest.LogCaptureFixture) -> None:
+    """The registry down for three polls: requests keep the loaded champion; one log line when
+    it fails and one when it answers again; every failed poll counted as a failed reload and a
+    dependency failure; /health degraded and /ready still 200, both naming the registry."""
+    clock = [100.0]
+    dependencies = DependencyStatus(clock=lambda: clock[0])
+    registry = MemoryRegistry()
+    registry.versions, registry.aliases = {4: (-1.0, {})}, {"champion": 4}
+    store = ModelStore("models:/ctr@champion", registry, ["champion", "challenger"],
+                       dependency=dependencies.declare("registry", "MLflow registry at http://registry.test:5000"))  # fmt: skip
+    app = create_app(unit_cfg(), models=store, views=Reloadable("views", toy_views), clock=lambda: NOW, poll=False, dependencies=dependencies)
+    with TestClient(app, base_url="http://localhost") as client, caplog.at_level(logging.INFO, logger="serving_layer"):
+        assert client.get("/health").json()["status"] == "ok"
+        registry.down = True
+        for _ in range(3):
+            clock[0] += 10
+            assert not store.try_reload()
+        problem = "registry: MLflow registry at http://registry.test:5000: unreachable (connection refused); serving the loaded versions (champion v4)"
+        health = client.get("/health").json()
+        assert (health["status"], health["ready"], health["problems"], health["model"]["version"]) == ("degraded", True, [problem], 4)
+        ready = client.get("/ready")
+        assert (ready.status_code, ready.json()) == (200, {"ready": True, "problems": [problem]})
+        assert client.get("/models").json()["problems"] == [problem]
+        answer = client.post("/predict", json=row())
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == 4
+        text = client.get("/metrics").text
+        assert _metric(text, "lambda_ml_dependency_up", dependency="registry") == 0
+        assert _metric(text, "lambda_ml_dependency_failures_total", dependency="registry") == 3
+        assert (_metric(text, "lambda_ml_reloads_total", what="models"), _metric(text, "lambda_ml_reload_failures_total", what="models")) == (1, 3)
+        registry.down = False
+        clock[0] += 12
+        assert store.try_reload()
+        health = client.get("/health").json()
+        assert (health["status"], health["problems"]) == ("ok", [])
+        text = client.get("/metrics").text
+        assert _metric(text, "lambda_ml_dependency_up", dependency="registry") == 1
+        assert _metric(text, "lambda_ml_dependency_failures_total", dependency="registry") == 3
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("serving_layer")]
+    assert lines == [
+        ("WARNING", problem.removeprefix("registry: ")),
+        # Down from the first failed poll (t=110) to the first good one (t=142).
+        ("INFO", "MLflow registry at http://registry.test:5000: reachable again after 32 s"),
+    ]
+
+
+def test_without_a_champion_a_registry_outage_is_named_and_the_service_not_ready() -> None:
+    dependencies = DependencyStatus()
+    registry = MemoryRegistry()
+    registry.down = True
+    store = ModelStore("models:/ctr@champion", registry, ["champion"], dependency=dependencies.declare("registry", "the registry"))
+    app = create_app(unit_cfg(), models=store, views=Reloadable("views", toy_views), clock=lambda: NOW, poll=False, dependencies=dependencies)
+    with TestClient(app, base_url="http://localhost") as client:
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and ready.json()["ready"] is False
+        assert "registry: the registry: unreachable (connection refused); no model to serve: the application's routes answer 503" in ready.json()["problems"]
+        assert client.post("/predict", json=row()).status_code == 503
+
+
+def test_the_kafka_probe_reports_a_broker_that_stops_and_comes_back(caplog: pytest.LogCaptureFixture) -> None:
+    """A real listening socket stands for the broker: closed, the probe reports Kafka failing;
+    listening again, Kafka answering."""
+    dependencies = DependencyStatus()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        probe = KafkaProbe(f"127.0.0.1:{port}", dependencies.declare("kafka", f"Kafka at 127.0.0.1:{port}"), "prediction records queue")
+        with caplog.at_level(logging.INFO, logger="serving_layer"):
+            assert not probe.try_reload() and not probe.try_reload()  # bound, not listening: refused
+            assert dependencies.problems() == [f"kafka: Kafka at 127.0.0.1:{port}: unreachable ([Errno 111] Connection refused); prediction records queue"]
+            listener.listen()
+            assert probe.try_reload() and dependencies.problems() == []
+    assert dependencies.states() == [("kafka", True, 2)]
+    assert [r.levelname for r in caplog.records if r.name == "serving_layer.dependencies"] == ["WARNING", "INFO"]
 
 
 def test_metrics_of_two_services_in_one_process_count_apart_and_parse_as_prometheus_text() -> None:
@@ -1069,7 +1305,7 @@ def test_metrics_of_two_services_in_one_process_count_apart_and_parse_as_prometh
 def test_an_api_key_guards_the_api_and_is_named_when_missing() -> None:
     cfg = unit_cfg(**{"serving.api_key": "s3cret"})
     app = create_app(cfg, models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("views", toy_views), clock=lambda: NOW)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         for response in (client.post("/predict", json=row()), client.get("/models")):
             assert response.status_code == 401
             assert response.json()["detail"] == [
@@ -1104,7 +1340,7 @@ def test_features_show_the_merge_and_both_parts() -> None:
     views = BatchViews({**views.views, "user": views.views["user"].with_increments(increments, aggregations)})
     app = create_app(unit_cfg(), models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("v", lambda: views), clock=lambda: NOW)
     declared = unit_cfg().features
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         body = client.get("/features/user/u1").json()
         assert body["key"] == {"user_id": "u1"} and body["horizon"] == {"impressions": 5, "clicks": 4}
         assert body["increments"] == {"through": {"impressions": 7, "clicks": 6}, "rows_merged": 2, "rows_in_batch": 0}
@@ -1154,8 +1390,10 @@ def fuzz_never_5xx(schema: Any, max_examples: int) -> None:
 def test_the_api_fuzzed_in_process_never_answers_5xx() -> None:
     """The same fuzzing as against the real service, in process on the toy model and views
     (fast, so it can run more examples)."""
-    app = create_app(unit_cfg(), models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("v", toy_views), clock=lambda: NOW)
-    with TestClient(app):
+    # schemathesis calls the app as host testserver.
+    cfg = unit_cfg(**{"serving.allowed_hosts": ["testserver"]})
+    app = create_app(cfg, models=Reloadable("m", lambda: served(toy_model())), views=Reloadable("v", toy_views), clock=lambda: NOW)
+    with TestClient(app, base_url="http://testserver"):
         fuzz_never_5xx(schemathesis.openapi.from_asgi("/openapi.json", app), max_examples=60)
 
 
@@ -1257,7 +1495,7 @@ def test_the_prediction_log_never_holds_up_a_request_and_counts_what_it_drops() 
                       "kafka.bootstrap_servers": f"127.0.0.1:{closed_port}"})  # fmt: skip
     app = create_app(cfg, models=Reloadable("models:/ctr@champion", lambda: served(toy_model())), views=Reloadable("views", toy_views),
                      clock=lambda: NOW)  # fmt: skip
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         started = time.monotonic()
         statuses = [client.post("/predict", json=row(event_id=f"e{n}")).status_code for n in range(5)]
         took = time.monotonic() - started
@@ -1706,7 +1944,7 @@ def test_without_a_registered_model_the_service_answers_503(trained: Trained) ->
     cfg = trained.cfg.model_copy(
         update={"mlflow": trained.cfg.mlflow.model_copy(update={"registered_model": "never-registered"})}
     )
-    with TestClient(create_app(cfg)) as client:
+    with TestClient(create_app(cfg), base_url="http://localhost") as client:
         health = client.get("/health").json()
         assert health["ready"] is False and health["views"] is not None
         assert "no version of registered model 'never-registered' has alias 'champion'" in health["problems"][0]
@@ -1886,7 +2124,7 @@ def test_a_model_update_on_kafka_swaps_at_once_and_a_stale_one_is_ignored(traine
                       value=_update(version, generation, model=REGISTERED_MODEL)).get(timeout=30)  # fmt: skip
 
     try:
-        with TestClient(create_app(cfg)) as http:
+        with TestClient(create_app(cfg), base_url="http://localhost") as http:
             listener = http.app.state.model_updates  # type: ignore[attr-defined]
             assert http.get("/models").json()["aliases"]["champion"] == original
             client.set_registered_model_alias(REGISTERED_MODEL, "champion", str(toy))
@@ -1913,8 +2151,9 @@ def test_a_model_update_on_kafka_swaps_at_once_and_a_stale_one_is_ignored(traine
 @pytest.mark.slow
 def test_mlflow_down_keeps_serving_the_loaded_model_and_recovers(trained: Trained, service: Service) -> None:
     """The MLflow server stopped (by its PID) under load: every request is still answered by the
-    loaded champion, /health names the outage, /ready stays true. Started again, the service
-    reads the registry again by itself: an alias moved afterwards is swapped in."""
+    loaded champion; the log says so once, /metrics counts it, /health (degraded) and /ready
+    (still 200) name the registry. Started again, the log says so once, /health is ok, and the
+    service reads the registry by itself: an alias moved afterwards is swapped in."""
     from mlflow.tracking import MlflowClient
 
     from lambda_ml_cli.stack import MlflowServer
@@ -1927,25 +2166,41 @@ def test_mlflow_down_keeps_serving_the_loaded_model_and_recovers(trained: Traine
     wait_for(lambda: _alias_version(service.url, "champion") == champion, 30, "the service serves the registry's champion")
     scored = _rows_covering_every_entity(trained.bronze)[0]
     _, before = _post_json(f"{service.url}/predict", scored)
+    described = f"MLflow registry at {cfg.mlflow.tracking_uri}"
+    logged_before = len(service.log_file.read_text().splitlines())
     try:
         with LoadGenerator(f"{service.url}/predict", scored, threads=2) as load:
             assert server.process.stop()  # SIGTERM to its process group, by PID
             assert server.process.pid() is None and not server.is_ready()
             outage = wait_for(
-                lambda: [p for p in _get_json(f"{service.url}/health")[1]["problems"] if "does not answer" in p],
+                lambda: [p for p in _get_json(f"{service.url}/health")[1]["problems"] if p.startswith("registry: ")],
                 30, "/health reports the registry outage",
             )  # fmt: skip
             during = load.count
             wait_for(lambda: load.count > during + 20, 30, "requests during the outage")
             ready_status, ready = _get_json(f"{service.url}/ready")
-            assert ready_status == 200 and ready["ready"] is True
+            health = _get_json(f"{service.url}/health")[1]
+            metrics = urllib.request.urlopen(f"{service.url}/metrics", timeout=10).read().decode()
     finally:
         server.start()  # same port, same sqlite store
-    assert str(cfg.mlflow.port) in outage[0]
+    assert outage[0].startswith(f"registry: {described}: unreachable (") and "serving the loaded versions (champion v" in outage[0]
+    assert ready_status == 200 and ready["ready"] is True and outage[0] in ready["problems"]
+    assert health["status"] == "degraded" and health["ready"] is True
+    assert _metric(metrics, "lambda_ml_dependency_up", dependency="registry") == 0
+    assert _metric(metrics, "lambda_ml_dependency_failures_total", dependency="registry") >= 1
+    assert _metric(metrics, "lambda_ml_reload_failures_total", what="models") >= 1
     answers = [a for thread in load.results for a in thread]
     assert {status for status, _, _ in answers} == {200}
     assert {(v, p) for _, v, p in answers} == {(champion, before["predictions"][0]["probability"])}
     wait_for(lambda: _get_json(f"{service.url}/health")[1]["problems"] == [], 30, "/health clears after MLflow returns")
+    assert _get_json(f"{service.url}/health")[1]["status"] == "ok"
+    metrics = urllib.request.urlopen(f"{service.url}/metrics", timeout=10).read().decode()
+    assert _metric(metrics, "lambda_ml_dependency_up", dependency="registry") == 1
+    # One line when it failed, one when it came back, however many polls failed in between.
+    logged = service.log_file.read_text().splitlines()[logged_before:]
+    failed = [line for line in logged if f"{described}: unreachable (" in line]
+    back = [line for line in logged if re.search(rf"{re.escape(described)}: reachable again after \d+ s$", line)]
+    assert len(failed) == 1 and failed[0].endswith(outage[0].split(": unreachable ", 1)[1]) and len(back) == 1, logged
     client = MlflowClient(cfg.mlflow.tracking_uri)
     toy = register_toy_version(cfg, Horizon.of(impressions=IMPRESSION_BATCHES - 1, clicks=CLICK_BATCHES - 1))
     try:
@@ -2075,7 +2330,7 @@ def test_batch_view_merged_with_increments_equals_the_batch_recompute(cfg: Platf
     # /features serves the merge: equal to the definition on every raw event, batch and speed
     # parts beside it.
     models: Reloadable[ServedModels] = Reloadable("models", lambda: served(toy_model()))
-    with TestClient(create_app(cfg, models=models, poll=False, clock=lambda: SCORING_TIME)) as client:
+    with TestClient(create_app(cfg, models=models, poll=False, clock=lambda: SCORING_TIME), base_url="http://localhost") as client:
         for user in bronze.users[:10]:
             body = client.get(f"/features/user/{user}").json()
             reference = reference_features(bronze, declared, {"user_id": user, "item_id": "-", "device": "-"}, SCORING_TIME)
@@ -2171,7 +2426,7 @@ def test_the_prediction_log_equals_the_answers_and_online_auc_equals_sklearn(tra
     ]  # fmt: skip
     answers: list[tuple[Any, ...]] = []
     try:
-        with TestClient(create_app(service_cfg)) as http:
+        with TestClient(create_app(service_cfg), base_url="http://localhost") as http:
             requests = [rows[n : n + 7] for n in range(0, len(rows), 7)] + [rows[:3]]  # the last one asked twice
             for batch in requests:
                 response = http.post("/predict", json={"rows": batch})
@@ -2287,7 +2542,7 @@ def test_stream_scoring_equals_predict_and_stops_cleanly_on_sigterm(trained: Tra
     by_event = {r["event_id"]: r for r in records}
     assert len(records) == len(by_event) == len(rows) and {r["source"] for r in records} == {"stream"}
 
-    with TestClient(create_app(cfg, poll=False)) as http:
+    with TestClient(create_app(cfg, poll=False), base_url="http://localhost") as http:
         answer = http.post("/predict", json={"rows": rows}).json()
     for r, p in zip(rows, answer["predictions"], strict=True):
         streamed = by_event[r["event_id"]]
@@ -2345,7 +2600,7 @@ def test_stream_scoring_reads_an_avro_impressions_topic_as_predict_scores_its_ro
     by_event = {r["event_id"]: r for r in records}
     assert len(records) == len(by_event) == len(rows) and {r["source"] for r in records} == {"stream"}
 
-    with TestClient(create_app(cfg, poll=False)) as http:
+    with TestClient(create_app(cfg, poll=False), base_url="http://localhost") as http:
         answer = http.post("/predict", json={"rows": rows}).json()
     assert answer["predictions"] and len(answer["predictions"]) == len(rows)
     for r, p in zip(rows, answer["predictions"], strict=True):
@@ -2477,7 +2732,7 @@ def test_a_past_time_whose_bronze_cannot_be_read_is_a_503_never_the_whole_bucket
     for data in Path(cfg.lake.table("bronze", "clicks")).glob("*.parquet"):
         data.unlink()  # bronze lost its files after the views were loaded
     app = create_app(cfg, models=Reloadable("models", lambda: served(toy_model())), views=Reloadable("views", lambda: loaded), clock=lambda: NOW)
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://localhost") as test_client:
         response = test_client.get("/features/user/u9", params={"at": _at("10:20").isoformat()})
         assert response.status_code == 503 and "cannot compute the features at" in response.json()["detail"], response.text
         response = test_client.post("/predict", json=row(user_id="u9", event_time=_at("10:20").isoformat()))
@@ -2625,7 +2880,7 @@ def test_features_and_predict_over_http_at_past_times_equal_the_training_rows(pi
         cfg, models=Reloadable("models", lambda: served(toy_model())), views=Reloadable("views", lambda: load_batch_views(cfg)),
         clock=lambda: PIT_NOW, poll=False,
     )  # fmt: skip
-    with TestClient(app) as test_client:
+    with TestClient(app, base_url="http://localhost") as test_client:
         for r in sample:
             at = _as_utc(r["event_time"]).isoformat()
             for entity, spec in cfg.features.entities.items():

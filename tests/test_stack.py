@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -60,6 +61,70 @@ def test_managed_process_stops_its_whole_group_by_pid(tmp_path: Path) -> None:
     for child in children:
         assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
     assert process.stop() is False  # stopping a stopped process is a no-op
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_stack_down_stops_a_service_started_by_hand_from_the_project_and_nothing_else(tmp_path: Path) -> None:
+    """``python -m serving_layer`` started by hand (no PID file) from the project's folder is
+    reported by ``stack status`` and stopped by ``stack down`` (what ``make stop`` runs); the
+    same service started from another folder, on another port, is left alone."""
+    from lambda_ml.config import DEFAULT_CONFIG, PROJECT_ROOT, load_config, write_config
+
+    nowhere = _free_port()  # no registry nor broker: the service starts and answers 503
+
+    def service_config(name: str) -> tuple[PlatformConfig, Path]:
+        cfg = load_config(DEFAULT_CONFIG, env={}, overrides={
+            "data_dir": str(tmp_path / "data"), "lake.root": str(tmp_path / "lake"), "serving.port": _free_port(),
+            "mlflow.tracking_uri": f"http://127.0.0.1:{nowhere}", "kafka.bootstrap_servers": f"127.0.0.1:{nowhere}",
+            "serving.prediction_log.enabled": False, "serving.model_updates": False,
+        })  # fmt: skip
+        return cfg, write_config(cfg, tmp_path / f"{name}.yaml")
+
+    ours_cfg, ours_file = service_config("ours")
+    theirs_cfg, theirs_file = service_config("theirs")
+    started: dict[str, subprocess.Popen[bytes]] = {}
+    for name, file, folder in (("ours", ours_file, PROJECT_ROOT), ("theirs", theirs_file, tmp_path)):
+        with (tmp_path / f"{name}.log").open("wb") as out:
+            started[name] = subprocess.Popen(
+                [sys.executable, "-m", "serving_layer", "--config", str(file)], cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+            )  # fmt: skip
+    try:
+        for name, cfg in (("ours", ours_cfg), ("theirs", theirs_cfg)):
+            deadline = time.monotonic() + 90
+            while not _answers(f"{stack.ServingProcess(cfg).url}/health"):
+                assert started[name].poll() is None, (tmp_path / f"{name}.log").read_text()
+                assert time.monotonic() < deadline, (tmp_path / f"{name}.log").read_text()
+                time.sleep(0.5)
+        assert [p.pid for p in stack.hand_started_services(theirs_cfg)] == []  # not from the project's folder
+        assert stack.status(ours_cfg)["serving"]["pid"] == started["ours"].pid
+        assert stack.down(theirs_cfg) == [] and started["theirs"].poll() is None
+        stopped = stack.down(ours_cfg)
+        assert stopped == [f"prediction service started by hand (pid {started['ours'].pid}: {sys.executable} -m serving_layer --config {ours_file})"]
+        assert started["ours"].wait(timeout=5) is not None and started["theirs"].poll() is None
+        assert stack.down(ours_cfg) == []
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=20)
 
 
 def test_setup_names_missing_java_and_maven(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

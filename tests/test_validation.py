@@ -239,7 +239,7 @@ def test_the_service_and_stream_scoring_refuse_the_same_values_with_the_same_rea
     scorer = StreamScorer(cfg, models=models, views=views, clock=lambda: AT)
     service: list[tuple[int, list[dict[str, str]]]] = []
     stream: list[str] = []
-    with TestClient(create_app(cfg, models=models, views=views, clock=lambda: AT, poll=False)) as client:
+    with TestClient(create_app(cfg, models=models, views=views, clock=lambda: AT, poll=False), base_url="http://localhost") as client:
         for field, value, _ in BAD_VALUES:
             response = client.post("/predict", content=json.dumps({**VALID, field: value}), headers={"content-type": "application/json"})
             service.append((response.status_code, response.json()["detail"]))

@@ -28,6 +28,11 @@ ROW_EXAMPLE: dict[str, JsonValue] = {"user_id": "u42", "item_id": "i7", "device"
 BATCH_EXAMPLE: dict[str, JsonValue] = {
     "rows": [ROW_EXAMPLE, {"user_id": "u9", "item_id": "i3", "device": "desktop", "position": 4}]
 }
+# A batch whose second row is refused, and the 422 the service answers to it.
+INVALID_BATCH: dict[str, JsonValue] = {"rows": [ROW_EXAMPLE, {"user_id": "u9", "item_id": "i3", "device": "desktop", "position": 0}]}
+INVALID_ROW_EXAMPLE: dict[str, JsonValue] = {
+    "detail": [{"field": "rows.1.position", "message": "Input should be greater than or equal to 1"}]
+}
 # A row's fields, typed as an impression's: their values pass the event validator's checks.
 _ROW_FIELDS = {
     name: EventField(name, kind)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Annotated, Any
@@ -28,6 +27,7 @@ from lambda_ml_apps.ctr.ab import CHALLENGER_ARM, CHAMPION_ARM, split_rows
 from lambda_ml_apps.ctr.answers import AnswerWriter, Scored
 from lambda_ml_apps.ctr.api_models import (
     BATCH_EXAMPLE,
+    INVALID_ROW_EXAMPLE,
     REQUEST_KINDS,
     ROW_EXAMPLE,
     PolicyName,
@@ -40,11 +40,18 @@ from lambda_ml_apps.ctr.api_models import (
 )
 from lambda_ml_apps.ctr.model_inputs import lookup_features
 from lambda_ml_apps.ctr.policies import PolicyRunner
-from serving_layer.api_models import ErrorResponse, ValidationErrorResponse
-from serving_layer.http_api import API_KEY_HEADER, is_json_content_type, max_body_bytes, unavailable
+from serving_layer.api_models import ErrorResponse
+from serving_layer.http_api import (
+    API_KEY_HEADER,
+    body_error_responses,
+    current_request_id,
+    is_json_content_type,
+    max_body_bytes,
+    unavailable,
+)
 from serving_layer.service import ServiceContext
 from serving_layer.lake_events import LakeEventsError
-from serving_layer.model_store import ServedModels
+from serving_layer.model_store import ServedModels, no_version_yet
 from serving_layer.views import BatchViews
 
 log = logging.getLogger(__name__)
@@ -241,7 +248,7 @@ def mount_predict(app: FastAPI, service: ServiceContext) -> None:
         rows: list[PredictRow] = list(request.rows) if isinstance(request, PredictBatch) else [request]
         if len(rows) > INLINE_ROWS or reads_lake(rows, views_now):
             return None
-        request_id = uuid.uuid4().hex
+        request_id = current_request_id()
         try:
             return answer(rows, served, views_now, cfg.serving.policy, None, request_id), request_id
         except HTTPException:
@@ -262,7 +269,7 @@ def mount_predict(app: FastAPI, service: ServiceContext) -> None:
                 raise unavailable("not ready to predict: " + "; ".join(problems))
         chosen = policy or cfg.serving.policy
         budget_s = None if deadline_ms is None else deadline_ms / 1000
-        request_id = uuid.uuid4().hex
+        request_id = current_request_id()  # the client's X-Request-ID, if valid
         # A few rows score in a fraction of a millisecond: on the event loop, without a thread
         # hop. Large batches and the deadline policy (which waits) go to the thread pool so they
         # never hold up other requests. The body is serialised once here (returning a Response
@@ -305,12 +312,14 @@ def mount_predict(app: FastAPI, service: ServiceContext) -> None:
         dependencies=guarded,
         responses={
             **unauthorized,
-            413: {"model": ValidationErrorResponse, "description": "The body is larger than max_rows rows."},
-            415: {"model": ValidationErrorResponse, "description": "The body is not sent as JSON."},
-            422: {"model": ValidationErrorResponse, "description": "Invalid request; each error names its field."},
+            **body_error_responses(
+                cfg.serving.max_rows, INVALID_ROW_EXAMPLE, "Invalid request; each error names its field, as the client wrote it."
+            ),
             503: {
                 "model": ErrorResponse,
                 "description": "No model or no batch views to serve yet, or bronze cannot be read for features at an event time.",
+                "content": {"application/json": {"example": {"detail": f"not ready to predict: {model_slot.name} could not be loaded: "
+                                                                  f"{no_version_yet(cfg.mlflow.registered_model, cfg.serving.model_alias)}"}}},
             },
         },
     )(predict)

@@ -10,7 +10,7 @@ centres have none.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -24,15 +24,12 @@ from lambda_ml.apps import Service, VersionInfo
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import Horizon, ModelUpdate
 from lambda_ml_apps.kmeans.model import KMeansCentres, assign
+from lambda_ml.schemas import EventField, event_type
+from lambda_ml.validation import DEFAULT_MAX_STRING_LENGTH, InvalidEvent, field_value
 from lambda_ml_apps.kmeans.registry import read_centres
+from serving_layer.http_api import body_error_responses, field_errors, unavailable
+from serving_layer.model_store import no_version_yet
 from serving_layer.reloadable import NotReadyError
-
-def unavailable(reason: str) -> HTTPException:
-    """A 503 with Retry-After, as the service answers when what a route needs is not loaded."""
-    from serving_layer.http_api import RETRY_AFTER_S
-
-    return HTTPException(status_code=503, detail=reason, headers={"Retry-After": str(RETRY_AFTER_S)})
-
 
 # The gate's quality metric of a k-means version (KMeansBatchUpdate: lower is better).
 QUALITY_METRIC = "inertia"
@@ -107,32 +104,61 @@ class AssignRequest(BaseModel):
     points: list[dict[str, Any]]
 
 
-def request_points(body: AssignRequest, features: tuple[str, ...], max_rows: int) -> np.ndarray:
-    """The request's points as an ``(n, d)`` array; ValueError naming the field when one is
-    missing or is not a finite number, or when there are none or more than ``max_rows``.
+# A point refused, and the 422 the service answers to it (the OpenAPI example).
+INVALID_POINTS: dict[str, Any] = {"points": [{"x0": 1.5, "x1": -0.2, "event_time": 1764547200}]}
+INVALID_POINTS_EXAMPLE: dict[str, Any] = {
+    "detail": [{"field": "points.0.event_time",
+                "message": "bad value for event_time: expected an ISO-8601 timestamp string with a time zone, got 1764547200"}]
+}  # fmt: skip
+
+
+class InvalidPoints(ValueError):
+    """A refused ``/assign`` body; ``field`` is the JSON path of the value (``points.0.x0``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def request_points(
+    body: AssignRequest, features: tuple[str, ...], max_rows: int, fields: Sequence[EventField] = (),
+    max_string_length: int = DEFAULT_MAX_STRING_LENGTH,
+) -> np.ndarray:  # fmt: skip
+    """The request's points as an ``(n, d)`` array; InvalidPoints naming the field when one is
+    missing or is not a finite number, or when there are none or more than ``max_rows``. A
+    point's other fields of its event type (``fields``: ``event_time``, ``source_id``...) may be
+    left out, but one given must be typed as declared: the event validator
+    (``lambda_ml.validation``) checks it, so an ``event_time`` is an ISO-8601 string, never a number.
 
     >>> request_points(AssignRequest(points=[{"x0": 1, "x1": 2.5}]), ("x0", "x1"), 10).tolist()
     [[1.0, 2.5]]
     >>> request_points(AssignRequest(points=[{"x0": True, "x1": 2.5}]), ("x0", "x1"), 10)
     Traceback (most recent call last):
     ...
-    ValueError: points[0].x0: must be a finite number, got true
+    lambda_ml_apps.kmeans.serving.InvalidPoints: points.0.x0: bad value for x0: expected a finite number, got true
     """
     if not body.points:
-        raise ValueError("points: at least one point is needed")
+        raise InvalidPoints("points", "at least one point is needed")
     if len(body.points) > max_rows:
-        raise ValueError(f"points: {len(body.points)} points are more than serving.max_rows ({max_rows})")
+        raise InvalidPoints("points", f"{len(body.points)} points are more than serving.max_rows ({max_rows})")
+    declared = {field.name: field for field in fields}
     rows = np.empty((len(body.points), len(features)), dtype=np.float64)
     for i, point in enumerate(body.points):
+        for name, value in point.items():
+            if name in declared and name not in features:
+                _checked(declared[name], value, f"points.{i}.{name}", max_string_length)
         for j, name in enumerate(features):
             if name not in point:
-                raise ValueError(f"points[{i}].{name}: missing (every point needs {', '.join(features)})")
-            value = point[name]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                shown = "true" if value is True else "false" if value is False else repr(value)
-                raise ValueError(f"points[{i}].{name}: must be a finite number, got {shown}")
-            rows[i, j] = float(value)
+                raise InvalidPoints(f"points.{i}.{name}", f"missing (every point needs {', '.join(features)})")
+            rows[i, j] = float(_checked(declared.get(name, EventField(name, "double")), point[name], f"points.{i}.{name}", max_string_length))
     return rows
+
+
+def _checked(field: EventField, value: Any, path: str, max_string_length: int) -> Any:
+    try:
+        return field_value(field, value, max_string_length)
+    except InvalidEvent as exc:
+        raise InvalidPoints(path, str(exc)) from None
 
 
 class KMeansServingModels:
@@ -174,9 +200,19 @@ class KMeansServingModels:
         router = APIRouter(tags=["kmeans"])
         features = tuple(service.cfg.kmeans.features)
         max_rows = service.cfg.serving.max_rows
+        declared, max_string_length = event_type(service.cfg, service.cfg.kmeans.event_type).fields, service.cfg.events.max_string_length
         default_policy = "latest" if service.cfg.serving.policy == "latest" else "champion"
 
-        @router.post("/assign", summary="The nearest centre of each point")
+        @router.post(
+            "/assign",
+            summary="The nearest centre of each point",
+            responses={
+                **body_error_responses(max_rows, INVALID_POINTS_EXAMPLE, "Invalid points; each error names its field."),
+                503: {"description": "No champion loaded yet.", "content": {"application/json": {"example": {
+                    "detail": f"not ready to assign: models:/{service.cfg.mlflow.registered_model}@{service.cfg.serving.model_alias} "
+                              f"could not be loaded: {no_version_yet(service.cfg.mlflow.registered_model, service.cfg.serving.model_alias)}"}}}},
+            },
+        )  # fmt: skip
         def assign_points(
             body: AssignRequest,
             policy: Literal["champion", "latest"] | None = Query(
@@ -184,9 +220,9 @@ class KMeansServingModels:
             ),
         ) -> dict[str, Any]:
             try:
-                points = request_points(body, features, max_rows)
-            except ValueError as exc:
-                raise HTTPException(status_code=422, detail=str(exc)) from None
+                points = request_points(body, features, max_rows, declared, max_string_length)
+            except InvalidPoints as exc:
+                raise HTTPException(status_code=422, detail=field_errors(exc.field, exc.message)["detail"]) from None
             try:
                 served = service.served()
             except NotReadyError as exc:

@@ -31,7 +31,7 @@ def operations_router(service: ServiceContext) -> APIRouter:
         served = model_slot.current
         if served is None:
             raise unavailable(model_slot.last_error or f"{model_slot.name} is not loaded yet")
-        problems = list(served.problems)
+        problems = [p for p in service.dependencies.problems() if p.startswith("registry: ")] + list(served.problems)
         if model_slot.last_error:
             problems.append(model_slot.last_error)
         return ModelsResponse(
@@ -48,16 +48,13 @@ def operations_router(service: ServiceContext) -> APIRouter:
     @router.get("/health", response_model=HealthResponse, summary="Liveness, and whether the application's routes can answer")
     def health() -> HealthResponse:
         """Always 200 while the process is up; ``ready`` says whether a model and views are
-        loaded, ``problems`` also lists a registry or lake that could not be read at the last
-        poll (the service then keeps serving what it has)."""
-        ready, problems = service.readiness()
+        loaded; ``status`` is ``degraded`` when ``problems`` lists anything: a dependency (the
+        registry, the lake, Kafka) failing now, named first, while the service keeps serving
+        what it loaded, or an alias that could not be refreshed."""
+        ready, problems = service.problems()
         served, loaded = model_slot.current, view_slot.current
-        if served is not None:
-            problems += list(served.problems) + ([model_slot.last_error] if model_slot.last_error else [])
-        if loaded is not None and view_slot.last_error:
-            problems.append(view_slot.last_error)
         return HealthResponse(
-            status="ok",
+            status="degraded" if problems else "ok",
             ready=ready,
             model=model_out(served.champion) if served is not None else None,
             views=views_out(loaded) if loaded is not None else None,
@@ -71,8 +68,10 @@ def operations_router(service: ServiceContext) -> APIRouter:
         responses={503: {"model": ReadyResponse, "description": "Not ready; problems says why."}},
     )
     def ready() -> JSONResponse:
-        """For a load balancer or an orchestrator's readiness probe."""
-        is_ready, problems = service.readiness()
+        """For a load balancer or an orchestrator's readiness probe. A replica that serves the
+        last good model and views through a registry, lake or Kafka outage stays ready (200):
+        taking it out would leave nothing to answer; ``problems`` names the failing dependency."""
+        is_ready, problems = service.problems()
         body = ReadyResponse(ready=is_ready, problems=problems).model_dump()
         return JSONResponse(status_code=200 if is_ready else 503, content=body)
 
@@ -84,7 +83,9 @@ def operations_router(service: ServiceContext) -> APIRouter:
     )
     def prometheus_metrics() -> PlainTextResponse:
         """Requests, 5xx errors and latency histograms by route; rows scored by policy and
-        version; the loaded versions per alias; registry and view reloads."""
+        version; the loaded versions per alias; registry and view reloads (a reload that kept
+        a version it could not refresh counts as a failure); each dependency's state and
+        failures (``lambda_ml_dependency_up``, ``lambda_ml_dependency_failures_total``)."""
         gauges: list[tuple[str, str, dict[str, str], float]] = []
         served = model_slot.current
         for alias, version in (served.versions() if served is not None else {}).items():
@@ -103,6 +104,7 @@ def operations_router(service: ServiceContext) -> APIRouter:
                                "Prediction-log records: sent (acknowledged), dropped (buffer full) or failed (not delivered).",
                                {"outcome": outcome}, n))  # fmt: skip
             gauges.append(("lambda_ml_prediction_log_queued", "Prediction-log records waiting to be sent.", {}, prediction_log.queued))
+        gauges += service.dependencies.gauges()
         gauges.append(("lambda_ml_ready", "1 when models and views are loaded.", {}, float(service.readiness()[0])))
         return PlainTextResponse(service.metrics.render(gauges), media_type=CONTENT_TYPE)
 
