@@ -485,21 +485,17 @@ def check_exactly_once(lake: Lake, options: Options) -> CheckResult:
         F.sum(quarantined.cast("long")).alias("in_quarantine"),
         F.sum((~landed & F.col("_quarantine").isNull()).cast("long")).alias("missing"),
     )
-    per_topic: dict[str, dict[str, int]] = {
-        t: {"held": 0, "in_bronze": 0, "in_quarantine": 0, "missing": 0, "duplicated": 0, "extra_rows": 0} for t in ends
-    }
+    names = ("held", "in_bronze", "in_quarantine", "missing", "duplicated", "extra_rows")
+    per_topic: dict[str, dict[str, int]] = {t: dict.fromkeys(names, 0) for t in ends}
     for row in counted.collect():
-        per_topic.setdefault(row["kafka_topic"], {"duplicated": 0, "extra_rows": 0}).update(
-            {k: int(row[k] or 0) for k in ("held", "in_bronze", "in_quarantine", "missing")}
-        )
+        per_topic.setdefault(row["kafka_topic"], dict.fromkeys(names, 0)).update({k: int(row[k] or 0) for k in names[:4]})
     twice = bronze.groupBy(*coordinates).count().where(F.col("count") > 1)
     for row in twice.groupBy("kafka_topic").agg(F.count(F.lit(1)).alias("n"), F.sum(F.col("count") - 1).alias("extra")).collect():
-        figures = per_topic.setdefault(row["kafka_topic"], {"held": 0, "in_bronze": 0, "in_quarantine": 0, "missing": 0})
-        figures.update({"duplicated": int(row["n"]), "extra_rows": int(row["extra"])})
+        per_topic.setdefault(row["kafka_topic"], dict.fromkeys(names, 0)).update({"duplicated": int(row["n"]), "extra_rows": int(row["extra"])})
     examples = [f"{r['kafka_topic']}/{r['kafka_partition']}@{r['kafka_offset']} is in bronze {r['count']} times" for r in twice.limit(EXAMPLES).collect()]
     missing = joined.where(~landed & F.col("_quarantine").isNull()).select(*coordinates).limit(EXAMPLES).collect()
     examples += [f"{r['kafka_topic']}/{r['kafka_partition']}@{r['kafka_offset']} is neither in bronze nor in quarantine" for r in missing]
-    total = {k: sum(f.get(k, 0) for f in per_topic.values()) for k in ("held", "in_bronze", "in_quarantine", "missing", "duplicated", "extra_rows")}
+    total = {k: sum(f[k] for f in per_topic.values()) for k in names}
     failed = total["missing"] > 0 or total["duplicated"] > 0
     summary = (
         f"{total['held']:,} Kafka records of {len(ends)} topic(s) up to the ingest checkpoint (micro-batch {progress.batch_id}): "
@@ -507,11 +503,11 @@ def check_exactly_once(lake: Lake, options: Options) -> CheckResult:
         f"{total['duplicated']:,} offsets in bronze more than once"
     )
     details = [
-        f"{topic}: {f.get('held', 0):,} held, {f.get('in_bronze', 0):,} in bronze, {f.get('in_quarantine', 0):,} in quarantine, "
-        f"{f.get('missing', 0):,} missing, {f.get('duplicated', 0):,} offsets twice or more ({f.get('extra_rows', 0):,} extra rows)"
+        f"{topic}: {f['held']:,} held, {f['in_bronze']:,} in bronze, {f['in_quarantine']:,} in quarantine, "
+        f"{f['missing']:,} missing, {f['duplicated']:,} offsets twice or more ({f['extra_rows']:,} extra rows)"
         for topic, f in sorted(per_topic.items())
     ]
-    figures = {"checkpoint_batch": progress.batch_id, "consumed": ends, "topics": per_topic, **total}
+    figures: dict[str, Any] = {"checkpoint_batch": progress.batch_id, "consumed": ends, "topics": per_topic, **total}
     return CheckResult("exactly-once", FAIL if failed else PASS, summary, (*details, *examples), figures)
 
 
@@ -559,7 +555,12 @@ def version_lineage(
             problems.append("a speed-layer version started from no batch version: no config or feature hashes")
             hashed = None
         else:
-            hashed, where = dict(client.get_model_version(registered_model, base).tags), f" on its base version {base}"
+            where = f" on its base version {base}"
+            try:
+                hashed = dict(client.get_model_version(registered_model, base).tags)
+            except MlflowException as exc:
+                problems.append(f"its base version {base} cannot be found ({exc.error_code})")
+                hashed = None
     for tag in (TAG_CONFIG_HASH, TAG_FEATURES_HASH):
         lineage[tag] = None if hashed is None else hashed.get(tag)
         if hashed is not None and not hashed.get(tag):

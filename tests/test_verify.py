@@ -185,7 +185,7 @@ def test_verify_passes_on_a_healthy_lake_and_names_each_check_a_corruption_break
     once = {r.check: r for r in broken.results}["exactly-once"].figures
     assert (once["missing"], once["duplicated"], once["extra_rows"]) == (1, 1, 1), text
     assert f"{lost} is neither in bronze nor in quarantine" in text and " is in bronze 2 times" in text
-    assert "champion -> version 1: no horizon.readings tag" in text
+    assert f"champion -> version {lineage['aliases']['champion']['version']}: no horizon.readings tag" in text
     assert {r.check: r for r in broken.results}["point-in-time"].figures["differ"] > 0
 
     # The command itself: one check, JSON, exit status 1.
