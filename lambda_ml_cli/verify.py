@@ -225,7 +225,12 @@ def describe_merge(views: BatchViews, horizon: Horizon, bronze: Mapping[str, int
     """How the compared horizon came about, in words: the views' horizon, the increments, and
     bronze's newest versions when the speed layer has not merged them yet."""
     text = f"the views at {views.horizon}"
-    throughs = {view.increments.through for view in views.views.values() if view.increments.through is not None}
+    # The event types the increments merged rows of (a part None: none of that type after the views).
+    throughs = {
+        Horizon.of({e: v for e, v in through.parts.items() if v is not None})
+        for view in views.views.values()
+        if (through := view.increments.through) is not None
+    }
     text += (" ⊕ increments through " + "; ".join(str(t) for t in throughs)) if throughs else " and no increments after them"
     later = {e: v for e, v in bronze.items() if v is not None and horizon.version(e) is not None and v > (horizon.version(e) or 0)}
     if later:
@@ -429,7 +434,7 @@ def ingest_progress(spark: SparkSession, cfg: PlatformConfig) -> IngestProgress 
     if not batches:
         return None
     batch = max(batches)
-    text = spark.read.option("wholetext", "true").text(f"{directory}/offsets/{batch}").first()
+    text = spark.read.text(f"{directory}/offsets/{batch}", wholetext=True).first()
     if text is None:
         raise ValueError(f"{directory}/offsets/{batch} is empty")
     return IngestProgress(batch, consumed_offsets(text[0]))

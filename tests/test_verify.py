@@ -150,6 +150,7 @@ def test_verify_passes_on_a_healthy_lake_and_names_each_check_a_corruption_break
 
     base = config_on_stack(READINGS_CONFIG, running_stack, tmp_path / "lake")
     cfg = isolated(base, "verify-readings", lake_root=tmp_path / "lake", topic_prefix="verify")
+    cfg = cfg.model_copy(update={"kmeans": cfg.kmeans.model_copy(update={"k_values": (2,), "runs": 1})})  # one fit: the model is not checked here
     stack.create_topics(cfg)
     now = datetime.now(UTC).replace(microsecond=0)
     history = readings(800, now - timedelta(hours=30), now - timedelta(hours=2), seed=5)
@@ -194,3 +195,46 @@ def test_verify_passes_on_a_healthy_lake_and_names_each_check_a_corruption_break
     assert cli.main(["--config", str(config_file), "verify", "--check", "lineage", "--json"]) == 1
     body = json.loads(capsys.readouterr().out)
     assert body["failed"] == ["lineage"] and [c["check"] for c in body["checks"]] == ["lineage"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_verify_passes_on_the_click_through_application_through_its_command(
+    running_stack: PlatformConfig, spark: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The checks are generic: on the click-through application (two event types, clicks
+    attributed to impressions, three entities with ratios) the command passes with samples."""
+    from batch_layer import train
+    from lambda_ml import producer
+    from lambda_ml.apps import load_application
+    from lambda_ml.config import write_config
+    from lambda_ml_cli import cli, stack
+    from speed_layer import app as speed_app
+    from support import isolated
+
+    cfg = isolated(running_stack, "verify-ctr", lake_root=tmp_path / "lake", topic_prefix="verify-ctr")
+    search = cfg.ctr.search.model_copy(update={"lr": cfg.ctr.search.lr.model_copy(update={"reg_param": ()})})  # one fit
+    cfg = cfg.model_copy(update={
+        "generator": cfg.generator.model_copy(update={"span_hours": 4, "users": 60, "items": 20}),
+        "ctr": cfg.ctr.model_copy(update={"search": search}),
+    })  # fmt: skip
+    application = load_application(cfg)
+    assert application.demo is not None
+    stack.create_topics(cfg)
+    application.demo.send_events(cfg, 3000)
+    speed_app.run(cfg, ["ingest", "increments"], available_now=True)
+    assert train.run(spark, cfg).decision == "champion"
+    producer.produce(cfg, application.demo.fresh_events(cfg, datetime.now(UTC)).records, progress=False)
+    speed_app.run(cfg, ["ingest", "increments"], available_now=True)
+
+    capsys.readouterr()
+    config_file = write_config(cfg, tmp_path / "ctr.yaml")
+    code = cli.main(["--config", str(config_file), "verify", "--sample", "25", "--pit-sample", "40"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lines = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert [line.split(":")[0] for line in lines[:4]] == ["PASS  lambda identity", "PASS  exactly-once", "PASS  lineage", "PASS  point in time"], out
+    # 25 keys of each entity (of the 60 users, and the user x device pairs), every one of the 20 items.
+    assert lines[0].startswith("PASS  lambda identity: 70 of ") and "keys of 3 entities compared" in lines[0], out
+    assert "        user: 25 of 60 keys, 0 differ" in out and "        item: 20 of 20 keys, 0 differ" in out, out
+    assert "40 events sampled" in lines[3] and lines[-1].endswith("all passed"), out
