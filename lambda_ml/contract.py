@@ -349,6 +349,9 @@ TAG_QUALITY_SCORE = "quality.progressive_auc"
 # On a version the speed layer registered: its layer ("speed"), and its online steps since the warm start.
 TAG_LAYER = "layer"
 TAG_SPEED_UPDATES = "speed.updates"
+# On a version the speed layer registered: the batch version it was warm-started from ("0": none),
+# whose lineage (config and feature definitions hashes) it carries on.
+TAG_SPEED_BASE_VERSION = "speed.base_version"
 # Name of the ONNX output holding [P(no click), P(click)] per row.
 ONNX_PROBABILITY_OUTPUT = "probability"
 

@@ -14,6 +14,7 @@
     lambda-ml serve                      the service (the application's routes, features, models, metrics)
     lambda-ml serve stream               CTR: score impressions from Kafka into the predictions topic
     lambda-ml submit SCRIPT [ARGS]       run a job with spark-submit and the platform's jars
+    lambda-ml verify [--json]            check the lake and the stack: lambda identity, exactly once, lineage, point in time
     lambda-ml demo                       all of the above, end to end, with a summary
 
 Layers are imported only inside the verbs that need them, so ``--help`` stays instant.
@@ -177,6 +178,12 @@ def _submit(cfg: PlatformConfig, args: argparse.Namespace) -> int:
     return submit.run_submit(cfg, args.script, args.job_args, args.master)
 
 
+def _verify(cfg: PlatformConfig, args: argparse.Namespace) -> int:
+    from lambda_ml_cli import verify
+
+    return verify.run_from_args(cfg, args)
+
+
 def _demo(cfg: PlatformConfig, args: argparse.Namespace) -> int:
     from lambda_ml_cli import demo
 
@@ -252,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--print", action="store_true", help="print the spark-submit command instead of running it")
     sub.add_argument("script", help="job script, e.g. batch_layer/train.py or speed_layer/ingest.py")
     sub.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the job")
+    from lambda_ml_cli.verify import DESCRIPTION as VERIFY, add_arguments as add_verify_arguments
+
+    add_verify_arguments(verb("verify", _verify, VERIFY))
     sub = verb("demo", _demo, "Stack up, generate, speed layer, train, the speed model, serve, and print a summary, for the "
                "application app.type names (e.g. lambda-ml --config conf/kmeans.yaml demo); the stack stays up.")  # fmt: skip
     sub.add_argument("--events", "--impressions", dest="events", type=int,

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 from lambda_ml.buckets import from_micros, to_micros
@@ -49,14 +50,17 @@ def _micros(column: pyarrow.ChunkedArray | pyarrow.Array) -> list[int]:
 
 
 class BronzeTable:
-    """One bronze table at a pinned Delta version (None: no table yet, so no events)."""
+    """One bronze table at a pinned Delta version (None: no table yet, so no events): the given
+    ``version``, by default its latest."""
 
-    def __init__(self, cfg: PlatformConfig, event: EventType) -> None:
+    def __init__(self, cfg: PlatformConfig, event: EventType, version: int | None = None) -> None:
         self.event = event
         self.path = cfg.lake.table("bronze", event.name)
         try:
-            self.table: DeltaTable | None = DeltaTable(self.path)
+            self.table: DeltaTable | None = DeltaTable(self.path, version=version)
         except TableNotFoundError:
+            if version is not None:
+                raise LakeEventsError(f"no bronze table at {self.path} to read at version {version}") from None
             self.table = None
         except (DeltaError, OSError) as exc:
             raise LakeEventsError(f"cannot read the bronze table at {self.path}: {exc}") from exc
@@ -95,12 +99,18 @@ class BronzeTable:
 
 class LakeEvents:
     """What bronze holds at the versions pinned when the views were loaded: the newest event
-    time, and the feature events of the buckets asked about (read on first use, cached)."""
+    time, and the feature events of the buckets asked about (read on first use, cached).
 
-    def __init__(self, cfg: PlatformConfig, rule: FeatureEvents | None = None) -> None:
+    ``versions`` (event type -> Delta version) pins tables at older versions than their latest,
+    e.g. at the horizon a check recomputes the views at (``lambda-ml verify``)."""
+
+    def __init__(self, cfg: PlatformConfig, rule: FeatureEvents | None = None, versions: Mapping[str, int] | None = None) -> None:
         self.cfg = cfg
         self.rule = rule if rule is not None else load_application(cfg).features
-        self.tables = {name: BronzeTable(cfg, event_type(cfg, name)) for name in cfg.features.source_event_types}
+        pinned = versions or {}
+        self.tables = {
+            name: BronzeTable(cfg, event_type(cfg, name), pinned.get(name)) for name in cfg.features.source_event_types
+        }
         newest = [t for t in (table.newest_event() for table in self.tables.values()) if t is not None]
         self.newest: int | None = max(newest) if newest else None
         self.width = to_micros(cfg.features.bucket_width)

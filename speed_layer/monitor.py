@@ -31,7 +31,7 @@ def _number(value: Any) -> float | None:
     return number if number == number else None  # NaN: Spark's "no rate yet"
 
 
-def _offsets(text: Any) -> dict[tuple[str, str], int]:
+def kafka_offsets(text: Any) -> dict[tuple[str, str], int]:
     """``{"topic": {"0": 12}}`` (a Kafka source offset, as JSON text or parsed) -> {(topic, partition): offset}."""
     if isinstance(text, str):
         try:
@@ -74,7 +74,7 @@ def progress_metrics(progress: dict[str, Any]) -> dict[str, float]:
         raw["state_memory_bytes"] = sum(_number(op.get("memoryUsedBytes")) or 0.0 for op in operators)
     lags: dict[tuple[str, str], int] = {}
     for source in progress.get("sources") or []:
-        latest, read = _offsets(source.get("latestOffset")), _offsets(source.get("endOffset"))
+        latest, read = kafka_offsets(source.get("latestOffset")), kafka_offsets(source.get("endOffset"))
         for key, offset in latest.items():
             if key in read:
                 lags[key] = max(0, offset - read[key])

@@ -89,7 +89,7 @@ def register_speed_version(
         contract.TAG_LAYER: "speed",
         contract.TAG_SPEED_UPDATES: str(model.updates),
         contract.TAG_PARITY: "passed",
-        "speed.base_version": str(model.base_version),
+        contract.TAG_SPEED_BASE_VERSION: str(model.base_version),
         "speed.batch_id": str(batch_id),
     }
     if quality is not None:
