@@ -5,8 +5,8 @@ Kafka -> speed layer (ingest, feature increments, the application's first querie
 -> batch training -> MLflow registry -> the speed layer running continuously (its model updates,
 from the new champion, on the model-updates topic) -> serving (champion and speed model, batch
 views merged with the speed layer's increments), then fresh events followed until serving counts
-them, and one request. The stack, the speed layer and the service stay up afterwards; ``make
-stop`` (``lambda-ml stack down``) stops them.
+them, one request, and ``lambda-ml verify``'s checks. The stack, the speed layer and the service
+stay up afterwards; ``make stop`` (``lambda-ml stack down``) stops them.
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from lambda_ml import contract, jvm, producer
-from lambda_ml_cli import stack
+from lambda_ml_cli import stack, verify
 from lambda_ml.apps import DemoScript, load_application
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import Horizon, ModelUpdate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Keys per entity and events the demo's verify step compares (`lambda-ml verify` checks all keys).
+VERIFY_SAMPLE = 200
 
 
 def _step(number: int, total: int, title: str, action: Callable[[], T]) -> T:
@@ -157,7 +160,7 @@ def run(cfg: PlatformConfig, events: int | None = None) -> int:
     if script is None:
         raise ValueError(f"{cfg.source}: app.type: the {application.name} application has no demo")
     started = time.monotonic()
-    steps = 10
+    steps = 11
     _step(1, steps, "resolve JVM jars", lambda: jvm.resolve_all(cfg))
     _step(2, steps, "start Kafka broker and MLflow server", lambda: stack.up(cfg))
     speed = stack.SpeedProcess(cfg)
@@ -179,6 +182,9 @@ def run(cfg: PlatformConfig, events: int | None = None) -> int:
     speed_model = _step(9, steps, "speed layer: an update from the champion", lambda: wait_for_speed_model(cfg))
     path, example = script.example(cfg)
     answer = _step(10, steps, f"ask the service: POST {path}", lambda: _json(f"{service.url}{path}", example))
+    # What the platform promises, checked on what the demo left: the same checks as `lambda-ml verify`.
+    report = _step(11, steps, "verify: lambda identity, exactly once, lineage, point in time",
+                   lambda: verify.run_checks(cfg, sample=VERIFY_SAMPLE, pit_sample=VERIFY_SAMPLE))  # fmt: skip
 
     bronze = ", ".join(f"{counts[name]} {name}" for name in cfg.events.types)
     others = "".join(f", {flavour} version {v}" for flavour, v in result.versions.others.items())
@@ -203,12 +209,15 @@ def run(cfg: PlatformConfig, events: int | None = None) -> int:
                 f"                          -> {json.dumps(answer)}",
                 f"MLflow UI:                {cfg.mlflow.tracking_uri}",
                 f"service:                  {service.url}/docs",
+                "verify:",
+                *(f"  {line}" for line in report.text().splitlines()),
                 f"total time:               {time.monotonic() - started:.0f} s",
                 "The stack, the speed layer and the service are still running; stop them with `make stop` (lambda-ml stack down).",
             ]
         )
     )
     failed = [name for name, outcome in (("speed model", speed_model), ("fresh events", fresh)) if not outcome.ok]
+    failed += [f"verify ({name})" for name in report.failed]
     if failed:
         log.error("the demo did not see everything it waited for: %s (see the logs above)", ", ".join(failed))
         return 1

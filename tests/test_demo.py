@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from deltalake import DeltaTable
 
-from lambda_ml.config import PlatformConfig, write_config
+from lambda_ml.config import LrGridConfig, PlatformConfig, SearchConfig, write_config
 from lambda_ml_cli import stack
 from tests.conftest import free_port
 from tests.support import isolated
@@ -42,6 +42,8 @@ def test_the_demo_runs_end_to_end_and_its_summary_is_true(running_stack: Platfor
         update={
             "serving": cfg.serving.model_copy(update={"port": free_port()}),
             "generator": cfg.generator.model_copy(update={"impressions": 3000, "users": 60, "items": 20, "span_hours": 6}),
+            # One model fitted, no hyper-parameter search: the demo's path is what is tested.
+            "ctr": cfg.ctr.model_copy(update={"search": SearchConfig(lr=LrGridConfig(reg_param=(), elastic_net_param=()))}),
         }
     )
     config_file = write_config(cfg, tmp_path / "demo.yaml")
@@ -83,3 +85,6 @@ def test_the_demo_runs_end_to_end_and_its_summary_is_true(running_stack: Platfor
     (prediction,) = answer["predictions"]
     assert 0.0 < prediction["probability"] < 1.0
     assert answer["model"]["version"] == int(champion.version)
+
+    # It ends with verify's four checks on what it left, all passed.
+    assert re.search(r"^  verify \S+: 4 check\(s\) in \d+ s, all passed$", printed, flags=re.M), printed[-3000:]
