@@ -5,6 +5,7 @@ batch run's holdout rows."""
 
 from __future__ import annotations
 
+import csv
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +15,8 @@ import pandas as pd
 import pytest
 
 from bench import real_data
-from lambda_ml.config import PlatformConfig
+from lambda_ml import contract
+from lambda_ml.config import PlatformConfig, load_config
 from support import isolated
 
 ATTRIBUTION = timedelta(minutes=30)
@@ -68,18 +70,59 @@ def test_events_at_the_same_instant_do_not_count() -> None:
     np.testing.assert_allclose(found["scores"]["user_item_rates"], [0.5 + 0 / 1, 0.5 + 0 / 1])
 
 
+# What the film and user files say, for the records of TINY.
+ATTRIBUTES = {
+    "genre": "Drama", "release_year": 1995, "release_decade": "1990s", "age": 24, "age_group": "18-24", "gender": "M",
+    "occupation": "technician",
+}  # fmt: skip
+
+
 def test_records_are_an_impression_per_rating_and_a_click_per_high_rating() -> None:
-    records = real_data.to_records(TINY)
+    records = real_data.to_records(TINY.assign(**ATTRIBUTES))
     payloads = [(r.event_type, json.loads(r.value)) for r in records]
     impressions = [p for kind, p in payloads if kind == "impressions"]
     clicks = [p for kind, p in payloads if kind == "clicks"]
     assert len(impressions) == len(TINY) and len(clicks) == int((TINY.rating >= 4).sum()) == 5
     assert impressions[0] == {
         "event_id": "ml-1-10", "event_time": "1970-01-01T00:01:40.000Z", "user_id": "u1", "item_id": "i10",
-        "device": "desktop", "position": 1,
+        "device": "desktop", "position": 1, **ATTRIBUTES,
     }  # fmt: skip
     assert clicks[0] == {"event_id": "ml-1-10-click", "impression_id": "ml-1-10", "event_time": "1970-01-01T00:01:41.000Z"}
     assert [p["event_time"] for _, p in payloads] == sorted(p["event_time"] for _, p in payloads)
+
+
+def test_ratings_carry_the_film_and_the_user_as_the_data_set_describes_them() -> None:
+    """Read back from the raw files with the csv module: each rating's film (first listed genre,
+    release year and decade) and user (age, its group, gender, occupation)."""
+    path = real_data.dataset_path()
+    with path.with_suffix(".item").open(encoding="latin-1") as f:
+        films = {int(row[0]): row for row in list(csv.reader(f, delimiter="\t"))[1:]}
+    with path.with_suffix(".user").open() as f:
+        people = {int(row[0]): row for row in list(csv.reader(f, delimiter="\t"))[1:]}
+    ratings = real_data.load_ratings(path, users=30)
+    assert len(ratings) > 1000 and set(ratings["user"]) == set(range(1, 31))
+    for row in ratings.itertuples(index=False):
+        _, _, year, genres = films[row.item]
+        age, gender, occupation = int(people[row.user][1]), people[row.user][2], people[row.user][3]
+        expected_year = int(year) if year.isdigit() else 0  # the file has an "unkonwn" year
+        decade = f"{expected_year // 10 * 10}s" if year.isdigit() else "unknown"
+        group = next(g for low, high, g in ((0, 17, "under 18"), (18, 24, "18-24"), (25, 34, "25-34"), (35, 44, "35-44"),
+                                            (45, 54, "45-54"), (55, 999, "55+")) if low <= age <= high)  # fmt: skip
+        assert (row.genre, row.release_year, row.release_decade) == ((genres.split() or ["unknown"])[0], expected_year, decade)
+        assert (row.age, row.age_group, row.gender, row.occupation) == (age, group, gender, occupation)
+
+
+def test_the_benchmark_config_reads_the_new_fields() -> None:
+    """The overrides type the new impression fields and key taste entities and context on them."""
+    cfg = real_data.real_data_config(load_config(env={}))
+    fields = cfg.events.types["impressions"].fields
+    assert {name: fields[name] for name in real_data.ATTRIBUTE_FIELDS} == real_data.ATTRIBUTE_FIELDS
+    assert cfg.features.entities["user_genre"].keys == ("user_id", "genre")
+    inputs = contract.model_inputs(cfg.features)
+    assert {"user_genre_ctr_all", "item_gender_clicks_5m", "release_year", "age"} <= set(inputs.numeric)
+    # The shipped config is untouched: its generator's impressions have none of these fields.
+    shipped = load_config(env={})
+    assert not set(real_data.ATTRIBUTE_FIELDS) & set(shipped.events.types["impressions"].fields)
 
 
 def test_the_auc_counts_ties_half() -> None:
@@ -98,10 +141,20 @@ def test_a_quick_run_on_a_subset(running_stack: PlatformConfig, spark: object, t
     cfg = real_data.real_data_config(base)
     # The path is what is tested, not the model: 15 trees instead of the benchmark's 100.
     cfg = cfg.model_copy(update={"ctr": cfg.ctr.model_copy(update={"gbt": cfg.ctr.gbt.model_copy(update={"max_iter": 15})})})
+    # 60 users rarely rate one film within the same hour: the short windows of the film's
+    # entities would be constant, which training refuses. The long ones keep every entity.
+    cfg = cfg.model_copy(update={"features": cfg.features.model_copy(update={"windows": ("24h", "all")})})
     # The ratings (1997-98) are history the default config takes in as it is.
     assert cfg.speed.min_event_date < datetime.fromtimestamp(int(ratings["ts"].min()), UTC).date() and "all" in cfg.features.windows
     compared = real_data.compare(cfg, ratings)
     result = real_data.result_json(compared, quick=True, wall_s=1.0)
+    # Bronze holds the film's and the user's fields of every impression as sent.
+    attributes = list(real_data.ATTRIBUTE_FIELDS)
+    bronze = spark.read.format("delta").load(cfg.lake.table("bronze", "impressions")).select("event_id", *attributes)  # type: ignore[attr-defined]
+    landed = bronze.dropDuplicates(["event_id"]).toPandas().sort_values("event_id").reset_index(drop=True)
+    sent = ratings.assign(event_id=[real_data.impression_id(u, i) for u, i in zip(ratings["user"], ratings["item"], strict=True)])
+    sent = sent[["event_id", *attributes]].sort_values("event_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(landed, sent, check_dtype=False)
     out = real_data.write_result(result, tmp_path / "real_data.json")
 
     loaded = json.loads(out.read_text())
