@@ -60,7 +60,7 @@ def _send_from_the_future(cfg: PlatformConfig) -> tuple[datetime, datetime]:
         sender.send(cfg.events.topic("clicks").name, key=b"imp-future", value=json.dumps(click).encode(), timestamp_ms=ms)
         sender.flush()
     finally:
-        producer.close()
+        sender.close()
     return record_time, ahead
 
 
