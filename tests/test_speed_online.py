@@ -29,7 +29,7 @@ from support import IMPRESSION, isolated
 
 from lambda_ml_apps.ctr.models import build_pipeline
 from batch_layer.snapshot import read_snapshot
-from lambda_ml_apps.ctr.events import clean_events
+from lambda_ml_apps.ctr.events import LABELS_FINAL_UNTIL, clean_events, labels_final_until
 from lambda_ml_apps.ctr.batch import build_training_set
 from lambda_ml import contract, producer
 from lambda_ml_cli import stack
@@ -564,14 +564,19 @@ def test_the_online_query_learns_like_numpy_sgd_whatever_the_label_order_and_rea
         training.unpersist()
 
 
-def _register_champion(spark: SparkSession, cfg: PlatformConfig, training: DataFrame, horizon: Horizon) -> Any:
+def _register_champion(
+    spark: SparkSession, cfg: PlatformConfig, training: DataFrame, horizon: Horizon, final_until: datetime | None = None
+) -> Any:
     """A logistic-regression champion fitted on ``training`` and registered as the batch layer
-    does (Spark twin and ONNX export); returns the fitted pipeline and the registered versions."""
+    does (Spark twin and ONNX export; with ``final_until``, the run's ``labels_final_until``);
+    returns the fitted pipeline and the registered versions."""
     name, inputs = cfg.mlflow.registered_model, contract.model_inputs(cfg.features)
     pipeline = build_pipeline(cfg, {"reg_param": 0.01, "elastic_net_param": 0.0, "max_iter": 30}).fit(training)
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_experiment(cfg.mlflow.experiment)
     with mlflow.start_run():
+        if final_until is not None:
+            mlflow.log_param(LABELS_FINAL_UNTIL, final_until.isoformat())
         versions = register_models(pipeline, export_onnx(pipeline, spark, inputs, name), name, horizon)
     MlflowClient(cfg.mlflow.tracking_uri).set_registered_model_alias(name, contract.CHAMPION_ALIAS, versions.onnx)
     return pipeline, versions
@@ -604,7 +609,9 @@ def test_on_a_stationary_stream_the_online_model_scores_within_5_percent_of_the_
     impressions, clicks = clean_events(snapshot, local)
     as_of = latest_event_time(impressions, clicks)
     assert as_of is not None
-    _register_champion(spark, local, build_training_set(impressions, clicks, local, as_of), snapshot.horizon)
+    # Registered as a batch run does: it says up to when its training labels were final.
+    final_until = labels_final_until(as_of, local.ctr.attribution_window_minutes)
+    _register_champion(spark, local, build_training_set(impressions, clicks, local, as_of), snapshot.horizon, final_until)
 
     learner, fed, batch_id, kinds = OnlineLearner(local), -1, 0, []
     rest = records[head:]
@@ -628,6 +635,13 @@ def test_on_a_stationary_stream_the_online_model_scores_within_5_percent_of_the_
     horizon = (snapshot.horizon.version("impressions"), snapshot.horizon.version("clicks"))
     assert {(r["generation_impressions"], r["generation_clicks"]) for r in saved} == {horizon}
     rows = sum(r["rows"] for r in saved)
+    # The generation learned every labelled impression after its champion's training labels
+    # and before its frontier, each once, and none the champion had learned from.
+    learned_until = max(r["learned_until"] for r in saved)
+    labels = spark.read.format("delta").load(labels_path(local)).select(F.unix_micros("event_time").alias("t")).collect()
+    final_micros = int(final_until.timestamp() * 1_000_000)
+    assert rows == sum(1 for r in labels if final_micros < r["t"] < learned_until)
+    assert sum(1 for r in labels if r["t"] <= final_micros) > 500  # the champion's, not learned again
     online_loss = sum(r["rows"] * r["log_loss"] for r in saved) / rows
     champion_loss = sum(r["rows"] * r["champion_log_loss"] for r in saved) / rows
     print(f"progressive log loss over {rows} rows in {len(saved)} micro-batches: online {online_loss:.4f}, champion {champion_loss:.4f}")

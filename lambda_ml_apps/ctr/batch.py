@@ -43,7 +43,7 @@ from lambda_ml_apps.ctr.evaluation import (
     in_sample,
     score,
 )
-from lambda_ml_apps.ctr.events import IMPRESSIONS, labelled_events
+from lambda_ml_apps.ctr.events import IMPRESSIONS, LABELS_FINAL_UNTIL, labelled_events, labels_final_until
 from lambda_ml.spark import jvm_logger_off
 from lambda_ml_apps.ctr.model_registry import register_models
 from lambda_ml_apps.ctr.models import Selection, select_model
@@ -237,6 +237,9 @@ class CtrBatchUpdate:
             **flat_params(cfg.ctr.model_dump(mode="json")),
             **flat_params(selection.params, "chosen"),
             "labels_as_of": "" if as_of is None else as_of.isoformat(),
+            # Every impression at or before this instant has its final label in the training set:
+            # an online model starting from this run goes on after it (lambda_ml_apps.ctr.online).
+            LABELS_FINAL_UNTIL: "" if as_of is None else labels_final_until(as_of, cfg.ctr.attribution_window_minutes).isoformat(),
             "holdout_after": cutoff.isoformat(),
             "validation_after": "" if selection.validation_after is None else selection.validation_after.isoformat(),
         }

@@ -7,7 +7,7 @@ batch layer) and on streams (the speed layer's increments and labels).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -68,16 +68,30 @@ def attribute_clicks(
     )
 
 
+# The training run's param naming labels_final_until(): the online model goes on after it.
+LABELS_FINAL_UNTIL = "labels_final_until"
+
+
+def labels_final_until(as_of: datetime, window_minutes: int) -> datetime:
+    """The instant up to which, at ``as_of``, every impression's label is final (its attribution
+    window closed): the batch layer labels exactly the impressions at or before it.
+
+    >>> labels_final_until(datetime(2026, 1, 1, 12, 0), 30)
+    datetime.datetime(2026, 1, 1, 11, 30)
+    """
+    return as_of - timedelta(minutes=window_minutes)
+
+
 def impressions_with_labels(
     impressions: DataFrame, attributed: DataFrame, window_minutes: int, as_of: datetime
 ) -> DataFrame:
     """Every impression with ``label``: 1.0 or 0.0 once its attribution window closed by
-    ``as_of``, null while it is still open (``event_time + window > as_of``).
+    ``as_of``, null while it is still open (after :func:`labels_final_until`).
 
     ``attributed`` is the output of :func:`attribute_clicks`.
     """
     clicked = attributed.select(F.col("impression_id").alias("_clicked_id")).distinct()
-    closed = F.col("event_time") <= F.lit(as_of) - _minutes(window_minutes)
+    closed = F.col("event_time") <= F.lit(labels_final_until(as_of, window_minutes))
     return (
         impressions.join(clicked, F.col("event_id") == F.col("_clicked_id"), "left")
         .withColumn(LABEL, F.when(closed, F.when(F.col("_clicked_id").isNotNull(), 1.0).otherwise(0.0)))

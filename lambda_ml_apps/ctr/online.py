@@ -52,11 +52,16 @@ horizon. A champion that is not a logistic regression is still the baseline it i
 against, but the weights come from the latest registered logistic regression, else zeros.
 Categories the model has not seen yet join it with weight 0 (what a wider model would hold).
 
-A restart resumes from the last saved micro-batch and its ``learned_until``, so an impression
-is learned from once across crashes; a micro-batch replayed after a crash finds its row already
-saved and does not step again (its update is published again: at least once, idempotent by key,
-generation and update count). Without a saved frontier (the first start) learning starts at the
-stretch of the earliest labelled impression.
+A new generation (the first start, or the champion moved) learns from the impressions after
+the last one its champion's training run had a final label for (the run's
+``labels_final_until`` param): the champion learned every impression before, none after, so the
+online model adds exactly what the batch run could not see, and its first update follows the
+first stretch closed after it rather than a replay of the whole history. A restart resumes from
+the last saved micro-batch and its ``learned_until``, so an impression is learned from once
+across crashes; a micro-batch replayed after a crash finds its row already saved and does not
+step again (its update is published again: at least once, idempotent by key, generation and
+update count). A champion whose run does not say (registered by hand) is followed from the saved
+frontier, else from the stretch of the earliest labelled impression.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ from lambda_ml import buckets, contract
 from lambda_ml.config import PlatformConfig
 from lambda_ml.contract import INDICATOR, Horizon, ModelInputs, ModelUpdate, publish_updates
 from lambda_ml.features import LABEL, add_window_features, after_horizon, dedup_events, merge_buckets
-from lambda_ml_apps.ctr.events import attribute_clicks, feature_events
+from lambda_ml_apps.ctr.events import LABELS_FINAL_UNTIL, attribute_clicks, feature_events
 from lambda_ml.metrics import AucBins, add_bins, auc_bins
 from lambda_ml.schemas import event_type
 from speed_layer.app import checkpoint_query_id
@@ -195,6 +200,9 @@ class Champion:
     pipeline: Any = None  # a Spark PipelineModel, None without a champion
     start: LinearModel | None = None
     linear: LinearModel | None = None  # the champion itself, when it is a logistic regression
+    # Epoch microseconds: the model ``start`` came from learned every impression before it (its
+    # training run's labels_final_until, plus one microsecond); None when unknown.
+    learned_until: int | None = None
 
     def probability(self, frame: DataFrame) -> tuple[DataFrame, Column | None]:
         """``frame`` with the champion's P(click) as a column (None without a champion)."""
@@ -276,8 +284,9 @@ def find_champion(cfg: PlatformConfig) -> Champion:
     linear = linear_from_pipeline(pipeline, inputs) if pipeline is not None else None
     if linear is not None:
         model = LinearModel(*linear, generation=horizon, base_version=number)
-        log.info("online model starts from champion %s v%d (%s)", name, number, horizon)
-        return Champion(number, pipeline, model, model)
+        learned_until = _learned_until(client, version.run_id)
+        log.info("online model starts from champion %s v%d (%s); %s", name, number, horizon, _learns_from(learned_until))
+        return Champion(number, pipeline, model, model, learned_until)
     log.warning(
         "champion %s v%d is not a logistic regression over the declared inputs: it stays the baseline, and the online "
         "model starts from the latest registered logistic regression instead",
@@ -292,11 +301,30 @@ def find_champion(cfg: PlatformConfig) -> Champion:
         other = _load_spark_twin(cfg, name, candidate)
         found = linear_from_pipeline(other, inputs) if other is not None else None
         if found is not None:
-            log.info("online model starts from logistic regression %s v%s", name, candidate.version)
+            learned_until = _learned_until(client, candidate.run_id)
+            log.info("online model starts from logistic regression %s v%s; %s", name, candidate.version, _learns_from(learned_until))
             start = LinearModel(*found, generation=Horizon.from_tags(tags), base_version=int(candidate.version))
-            return Champion(number, pipeline, start)
+            return Champion(number, pipeline, start, learned_until=learned_until)
     log.warning("no logistic regression is registered: the online model starts from zeros")
     return Champion(number, pipeline, replace(zero_model(inputs), generation=horizon, base_version=number))
+
+
+def _learned_until(client: Any, run_id: str | None) -> int | None:
+    """The frontier after the impressions a registered model's training run learned from (its
+    ``labels_final_until`` param, epoch microseconds, exclusive); None when the run does not say."""
+    params = client.get_run(run_id).data.params if run_id else {}
+    final = params.get(LABELS_FINAL_UNTIL)
+    if not final:
+        return None
+    instant = datetime.fromisoformat(final)
+    instant = instant if instant.tzinfo is not None else instant.replace(tzinfo=UTC)
+    return int(instant.timestamp() * 1_000_000) + 1  # the impressions *at* that instant were learned too
+
+
+def _learns_from(learned_until: int | None) -> str:
+    if learned_until is None:
+        return "its training run does not say which labels it had: learning goes on from the saved frontier, else the earliest label"
+    return f"it learns from the impressions after {_instant(learned_until - 1)}, the last its training run had final labels for"
 
 
 def champion_version(cfg: PlatformConfig) -> int | None:
@@ -350,8 +378,11 @@ class OnlineLearner:
             log.info("online micro-batch %d was learned from before (replayed): no new step", batch_id)
             self._publish(update_of(self.state.model, cfg.mlflow.registered_model, self.state.auc))
             return
-        learned_until = self.state.learned_until if self.state is not None else None
-        version = self._labels_version(batch, batch_id, learned_until)
+        model = self._current_model(spark)
+        learned_until, continues = self._frontier(model)
+        # Labels before the frontier of the model being stepped came too late for it; before a
+        # champion's frontier they are what the champion learned from.
+        version = self._labels_version(batch, batch_id, learned_until if continues else None)
         if version is None:
             return
         from lambda_ml_apps.ctr.labels import labels_path
@@ -368,7 +399,6 @@ class OnlineLearner:
         start, end = stretches
         micros = F.unix_micros("event_time")
         final = labels.where((micros >= F.lit(start)) & (micros < F.lit(end)))
-        model = self._current_model(spark)
         impressions = spark.read.format("delta").load(bronze_path(cfg, "impressions"))
         clicks = spark.read.format("delta").load(bronze_path(cfg, "clicks"))
         inputs = contract.model_inputs(cfg.features)
@@ -509,6 +539,17 @@ class OnlineLearner:
             )
         assert self.champion.start is not None
         return self.champion.start
+
+    def _frontier(self, model: LinearModel) -> tuple[int | None, bool]:
+        """Where learning goes on from (epoch microseconds; None: the earliest labelled
+        impression) and whether ``model`` is the saved model going on: the saved frontier then,
+        else the frontier of the champion it starts from, so that a new generation learns from
+        what its champion's training run had no final label for, no more, no less."""
+        if self.state is not None and model is self.state.model:
+            return self.state.learned_until, True
+        if self.champion is not None and self.champion.learned_until is not None:
+            return self.champion.learned_until, False
+        return (self.state.learned_until if self.state is not None else None), False
 
     def _publish(self, update: ModelUpdate) -> None:
         try:
