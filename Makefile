@@ -23,10 +23,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "Python 3.11 is required (set PYTHON=python3.11)")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# The layers are top-level packages by design: setuptools' advice about such (flat) layouts
-	# in editable installs is left out of the output.
+# The layers are top-level packages by design: setuptools' advice about such (flat) layouts in
+# editable installs is left out of the output.
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e ".[test]"
-	# MovieLens 100k for bench/real_data.py and its test: the package's data files only.
+# MovieLens 100k for bench/real_data.py and its test: the package's data files only.
 	$(PY) -m pip install --quiet --no-deps "recbole==1.2.1"
 	@touch $@
 
