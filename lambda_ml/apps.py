@@ -293,6 +293,11 @@ class DemoScript(Protocol):
     def example(self, cfg: PlatformConfig) -> tuple[str, dict[str, Any]]:
         """One request to the application's route: its path and JSON body."""
 
+    def update_pending(self, cfg: PlatformConfig, fresh_at: Any) -> str | None:
+        """None when, with the fresh events sent at ``fresh_at`` (a datetime), the running speed
+        layer is to publish an update from the current champion; else why it cannot yet (the
+        demo then says so rather than wait for it)."""
+
 
 # --------------------------------------------------------------------------- the application
 

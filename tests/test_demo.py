@@ -8,13 +8,17 @@ import json
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
 from lambda_ml import contract
 from lambda_ml.config import LrGridConfig, PlatformConfig, SearchConfig, write_config
+from lambda_ml_apps.ctr.demo import CtrDemo
+from lambda_ml_apps.ctr.events import LABELS_FINAL_UNTIL
 from lambda_ml_cli import stack
 from tests.conftest import free_port
 from tests.support import isolated
@@ -90,6 +94,20 @@ def test_the_demo_runs_end_to_end_and_its_summary_is_true(running_stack: Platfor
     (prediction,) = answer["predictions"]
     assert 0.0 < prediction["probability"] < 1.0
     assert answer["model"]["version"] == int(champion.version)
+
+    # The champion's run says up to when its training labels were final: the attribution window
+    # before the newest event at its horizon (read here from bronze). A run soon after this one
+    # would train on these fresh events: it says the online model cannot step yet, and when.
+    tables = [DeltaTable(cfg.lake.table("bronze", name), version=int(champion.tags[contract.horizon_tag(name)])) for name in cfg.events.types]
+    newest = max(pc.max(t.to_pyarrow_table(columns=["event_time"])["event_time"]).as_py() for t in tables)
+    final_until = newest - timedelta(minutes=cfg.ctr.attribution_window_minutes)
+    assert client.get_run(champion.run_id).data.params[LABELS_FINAL_UNTIL] == final_until.isoformat()
+    script = CtrDemo()
+    assert script.update_pending(cfg, datetime.now(UTC)) is None  # this run's fresh events closed labels after it
+    delay = timedelta(minutes=cfg.ctr.attribution_window_minutes + cfg.speed.watermark_minutes)
+    pending = script.update_pending(cfg, final_until + delay)
+    assert pending is not None and f"champion v{champion.version}" in pending and f"{final_until:%H:%M} UTC" in pending
+    assert script.update_pending(cfg, final_until + delay + timedelta(minutes=cfg.speed.online.step_minutes + 1)) is None
 
     # It ends with verify's four checks on what it left, all passed.
     assert re.search(r"^  verify \S+: 4 check\(s\) in \d+ s, all passed$", printed, flags=re.M), printed[-3000:]

@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from lambda_ml import producer
+from lambda_ml import contract, producer
 from lambda_ml_apps.ctr import generator
 from lambda_ml.apps import FreshEvents
 from lambda_ml.config import PlatformConfig
@@ -61,3 +61,30 @@ class CtrDemo:
 
     def example(self, cfg: PlatformConfig) -> tuple[str, dict[str, Any]]:
         return "/predict", {"user_id": FRESH_USER, "item_id": "i1", "device": "mobile", "position": 1}
+
+    def update_pending(self, cfg: PlatformConfig, fresh_at: datetime) -> str | None:
+        """Why the online model cannot step from the champion yet: it learns from impressions
+        after the last one its champion's training run had a final label for, and the labels of
+        those close only when events come ``ctr.attribution_window_minutes`` +
+        ``speed.watermark_minutes`` later. A demo run soon after another trains on the earlier
+        run's fresh events, so its champion's labels end later than this run's can close."""
+        from mlflow import MlflowClient
+
+        from lambda_ml_apps.ctr.events import LABELS_FINAL_UNTIL
+
+        client = MlflowClient(cfg.mlflow.tracking_uri)
+        champion = client.get_model_version_by_alias(cfg.mlflow.registered_model, contract.CHAMPION_ALIAS)
+        final = client.get_run(champion.run_id).data.params.get(LABELS_FINAL_UNTIL) if champion.run_id else None
+        if not final:
+            return None
+        learned = datetime.fromisoformat(final)
+        delay = timedelta(minutes=cfg.ctr.attribution_window_minutes + cfg.speed.watermark_minutes)
+        step_s = cfg.speed.online.step_minutes * 60
+        closes = (fresh_at - delay).timestamp()  # the newest impression whose label the fresh events close
+        if datetime.fromtimestamp(closes - closes % step_s, UTC) > learned:  # the stretches before its own
+            return None
+        ready = learned + delay + timedelta(seconds=step_s)
+        return (
+            f"no update yet from champion v{champion.version}: it learned every label final until {learned:%H:%M} UTC, later "
+            f"than the fresh events can close; the online model steps once events from about {ready:%H:%M} UTC come"
+        )

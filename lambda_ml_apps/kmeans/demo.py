@@ -66,3 +66,6 @@ class KMeansDemo:
 
     def example(self, cfg: PlatformConfig) -> tuple[str, dict[str, Any]]:
         return "/assign", {"points": [{name: 0.0 for name in cfg.kmeans.features}]}
+
+    def update_pending(self, cfg: PlatformConfig, fresh_at: datetime) -> str | None:
+        return None  # the centres move on the fresh points themselves
