@@ -88,15 +88,18 @@ def small_lake(running_stack: PlatformConfig, spark, tmp_path_factory: pytest.Te
     # One logistic regression, no parameter search: the notebooks need a champion, not the best one.
     no_search = SearchConfig(lr=LrGridConfig(reg_param=(), elastic_net_param=()))
     cfg = isolated(running_stack, "notebooks", lake_root=root / "lake", topic_prefix="notebooks", search=no_search, max_iter=20)
-    # A few hours of a few users: enough to train on; the online model registers after 5 steps.
+    # A few hours of a few users: enough to train on; the online model registers at every step.
     cfg = cfg.model_copy(update={
         "generator": cfg.generator.model_copy(update={"impressions": 2000, "span_hours": 4, "users": 60, "items": 20}),
-        "speed": cfg.speed.model_copy(update={"online": cfg.speed.online.model_copy(update={"register_every": 5})}),
+        "speed": cfg.speed.model_copy(update={"online": cfg.speed.online.model_copy(update={"register_every": 1})}),
     })  # fmt: skip
     config_file = write_config(cfg, root / "platform.yaml")
     stack.create_topics(cfg)
 
-    truth = generator.run(cfg)
+    # History up to two hours ago: the online model learns from the impressions after its
+    # champion's training labels (final up to the attribution window before the history's end),
+    # whose labels the fresh events close: a step or two, and a registered `speed` version.
+    truth = generator.run(cfg, now=datetime.now(UTC) - timedelta(hours=2))
     speed_app.run(cfg, ["ingest"], available_now=True)
     result = train.run(spark, cfg)
     assert result.decision == "champion", result.summary()
