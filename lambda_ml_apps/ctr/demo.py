@@ -70,14 +70,13 @@ class CtrDemo:
         run's fresh events, so its champion's labels end later than this run's can close."""
         from mlflow import MlflowClient
 
-        from lambda_ml_apps.ctr.events import LABELS_FINAL_UNTIL
+        from lambda_ml_apps.ctr.online import labels_final_of
 
         client = MlflowClient(cfg.mlflow.tracking_uri)
         champion = client.get_model_version_by_alias(cfg.mlflow.registered_model, contract.CHAMPION_ALIAS)
-        final = client.get_run(champion.run_id).data.params.get(LABELS_FINAL_UNTIL) if champion.run_id else None
-        if not final:
+        learned = labels_final_of(client, champion.run_id)
+        if learned is None:
             return None
-        learned = datetime.fromisoformat(final)
         delay = timedelta(minutes=cfg.ctr.attribution_window_minutes + cfg.speed.watermark_minutes)
         step_s = cfg.speed.online.step_minutes * 60
         closes = (fresh_at - delay).timestamp()  # the newest impression whose label the fresh events close

@@ -309,15 +309,22 @@ def find_champion(cfg: PlatformConfig) -> Champion:
     return Champion(number, pipeline, replace(zero_model(inputs), generation=horizon, base_version=number))
 
 
-def _learned_until(client: Any, run_id: str | None) -> int | None:
-    """The frontier after the impressions a registered model's training run learned from (its
-    ``labels_final_until`` param, epoch microseconds, exclusive); None when the run does not say."""
-    params = client.get_run(run_id).data.params if run_id else {}
-    final = params.get(LABELS_FINAL_UNTIL)
+def labels_final_of(client: Any, run_id: str | None) -> datetime | None:
+    """The ``labels_final_until`` param of a registered model's training run (UTC): it learned
+    every impression at or before it; None when the run does not say."""
+    final = client.get_run(run_id).data.params.get(LABELS_FINAL_UNTIL) if run_id else None
     if not final:
         return None
     instant = datetime.fromisoformat(final)
-    instant = instant if instant.tzinfo is not None else instant.replace(tzinfo=UTC)
+    return instant if instant.tzinfo is not None else instant.replace(tzinfo=UTC)
+
+
+def _learned_until(client: Any, run_id: str | None) -> int | None:
+    """The frontier after the impressions a registered model's training run learned from (epoch
+    microseconds, exclusive); None when the run does not say."""
+    instant = labels_final_of(client, run_id)
+    if instant is None:
+        return None
     return int(instant.timestamp() * 1_000_000) + 1  # the impressions *at* that instant were learned too
 
 
