@@ -7,6 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: setup browser demo lint test stop status clean help
 
@@ -17,6 +18,8 @@ help:
 	@echo "make stop    stop the demo's stack (service, speed layer, MLflow, Kafka) and a service started by hand here"
 	@echo "make status  show what is running"
 
+# The demo's environment: the platform and the notebooks' Jupyter. `make test` adds the test
+# tools (pytest, linters, Playwright...) on top, in the same virtualenv.
 $(STAMP): pyproject.toml
 	@command -v java >/dev/null || { echo "java not found: install OpenJDK 17 (apt-get install openjdk-17-jdk-headless)"; exit 1; }
 	@command -v mvn >/dev/null || { echo "mvn not found: install Maven (apt-get install maven)"; exit 1; }
@@ -25,6 +28,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 # The layers are top-level packages by design: setuptools' advice about such (flat) layouts in
 # editable installs is left out of the output.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e ".[notebooks]"
+	@touch $@
+
+$(TEST_STAMP): $(STAMP)
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e ".[test]"
 # MovieLens 100k for bench/real_data.py and its test: the package's data files only.
 	$(PY) -m pip install --quiet --no-deps "recbole==1.2.1"
@@ -48,7 +55,7 @@ browser:
 demo: setup
 	$(VENV)/bin/lambda-ml demo
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 

@@ -8,7 +8,7 @@
   outside loopback refused, so they work on a machine without Internet access.
 
 Every checked page is saved as a PNG under ``.data/test-artifacts/browser/`` (printed at the
-end). Chromium comes from ``make setup`` (Debian's package); without it these tests fail.
+end). Chromium comes from ``make test`` (Debian's package); without it these tests fail.
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ def test_docs_pages_load_their_scripts_and_styles_from_the_service_itself() -> N
 
 
 def chromium_path() -> str:
-    """Debian's chromium, which ``make setup`` installs; a clear failure without it."""
+    """Debian's chromium, which ``make test`` installs; a clear failure without it."""
     path = shutil.which("chromium")
     if path is None:
-        pytest.fail("chromium not found: run `make setup` (as root it installs Debian's chromium) or `apt-get install -y chromium`")
+        pytest.fail("chromium not found: run `make test` (as root it installs Debian's chromium) or `apt-get install -y chromium`")
     return path
 
 
