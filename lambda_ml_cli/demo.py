@@ -6,7 +6,10 @@ Kafka -> speed layer (ingest, feature increments, the application's first querie
 from the new champion, on the model-updates topic) -> serving (champion and speed model, batch
 views merged with the speed layer's increments), then fresh events followed until serving counts
 them, one request, and ``lambda-ml verify``'s checks. The stack, the speed layer and the service
-stay up afterwards; ``make stop`` (``lambda-ml stack down``) stops them.
+stay up afterwards; ``make stop`` (``lambda-ml stack down``) stops them. A second run keeps the
+speed layer and the service an earlier one left running (when they would be started the same way:
+same command, same configuration): the speed layer lands the new events, the service swaps in the
+new champion and views, as in a deployment between two batch runs.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -137,6 +140,40 @@ def wait_for_speed_model(cfg: PlatformConfig, timeout_s: float = 300) -> Outcome
     return Outcome(False, f"no update from champion v{version} published within {timeout_s:.0f} s (see the speed layer's log)")
 
 
+def event_end_offsets(cfg: PlatformConfig) -> dict[tuple[str, int], int]:
+    """Kafka's end offset of every partition of the event topics: what was sent so far."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=cfg.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False)
+    try:
+        partitions = [
+            TopicPartition(topic.name, p) for topic in cfg.events.topics().values() for p in sorted(consumer.partitions_for_topic(topic.name) or ())
+        ]
+        return {(tp.topic, tp.partition): offset for tp, offset in consumer.end_offsets(partitions).items()}
+    finally:
+        consumer.close()
+
+
+def wait_for_ingest(cfg: PlatformConfig, ends: Mapping[tuple[str, int], int], timeout_s: float = 300) -> None:
+    """Wait until the running speed layer's ingest has committed a micro-batch that read every
+    event topic partition up to ``ends`` (its records are then in bronze or in quarantine)."""
+    from lambda_ml.spark import get_spark
+
+    spark = get_spark(cfg, "demo")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        progress = verify.ingest_progress(spark, cfg)
+        behind = {tp: end for tp, end in ends.items() if end > (progress.ends.get(tp, 0) if progress else 0)}
+        if not behind:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"the running speed layer did not read the events sent within {timeout_s:.0f} s (still behind on "
+                f"{', '.join(f'{t}/{p}' for t, p in sorted(behind))}); see {stack.SpeedProcess(cfg).process.log_file}"
+            )
+        time.sleep(1)
+
+
 def _lake_counts(cfg: PlatformConfig) -> dict[str, int]:
     from lambda_ml.spark import get_spark
     from speed_layer.ingest import table_paths
@@ -164,19 +201,37 @@ def run(cfg: PlatformConfig, events: int | None = None) -> int:
     steps = 11
     _step(1, steps, "resolve JVM jars", lambda: jvm.resolve_all(cfg))
     _step(2, steps, "start Kafka broker and MLflow server", lambda: stack.up(cfg))
-    speed = stack.SpeedProcess(cfg)
-    if speed.stop():  # its queries share the checkpoints the drain below uses
+    # A speed layer and a service an earlier demo left running, started as this run would start
+    # them, keep running: the speed layer lands this run's events as they come and its online
+    # model follows the new champion, the service swaps it in (what a deployment does between
+    # two batch runs). Anything else running is stopped, and they start after training.
+    queries = list(cfg.speed.queries)
+    speed, service = stack.SpeedProcess(cfg), stack.ServingProcess(cfg)
+    speed_pid, service_pid = speed.running(cfg.source, queries), service.running(cfg.source)
+    if speed_pid is None and speed.stop():  # its queries share the checkpoints the drain below uses
         log.info("stopped the speed layer an earlier demo left running; it starts again after training")
     sent = _step(3, steps, "generate events to Kafka", lambda: script.send_events(cfg, events))
-    warm = ["ingest", "increments", *script.warm_queries]
-    _step(4, steps, f"speed layer: {', '.join(warm)} (catch up and stop)", lambda: app.run(cfg, warm, available_now=True))
+    if speed_pid is None:
+        warm = ["ingest", "increments", *script.warm_queries]
+        _step(4, steps, f"speed layer: {', '.join(warm)} (catch up and stop)", lambda: app.run(cfg, warm, available_now=True))
+    else:
+        ends = event_end_offsets(cfg)
+        _step(4, steps, f"speed layer: running since an earlier demo (pid {speed_pid}): wait until it has read these events",
+              lambda: wait_for_ingest(cfg, ends))  # fmt: skip
     counts = _lake_counts(cfg)
     result = _step(5, steps, "batch layer: views, train, gate, register", lambda: _train(cfg))
     # From here on the speed layer runs continuously, its model updates following the champion.
-    queries = list(cfg.speed.queries)
-    speed_pid = _step(6, steps, f"speed layer: run continuously ({', '.join(queries)})", lambda: speed.start(cfg.source, queries))
-    service = stack.ServingProcess(cfg)
-    _step(7, steps, "serving layer: start the service", lambda: service.start(cfg.source))
+    if speed_pid is None:
+        speed_pid = _step(6, steps, f"speed layer: run continuously ({', '.join(queries)})", lambda: speed.start(cfg.source, queries))
+    else:
+        _step(6, steps, f"speed layer: running (pid {speed_pid}): {', '.join(queries)}", lambda: None)
+    if service_pid is None:
+        _step(7, steps, "serving layer: start the service", lambda: service.start(cfg.source))
+    else:
+        champion = champion_horizon(cfg)  # the gate may have kept the earlier one
+        served = None if champion is None else champion[0]
+        _step(7, steps, f"serving layer: running (pid {service_pid}): wait until it serves champion v{served} and the new views",
+              lambda: service.wait_until_serving(served, result.horizon.parts))  # fmt: skip
     fresh = _step(8, steps, "fresh events: send some and wait until serving counts them",
                   lambda: follow_fresh_events(cfg, script, service.url))  # fmt: skip
     # After the fresh events: a speed model may move only on events after the champion's horizon.

@@ -17,13 +17,14 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from lambda_ml.config import PROJECT_ROOT, PlatformConfig, TopicConfig
+from lambda_ml.config import ENV_PREFIX, PROJECT_ROOT, PlatformConfig, TopicConfig
 from lambda_ml.jvm import KAFKA_BROKER, resolved_jars
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,22 @@ class ManagedProcess:
             )
         self.pid_file.write_text(f"{process.pid}\n")
         return process.pid
+
+    def running_as(self, command: Sequence[str], config_file: str | None) -> int | None:
+        """The PID if the recorded process is alive and would be started the same way now: the
+        same command line, the same ``LAMBDA_ML__*`` overrides, and ``config_file`` (if any) not
+        changed since it started. None otherwise (not running, or running something else)."""
+        pid = self.pid()
+        if pid is None:
+            return None
+        try:
+            process = psutil.Process(pid)
+            same = process.cmdline() == list(command) and _overrides(process.environ()) == _overrides(os.environ)
+            if same and config_file:
+                same = Path(config_file).stat().st_mtime <= process.create_time()
+        except (psutil.Error, OSError):
+            return None
+        return pid if same else None
 
     def stop(self, timeout_s: float = 30, leader_first: bool = False) -> bool:
         """SIGTERM the process group, SIGKILL it after ``timeout_s``; True if it was running.
@@ -141,6 +158,11 @@ def _stop_leftovers(group: int, timeout_s: float = 10) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and group_members(group):
             time.sleep(0.2)
+
+
+def _overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """The configuration overrides in a process's environment (see ``lambda_ml.config``)."""
+    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
 
 
 def _is_gone(pid: int) -> bool:
@@ -394,26 +416,51 @@ class ServingProcess:
     def url(self) -> str:
         return f"http://{self.cfg.serving.host}:{self.cfg.serving.port}"
 
-    def start(self, config_file: str | None = None) -> None:
-        if (pid := self.process.pid()) is not None:
-            log.info("prediction service already running (pid %d) at %s: restarting it", pid, self.url)
-            self.stop()
+    def command(self, config_file: str | None = None) -> list[str]:
         command = [sys.executable, "-m", "serving_layer", "--host", self.cfg.serving.host, "--port", str(self.cfg.serving.port)]
         if config_file:
             # The child runs in its own folder: a path relative to ours would not be found there.
             command += ["--config", str(Path(config_file).resolve())]
-        pid = self.process.start(command)
+        return command
+
+    def running(self, config_file: str | None = None) -> int | None:
+        """The PID of a service started as ``start(config_file)`` would start it now, else None."""
+        return self.process.running_as(self.command(config_file), config_file)
+
+    def start(self, config_file: str | None = None) -> None:
+        if (pid := self.process.pid()) is not None:
+            log.info("prediction service already running (pid %d) at %s: restarting it", pid, self.url)
+            self.stop()
+        pid = self.process.start(self.command(config_file))
         log.info("starting prediction service (pid %d) at %s", pid, self.url)
         wait_until(self.is_ready, 120, "prediction service", self.process)
         log.info("prediction service ready at %s", self.url)
 
-    def is_ready(self) -> bool:
-        """True once the service has loaded a model and the views (its /health says ready)."""
+    def health(self) -> dict[str, Any]:
+        """The service's ``/health`` answer; empty if it does not answer."""
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                return bool(json.loads(response.read()).get("ready"))
+                answer = json.loads(response.read())
+                return answer if isinstance(answer, dict) else {}
         except (OSError, ValueError):
-            return False
+            return {}
+
+    def is_ready(self) -> bool:
+        """True once the service has loaded a model and the views (its /health says ready)."""
+        return bool(self.health().get("ready"))
+
+    def wait_until_serving(self, version: int | None, views: Mapping[str, int | None], timeout_s: float = 120) -> None:
+        """Wait until the running service has swapped in the champion ``version`` (None: any)
+        and the batch views at horizon ``views`` (it polls the registry and the lake:
+        ``serving.poll_interval_s``, ``serving.views_refresh_s``)."""
+
+        def serving() -> bool:
+            health = self.health()
+            model, loaded = health.get("model") or {}, health.get("views") or {}
+            return version in (None, model.get("version")) and loaded.get("horizon") == dict(views)
+
+        what = f"prediction service (pid {self.process.pid()}) swapping in {'' if version is None else f'version {version} and '}the new views"
+        wait_until(serving, timeout_s, what, self.process)
 
     def stop(self) -> bool:
         return self.process.stop(timeout_s=15)
@@ -492,18 +539,27 @@ class SpeedProcess:
         if (pid := self.process.pid()) is not None:
             log.info("speed layer already running (pid %d): restarting it", pid)
             self.stop()
-        command = [sys.executable, "-m", "lambda_ml_cli.cli"]
-        if config_file:
-            command += ["--config", str(Path(config_file).resolve())]  # see ServingProcess.start
-        command += ["speed", "run"]
-        for query in queries:
-            command += ["--query", query]
+        command = self.command(config_file, queries)
         logged_before = self.process.log_file.stat().st_size if self.process.log_file.exists() else 0
         pid = self.process.start(command)
         log.info("starting the speed layer (pid %d): %s", pid, ", ".join(queries or self.cfg.speed.queries))
         wait_until(lambda: self._logged_since(logged_before, self.READY_LINE), 300, "speed layer", self.process)
         log.info("speed layer running (pid %d); log: %s", pid, self.process.log_file)
         return pid
+
+    def command(self, config_file: str | None = None, queries: Sequence[str] = ()) -> list[str]:
+        command = [sys.executable, "-m", "lambda_ml_cli.cli"]
+        if config_file:
+            command += ["--config", str(Path(config_file).resolve())]  # see ServingProcess.command
+        command += ["speed", "run"]
+        for query in queries:
+            command += ["--query", query]
+        return command
+
+    def running(self, config_file: str | None = None, queries: Sequence[str] = ()) -> int | None:
+        """The PID of a speed layer started as ``start(config_file, queries)`` would start it
+        now, else None."""
+        return self.process.running_as(self.command(config_file, queries), config_file)
 
     def _logged_since(self, offset: int, text: str) -> bool:
         with self.process.log_file.open("rb") as log_file:

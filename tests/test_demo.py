@@ -40,8 +40,6 @@ def _summary(stdout: str) -> dict[str, str]:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_the_demo_runs_end_to_end_and_its_summary_is_true(running_stack: PlatformConfig, tmp_path: Path) -> None:
-    from mlflow import MlflowClient
-
     cfg = isolated(running_stack, "demo-ctr", tmp_path / "lake", topic_prefix="demo")
     cfg = cfg.model_copy(
         update={
@@ -52,7 +50,24 @@ def test_the_demo_runs_end_to_end_and_its_summary_is_true(running_stack: Platfor
         }
     )
     config_file = write_config(cfg, tmp_path / "demo.yaml")
-    out, err = tmp_path / "demo.out", tmp_path / "demo.log"
+    try:
+        code, printed, logged = _run_demo(config_file, tmp_path / "first")
+        assert code == 0, printed[-3000:] + logged[-5000:]
+        _check_first_run(cfg, printed, logged)
+        # A second run soon after: it keeps the speed layer and the service the first left
+        # running (the same processes), which land its events and swap in its champion.
+        left = _summary(printed)["speed layer"]
+        code, printed, logged = _run_demo(config_file, tmp_path / "second")
+        assert code == 0, printed[-3000:] + logged[-5000:]
+        _check_second_run(cfg, left, printed, logged)
+    finally:
+        stopped = [part.stop() for part in (stack.ServingProcess(cfg), stack.SpeedProcess(cfg))]
+    assert stopped == [True, True], "the demo leaves its service and speed layer running"
+
+
+def _run_demo(config_file: Path, base: Path) -> tuple[int, str, str]:
+    """``lambda-ml --config FILE demo`` as a user runs it: exit code, stdout, stderr."""
+    out, err = base.with_suffix(".out"), base.with_suffix(".log")
     try:
         with out.open("w") as stdout, err.open("w") as stderr:
             # Its progress goes to the log file as it happens: a slow or stuck step shows there.
@@ -62,11 +77,12 @@ def test_the_demo_runs_end_to_end_and_its_summary_is_true(running_stack: Platfor
             ).returncode  # fmt: skip
     except subprocess.TimeoutExpired:
         pytest.fail("the demo did not end within 25 min; its log ends with:\n" + err.read_text()[-5000:])
-    finally:
-        stopped = [part.stop() for part in (stack.ServingProcess(cfg), stack.SpeedProcess(cfg))]
-    printed, logged = out.read_text(), err.read_text()
-    assert code == 0, printed[-3000:] + logged[-5000:]
-    assert stopped == [True, True], "the demo leaves its service and speed layer running"
+    return code, out.read_text(), err.read_text()
+
+
+def _check_first_run(cfg: PlatformConfig, printed: str, logged: str) -> None:
+    from mlflow import MlflowClient
+
     summary = _summary(printed)
 
     # Every step said it started and ended, in order.
@@ -110,4 +126,35 @@ def test_the_demo_runs_end_to_end_and_its_summary_is_true(running_stack: Platfor
     assert script.update_pending(cfg, final_until + delay + timedelta(minutes=cfg.speed.online.step_minutes + 1)) is None
 
     # It ends with verify's four checks on what it left, all passed.
+    assert re.search(r"^  verify \S+: 4 check\(s\) in \d+ s, all passed$", printed, flags=re.M), printed[-3000:]
+
+
+def _check_second_run(cfg: PlatformConfig, first_speed_layer: str, printed: str, logged: str) -> None:
+    from mlflow import MlflowClient
+
+    summary = _summary(printed)
+    steps = re.findall(r"\[(\d+)/(\d+)\] .*: done in", logged)
+    assert [int(n) for n, _ in steps] == list(range(1, int(steps[0][1]) + 1))
+    # The same speed-layer process as the first run left (its pid in both summaries), not restarted.
+    pid = re.match(r"running \(pid (\d+)\)", first_speed_layer)
+    assert pid is not None and summary["speed layer"].startswith(f"running (pid {pid.group(1)})"), summary["speed layer"]
+    assert f"running since an earlier demo (pid {pid.group(1)}): wait until it has read these events: done in" in logged
+    assert "starting the speed layer" not in logged and "starting prediction service" not in logged
+
+    # The new champion is what the kept service answers with, and the counts are bronze's at its horizon.
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    champion = client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion")
+    assert summary["model"].startswith(f"{cfg.mlflow.registered_model} version {champion.version}")
+    answer = json.loads(summary["one request"].split("-> ", 1)[1])
+    assert answer["model"]["version"] == int(champion.version)
+    bronze = {
+        name: len(DeltaTable(cfg.lake.table("bronze", name), version=int(champion.tags[contract.horizon_tag(name)])).to_pyarrow_table())
+        for name in cfg.events.types
+    }
+    assert summary["bronze (all runs)"] == ", ".join(f"{n} {name}" for name, n in bronze.items())
+    assert bronze["impressions"] > 3000  # the first run's, its fresh events and this run's
+    assert "counted by serving after" in summary["fresh events"], summary["fresh events"]
+    # The champion learned labels later than this run's fresh events can close (the first run's
+    # fresh events): the summary says when the online model can step instead of waiting.
+    assert summary["speed model"].startswith(f"no update yet from champion v{champion.version}"), summary["speed model"]
     assert re.search(r"^  verify \S+: 4 check\(s\) in \d+ s, all passed$", printed, flags=re.M), printed[-3000:]

@@ -63,6 +63,31 @@ def test_managed_process_stops_its_whole_group_by_pid(tmp_path: Path) -> None:
     assert process.stop() is False  # stopping a stopped process is a no-op
 
 
+def test_a_running_process_is_kept_only_when_it_would_be_started_the_same_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What lets a second demo keep the speed layer and the service the first one left: the same
+    command, the same LAMBDA_ML__ overrides, a config file older than the process."""
+    config = tmp_path / "platform.yaml"
+    config.write_text("{}\n")
+    os.utime(config, (time.time() - 60, time.time() - 60))
+    monkeypatch.setenv("LAMBDA_ML__SERVING__PORT", "18000")
+    process = stack.ManagedProcess("sleeper", tmp_path)
+    command = [sys.executable, "-c", "import time; time.sleep(300)", str(config)]
+    assert process.running_as(command, str(config)) is None  # not started
+    pid = process.start(command)
+    try:
+        assert process.running_as(command, str(config)) == pid
+        assert process.running_as([*command, "--other"], str(config)) is None
+        monkeypatch.setenv("LAMBDA_ML__SERVING__PORT", "18001")
+        assert process.running_as(command, str(config)) is None
+        monkeypatch.setenv("LAMBDA_ML__SERVING__PORT", "18000")
+        assert process.running_as(command, str(config)) == pid
+        config.write_text("{}\n")  # edited after the process started
+        assert process.running_as(command, str(config)) is None
+    finally:
+        process.stop(timeout_s=10)
+    assert process.running_as(command, None) is None
+
+
 def _free_port() -> int:
     import socket
 
