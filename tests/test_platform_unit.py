@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,6 +146,39 @@ def test_generator_is_deterministic_and_its_ground_truth_matches_the_records() -
     times = [parse(json.loads(r.value)["event_time"]) for r in records if r.event_type == "clicks"]
     assert any(later < earlier for earlier, later in zip(times, times[1:]))
     assert Counter(truth.malformed) == Counter({kind: 40 // 7 + (i < 40 % 7) for i, kind in enumerate(generator.MALFORMED_KINDS)})
+
+
+def test_a_second_generator_run_sends_other_events_of_the_same_world() -> None:
+    """A run a few minutes after another (the demo run twice: each ``run`` draws anew) sends new events, not a shifted copy
+    of the first run's (whose twins would leak each click into the other's features), drawn from
+    the same users and items: per-user click-through rates agree across runs of one seed, and
+    not across seeds."""
+    gen = GeneratorConfig(impressions=20_000, users=20, items=50, seed=5, duplicate_fraction=0.0, malformed_fraction=0.0)
+    window, now = timedelta(minutes=30), datetime(2026, 1, 1, tzinfo=UTC)
+
+    def per_user(records: list[Any]) -> tuple[list[tuple[str, str, str, int]], list[float]]:
+        shown: dict[str, dict[str, Any]] = {}
+        clicked: set[str] = set()
+        for record in records:
+            event = json.loads(record.value)
+            if record.event_type == "impressions":
+                shown[event["event_id"]] = event
+            else:
+                clicked.add(event["impression_id"])
+        sequence = [(e["user_id"], e["item_id"], e["device"], e["position"]) for e in shown.values()]
+        users = sorted({e["user_id"] for e in shown.values()}, key=lambda u: int(u[1:]))
+        rates = [
+            sum(i in clicked for i, e in shown.items() if e["user_id"] == u) / sum(e["user_id"] == u for e in shown.values())
+            for u in users
+        ]
+        return sequence, rates
+
+    first, first_rates = per_user(generator.generate(gen, window, now, draw="1")[0])
+    second, second_rates = per_user(generator.generate(gen, window, now + timedelta(minutes=5), draw="2")[0])
+    _, other_rates = per_user(generator.generate(gen.model_copy(update={"seed": 6}), window, now, draw="1")[0])
+    assert sum(a == b for a, b in zip(first, second)) < 0.05 * len(first)  # not the same events
+    assert statistics.correlation(first_rates, second_rates) > 0.8  # the same users
+    assert statistics.correlation(first_rates, other_rates) < 0.5  # another seed: other users
 
 
 def test_every_cli_verb_has_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,7 +4,8 @@ Each impression is clicked with probability ``sigmoid(bias + user affinity + ite
 device effect + position effect)``. Clicks follow their impression after a random delay (most
 within minutes, some after the attribution window), some are sent out of order (late), some
 twice (duplicates), and a share of extra malformed records is mixed in. The same seed gives the
-same events, and :class:`GroundTruth` says exactly what the lake must end up holding.
+same users and items; each run that sends them draws new events of theirs (``generate``'s
+``draw``). :class:`GroundTruth` says exactly what the lake must end up holding.
 """
 
 from __future__ import annotations
@@ -87,8 +88,14 @@ def _malformed(kind: str, rng: random.Random, now: datetime) -> Record:
     return Record("impressions", b"bad", value)
 
 
-def generate(gen: GeneratorConfig, attribution_window: timedelta, now: datetime | None = None) -> tuple[list[Record], GroundTruth]:
+def generate(
+    gen: GeneratorConfig, attribution_window: timedelta, now: datetime | None = None, draw: str = ""
+) -> tuple[list[Record], GroundTruth]:
     """Generate the records to send, in send order, and the ground truth they imply.
+
+    The users and items (each one's affinity or quality) come from ``gen.seed``; the events from
+    the seed and ``draw``: the same seed and draw give the same events (ending at ``now``),
+    another draw other events of the same users and items (no draw: the draw of the seed alone).
 
     >>> from lambda_ml.config import GeneratorConfig
     >>> records, truth = generate(GeneratorConfig(impressions=200, seed=1), timedelta(minutes=30),
@@ -96,9 +103,9 @@ def generate(gen: GeneratorConfig, attribution_window: timedelta, now: datetime 
     >>> truth.impressions, len(records) == truth.valid_records + truth.malformed_total
     (200, True)
     """
-    rng = random.Random(gen.seed)
     now = now or datetime.now(UTC)
     start = now - timedelta(hours=gen.span_hours)
+    rng = random.Random(gen.seed)
     user_affinity = [rng.gauss(0, 0.6) for _ in range(gen.users)]
     item_quality = [rng.gauss(0, 0.8) for _ in range(gen.items)]
     truth = GroundTruth()
@@ -106,6 +113,8 @@ def generate(gen: GeneratorConfig, attribution_window: timedelta, now: datetime 
     span_s = gen.span_hours * 3600
     # Ids are unique per (seed, generation time), so a second run adds new events.
     run_tag = f"{gen.seed}-{int(now.timestamp())}"
+    if draw:
+        rng = random.Random(f"{gen.seed}/{draw}")
 
     for n in range(gen.impressions):
         ts = start + timedelta(seconds=rng.random() * span_s)
@@ -154,9 +163,13 @@ def generate(gen: GeneratorConfig, attribution_window: timedelta, now: datetime 
 
 
 def run(cfg: PlatformConfig, now: datetime | None = None) -> GroundTruth:
-    """Generate the configured stream, send it to Kafka and return its ground truth."""
+    """Generate the configured stream, send it to Kafka and return its ground truth. Each run
+    draws new events of the same users and items (the draw is the generation time): a copy of
+    an earlier run's events shifted by a few minutes would let every impression's features count
+    its twin's click."""
     window = timedelta(minutes=cfg.ctr.attribution_window_minutes)
-    records, truth = generate(cfg.generator, window, now)
+    now = now or datetime.now(UTC)
+    records, truth = generate(cfg.generator, window, now, draw=now.isoformat())
     log.info(
         "sending %d impressions, %d clicks (%d distinct) and %d malformed records to %s",
         truth.impressions, truth.clicks_sent, truth.distinct_clicks, truth.malformed_total, cfg.kafka.bootstrap_servers,
