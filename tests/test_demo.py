@@ -146,7 +146,7 @@ def _check_second_run(cfg: PlatformConfig, first_speed_layer: str, printed: str,
     # the counts are bronze's at the new model's horizon.
     client = MlflowClient(cfg.mlflow.tracking_uri)
     champion = client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion")
-    registered = re.match(rf"{cfg.mlflow.registered_model} version (\d+), .*\(alias (champion|challenger)\)$", summary["model"])
+    registered = re.match(rf"{cfg.mlflow.registered_model} version (\d+)(?:, .*)? \(alias (champion|challenger)\)$", summary["model"])
     assert registered is not None, summary["model"]
     new = client.get_model_version_by_alias(cfg.mlflow.registered_model, registered.group(2))
     assert new.version == registered.group(1) and (champion.version == new.version) == (registered.group(2) == "champion")
