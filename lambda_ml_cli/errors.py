@@ -92,13 +92,19 @@ def _its_output(pid: int | None) -> str:
 
 
 class Py4jConnectionNoise(logging.Filter):
-    """Drops what py4j logs below WARNING with a traceback (through the root logger, e.g.
-    "Exception while sending command." each time a call finds the JVM gone): the exception
-    itself still reaches the caller, which says it in one line."""
+    """Drops what py4j logs with a traceback below WARNING (through the root logger, e.g.
+    "Exception while sending command." each time a call finds the JVM gone), and at any level
+    when the traceback is a lost connection to the JVM (logged as ERROR when the JVM dies during
+    a micro-batch's Python callback): the exception itself still reaches the caller, which says
+    it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from_py4j = f"{os.sep}py4j{os.sep}" in record.pathname
-        return not (from_py4j and record.levelno < logging.WARNING and record.exc_info)
+        if f"{os.sep}py4j{os.sep}" not in record.pathname or not record.exc_info:
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        exc = record.exc_info[1]
+        return exc is None or lost_jvm_reason(exc) is None
 
 
 def run_verb(handler: Callable[[PlatformConfig, argparse.Namespace], int], cfg: PlatformConfig, args: argparse.Namespace) -> int:

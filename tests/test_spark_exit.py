@@ -73,3 +73,22 @@ def test_a_killed_spark_jvm_ends_the_verb_with_one_line_naming_it(running_stack:
         + errors[0].split(": lost the connection to it (", 1)[-1]
     ], text
     assert "Traceback" not in text and "py4j" not in text.lower(), text
+
+
+def test_a_lost_jvm_connection_logged_as_an_error_by_py4j_is_dropped_and_other_errors_are_kept() -> None:
+    """The JVM dying during a micro-batch's Python callback makes py4j log the lost connection at
+    ERROR with a traceback; the verb's one line says it instead. Other py4j errors still show."""
+    import logging
+
+    from py4j.protocol import Py4JNetworkError
+
+    from lambda_ml_cli.errors import Py4jConnectionNoise
+
+    def record(level: int, exc: BaseException) -> logging.LogRecord:
+        path = f"{os.sep}venv{os.sep}py4j{os.sep}clientserver.py"
+        return logging.LogRecord("py4j.clientserver", level, path, 1, "failed", None, (type(exc), exc, None))
+
+    noise = Py4jConnectionNoise()
+    assert not noise.filter(record(logging.ERROR, Py4JNetworkError("Error while sending or receiving")))
+    assert not noise.filter(record(logging.INFO, ValueError("anything below WARNING")))
+    assert noise.filter(record(logging.ERROR, ValueError("a real error")))
