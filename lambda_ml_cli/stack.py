@@ -160,7 +160,7 @@ def _stop_leftovers(group: int, timeout_s: float = 10) -> None:
             time.sleep(0.2)
 
 
-def _overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+def _overrides(environ: Mapping[str, str]) -> dict[str, str]:
     """The configuration overrides in a process's environment (see ``lambda_ml.config``)."""
     return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
 
