@@ -46,7 +46,7 @@ BUCKET = contract.VIEW_BUCKET_COLUMN
 _MICROS = "_pit_micros"
 _INDEX = "_pit_bucket"
 _HEAD = "_pit_head"  # a series row leading its bucket
-_PAYLOAD = "_pit_payload"  # a target's columns other than its keys and time, packed
+_PROBE = "_pit_probe"  # a target row that is no event
 
 
 def dedup_events(events: DataFrame) -> DataFrame:
@@ -300,29 +300,50 @@ def _with_ratios(frame: DataFrame, features: FeaturesConfig) -> DataFrame:
     return frame.select("*", *ratios)
 
 
+def event_window_features(
+    events: DataFrame, features: FeaturesConfig, bucket_rows: Mapping[str, DataFrame] | None = None
+) -> DataFrame:
+    """Every row of ``events`` with every declared window feature at its own ``event_time``.
+
+    ``events`` are :func:`feature_events`, possibly with more columns (carried along); rows
+    without a ``kind`` receive features without counting. ``bucket_rows`` are each entity's
+    bucket rows of the same events (the batch views); by default they are computed here. A row
+    at ``t`` sees its entity's events in ``[bucket_start(t) - window, t)``: whole buckets from
+    the bucket rows, plus the current bucket's events strictly before ``t``. Exact: no
+    approximate window, no leakage.
+    """
+    frame = events
+    entities = list(features.entities)
+    if bucket_rows is not None:
+        # Each pass sorts the events plus one row per (keys, bucket), and carries the features
+        # of the passes before it: the entities with the most buckets go first, while the rows
+        # are narrowest (at 3M events a user has about one event per bucket, an item dozens).
+        sizes = {name: bucket_rows[name].count() for name in entities}
+        entities.sort(key=lambda name: -sizes[name])
+    for name in entities:
+        entity = features.entities[name]
+        rows = bucket_increments(events, entity, features) if bucket_rows is None else bucket_rows[name]
+        frame = _entity_window_features(frame, bucket_series(rows, entity, features), name, entity, features)
+    return _with_ratios(frame, features)
+
+
 def add_window_features(
     targets: DataFrame, events: DataFrame, features: FeaturesConfig, bucket_rows: Mapping[str, DataFrame] | None = None
 ) -> DataFrame:
     """``targets`` with every declared window feature at its own ``event_time``.
 
     ``targets`` need ``event_time`` and every entity's keys; ``events`` are
-    :func:`feature_events`. A target at ``t`` sees its entity's events in
-    ``[bucket_start(t) - window, t)``: whole buckets from the bucket rows, plus its bucket's
-    events strictly before ``t``. Targets add nothing to any feature, so a target that is also
-    one of the events (an impression of the training set) sees what came before it and nothing
-    at its own instant. Exact: no approximate window, no leakage.
+    :func:`feature_events`. A target sees what :func:`event_window_features` gives an event at
+    its instant; targets add nothing to any feature.
 
     ``bucket_rows`` (per entity: a view merged with the increments after its horizon) give the
     whole buckets before each target's bucket instead of ``events``, which then need to hold
     only the events of the targets' own buckets (from the earliest one's start): the same
     features, without reading the events of the longest window.
-
-    One shuffle and sort per entity, over narrow rows: the events with only the entity's keys
-    and the measures, the targets with their keys and every other column packed in one struct
-    (an event row carries one null there, not one per target column).
     """
     width = buckets.to_micros(features.bucket_width)
-    frame = targets.drop(KIND)
+    probes = targets.drop(KIND).withColumn(_PROBE, F.lit(True))
+    frame = probes.unionByName(events.withColumn(_PROBE, F.lit(False)), allowMissingColumns=True)
     for name, entity in features.entities.items():
         keys = list(entity.keys)
         # The targets' own buckets join the series: a target's bucket may hold no event.
@@ -332,15 +353,9 @@ def add_window_features(
         else:  # only the targets' keys
             rows = bucket_rows[name].join(wanted.select(*keys).distinct(), keys, "left_semi")
         series = bucket_series(rows, entity, features, wanted)
-        packed = [column for column in frame.columns if column not in (*keys, "event_time")]
-        probes = frame.select(*keys, "event_time", F.struct(*packed).alias(_PAYLOAD))
-        counted = events.select(KIND, "event_time", *dict.fromkeys([*keys, *features.measures]))
-        combined = probes.unionByName(counted, allowMissingColumns=True)
-        spread = _entity_window_features(combined, series, name, entity, features).where(F.col(_PAYLOAD).isNotNull())
-        added = [contract.window_feature_name(name, agg, window) for agg in features.aggregates for window in features.windows]
-        unpacked = {column: F.col(f"{_PAYLOAD}.{column}").alias(column) for column in packed}
-        frame = spread.select(*(unpacked.get(column, F.col(column)) for column in frame.columns), *added)
-    return _with_ratios(frame, features)
+        frame = _entity_window_features(frame, series, name, entity, features)
+    event_only = [column for column in events.columns if column not in targets.columns]
+    return _with_ratios(frame.where(F.col(_PROBE)).drop(_PROBE, *event_only), features)
 
 
 def model_input_columns(inputs: ModelInputs) -> list[Column]:

@@ -443,20 +443,23 @@ def default_features() -> FeaturesConfig:
     return load_config(DEFAULT_CONFIG, env={}).features
 
 
-@pytest.mark.parametrize("path", ["events", "views"])
+@pytest.mark.parametrize("path", ["targets", "events"])
 def test_training_features_equal_a_plain_python_reference(
     spark: SparkSession, default_features: FeaturesConfig, path: str
 ) -> None:
     """Every declared window feature of every impression (the shipped declarations: 1 h, 24 h,
     7 d and lifetime windows over user, item and user x device), against the definition computed directly:
-    whole buckets from the events, and from bucket rows given as the views (the training
-    set's way)."""
+    for impressions as separate targets, and as the feature events themselves (the training
+    set's way, with the bucket rows given as the views)."""
     impressions, clicks = random_events()
     imps = features.dedup_events(impressions_frame(spark, impressions))
     clks = features.dedup_events(clicks_frame(spark, clicks))
     events = ctr_events.feature_events(imps, ctr_events.attribute_clicks(imps, clks, WINDOW), default_features)
-    views = {name: features.bucket_increments(events, e, default_features) for name, e in default_features.entities.items()}
-    frame = features.add_window_features(imps, events, default_features, views if path == "views" else None)
+    if path == "targets":
+        frame = features.add_window_features(imps, events, default_features)
+    else:
+        views = {name: features.bucket_increments(events, e, default_features) for name, e in default_features.entities.items()}
+        frame = features.event_window_features(events, default_features, views).where(F.col(features.KIND) == "impressions")
     # Through epoch microseconds: collected timestamps are naive, in the driver's time zone.
     computed = frame.withColumn("micros", F.unix_micros("event_time")).collect()
     names = contract.model_inputs(default_features).numeric[:-1]  # all but position

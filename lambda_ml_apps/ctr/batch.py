@@ -19,7 +19,7 @@ import mlflow
 import mlflow.spark
 import numpy as np
 import onnx
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lambda_ml import contract
@@ -29,7 +29,7 @@ from lambda_ml.metrics import split_by_time
 from lambda_ml.features import (
     KIND,
     LABEL,
-    add_window_features,
+    event_window_features,
     latest_event_time,
     model_input_columns,
 )
@@ -58,23 +58,19 @@ PARITY_MAX_ROWS = 100_000
 # --------------------------------------------------------------------------- pure transforms
 
 
-def training_rows(
-    events: DataFrame, cfg: PlatformConfig, bucket_rows: Mapping[str, DataFrame] | None = None, kept: Column | None = None
-) -> DataFrame:
+def training_rows(events: DataFrame, cfg: PlatformConfig, bucket_rows: Mapping[str, DataFrame] | None = None) -> DataFrame:
     """Labelled impressions of :func:`labelled_events` with point-in-time window features.
 
     Columns: ``event_id, event_time, user_id, item_id``, the model inputs declared in
     ``cfg.features`` (numbers as doubles) and ``label``. A row's window features use only
     events strictly before its event time; unlabelled impressions are left out but their
-    events still count for later ones, as do the labelled impressions ``kept`` leaves out (a
-    condition on the events: the rows wanted, e.g. a sample). ``bucket_rows`` are the batch
-    views of the same events, by entity (computed here when not given).
+    events still count for later ones. ``bucket_rows`` are the batch views of the same events,
+    by entity (computed here when not given).
     """
-    labelled = (F.col(KIND) == IMPRESSIONS) & F.col(LABEL).isNotNull()
-    targets = events.where(labelled if kept is None else labelled & kept)
-    with_features = add_window_features(targets, events, cfg.features, bucket_rows)
+    with_features = event_window_features(events, cfg.features, bucket_rows)
+    labelled = with_features.where((F.col(KIND) == IMPRESSIONS) & F.col(LABEL).isNotNull())
     inputs = contract.model_inputs(cfg.features)
-    return with_features.select("event_id", "event_time", "user_id", "item_id", *model_input_columns(inputs), F.col(LABEL))
+    return labelled.select("event_id", "event_time", "user_id", "item_id", *model_input_columns(inputs), F.col(LABEL))
 
 
 def build_training_set(impressions: DataFrame, clicks: DataFrame, cfg: PlatformConfig, as_of: datetime) -> DataFrame:
@@ -216,7 +212,7 @@ class CtrBatchUpdate:
         split = split_counts(labelled, cutoff)
         held = F.col("event_time") > F.lit(cutoff)
         fitted = in_sample(split["train"], cfg.ctr.max_training_rows)
-        training = training_rows(events, cfg, views, kept=held | fitted).cache()
+        training = training_rows(events, cfg, views).where(held | fitted).cache()
         train, holdout = training.where(~held), training.where(held)
         fitted_counts = check_trainable(train, holdout)
         rows = {**counted, **split, "train_fitted": fitted_counts["train"], "labelled": split["train"] + split["holdout"]}
