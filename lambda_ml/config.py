@@ -74,6 +74,7 @@ class SparkConfig(_Model):
     shuffle_partitions: int = Field(4, gt=0)
     batch_shuffle_partitions: int = Field(16, gt=0)
     driver_memory: str = "2g"
+    java_options: str = "-XX:+UseParallelGC"
     ui_enabled: bool = False
     extra: dict[str, str] = {}
 

@@ -31,7 +31,8 @@ def spark_settings(cfg: PlatformConfig) -> dict[str, str]:
         "spark.ui.showConsoleProgress": "false",
         "spark.driver.memory": cfg.spark.driver_memory,
         "spark.sql.warehouse.dir": str(cfg.data_path / "spark-warehouse"),
-        "spark.driver.extraJavaOptions": f"-Dderby.system.home={cfg.data_path}",
+        "spark.driver.extraJavaOptions": f"-Dderby.system.home={cfg.data_path} {cfg.spark.java_options}".strip(),
+        "spark.executor.extraJavaOptions": cfg.spark.java_options,
     }
     if cfg.spark.master.startswith("local"):
         settings["spark.driver.host"] = "127.0.0.1"
