@@ -181,15 +181,19 @@ def _is_gone(pid: int) -> bool:
     return True
 
 
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str, process: ManagedProcess) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout_s: float, what: str, process: ManagedProcess, goal: str = "become ready"
+) -> None:
+    """Poll ``check`` until it holds; StackError saying that ``what`` exited, or did not
+    ``goal`` in time, with the last lines of its log."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.pid() is None:
-            raise StackError(f"{what} exited during start-up; last log lines of {process.log_file}:\n{process.tail()}")
+            raise StackError(f"{what} exited before it could {goal}; last log lines of {process.log_file}:\n{process.tail()}")
         if check():
             return
         time.sleep(0.5)
-    raise StackError(f"{what} did not become ready in {timeout_s:.0f} s; see {process.log_file}:\n{process.tail()}")
+    raise StackError(f"{what} did not {goal} in {timeout_s:.0f} s; see {process.log_file}:\n{process.tail()}")
 
 
 # --------------------------------------------------------------------------- Kafka broker
@@ -459,8 +463,8 @@ class ServingProcess:
             model, loaded = health.get("model") or {}, health.get("views") or {}
             return version in (None, model.get("version")) and loaded.get("horizon") == dict(views)
 
-        what = f"prediction service (pid {self.process.pid()}) swapping in {'' if version is None else f'version {version} and '}the new views"
-        wait_until(serving, timeout_s, what, self.process)
+        swapped = f"swap in {'' if version is None else f'version {version} and '}the new views"
+        wait_until(serving, timeout_s, f"the prediction service (pid {self.process.pid()})", self.process, goal=swapped)
 
     def stop(self) -> bool:
         return self.process.stop(timeout_s=15)

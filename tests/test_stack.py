@@ -88,6 +88,24 @@ def test_a_running_process_is_kept_only_when_it_would_be_started_the_same_way(tm
     assert process.running_as(command, None) is None
 
 
+def test_a_wait_says_what_was_awaited_when_it_times_out_or_the_process_exits(tmp_path: Path) -> None:
+    """A wait other than a start (the demo's wait for a running service to swap a model in)
+    names its own goal, not a start-up, on both ways it can fail."""
+    process = stack.ManagedProcess("service", tmp_path)
+    process.start([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(300)"])
+    try:
+        with pytest.raises(stack.StackError) as timed_out:
+            stack.wait_until(lambda: False, 1, "the service (pid 1)", process, goal="swap in version 4")
+        assert str(timed_out.value).startswith("the service (pid 1) did not swap in version 4 in 1 s; see ")
+        assert "up" in str(timed_out.value)  # the log's last lines
+    finally:
+        process.stop(timeout_s=10)
+    with pytest.raises(stack.StackError, match=r"^the service \(pid 1\) exited before it could swap in version 4; last log lines of "):
+        stack.wait_until(lambda: False, 5, "the service (pid 1)", process, goal="swap in version 4")
+    with pytest.raises(stack.StackError, match=r"^Kafka broker exited before it could become ready; "):
+        stack.wait_until(lambda: False, 5, "Kafka broker", process)
+
+
 def _free_port() -> int:
     import socket
 
