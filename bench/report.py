@@ -185,6 +185,7 @@ BASELINES = {
     "item_popularity_auc": "item popularity (pandas: the film's ratings before)",
     "user_item_rates_auc": "user + item all-history click rates (pandas)",
     "user_item_smoothed_rates_auc": "smoothed user + item all-history click rates (pandas)",
+    "user_item_mean_ratings_auc": "smoothed user + item all-history mean ratings (pandas)",
 }
 MODEL_NAMES = {"gbt": "GBT", "lr": "logistic regression"}
 

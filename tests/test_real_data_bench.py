@@ -49,16 +49,21 @@ def test_baselines_on_a_hand_checked_split() -> None:
     - rates: u1 at 500: 1 click (101) / 2 seen, i30: none -> 0.5 + 0.5; u2 at 600: 1/2, i30:
       1 click (501) / 1 -> 0.5 + 1.0; u3 at 700: none, i10: 2/2 -> 0.5 + 1.0.
     - smoothed by 10 impressions at 0.5: u1 6/12 + i30 5/10; u2 6/12 + i30 6/11; u3 5/10 + i10 7/12.
+    - mean ratings smoothed by 10 ratings at the training rows' mean, (5 + 2 + 4 + 1) / 4 = 3:
+      u1 (5 + 2 + 30)/12 + i30 30/10; u2 (4 + 1 + 30)/12 + i30 (5 + 30)/11; u3 30/10 + i10 (5 + 4 + 30)/12.
 
-    The labels are 1, 0, 1, so the AUCs are 1/2, 1/4 (a loss and a tie) and 1/2.
+    The labels are 1, 0, 1, so the AUCs are 1/2, 1/4 (a loss and a tie), 1/2 and 1/2 (6.08 loses
+    to 6.10, 6.25 beats it).
     """
     found = real_data.holdout_baselines(TINY, cutoff=at(400), as_of=at(9_001), attribution=ATTRIBUTION)
     assert (found["holdout_rows"], found["holdout_clicks"], found["train_rows"], found["train_click_rate"]) == (3, 2, 4, 0.5)
+    assert found["train_mean_rating"] == 3.0
     scores = found["scores"]
     np.testing.assert_allclose(scores["item_popularity"], [0, 1, 2])
     np.testing.assert_allclose(scores["user_item_rates"], [1.0, 1.5, 1.5])
     np.testing.assert_allclose(scores["user_item_smoothed_rates"], [6 / 12 + 5 / 10, 6 / 12 + 6 / 11, 5 / 10 + 7 / 12])
-    assert found["auc"] == {"item_popularity": 0.5, "user_item_rates": 0.25, "user_item_smoothed_rates": 0.5}
+    np.testing.assert_allclose(scores["user_item_mean_ratings"], [37 / 12 + 3, 35 / 12 + 35 / 11, 3 + 39 / 12])
+    assert found["auc"] == {"item_popularity": 0.5, "user_item_rates": 0.25, "user_item_smoothed_rates": 0.5, "user_item_mean_ratings": 0.5}
 
 
 def test_events_at_the_same_instant_do_not_count() -> None:
@@ -68,6 +73,9 @@ def test_events_at_the_same_instant_do_not_count() -> None:
     # At 101 the item i10 has been seen once (at 100) and its click (at 101) is not before 101.
     np.testing.assert_allclose(found["scores"]["item_popularity"], [1, 1])
     np.testing.assert_allclose(found["scores"]["user_item_rates"], [0.5 + 0 / 1, 0.5 + 0 / 1])
+    # The films' mean ratings count their ratings at 100 (5 and 2 stars); the user u2 rates both
+    # at 101, so neither sees the other: the user's is the prior, the training rows' mean 3.5.
+    np.testing.assert_allclose(found["scores"]["user_item_mean_ratings"], [3.5 + (5 + 35) / 11, 3.5 + (2 + 35) / 11])
 
 
 # What the film and user files say, for the records of TINY.
@@ -85,8 +93,10 @@ def test_records_are_an_impression_per_rating_and_a_click_per_high_rating() -> N
     assert len(impressions) == len(TINY) and len(clicks) == int((TINY.rating >= 4).sum()) == 5
     assert impressions[0] == {
         "event_id": "ml-1-10", "event_time": "1970-01-01T00:01:40.000Z", "user_id": "u1", "item_id": "i10",
-        "device": "desktop", "position": 1, **ATTRIBUTES,
+        "device": "desktop", "position": 1, **ATTRIBUTES, "rating_scaled": 1.0,
     }  # fmt: skip
+    # The rating travels on its impression as a share of the scale, (stars - 1) / 4.
+    assert [p["rating_scaled"] for p in impressions] == [(stars - 1) / 4 for stars in TINY.rating]
     assert clicks[0] == {"event_id": "ml-1-10-click", "impression_id": "ml-1-10", "event_time": "1970-01-01T00:01:41.000Z"}
     assert [p["event_time"] for _, p in payloads] == sorted(p["event_time"] for _, p in payloads)
 
@@ -117,12 +127,15 @@ def test_the_benchmark_config_reads_the_new_fields() -> None:
     cfg = real_data.real_data_config(load_config(env={}))
     fields = cfg.events.types["impressions"].fields
     assert {name: fields[name] for name in real_data.ATTRIBUTE_FIELDS} == real_data.ATTRIBUTE_FIELDS
+    assert fields[real_data.RATING_FIELD] == "double"
     assert cfg.features.entities["user_genre"].keys == ("user_id", "genre")
     inputs = contract.model_inputs(cfg.features)
-    assert {"user_genre_ctr_all", "item_gender_clicks_5m", "release_year", "age"} <= set(inputs.numeric)
+    assert {"user_genre_ctr_all", "item_gender_clicks_5m", "user_mean_rating_all", "release_year", "age"} <= set(inputs.numeric)
+    # The rating reaches the model only through aggregates over earlier events, never as an input.
+    assert real_data.RATING_FIELD not in {*inputs.numeric, *inputs.categorical}
     # The shipped config is untouched: its generator's impressions have none of these fields.
     shipped = load_config(env={})
-    assert not set(real_data.ATTRIBUTE_FIELDS) & set(shipped.events.types["impressions"].fields)
+    assert not {*real_data.ATTRIBUTE_FIELDS, real_data.RATING_FIELD} & set(shipped.events.types["impressions"].fields)
 
 
 def test_the_auc_counts_ties_half() -> None:
@@ -149,10 +162,13 @@ def test_a_quick_run_on_a_subset(running_stack: PlatformConfig, spark: object, t
     compared = real_data.compare(cfg, ratings)
     result = real_data.result_json(compared, quick=True, wall_s=1.0)
     # Bronze holds the film's and the user's fields of every impression as sent.
-    attributes = list(real_data.ATTRIBUTE_FIELDS)
+    attributes = [*real_data.ATTRIBUTE_FIELDS, real_data.RATING_FIELD]
     bronze = spark.read.format("delta").load(cfg.lake.table("bronze", "impressions")).select("event_id", *attributes)  # type: ignore[attr-defined]
     landed = bronze.dropDuplicates(["event_id"]).toPandas().sort_values("event_id").reset_index(drop=True)
-    sent = ratings.assign(event_id=[real_data.impression_id(u, i) for u, i in zip(ratings["user"], ratings["item"], strict=True)])
+    sent = ratings.assign(
+        event_id=[real_data.impression_id(u, i) for u, i in zip(ratings["user"], ratings["item"], strict=True)],
+        **{real_data.RATING_FIELD: (ratings["rating"] - 1) / 4},
+    )
     sent = sent[["event_id", *attributes]].sort_values("event_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(landed, sent, check_dtype=False)
     out = real_data.write_result(result, tmp_path / "real_data.json")
@@ -164,7 +180,7 @@ def test_a_quick_run_on_a_subset(running_stack: PlatformConfig, spark: object, t
     assert peer["holdout_rows"] == results["rows"]["holdout"] > 100
     assert peer["holdout_clicks"] == results["rows"]["holdout_positives"]
     aucs = {k: v for k, v in peer.items() if k.endswith("_auc")}
-    assert set(aucs) == {"item_popularity_auc", "user_item_rates_auc", "user_item_smoothed_rates_auc"}
+    assert set(aucs) == {"item_popularity_auc", "user_item_rates_auc", "user_item_smoothed_rates_auc", "user_item_mean_ratings_auc"}
     assert all(0.3 < v < 1.0 for v in [*aucs.values(), results["champion_auc"]])
     best = max(aucs.values())
     assert loaded["ratios"]["champion_minus_best_baseline_auc"] == pytest.approx(results["champion_auc"] - best)
