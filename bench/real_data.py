@@ -86,8 +86,21 @@ ATTRIBUTE_FIELDS: dict[str, str] = {
     "occupation": "string",
 }
 # The rating on its impression, as a share of the scale: 0 for one star, 1 for five. Scaled so
-# that the platform's ratio (a Beta posterior mean) is the mean rating shrunk towards a prior.
+# that the platform's ratio (a Beta posterior mean) is the mean rating shrunk towards a prior:
+# RATING_PRIOR_WEIGHT ratings of RATING_PRIOR_STARS (the data's mean is 3.53).
 RATING_FIELD = "rating_scaled"
+RATING_PRIOR_STARS, RATING_PRIOR_WEIGHT = 3.5, 5.0
+
+
+def scaled_rating(rating: float) -> float:
+    """A rating of 1 to 5 stars as a share of the scale.
+
+    >>> [scaled_rating(r) for r in (1, 3, 5)]
+    [0.0, 0.5, 1.0]
+    """
+    return (float(rating) - 1.0) / 4.0
+
+
 AGE_GROUPS = ((18, "under 18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (55, "45-54"), (200, "55+"))
 # What the real data needs of the platform's config (see the module docstring). Each choice was
 # compared offline first (scikit-learn trees on the same point-in-time features and split).
@@ -122,10 +135,14 @@ OVERRIDES: dict[str, Any] = {
         "rating_sum": {"events": "impressions", "aggregation": "sum", "measure": RATING_FIELD},
     },
     # Over half of the ratings are clicks: a prior of 10 impressions at 55 %, not the default's
-    # 5 %. The mean rating's prior: 5 ratings of 3.5 stars (the data's mean is 3.53).
+    # 5 %. The mean rating's: RATING_PRIOR_WEIGHT ratings of RATING_PRIOR_STARS.
     "features.ratios": {
         "ctr": {"numerator": "clicks", "denominator": "impressions", "prior_alpha": 5.5, "prior_beta": 4.5},
-        "mean_rating": {"numerator": "rating_sum", "denominator": "impressions", "prior_alpha": 3.125, "prior_beta": 1.875},
+        "mean_rating": {
+            "numerator": "rating_sum", "denominator": "impressions",
+            "prior_alpha": RATING_PRIOR_WEIGHT * scaled_rating(RATING_PRIOR_STARS),
+            "prior_beta": RATING_PRIOR_WEIGHT * (1.0 - scaled_rating(RATING_PRIOR_STARS)),
+        },  # fmt: skip
     },
     # The data has no position (a constant model input is refused); the film's age and the
     # user's age go in as they are.
@@ -217,15 +234,6 @@ def user_attributes(path: Path) -> pd.DataFrame:
     return people[["user", "age", "age_group", "gender", "occupation"]]
 
 
-def scaled_rating(rating: float) -> float:
-    """A rating of 1 to 5 stars as a share of the scale.
-
-    >>> [scaled_rating(r) for r in (1, 3, 5)]
-    [0.0, 0.5, 1.0]
-    """
-    return (float(rating) - 1.0) / 4.0
-
-
 def impression_id(user: int, item: int) -> str:
     return f"ml-{user}-{item}"  # a user rates a film once
 
@@ -273,9 +281,9 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 def _before(
     times: pd.Series, keys: pd.Series, event_times: pd.Series, event_keys: pd.Series, weights: pd.Series | None = None
 ) -> np.ndarray:
-    """Per row (key, time): how many events of the same key happened strictly before the time,
-    or with ``weights`` (one per event), the sum of their weights."""
-    found = np.zeros(len(times), dtype=np.float64 if weights is not None else np.int64)
+    """Per row (key, time): the sum of ``weights`` (one per event; 1 each by default, a count)
+    of the events of the same key strictly before the time."""
+    found = np.zeros(len(times), dtype=np.float64)
     weight = np.ones(len(event_times)) if weights is None else weights.to_numpy(dtype=np.float64)
     events = pd.DataFrame({"key": event_keys.to_numpy(), "t": event_times.to_numpy(), "w": weight}).sort_values("t", kind="stable")
     by_key = {key: (group["t"].to_numpy(), np.concatenate([[0.0], np.cumsum(group["w"].to_numpy())])) for key, group in events.groupby("key")}
@@ -283,8 +291,7 @@ def _before(
     for key, group in rows.groupby("key"):
         if key in by_key:
             event_t, running = by_key[key]
-            before = np.searchsorted(event_t, group["t"].to_numpy(), side="left")
-            found[group.index.to_numpy()] = before if weights is None else running[before]
+            found[group.index.to_numpy()] = running[np.searchsorted(event_t, group["t"].to_numpy(), side="left")]
     return found
 
 
@@ -292,9 +299,8 @@ def holdout_baselines(ratings: pd.DataFrame, cutoff: datetime, as_of: datetime, 
     """The baselines on the batch run's holdout rows: the impressions after ``cutoff`` whose
     attribution window closed by ``as_of``, each scored from the ratings strictly before it.
 
-    Returns the holdout size, its clicks, the training rows' click rate and mean rating and each
-    baseline's AUC
-    (with the per-row scores under ``scores``, for checks).
+    Returns the holdout size, its clicks, the training rows' click rate and mean rating, and each
+    baseline's AUC (with the per-row scores under ``scores``, for checks).
     """
     shown = pd.to_datetime(ratings["ts"], unit="s", utc=True).reset_index(drop=True)
     clicked = (ratings["rating"] >= CLICKED_RATING).to_numpy()
@@ -315,7 +321,7 @@ def holdout_baselines(ratings: pd.DataFrame, cutoff: datetime, as_of: datetime, 
     star_sums = {"user": _before(t, u, shown, users, stars), "item": _before(t, i, shown, items, stars)}
     mean_ratings = {e: (star_sums[e] + SMOOTHING * base_rating) / (seen[e] + SMOOTHING) for e in seen}
     scores = {
-        "item_popularity": seen["item"].astype(np.float64),
+        "item_popularity": seen["item"],
         "user_item_rates": raw["user"] + raw["item"],
         "user_item_smoothed_rates": smoothed["user"] + smoothed["item"],
         "user_item_mean_ratings": mean_ratings["user"] + mean_ratings["item"],
