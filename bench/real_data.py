@@ -12,16 +12,18 @@ them. Nothing is downloaded at run time.
 Each rating becomes an impression at its timestamp (``desktop``, position 1: the data has
 neither) carrying what the data set says of the film (``ml-100k.item``: its first listed genre,
 its release year and decade) and of the user (``ml-100k.user``: age, age group, gender,
-occupation), as a catalogue and a user profile would, and the rating itself as a measure
+occupation), as a catalogue and a user profile would, the film's taste cluster (from the
+oldest ratings only, :func:`taste_clusters`), and the rating itself as a measure
 (:data:`RATING_FIELD`); a rating of 4 or 5 becomes a click :data:`CLICK_DELAY` later, well inside
 the attribution window. The rating is read only by aggregates, whose windows end strictly before
 the impression being scored (a point-in-time feature, as a rating site knows each user's and each
-film's mean rating so far); it is no model input, so no impression sees its own. The records go through Kafka with the platform's own producer
+film's mean rating so far); it is no model input, so no impression sees its own. The records
+go through Kafka with the platform's own producer
 (:func:`lambda_ml.producer.produce`), into bronze with the speed layer's ingest (run until the
 topics are drained), and the batch layer (:func:`batch_layer.train.run`) trains, evaluates on
 its time-based holdout and registers the champion. Timestamps are not shifted; the run's
 config overrides (:data:`OVERRIDES`) declare those impression fields and the features read from
-them (taste entities such as user x genre, 5-minute buckets for the rating session), and feed
+them (taste entities such as user x genre and user x taste cluster, 5-minute buckets for the rating session), and feed
 the model no context the data lacks.
 
 The peer is a few lines of pandas on the ratings themselves, on exactly the holdout rows of the
@@ -84,6 +86,7 @@ ATTRIBUTE_FIELDS: dict[str, str] = {
     "age_group": "string",  # "under 18", "18-24", ..., "55+"
     "gender": "string",
     "occupation": "string",
+    "taste": "string",  # the film's taste cluster (see taste_clusters), "unrated" when it has none
 }
 # The rating on its impression, as a share of the scale: 0 for one star, 1 for five. Scaled so
 # that the platform's ratio (a Beta posterior mean) is the mean rating shrunk towards a prior:
@@ -100,6 +103,13 @@ def scaled_rating(rating: float) -> float:
     """
     return (float(rating) - 1.0) / 4.0
 
+
+# Films' taste clusters: a film is its centred ratings by each user (a user's rating minus their
+# mean), reduced to TASTE_DIMENSIONS by a singular value decomposition and grouped by k-means into
+# TASTE_CLUSTERS, from the oldest CATALOGUE_SHARE of the ratings only: what a catalogue job run on
+# the data of that day knows, long before the holdout (compare() checks it).
+TASTE_CLUSTERS, TASTE_DIMENSIONS, CATALOGUE_SHARE = 20, 10, 0.6
+UNRATED = "unrated"
 
 AGE_GROUPS = ((18, "under 18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (55, "45-54"), (200, "55+"))
 # What the real data needs of the platform's config (see the module docstring). Each choice was
@@ -125,6 +135,8 @@ OVERRIDES: dict[str, Any] = {
         "item_gender": {"keys": ["item_id", "gender"]},
         "item_occupation": {"keys": ["item_id", "occupation"]},
         "item_age": {"keys": ["item_id", "age_group"]},
+        # Collaborative: a user's click rate and mean rating on films of one taste cluster.
+        "user_taste": {"keys": ["user_id", "taste"]},
     },
     # Every position is 1: the default min-position aggregate would only say "has events". The
     # sum of the scaled ratings gives each entity's mean rating: a user's scale (one who gives
@@ -188,10 +200,40 @@ def load_ratings(path: Path, users: int | None = None) -> pd.DataFrame:
     ratings = ratings.merge(films, on="item", how="left", validate="many_to_one").merge(
         people, on="user", how="left", validate="many_to_one"
     )
+    ratings = ratings.sort_values(["ts", "user", "item"], kind="stable").reset_index(drop=True)
+    ratings["taste"] = ratings["item"].map(taste_clusters(catalogue_ratings(ratings))).fillna(UNRATED)
     missing = ratings[list(ATTRIBUTE_FIELDS)].isna().any(axis=1)
     if missing.any():
         raise ValueError(f"{int(missing.sum())} ratings name a film or a user the data set does not describe")
-    return ratings.sort_values(["ts", "user", "item"], kind="stable").reset_index(drop=True)
+    return ratings
+
+
+def catalogue_ratings(ratings: pd.DataFrame) -> pd.DataFrame:
+    """The oldest :data:`CATALOGUE_SHARE` of ``ratings`` (sorted oldest first): the taste
+    clusters' data."""
+    return ratings.iloc[: int(len(ratings) * CATALOGUE_SHARE)]
+
+
+def taste_clusters(ratings: pd.DataFrame, clusters: int = TASTE_CLUSTERS, dimensions: int = TASTE_DIMENSIONS) -> pd.Series:
+    """Each rated film's taste cluster (``"taste 0"``, ``"taste 1"``...), indexed by film: films
+    that the same users rate above their own mean, and others below it, share a cluster.
+
+    A film is the vector of its ratings minus each rater's mean rating (0 where a user did not
+    rate it), reduced to its ``dimensions`` strongest directions (a singular value
+    decomposition), scaled to unit length and grouped by k-means (scikit-learn, a fixed seed).
+    """
+    from sklearn.cluster import KMeans
+
+    films, film = np.unique(ratings["item"].to_numpy(), return_inverse=True)
+    _, user = np.unique(ratings["user"].to_numpy(), return_inverse=True)
+    stars = ratings["rating"].to_numpy(dtype=np.float64)
+    centred = np.zeros((len(films), int(user.max()) + 1))
+    centred[film, user] = stars - ratings.groupby("user")["rating"].transform("mean").to_numpy()
+    left, strength, _ = np.linalg.svd(centred, full_matrices=False)
+    vectors = left[:, :dimensions] * strength[:dimensions]
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    labels = KMeans(n_clusters=min(clusters, len(films)), n_init=4, random_state=7).fit_predict(vectors)
+    return pd.Series([f"taste {label}" for label in labels], index=films, name="taste")
 
 
 def film_attributes(path: Path) -> pd.DataFrame:
@@ -399,6 +441,12 @@ def compare(cfg: PlatformConfig, ratings: pd.DataFrame) -> dict[str, Any]:
             f"the baselines' holdout has {peer['holdout_rows']} rows, the batch run's {platform['rows'].get('holdout')}: "
             "not the same split"
         )
+    catalogue_until = datetime.fromtimestamp(int(catalogue_ratings(ratings)["ts"].max()), UTC)
+    if catalogue_until >= platform["holdout_after"]:
+        raise RuntimeError(
+            f"the taste clusters were fitted on ratings up to {iso(catalogue_until)}, "
+            f"past the holdout's start {iso(platform['holdout_after'])}: they would know the holdout"
+        )
     best = max(peer["auc"], key=peer["auc"].get)
     margin = platform["champion_auc"] - peer["auc"][best]
     return {
@@ -412,6 +460,7 @@ def compare(cfg: PlatformConfig, ratings: pd.DataFrame) -> dict[str, Any]:
             "last_rating": iso(datetime.fromtimestamp(int(ratings["ts"].max()), UTC)),
             "click": f"rating >= {CLICKED_RATING}, {CLICK_DELAY.total_seconds():g} s after the impression",
             "records": len(records),
+            "taste_clusters": f"{TASTE_CLUSTERS} of {TASTE_DIMENSIONS} dimensions, from the ratings up to {iso(catalogue_until)}",
             "holdout_fraction": cfg.ctr.holdout_fraction,
             "windows": list(cfg.features.windows),
             "config_overrides": OVERRIDES,

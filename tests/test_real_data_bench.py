@@ -81,7 +81,7 @@ def test_events_at_the_same_instant_do_not_count() -> None:
 # What the film and user files say, for the records of TINY.
 ATTRIBUTES = {
     "genre": "Drama", "release_year": 1995, "release_decade": "1990s", "age": 24, "age_group": "18-24", "gender": "M",
-    "occupation": "technician",
+    "occupation": "technician", "taste": "taste 3",
 }  # fmt: skip
 
 
@@ -120,6 +120,25 @@ def test_ratings_carry_the_film_and_the_user_as_the_data_set_describes_them() ->
                                             (45, 54, "45-54"), (55, 999, "55+")) if low <= age <= high)  # fmt: skip
         assert (row.genre, row.release_year, row.release_decade) == ((genres.split() or ["unknown"])[0], expected_year, decade)
         assert (row.age, row.age_group, row.gender, row.occupation) == (age, group, gender, occupation)
+    # A film has a taste cluster when it was rated in the oldest 60 % of these ratings.
+    cut = int(len(ratings) * 0.6)
+    catalogued = set(ratings["item"].iloc[:cut])
+    assert {row.item for row in ratings.itertuples() if row.taste == "unrated"} == set(ratings["item"]) - catalogued
+    assert ratings["taste"][ratings["item"].isin(catalogued)].str.fullmatch(r"taste \d+").all()
+
+
+def test_taste_clusters_group_the_films_the_same_users_like() -> None:
+    """Users 1-3 rate films 10 and 11 five stars and films 12 and 13 one star, users 4-6 the
+    reverse (user 6 rates film 11 four stars, not one): two clusters, {10, 11} and {12, 13}."""
+    rows = [(u, f, 5.0 if (f < 12) == (u < 4) else 1.0) for u in range(1, 7) for f in (10, 11, 12, 13)]
+    rows[-3] = (6, 11, 4.0)
+    ratings = pd.DataFrame(rows, columns=["user", "item", "rating"])
+    clusters = real_data.taste_clusters(ratings, clusters=2, dimensions=2)
+    assert clusters[10] == clusters[11] != clusters[12] == clusters[13]
+    assert set(clusters) == {"taste 0", "taste 1"}
+    # Every rating mirrored (each user now likes what they disliked): the same two groups.
+    mirrored = real_data.taste_clusters(ratings.assign(rating=6.0 - ratings["rating"]), clusters=2, dimensions=2)
+    assert mirrored[10] == mirrored[11] != mirrored[12] == mirrored[13]
 
 
 def test_the_benchmark_config_reads_the_new_fields() -> None:
@@ -129,6 +148,7 @@ def test_the_benchmark_config_reads_the_new_fields() -> None:
     assert {name: fields[name] for name in real_data.ATTRIBUTE_FIELDS} == real_data.ATTRIBUTE_FIELDS
     assert fields[real_data.RATING_FIELD] == "double"
     assert cfg.features.entities["user_genre"].keys == ("user_id", "genre")
+    assert cfg.features.entities["user_taste"].keys == ("user_id", "taste")
     inputs = contract.model_inputs(cfg.features)
     assert {"user_genre_ctr_all", "item_gender_clicks_5m", "user_mean_rating_all", "release_year", "age"} <= set(inputs.numeric)
     # The rating reaches the model only through aggregates over earlier events, never as an input.
