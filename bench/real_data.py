@@ -214,6 +214,18 @@ def catalogue_ratings(ratings: pd.DataFrame) -> pd.DataFrame:
     return ratings.iloc[: int(len(ratings) * CATALOGUE_SHARE)]
 
 
+def catalogue_end(ratings: pd.DataFrame, holdout_after: datetime) -> datetime:
+    """The time of the newest rating the taste clusters read; an error if it is not before
+    ``holdout_after`` (the clusters would know some of the holdout's ratings)."""
+    until = datetime.fromtimestamp(int(catalogue_ratings(ratings)["ts"].max()), UTC)
+    if until >= holdout_after:
+        raise RuntimeError(
+            f"the taste clusters were fitted on ratings up to {iso(until)}, "
+            f"not before the holdout's start {iso(holdout_after)}: they would know the holdout"
+        )
+    return until
+
+
 def taste_clusters(ratings: pd.DataFrame, clusters: int = TASTE_CLUSTERS, dimensions: int = TASTE_DIMENSIONS) -> pd.Series:
     """Each rated film's taste cluster (``"taste 0"``, ``"taste 1"``...), indexed by film: films
     that the same users rate above their own mean, and others below it, share a cluster.
@@ -441,12 +453,7 @@ def compare(cfg: PlatformConfig, ratings: pd.DataFrame) -> dict[str, Any]:
             f"the baselines' holdout has {peer['holdout_rows']} rows, the batch run's {platform['rows'].get('holdout')}: "
             "not the same split"
         )
-    catalogue_until = datetime.fromtimestamp(int(catalogue_ratings(ratings)["ts"].max()), UTC)
-    if catalogue_until >= platform["holdout_after"]:
-        raise RuntimeError(
-            f"the taste clusters were fitted on ratings up to {iso(catalogue_until)}, "
-            f"past the holdout's start {iso(platform['holdout_after'])}: they would know the holdout"
-        )
+    catalogue_until = catalogue_end(ratings, platform["holdout_after"])
     best = max(peer["auc"], key=peer["auc"].get)
     margin = platform["champion_auc"] - peer["auc"][best]
     return {

@@ -127,6 +127,13 @@ def test_ratings_carry_the_film_and_the_user_as_the_data_set_describes_them() ->
     assert ratings["taste"][ratings["item"].isin(catalogued)].str.fullmatch(r"taste \d+").all()
 
 
+def test_the_taste_clusters_must_end_before_the_holdout() -> None:
+    """TINY's 8 ratings: the clusters read the oldest 60 %, 4 ratings, up to 400 s."""
+    assert real_data.catalogue_end(TINY, at(401)) == at(400)
+    with pytest.raises(RuntimeError, match="up to 1970-01-01T00:06:40.000Z, not before the holdout's start 1970-01-01T00:06:40.000Z"):
+        real_data.catalogue_end(TINY, at(400))
+
+
 def test_taste_clusters_group_the_films_the_same_users_like() -> None:
     """Users 1-3 rate films 10 and 11 five stars and films 12 and 13 one star, users 4-6 the
     reverse (user 6 rates film 11 four stars, not one): two clusters, {10, 11} and {12, 13}."""
