@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,24 @@ from lambda_ml import jvm
 from lambda_ml_cli import stack
 from lambda_ml.config import PlatformConfig, load_config, write_config
 from lambda_ml.logs import setup_logging
+
+
+def _name_the_xdist_worker_main_file() -> None:
+    """pytest-xdist runs each worker as ``python -c``: a ``__main__`` without a spec or a file,
+    which pyspark takes for its own doctest runner. There, importing ``pyspark.sql.connect``
+    (MLflow does, to tell a Spark Connect model from a classic one when it logs a Spark model)
+    calls ``sys.exit(0)`` instead of raising the ImportError MLflow expects when Spark Connect's
+    dependencies are not installed, and every Spark model logged later in that worker fails.
+    The code a worker runs is xdist's ``remote`` module (sent as source): its file is the main
+    module's file."""
+    main = sys.modules["__main__"]
+    if os.environ.get("PYTEST_XDIST_WORKER") and main.__spec__ is None and not hasattr(main, "__file__"):
+        import xdist.remote
+
+        main.__file__ = xdist.remote.__file__
+
+
+_name_the_xdist_worker_main_file()
 
 
 def free_port() -> int:
