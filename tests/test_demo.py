@@ -43,10 +43,14 @@ def test_the_demo_runs_end_to_end_and_its_summary_is_true(running_stack: Platfor
     cfg = isolated(running_stack, "demo-ctr", tmp_path / "lake", topic_prefix="demo")
     cfg = cfg.model_copy(
         update={
-            "serving": cfg.serving.model_copy(update={"port": free_port()}),
             "generator": cfg.generator.model_copy(update={"impressions": 3000, "users": 60, "items": 20, "span_hours": 6}),
             # One model fitted, no hyper-parameter search: the demo's path is what is tested.
             "ctr": cfg.ctr.model_copy(update={"search": SearchConfig(lr=LrGridConfig(reg_param=(), elastic_net_param=()))}),
+            # Micro-batches every second, and the service looking for a new champion and new
+            # views every second: the demo's waits for fresh events to reach serving and for the
+            # online model's update are mostly these intervals.
+            "speed": cfg.speed.model_copy(update={"trigger_seconds": 1.0}),
+            "serving": cfg.serving.model_copy(update={"port": free_port(), "poll_interval_s": 1.0, "views_refresh_s": 1.0}),
         }
     )
     config_file = write_config(cfg, tmp_path / "demo.yaml")
