@@ -59,9 +59,14 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# pytest's own exit code fails the target, 5 (no test collected) included.
+# pytest's own exit code fails the target, 5 (no test collected) included. The tests run in
+# PYTEST_WORKERS processes (pytest-xdist), each with its own broker, MLflow server and Spark
+# session (the session fixtures); a file's tests stay in one worker, so that its module fixtures
+# are built once. PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= 2
+
 test: setup browser lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 stop:
 	$(VENV)/bin/lambda-ml stack down
